@@ -1,0 +1,26 @@
+"""Shared option parsing for the subcommands."""
+
+from __future__ import annotations
+
+from neuroexplain.errors import InputError
+
+__all__ = ["parse_int_list", "parse_shape"]
+
+
+def parse_shape(values: list[int] | None, option: str = "--shape") -> tuple[int, int, int]:
+    """Validate a 3-int shape option (``--shape 64 64 64`` or one value for a cube)."""
+    vals = list(values or [])
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or any(v < 8 for v in vals):
+        raise InputError(option, f"expected 1 or 3 integers >= 8, got {vals}")
+    return (vals[0], vals[1], vals[2])
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """``"47,48"`` -> ``[47, 48]`` with a clear error naming the option."""
+    try:
+        out = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise InputError(option, f"expected comma-separated integers, got {text!r}") from exc
+    return out

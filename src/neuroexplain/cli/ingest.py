@@ -1,0 +1,55 @@
+"""``neuroexplain ingest-mri`` and ``neuroexplain ingest-st``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from neuroexplain.cli import app
+from neuroexplain.cli._common import parse_shape
+
+
+@app.command("ingest-mri")
+def ingest_mri_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder (preproc.pt, subjects.tsv, ingest.json)."),
+    bids: Path | None = typer.Option(None, "--bids", help="BIDS dataset root (participants.tsv, sub-*/anat/*_T1w.nii.gz)."),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Sample sheet TSV/CSV with columns subject, t1, dseg, label (instead of --bids)."),
+    derivatives: str = typer.Option("dlmuse", "--derivatives", help="BIDS derivatives folder holding *_dseg.nii.gz ('' for none)."),
+    label_column: str | None = typer.Option(None, "--label-column", help="participants.tsv column with the class label."),
+    positive_class: str | None = typer.Option(None, "--positive-class", help="Value of the label column that is the positive class (binary tasks)."),
+    shape: list[int] = typer.Option([64, 64, 64], "--shape", help="Model grid shape, e.g. --shape 64 --shape 64 --shape 64 (or once for a cube)."),
+    fov_mm: float = typer.Option(224.0, "--fov-mm", help="Field of view of the model grid in mm (isotropic spacing = fov / shape)."),
+    subjects: str | None = typer.Option(None, "--subjects", help="Comma-separated subset of participant ids."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N subjects (sorted by id)."),
+    workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
+) -> None:
+    """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
+    from neuroexplain.mri.ingest import ingest_mri
+
+    ingest_mri(
+        out=out, bids=bids, sheet=sheet, derivatives=derivatives or None,
+        label_column=label_column, positive_class=positive_class,
+        shape=parse_shape(shape), fov_mm=fov_mm,
+        subjects=[s for s in (subjects or "").split(",") if s] or None,
+        limit=limit, workers=workers,
+    )
+
+
+@app.command("ingest-st")
+def ingest_st_cmd(
+    out: Path = typer.Option(..., "--out", help="Output .h5ad."),
+    counts: Path | None = typer.Option(None, "--counts", help="Counts table CSV/TSV (gz ok)."),
+    spots: Path | None = typer.Option(None, "--spots", help="Spot table CSV/TSV: spot id, coordinates, label."),
+    h5ad: Path | None = typer.Option(None, "--h5ad", help="An existing .h5ad instead of tables."),
+    visium: Path | None = typer.Option(None, "--visium", help="A 10x Visium (Space Ranger) output folder."),
+    orientation: str = typer.Option("auto", "--orientation", help="Counts layout: auto, spots-by-genes or genes-by-spots."),
+    label_key: str = typer.Option("layer", "--label-key", help="Spot-table column (or .obs key) with the region / layer label."),
+    x_col: str = typer.Option("x", "--x-col", help="Spot-table column with x coordinates."),
+    y_col: str = typer.Option("y", "--y-col", help="Spot-table column with y coordinates."),
+) -> None:
+    """Read counts + spots / .h5ad / Visium into one standard .h5ad (counts layer, spatial, label)."""
+    from neuroexplain.st.ingest import ingest_st
+
+    ingest_st(out=out, counts=counts, spots=spots, h5ad=h5ad, visium=visium,
+              orientation=orientation, label_key=label_key, x_col=x_col, y_col=y_col)

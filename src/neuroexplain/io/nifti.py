@@ -1,0 +1,221 @@
+"""NIfTI input checks and map outputs that overlay their input (like fMRIPrep / hippunfold).
+
+Every map neuroexplain writes is a float32 image on the exact grid of the image it belongs to:
+the reference's affine, header, sform / qform codes, an intent, and a description of at most
+80 bytes naming the method, plus an optional JSON sidecar with provenance.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from neuroexplain.errors import InputError
+from neuroexplain.io.atomic import atomic_output, write_json
+
+__all__ = [
+    "check_same_grid",
+    "load_labels",
+    "load_volume",
+    "save_displacement",
+    "save_map",
+    "sidecar_path",
+]
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+                nib.filebasedimages.ImageFileError)
+
+
+def _read(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(path, f"expected a NIfTI image, got {type(img).__name__}")
+    return img
+
+
+def _squeeze_3d(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+        shape = img.shape
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3D volume, got shape {tuple(shape)}")
+    if min(shape) < 2:
+        raise InputError(path, f"expected a 3D volume, got a flat one of shape {tuple(shape)}")
+    return img
+
+
+def _data(img: nib.Nifti1Image, path: Path, dtype: Any = np.float32) -> np.ndarray:
+    try:
+        return np.asarray(img.get_fdata(dtype=np.float64), dtype=dtype)
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"truncated or corrupt image data ({exc})") from exc
+
+
+def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load and check a 3D intensity volume (e.g. a T1w).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        ``(image, data)``: the nibabel image (header, affine) and its data as float32 ``(X, Y, Z)``.
+
+    Raises:
+        InputError: missing, corrupt or truncated file; not 3D (a 4D image with one volume is
+            accepted); NaN / Inf values; an all-zero volume; a singular affine.
+    """
+    p = Path(path)
+    img = _squeeze_3d(_read(p), p)
+    data = _data(img, p)
+    if not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise InputError(p, f"expected finite intensities, got {n} NaN/Inf voxels")
+    if not np.any(data):
+        raise InputError(p, "expected an image with signal, got an all-zero volume")
+    if abs(np.linalg.det(img.affine[:3, :3])) < 1e-8:
+        raise InputError(p, "expected an invertible voxel-to-world affine, got a singular one")
+    return img, data
+
+
+def load_labels(
+    path: str | os.PathLike[str], like: nib.Nifti1Image | None = None, *, like_path: Any = None
+) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load and check an integer label map (dseg), optionally on the grid of ``like``.
+
+    Returns:
+        ``(image, labels)`` with labels as int32 ``(X, Y, Z)``.
+
+    Raises:
+        InputError: unreadable, not 3D, non-integer or negative labels, or a grid (shape or
+            affine) different from ``like``.
+    """
+    p = Path(path)
+    img = _squeeze_3d(_read(p), p)
+    data = _data(img, p, dtype=np.float64)
+    if not np.isfinite(data).all():
+        raise InputError(p, "expected integer labels, got NaN/Inf values")
+    if not np.array_equal(data, np.round(data)) or data.min() < 0:
+        raise InputError(p, "expected non-negative integer labels, got fractional or negative values")
+    if like is not None:
+        check_same_grid(img, like, p, like_path)
+    return img, data.astype(np.int32)
+
+
+def check_same_grid(
+    img: nib.Nifti1Image, ref: nib.Nifti1Image, path: Any, ref_path: Any = None, atol: float = 1e-3
+) -> None:
+    """Raise :class:`InputError` unless ``img`` and ``ref`` share shape and affine."""
+    other = f" of {ref_path}" if ref_path is not None else " of its image"
+    if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
+        raise InputError(
+            path, f"grid mismatch: shape {tuple(img.shape[:3])} differs from {tuple(ref.shape[:3])}{other}"
+        )
+    if not np.allclose(img.affine, ref.affine, atol=atol):
+        raise InputError(path, f"grid mismatch: affine differs from the affine{other}")
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """``sub-01_desc-x_map.nii.gz`` -> ``sub-01_desc-x_map.json`` (BIDS sidecar)."""
+    p = Path(path)
+    name = p.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return p.with_name(name + ".json")
+
+
+def _header_like(ref: nib.Nifti1Image, dtype: Any = np.float32) -> nib.Nifti1Header:
+    hdr = ref.header.copy()
+    hdr.set_data_dtype(dtype)
+    hdr.set_slope_inter(1.0, 0.0)
+    hdr["cal_min"] = 0
+    hdr["cal_max"] = 0
+    return hdr
+
+
+def _finish(img: nib.Nifti1Image, ref: nib.Nifti1Image, description: str) -> None:
+    sform, scode = ref.get_sform(coded=True)
+    qform, qcode = ref.get_qform(coded=True)
+    img.set_sform(ref.affine if sform is None else sform, code=int(scode) or 1)
+    img.set_qform(ref.affine if qform is None else qform, code=int(qcode) or 1)
+    img.header["descrip"] = description.encode("utf-8")[:80]
+
+
+def save_map(
+    data: np.ndarray,
+    ref: nib.Nifti1Image,
+    path: str | os.PathLike[str],
+    *,
+    description: str,
+    intent: str = "estimate",
+    intent_name: str = "",
+    sidecar: dict[str, Any] | None = None,
+) -> Path:
+    """Write a 3D map on the grid of ``ref`` as float32 NIfTI (atomically), plus a JSON sidecar.
+
+    Args:
+        data: ``(X, Y, Z)`` array on exactly the grid of ``ref``.
+        ref: the image the map belongs to (its affine, header and sform / qform codes are kept).
+        path: destination, BIDS-derivative style (``sub-01_desc-gradient_saliency.nii.gz``).
+        description: method and meaning, truncated to the 80-byte NIfTI ``descrip`` field.
+        intent: NIfTI intent code name (``"estimate"``, ``"zscore"``, ``"label"`` ...).
+        intent_name: short intent name (≤ 16 bytes), e.g. ``"logjacobian"``.
+        sidecar: metadata written to the ``.json`` sidecar (method, parameters, provenance).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> save_map(np.zeros(t1.shape), t1, "sub-01_desc-zero_map.nii.gz",
+        ...          description="zeros")  # doctest: +SKIP
+    """
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.shape != tuple(ref.shape[:3]):
+        raise ValueError(f"map shape {arr.shape} does not match reference grid {ref.shape[:3]}")
+    img = nib.Nifti1Image(arr, ref.affine, _header_like(ref))
+    _finish(img, ref, description)
+    img.header.set_intent(intent, name=intent_name[:16])
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))
+    if sidecar is not None:
+        write_json({"Description": description, **sidecar}, sidecar_path(path))
+    return Path(path)
+
+
+def save_displacement(
+    ddf: np.ndarray,
+    ref: nib.Nifti1Image,
+    path: str | os.PathLike[str],
+    *,
+    description: str,
+    sidecar: dict[str, Any] | None = None,
+) -> Path:
+    """Write a displacement field ``(X, Y, Z, 3)`` as 5D ``(X, Y, Z, 1, 3)`` NIfTI.
+
+    The intent is NIfTI's "displacement vector" (1006); vectors are in the units stated in the
+    sidecar (neuroexplain writes millimetres in world / RAS+ axes, as ITK and ANTs expect).
+    """
+    arr = np.asarray(ddf, dtype=np.float32)
+    if arr.shape != (*ref.shape[:3], 3):
+        raise ValueError(f"field shape {arr.shape} does not match reference grid {ref.shape[:3]} + (3,)")
+    img = nib.Nifti1Image(arr[:, :, :, None, :], ref.affine, _header_like(ref))
+    _finish(img, ref, description)
+    img.header.set_intent(1006, name="displacement")  # NIFTI_INTENT_DISPVECT
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))
+    if sidecar is not None:
+        write_json({"Description": description, **sidecar}, sidecar_path(path))
+    return Path(path)
