@@ -47,11 +47,14 @@ def provenance(
 
     Returns:
         ``{"package": ..., "version": ..., "command": ..., "seed": ..., "params": ...,
-        "config_hash": ..., "inputs": {path: sha256}, "python": ..., "torch": ...}``
+        "config_hash": ..., "inputs": {"paths": [...], "sha256": [...]}, "python": ...,
+        "torch": ...}`` — only strings, numbers, lists and dicts with plain keys, so the block can
+        be stored in JSON sidecars, checkpoints and AnnData ``.uns`` alike.
         Deliberately free of timestamps and host names so identical runs give identical files.
     """
     import torch
 
+    files = [str(p) for p in inputs if Path(p).is_file()]
     return {
         "package": "neuroexplain",
         "version": neuroexplain.__version__,
@@ -59,7 +62,7 @@ def provenance(
         "seed": seed,
         "params": params,
         "config_hash": config_hash(params),
-        "inputs": {str(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+        "inputs": {"paths": files, "sha256": [sha256_file(p) for p in files]},
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }

@@ -23,6 +23,8 @@ def ingest_mri_cmd(
     subjects: str | None = typer.Option(None, "--subjects", help="Comma-separated subset of participant ids."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N subjects (sorted by id)."),
     workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
+    norm: str = typer.Option("percentile", "--norm", help="Intensity normalisation inside the head mask: percentile (0.5-99.5% -> 0-1), zscore or none."),
+    fg_threshold: float = typer.Option(0.1, "--fg-threshold", help="Head mask threshold as a fraction of the robust max (99th percentile) intensity."),
 ) -> None:
     """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
     from neuroexplain.mri.ingest import ingest_mri
@@ -32,7 +34,7 @@ def ingest_mri_cmd(
         label_column=label_column, positive_class=positive_class,
         shape=parse_shape(shape), fov_mm=fov_mm,
         subjects=[s for s in (subjects or "").split(",") if s] or None,
-        limit=limit, workers=workers,
+        limit=limit, workers=workers, norm=norm, fg_threshold=fg_threshold,
     )
 
 
@@ -47,9 +49,13 @@ def ingest_st_cmd(
     label_key: str = typer.Option("layer", "--label-key", help="Spot-table column (or .obs key) with the region / layer label."),
     x_col: str = typer.Option("x", "--x-col", help="Spot-table column with x coordinates."),
     y_col: str = typer.Option("y", "--y-col", help="Spot-table column with y coordinates."),
+    spot_col: str | None = typer.Option(None, "--spot-col", help="Spot-table column with the spot ids (default: the first column)."),
+    label_out_key: str | None = typer.Option(None, "--label-out-key", help=".obs key to store the label under (default: --label-key)."),
+    on_mismatch: str = typer.Option("intersect", "--on-mismatch", help="Spot ids of counts and spot table differ: 'intersect' (warn, keep common spots) or 'error'."),
 ) -> None:
     """Read counts + spots / .h5ad / Visium into one standard .h5ad (counts layer, spatial, label)."""
     from neuroexplain.st.ingest import ingest_st
 
     ingest_st(out=out, counts=counts, spots=spots, h5ad=h5ad, visium=visium,
-              orientation=orientation, label_key=label_key, x_col=x_col, y_col=y_col)
+              orientation=orientation, label_key=label_key, x_col=x_col, y_col=y_col,
+              spot_col=spot_col, label_out_key=label_out_key, on_mismatch=on_mismatch)
