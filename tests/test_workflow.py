@@ -27,7 +27,7 @@ def _snakemake(
     """Run ``snakemake`` of this environment on the repository's workflow inside ``workdir``."""
     cmd = [
         sys.executable, "-m", "snakemake",
-        "--snakefile", str(repo / "workflow" / "Snakefile"),
+        "--snakefile", str(repo / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(repo / configfile),
         "--config", "data=" + json.dumps({"mirror": str(mirror)}),
@@ -55,7 +55,12 @@ def test_lint_clean(repo_root: Path, tmp_path: Path, configfile: str) -> None:
 
 
 def test_rules_are_snakefmt_formatted(repo_root: Path) -> None:
-    cmd = [str(BIN / "snakefmt"), "--check", str(repo_root / "workflow")]
+    cmd = [
+        str(BIN / "snakefmt"),
+        "--check",
+        str(repo_root / "Snakefile"),
+        str(repo_root / "workflow"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -32,6 +32,7 @@ _COMMAND_MODULES = (
     "neuroexplain.cli.data",
     "neuroexplain.cli.ingest",
     "neuroexplain.cli.cohort",
+    "neuroexplain.cli.classifier",
 )
 
 
