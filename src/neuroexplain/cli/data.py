@@ -14,7 +14,9 @@ def fetch_data(
     dataset: str = typer.Argument(..., help="Which dataset: 'ixi' or 'mob'."),
     out: Path = typer.Option(..., "--out", help="Destination folder (e.g. resources/ixi)."),
     mirror: Path | None = typer.Option(
-        None, "--mirror", help="Copy from a local mirror with the same layout instead of downloading."
+        None,
+        "--mirror",
+        help="Copy from a local mirror with the same layout instead of downloading.",
     ),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N subjects (IXI)."),
 ) -> None:

@@ -12,29 +12,75 @@ from neuroexplain.cli._common import parse_shape
 
 @app.command("ingest-mri")
 def ingest_mri_cmd(
-    out: Path = typer.Option(..., "--out", help="Output folder (preproc.pt, subjects.tsv, ingest.json)."),
-    bids: Path | None = typer.Option(None, "--bids", help="BIDS dataset root (participants.tsv, sub-*/anat/*_T1w.nii.gz)."),
-    sheet: Path | None = typer.Option(None, "--sheet", help="Sample sheet TSV/CSV with columns subject, t1, dseg, label (instead of --bids)."),
-    derivatives: str = typer.Option("dlmuse", "--derivatives", help="BIDS derivatives folder holding *_dseg.nii.gz ('' for none)."),
-    label_column: str | None = typer.Option(None, "--label-column", help="participants.tsv column with the class label."),
-    positive_class: str | None = typer.Option(None, "--positive-class", help="Value of the label column that is the positive class (binary tasks)."),
-    shape: list[int] = typer.Option([64, 64, 64], "--shape", help="Model grid shape, e.g. --shape 64 --shape 64 --shape 64 (or once for a cube)."),
-    fov_mm: float = typer.Option(224.0, "--fov-mm", help="Field of view of the model grid in mm (isotropic spacing = fov / shape)."),
-    subjects: str | None = typer.Option(None, "--subjects", help="Comma-separated subset of participant ids."),
-    limit: int | None = typer.Option(None, "--limit", help="Only the first N subjects (sorted by id)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder (preproc.pt, subjects.tsv, ingest.json)."
+    ),
+    bids: Path | None = typer.Option(
+        None, "--bids", help="BIDS dataset root (participants.tsv, sub-*/anat/*_T1w.nii.gz)."
+    ),
+    sheet: Path | None = typer.Option(
+        None,
+        "--sheet",
+        help="Sample sheet TSV/CSV with columns subject, t1, dseg, label (instead of --bids).",
+    ),
+    derivatives: str = typer.Option(
+        "dlmuse",
+        "--derivatives",
+        help="BIDS derivatives folder holding *_dseg.nii.gz ('' for none).",
+    ),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="participants.tsv column with the class label."
+    ),
+    positive_class: str | None = typer.Option(
+        None,
+        "--positive-class",
+        help="Value of the label column that is the positive class (binary tasks).",
+    ),
+    shape: list[int] = typer.Option(
+        [64, 64, 64],
+        "--shape",
+        help="Model grid shape, e.g. --shape 64 --shape 64 --shape 64 (or once for a cube).",
+    ),
+    fov_mm: float = typer.Option(
+        224.0,
+        "--fov-mm",
+        help="Field of view of the model grid in mm (isotropic spacing = fov / shape).",
+    ),
+    subjects: str | None = typer.Option(
+        None, "--subjects", help="Comma-separated subset of participant ids."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Only the first N subjects (sorted by id)."
+    ),
     workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
-    norm: str = typer.Option("percentile", "--norm", help="Intensity normalisation inside the head mask: percentile (0.5-99.5% -> 0-1), zscore or none."),
-    fg_threshold: float = typer.Option(0.1, "--fg-threshold", help="Head mask threshold as a fraction of the robust max (99th percentile) intensity."),
+    norm: str = typer.Option(
+        "percentile",
+        "--norm",
+        help="Normalisation inside the head mask: percentile (0.5-99.5% -> 0-1), zscore or none.",
+    ),
+    fg_threshold: float = typer.Option(
+        0.1,
+        "--fg-threshold",
+        help="Head mask threshold as a fraction of the robust max (99th percentile) intensity.",
+    ),
 ) -> None:
     """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
     from neuroexplain.mri.ingest import ingest_mri
 
     ingest_mri(
-        out=out, bids=bids, sheet=sheet, derivatives=derivatives or None,
-        label_column=label_column, positive_class=positive_class,
-        shape=parse_shape(shape), fov_mm=fov_mm,
+        out=out,
+        bids=bids,
+        sheet=sheet,
+        derivatives=derivatives or None,
+        label_column=label_column,
+        positive_class=positive_class,
+        shape=parse_shape(shape),
+        fov_mm=fov_mm,
         subjects=[s for s in (subjects or "").split(",") if s] or None,
-        limit=limit, workers=workers, norm=norm, fg_threshold=fg_threshold,
+        limit=limit,
+        workers=workers,
+        norm=norm,
+        fg_threshold=fg_threshold,
     )
 
 
@@ -42,20 +88,49 @@ def ingest_mri_cmd(
 def ingest_st_cmd(
     out: Path = typer.Option(..., "--out", help="Output .h5ad."),
     counts: Path | None = typer.Option(None, "--counts", help="Counts table CSV/TSV (gz ok)."),
-    spots: Path | None = typer.Option(None, "--spots", help="Spot table CSV/TSV: spot id, coordinates, label."),
+    spots: Path | None = typer.Option(
+        None, "--spots", help="Spot table CSV/TSV: spot id, coordinates, label."
+    ),
     h5ad: Path | None = typer.Option(None, "--h5ad", help="An existing .h5ad instead of tables."),
-    visium: Path | None = typer.Option(None, "--visium", help="A 10x Visium (Space Ranger) output folder."),
-    orientation: str = typer.Option("auto", "--orientation", help="Counts layout: auto, spots-by-genes or genes-by-spots."),
-    label_key: str = typer.Option("layer", "--label-key", help="Spot-table column (or .obs key) with the region / layer label."),
+    visium: Path | None = typer.Option(
+        None, "--visium", help="A 10x Visium (Space Ranger) output folder."
+    ),
+    orientation: str = typer.Option(
+        "auto", "--orientation", help="Counts layout: auto, spots-by-genes or genes-by-spots."
+    ),
+    label_key: str = typer.Option(
+        "layer",
+        "--label-key",
+        help="Spot-table column (or .obs key) with the region / layer label.",
+    ),
     x_col: str = typer.Option("x", "--x-col", help="Spot-table column with x coordinates."),
     y_col: str = typer.Option("y", "--y-col", help="Spot-table column with y coordinates."),
-    spot_col: str | None = typer.Option(None, "--spot-col", help="Spot-table column with the spot ids (default: the first column)."),
-    label_out_key: str | None = typer.Option(None, "--label-out-key", help=".obs key to store the label under (default: --label-key)."),
-    on_mismatch: str = typer.Option("intersect", "--on-mismatch", help="Spot ids of counts and spot table differ: 'intersect' (warn, keep common spots) or 'error'."),
+    spot_col: str | None = typer.Option(
+        None, "--spot-col", help="Spot-table column with the spot ids (default: the first column)."
+    ),
+    label_out_key: str | None = typer.Option(
+        None, "--label-out-key", help=".obs key to store the label under (default: --label-key)."
+    ),
+    on_mismatch: str = typer.Option(
+        "intersect",
+        "--on-mismatch",
+        help="Counts and spot-table ids differ: 'intersect' (warn, keep common) or 'error'.",
+    ),
 ) -> None:
-    """Read counts + spots / .h5ad / Visium into one standard .h5ad (counts layer, spatial, label)."""
+    """Read counts + spots, .h5ad or Visium into one standard .h5ad (counts, spatial, label)."""
     from neuroexplain.st.ingest import ingest_st
 
-    ingest_st(out=out, counts=counts, spots=spots, h5ad=h5ad, visium=visium,
-              orientation=orientation, label_key=label_key, x_col=x_col, y_col=y_col,
-              spot_col=spot_col, label_out_key=label_out_key, on_mismatch=on_mismatch)
+    ingest_st(
+        out=out,
+        counts=counts,
+        spots=spots,
+        h5ad=h5ad,
+        visium=visium,
+        orientation=orientation,
+        label_key=label_key,
+        x_col=x_col,
+        y_col=y_col,
+        spot_col=spot_col,
+        label_out_key=label_out_key,
+        on_mismatch=on_mismatch,
+    )

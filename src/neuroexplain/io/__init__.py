@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from neuroexplain.io.atomic import atomic_output, write_json, write_table
+from neuroexplain.io.atomic import atomic_output, save_torch, write_json, write_table
 
-__all__ = ["atomic_output", "write_json", "write_table"]
+__all__ = ["atomic_output", "save_torch", "write_json", "write_table"]

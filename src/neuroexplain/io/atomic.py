@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "write_json", "write_table"]
+__all__ = ["atomic_output", "save_torch", "write_json", "write_table"]
 
 
 def _suffixes(path: Path) -> str:
@@ -92,4 +92,18 @@ def write_table(df: Any, path: str | os.PathLike[str], *, index: bool = False) -
     sep = "," if str(path).endswith(".csv") else "\t"
     with atomic_output(path) as tmp:
         df.to_csv(tmp, sep=sep, index=index)
+    return Path(path)
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` atomically and reproducibly (identical objects give identical bytes).
+
+    ``torch.save(obj, filename)`` names the zip archive's root folder after the file name, so
+    saving to a random temporary name would make every checkpoint differ; writing through an
+    open file object gives a fixed archive name. Load with ``torch.load(path, weights_only=True)``.
+    """
+    import torch
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return Path(path)

@@ -28,8 +28,14 @@ __all__ = [
     "sidecar_path",
 ]
 
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-                nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    gzip.BadGzipFile,
+    nib.filebasedimages.ImageFileError,
+)
 
 
 def _read(path: Path) -> nib.Nifti1Image:
@@ -107,7 +113,9 @@ def load_labels(
     if not np.isfinite(data).all():
         raise InputError(p, "expected integer labels, got NaN/Inf values")
     if not np.array_equal(data, np.round(data)) or data.min() < 0:
-        raise InputError(p, "expected non-negative integer labels, got fractional or negative values")
+        raise InputError(
+            p, "expected non-negative integer labels, got fractional or negative values"
+        )
     if like is not None:
         check_same_grid(img, like, p, like_path)
     return img, data.astype(np.int32)
@@ -120,7 +128,9 @@ def check_same_grid(
     other = f" of {ref_path}" if ref_path is not None else " of its image"
     if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
         raise InputError(
-            path, f"grid mismatch: shape {tuple(img.shape[:3])} differs from {tuple(ref.shape[:3])}{other}"
+            path,
+            f"grid mismatch: shape {tuple(img.shape[:3])} differs from "
+            f"{tuple(ref.shape[:3])}{other}",
         )
     if not np.allclose(img.affine, ref.affine, atol=atol):
         raise InputError(path, f"grid mismatch: affine differs from the affine{other}")
@@ -210,7 +220,9 @@ def save_displacement(
     """
     arr = np.asarray(ddf, dtype=np.float32)
     if arr.shape != (*ref.shape[:3], 3):
-        raise ValueError(f"field shape {arr.shape} does not match reference grid {ref.shape[:3]} + (3,)")
+        raise ValueError(
+            f"field shape {arr.shape} does not match reference grid {ref.shape[:3]} + (3,)"
+        )
     img = nib.Nifti1Image(arr[:, :, :, None, :], ref.affine, _header_like(ref))
     _finish(img, ref, description)
     img.header.set_intent(1006, name="displacement")  # NIFTI_INTENT_DISPVECT

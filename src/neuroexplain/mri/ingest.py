@@ -1,0 +1,433 @@
+"""``neuroexplain ingest-mri``: BIDS / sample sheet -> model-grid tensors + the map back to native.
+
+Outputs in ``out/`` (each written atomically, only after every subject was processed, so a failed
+run leaves nothing behind):
+
+- ``preproc.pt`` — ``torch.save`` of a dict readable with ``torch.load(..., weights_only=True)``
+  (use :func:`load_preproc`):
+
+  ============== ================================ =============================================
+  key            type / shape                     meaning
+  ============== ================================ =============================================
+  images         float32 ``(N, 1, X, Y, Z)``      normalised T1w on the model grid
+  dseg           int16 ``(N, 1, X, Y, Z)`` | None label maps on the model grid
+  subjects       list[str]                        participant ids (sorted)
+  y              float32 ``(N,)``                 1 = positive class, 0 = other, NaN = no label
+  label          list[str]                        raw label values (``""`` without labels)
+  positive_class str | None                       the label value encoded as ``y = 1``
+  model_affines  float64 ``(N, 4, 4)``            model voxel -> world mm (RAS+, diagonal)
+  native_affines float64 ``(N, 4, 4)``            native voxel -> world mm (the T1w's affine)
+  native_shapes  int64 ``(N, 3)``                 native grid shapes
+  t1_paths       list[str]                        absolute T1w paths
+  dseg_paths     list[str]                        absolute dseg paths (``""`` without dseg)
+  dseg_names     dict[int, str]                   dseg index -> name (``dseg.tsv``), maybe empty
+  params         dict                             options, spacing and ``provenance``
+  ============== ================================ =============================================
+
+- ``subjects.tsv`` — one row per subject: ids, paths, label, native shape, head extent, cropping.
+- ``ingest.json`` — provenance and a summary (subjects, class counts, shape, spacing).
+
+Preprocessing is described in :mod:`neuroexplain.mri.preprocess`; maps computed on the model grid
+go back to a subject's native T1w grid with :func:`neuroexplain.mri.preprocess.to_native`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroexplain.errors import InputError
+from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, read_sample_sheet
+from neuroexplain.mri.preprocess import NORM_METHODS, Grid, Preprocessed, model_spacing
+
+__all__ = ["PREPROC_KEYS", "ingest_mri", "load_preproc", "native_grid"]
+
+logger = logging.getLogger(__name__)
+
+#: keys every ``preproc.pt`` holds
+PREPROC_KEYS = (
+    "images",
+    "dseg",
+    "subjects",
+    "y",
+    "label",
+    "positive_class",
+    "model_affines",
+    "native_affines",
+    "native_shapes",
+    "t1_paths",
+    "dseg_paths",
+    "dseg_names",
+    "params",
+)
+_AXES = ("r", "a", "s")
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _work(task: tuple[str, str | None, dict[str, Any]]) -> tuple[str, Any, Any]:
+    """Preprocess one subject; user errors come back as values (InputError does not pickle)."""
+    from neuroexplain.mri.preprocess import preprocess_subject
+
+    t1, dseg, kwargs = task
+    try:
+        return "ok", preprocess_subject(t1, dseg, **kwargs), None
+    except InputError as exc:
+        return "error", exc.path, exc.problem
+
+
+def _run(
+    tasks: list[tuple[str, str | None, dict[str, Any]]], workers: int, progress: bool
+) -> list[Preprocessed]:
+    from tqdm.auto import tqdm
+
+    bar = dict(
+        total=len(tasks), desc="ingest-mri", unit="subject", disable=None if progress else True
+    )
+    results: list[Preprocessed] = []
+
+    def collect(it: Iterator[tuple[str, Any, Any]]) -> None:
+        for status, a, b in tqdm(it, **bar):
+            if status == "error":
+                raise InputError(a, b)
+            results.append(a)
+
+    if workers <= 1 or len(tasks) <= 1:
+        collect(map(_work, tasks))
+        return results
+
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork (Linux) shares the already imported torch / MONAI with the workers; importing them again
+    # in each spawned worker costs ~10 s of CPU. Workers run single-threaded (as DataLoader
+    # workers do), which is what makes forking a process that used torch safe.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ex = ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        mp_context=mp.get_context(method),
+        initializer=_init_worker,
+    )
+    try:
+        collect(ex.map(_work, tasks, chunksize=1))  # map keeps the input order
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _cohort(
+    bids: Path | None,
+    sheet: Path | None,
+    derivatives: str | None,
+    label_column: str | None,
+    subjects: Sequence[str] | None,
+    limit: int | None,
+) -> Cohort:
+    if (bids is None) == (sheet is None):
+        raise InputError("--bids/--sheet", "expected exactly one of --bids or --sheet")
+    subs = list(subjects) if subjects else None
+    if bids is not None:
+        return find_bids_subjects(
+            bids, derivatives=derivatives, label_column=label_column, subjects=subs, limit=limit
+        )
+    return read_sample_sheet(sheet, label_column=label_column, subjects=subs, limit=limit)
+
+
+def ingest_mri(
+    out: str | os.PathLike[str],
+    bids: str | os.PathLike[str] | None = None,
+    sheet: str | os.PathLike[str] | None = None,
+    derivatives: str | None = "dlmuse",
+    label_column: str | None = None,
+    positive_class: str | None = None,
+    shape: Sequence[int] = (64, 64, 64),
+    fov_mm: float = 224.0,
+    subjects: Sequence[str] | None = None,
+    limit: int | None = None,
+    workers: int = 1,
+    *,
+    norm: str = "percentile",
+    fg_threshold: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preprocess T1w images (and dseg maps) to the model grid and cache them in ``out/``.
+
+    Args:
+        out: output folder (``preproc.pt``, ``subjects.tsv``, ``ingest.json``).
+        bids: BIDS dataset root (exclusive with ``sheet``).
+        sheet: sample sheet with columns ``subject, t1[, dseg][, label]``.
+        derivatives: BIDS derivatives folder with ``*_dseg`` maps (``None``: no dseg).
+        label_column: label column of ``participants.tsv`` / the sheet (sheet default ``label``).
+        positive_class: label value encoded as ``y = 1`` (default: second of two sorted values).
+        shape: model grid shape ``(X, Y, Z)``.
+        fov_mm: extent of the longest model axis in mm; spacing ``fov_mm / max(shape)``.
+        subjects: subset of participant ids.
+        limit: only the first ``limit`` subjects (sorted by id).
+        workers: parallel worker processes (results do not depend on it).
+        norm: intensity normalisation (``percentile``, ``zscore`` or ``none``).
+        fg_threshold: head-mask threshold as a fraction of the robust maximum intensity.
+        progress: show a progress bar (only on a terminal).
+
+    Returns:
+        The summary written to ``ingest.json``.
+
+    Raises:
+        InputError: any bad input (naming the file); nothing is written then.
+
+    Example:
+        >>> ingest_mri("results/ingest", bids="../shared/data/ixi", limit=4)  # doctest: +SKIP
+    """
+    import torch
+
+    from neuroexplain.io.atomic import atomic_output, write_json, write_table
+    from neuroexplain.provenance import provenance
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise InputError("--shape", f"expected 3 integers >= 8, got {list(shape)}")
+    if not fov_mm > 0:
+        raise InputError("--fov-mm", f"expected a positive field of view, got {fov_mm}")
+    if norm not in NORM_METHODS:
+        raise InputError("--norm", f"expected one of {', '.join(NORM_METHODS)}, got {norm!r}")
+    if not 0 < fg_threshold < 1:
+        raise InputError("--fg-threshold", f"expected a fraction in (0, 1), got {fg_threshold}")
+    if workers < 1:
+        raise InputError("--workers", f"expected >= 1, got {workers}")
+    spacing = model_spacing(shape, fov_mm)
+
+    bids_p = Path(bids).resolve() if bids is not None else None
+    sheet_p = Path(sheet).resolve() if sheet is not None else None
+    cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit)
+    y, positive, counts = encode_labels(cohort, positive_class)
+    recs = cohort.records
+    has_dseg = recs[0].dseg is not None
+    logger.info(
+        "ingesting %d subject(s) to %s voxels of %.3g mm (dseg: %s, workers: %d)",
+        len(recs),
+        "x".join(map(str, shape)),
+        spacing,
+        "yes" if has_dseg else "no",
+        workers,
+    )
+
+    kwargs = dict(shape=shape, fov_mm=float(fov_mm), norm=norm, fg_threshold=float(fg_threshold))
+    tasks = [(str(r.t1), str(r.dseg) if r.dseg else None, kwargs) for r in recs]
+    results = _run(tasks, workers, progress)
+
+    # ---- checks on the head fit ------------------------------------------------------------
+    extents = np.stack([r.fg_extent_mm for r in results])
+    cropped = [rec.subject for rec, r in zip(recs, results, strict=True) if r.cropped]
+    logger.info(
+        "head bounding box (R, A, S) in mm: min %s, max %s; model field of view %s mm",
+        np.round(extents.min(0), 1).tolist(),
+        np.round(extents.max(0), 1).tolist(),
+        [round(spacing * s, 1) for s in shape],
+    )
+    if cropped:
+        worst = np.stack([r.crop_mm.sum(1) for r in results]).max(0)
+        # with a dseg we know whether brain tissue was lost (warned below); without, warn here
+        log = logger.info if has_dseg else logger.warning
+        log(
+            "%d subject(s) have a head larger than the field of view and were cropped "
+            "(at most %s mm along R, A, S; face and neck go first), e.g. %s",
+            len(cropped),
+            np.round(worst, 1).tolist(),
+            ", ".join(cropped[:3]),
+        )
+    brain_cut = [
+        (rec.subject, r.brain_kept)
+        for rec, r in zip(recs, results, strict=True)
+        if r.brain_kept is not None and r.brain_kept < 1.0
+    ]
+    if brain_cut:
+        logger.warning(
+            "%d subject(s) lose labelled (dseg > 0) voxels outside the model grid, worst %s "
+            "keeps %.2f%%; consider a larger --fov-mm",
+            len(brain_cut),
+            min(brain_cut, key=lambda t: t[1])[0],
+            100 * min(b for _, b in brain_cut),
+        )
+
+    # ---- assemble --------------------------------------------------------------------------
+    options = {
+        "bids": str(bids_p) if bids_p else None,
+        "sheet": str(sheet_p) if sheet_p else None,
+        "derivatives": derivatives if has_dseg else None,
+        "label_column": cohort.label_column,
+        "positive_class": positive,
+        "shape": list(shape),
+        "fov_mm": float(fov_mm),
+        "spacing_mm": spacing,
+        "subjects": list(subjects) if subjects else None,
+        "limit": limit,
+        "workers": int(workers),
+        "norm": norm,
+        "fg_threshold": float(fg_threshold),
+    }
+    inputs = [*cohort.inputs, *(r.t1 for r in recs), *(r.dseg for r in recs if r.dseg)]
+    prov = provenance(options, inputs=inputs, command="ingest-mri")
+    images = torch.from_numpy(np.stack([r.image[None] for r in results]).astype(np.float32))
+    dseg = (
+        torch.from_numpy(np.stack([r.dseg[None] for r in results]).astype(np.int16))
+        if has_dseg
+        else None
+    )
+    data = {
+        "images": images,
+        "dseg": dseg,
+        "subjects": [r.subject for r in recs],
+        "y": torch.from_numpy(y.astype(np.float32)),
+        "label": [r.label for r in recs],
+        "positive_class": positive,
+        "model_affines": torch.from_numpy(np.stack([r.model_affine for r in results])),
+        "native_affines": torch.from_numpy(np.stack([r.native_affine for r in results])),
+        "native_shapes": torch.tensor([list(r.native_shape) for r in results], dtype=torch.int64),
+        "t1_paths": [str(r.t1) for r in recs],
+        "dseg_paths": [str(r.dseg) if r.dseg else "" for r in recs],
+        "dseg_names": dict(cohort.dseg_names),
+        # plain JSON types only: torch.load(weights_only=True) rejects e.g. torch's TorchVersion
+        "params": json.loads(json.dumps({**options, "provenance": prov}, default=str)),
+    }
+
+    import pandas as pd
+
+    rows = []
+    for rec, r, yi in zip(recs, results, y, strict=True):
+        row: dict[str, Any] = {
+            "participant_id": rec.subject,
+            "t1": str(rec.t1),
+            "dseg": str(rec.dseg) if rec.dseg else "",
+            "label": rec.label,
+            "y": "" if np.isnan(yi) else int(yi),
+            "native_shape": "x".join(map(str, r.native_shape)),
+        }
+        for a, ax in enumerate(_AXES):
+            row[f"fg_extent_{ax}_mm"] = round(float(r.fg_extent_mm[a]), 2)
+        for a, ax in enumerate(_AXES):
+            row[f"crop_{ax}_mm"] = round(float(r.crop_mm[a].sum()), 2)
+        row["cropped"] = r.cropped
+        row["brain_kept"] = "" if r.brain_kept is None else round(r.brain_kept, 6)
+        rows.append(row)
+
+    summary = {
+        "provenance": prov,
+        "n_subjects": len(recs),
+        "label_column": cohort.label_column,
+        "positive_class": positive,
+        "class_counts": counts,
+        "n_positive": int(np.nansum(y)) if positive is not None else None,
+        "shape": list(shape),
+        "spacing_mm": spacing,
+        "fov_mm": [spacing * s for s in shape],
+        "dseg": has_dseg,
+        "norm": norm,
+        "fg_extent_mm": {
+            "min": extents.min(0).tolist(),
+            "median": np.median(extents, 0).tolist(),
+            "max": extents.max(0).tolist(),
+        },
+        "n_cropped": len(cropped),
+        "n_brain_cropped": len(brain_cut),
+        "outputs": ["preproc.pt", "subjects.tsv", "ingest.json"],
+    }
+
+    out_dir = Path(out)
+    write_table(pd.DataFrame(rows), out_dir / "subjects.tsv")
+    write_json(summary, out_dir / "ingest.json")
+    with atomic_output(out_dir / "preproc.pt") as tmp, open(tmp, "wb") as fh:
+        # a file object, not a path: torch.save names the zip's root folder after a path
+        # (the random temp name), which would make identical runs differ byte-wise
+        torch.save(data, fh)
+    logger.info("wrote %s (%d subjects)", out_dir / "preproc.pt", len(recs))
+    return summary
+
+
+def load_preproc(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check a ``preproc.pt`` written by :func:`ingest_mri` (``weights_only=True``).
+
+    Args:
+        path: the ``preproc.pt`` file (or the ingest output folder holding it).
+
+    Returns:
+        The dict described in this module's docstring (tensors on CPU).
+
+    Raises:
+        InputError: missing, unreadable or truncated file, or missing keys / inconsistent shapes.
+
+    Example:
+        >>> pre = load_preproc("results/ingest/preproc.pt")  # doctest: +SKIP
+        >>> pre["images"].shape  # doctest: +SKIP
+        torch.Size([100, 1, 64, 64, 64])
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "preproc.pt"
+    if not p.is_file():
+        raise InputError(p, "file not found (run neuroexplain ingest-mri first)")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+    ) as exc:
+        raise InputError(p, f"not a readable preproc.pt ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(p, f"expected a dict written by ingest-mri, got {type(data).__name__}")
+    missing = [k for k in PREPROC_KEYS if k not in data]
+    if missing:
+        raise InputError(p, f"expected a preproc.pt from ingest-mri, missing keys {missing}")
+    images = data["images"]
+    if not (isinstance(images, torch.Tensor) and images.ndim == 5 and images.shape[1] == 1):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(p, f"expected images of shape (N, 1, X, Y, Z), got {got}")
+    n = images.shape[0]
+    expect = {
+        "model_affines": (n, 4, 4),
+        "native_affines": (n, 4, 4),
+        "native_shapes": (n, 3),
+        "y": (n,),
+    }
+    for key, shp in expect.items():
+        v = data[key]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shp:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InputError(p, f"expected {key} of shape {shp}, got {got}")
+    if data["dseg"] is not None and tuple(data["dseg"].shape) != tuple(images.shape):
+        raise InputError(
+            p, f"expected dseg of shape {tuple(images.shape)}, got {tuple(data['dseg'].shape)}"
+        )
+    for key in ("subjects", "label", "t1_paths", "dseg_paths"):
+        if len(data[key]) != n:
+            raise InputError(p, f"expected {n} entries in {key}, got {len(data[key])}")
+    return data
+
+
+def native_grid(preproc: dict[str, Any], index: int) -> Grid:
+    """The native grid of subject ``index`` (for :func:`~neuroexplain.mri.preprocess.to_native`).
+
+    Returns:
+        ``Grid(affine (4, 4) float64, shape (X, Y, Z))`` — the same grid as the subject's T1w file,
+        without reading it.
+    """
+    affine = np.asarray(preproc["native_affines"][index], dtype=np.float64)
+    shape = tuple(int(s) for s in np.asarray(preproc["native_shapes"][index]))
+    return Grid(affine, shape)
