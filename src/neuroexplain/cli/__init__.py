@@ -32,7 +32,7 @@ _COMMAND_MODULES = (
     "neuroexplain.cli.data",
     "neuroexplain.cli.ingest",
     "neuroexplain.cli.cohort",
-    "neuroexplain.cli.classifier",
+    "neuroexplain.cli.st",
 )
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the rest
+    except Exception as exc:  # the user sees one line; --debug shows the rest
         exit_code = getattr(exc, "exit_code", None)
         if hasattr(exc, "show") and isinstance(exit_code, int):  # click / typer usage errors
             exc.show()

@@ -1,0 +1,312 @@
+"""``neuroexplain st-concepts`` and ``neuroexplain st-evaluate`` (concept saliency on ST data).
+
+Brocki & Chung (2019), concept saliency maps for a VAE over spatial-transcriptomics spots; see
+:mod:`neuroexplain.st.concepts`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from neuroexplain.cli import app
+
+
+def _read_h5ad(path: Path):
+    import warnings
+
+    import anndata as ad
+
+    from neuroexplain.errors import InputError
+
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ad.read_h5ad(path)
+    except Exception as exc:  # h5py / anndata raise many types for a bad file
+        raise InputError(path, f"cannot read as .h5ad: {type(exc).__name__}: {exc}") from exc
+
+
+def _parse_named_lists(text: str, option: str) -> dict[str, list[str]]:
+    """``"a:G1,G2;b:G3"`` -> ``{"a": ["G1", "G2"], "b": ["G3"]}``."""
+    from neuroexplain.errors import InputError
+
+    out: dict[str, list[str]] = {}
+    for part in [p for p in text.split(";") if p.strip()]:
+        if ":" not in part:
+            raise InputError(option, f"expected NAME:ITEM,ITEM;..., got {part!r}")
+        name, items = part.split(":", 1)
+        vals = [v.strip() for v in items.split(",") if v.strip()]
+        if not name.strip() or not vals:
+            raise InputError(option, f"expected NAME:ITEM,ITEM;..., got {part!r}")
+        out[name.strip()] = vals
+    return out
+
+
+def _read_spot_concepts(path: Path) -> dict[str, list[str]]:
+    """A two-column table (TSV/CSV): ``spot`` and ``concept`` -> ``{concept: [spots]}``."""
+    import pandas as pd
+
+    from neuroexplain.errors import InputError
+
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    sep = "," if path.suffix == ".csv" else "\t"
+    df = pd.read_csv(path, sep=sep, dtype=str)
+    if not {"spot", "concept"} <= set(df.columns):
+        raise InputError(path, f"expected columns 'spot' and 'concept', got {list(df.columns)}")
+    df = df.dropna(subset=["spot", "concept"])
+    return {str(c): [str(s) for s in g["spot"]] for c, g in df.groupby("concept", sort=True)}
+
+
+@app.command("st-concepts")
+def st_concepts_cmd(
+    adata_path: Path = typer.Option(
+        ..., "--adata", help="Input .h5ad (ingest-st layout: raw counts layer, .obsm['spatial'])."
+    ),
+    label_key: str = typer.Option(
+        ...,
+        "--label-key",
+        help=".obs column with the layer label (NaN = unlabelled); one concept per layer.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Output .h5ad with latent, scores, saliency, ranked genes."
+    ),
+    figures: Path | None = typer.Option(
+        None, "--figures", help="Folder for PNG figures (scores, top-gene heatmap, gene-mode maps)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Random seed (same seed -> identical outputs on CPU)."
+    ),
+    n_latent: int = typer.Option(16, "--n-latent", help="Latent dimensions of the spot VAE."),
+    n_top_genes: int = typer.Option(
+        2000, "--n-top-genes", help="Highly variable genes as model input (0 = all genes)."
+    ),
+    likelihood: str = typer.Option(
+        "nb", "--likelihood", help="Spot-VAE likelihood: nb (raw counts) or gaussian (log1p)."
+    ),
+    method: str = typer.Option(
+        "attribute",
+        "--method",
+        help="Concept vectors: attribute (mean-latent difference) or probe (logistic regression).",
+    ),
+    saliency: str = typer.Option(
+        "grad_x_input", "--saliency", help="gradient, grad_x_input, smoothgrad or ig."
+    ),
+    epochs: int = typer.Option(
+        300,
+        "--epochs",
+        help="Maximum training epochs of the spot VAE (early stopping on held-out spots).",
+    ),
+    layer: str = typer.Option("counts", "--layer", help="Layer with raw counts ('X' for .X)."),
+    min_spots: int = typer.Option(5, "--min-spots", help="Fewest labelled spots a layer may have."),
+    gene_concepts: str = typer.Option(
+        "", "--gene-concepts", help="Extra concepts from gene sets: 'name:G1,G2;name2:G3,G4'."
+    ),
+    spot_concepts: Path | None = typer.Option(
+        None,
+        "--spot-concepts",
+        help="Extra concepts from spot lists: TSV/CSV with columns spot, concept.",
+    ),
+    genemode_seeds: str = typer.Option(
+        "",
+        "--genemode-seeds",
+        help="Seed genes of the gene-as-image mode, e.g. Penk,Doc2g,Kctd12 ('' = skip).",
+    ),
+    genemode_epochs: int = typer.Option(
+        40, "--genemode-epochs", help="Maximum epochs of the gene-image VAE."
+    ),
+    genemode_n_genes: int = typer.Option(
+        1000, "--genemode-n-genes", help="Highly variable genes used as images (0 = all)."
+    ),
+    spot_gene_out: Path | None = typer.Option(
+        None,
+        "--spot-gene-out",
+        help="Write per-concept spots x genes saliency to this .h5ad instead of --out layers.",
+    ),
+    model_dir: Path | None = typer.Option(
+        None, "--model-dir", help="Also save the trained spot VAE here (model.pt)."
+    ),
+    key: str = typer.Option(
+        "concept_saliency", "--key", help="key_added: prefix of every AnnData key written."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: int = typer.Option(
+        1, "--threads", help="CPU threads for torch (0 = torch default; small models: 1 is best)."
+    ),
+) -> None:
+    """Train a spot VAE and compute concept scores and concept saliency maps per layer."""
+    import logging
+
+    import torch
+
+    from neuroexplain.errors import InputError
+    from neuroexplain.st import concept_keys as K
+    from neuroexplain.st.concepts import (
+        SALIENCY_METHODS,
+        concept_saliency,
+        genemode,
+        spot_gene_saliency,
+        spot_labels,
+    )
+    from neuroexplain.st.vae import SpotVAE, get_counts
+
+    log = logging.getLogger("neuroexplain.cli.st")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if saliency not in SALIENCY_METHODS:
+        raise InputError("--saliency", f"expected one of {SALIENCY_METHODS}, got {saliency!r}")
+    if method not in ("attribute", "probe"):
+        raise InputError("--method", f"expected attribute or probe, got {method!r}")
+    if likelihood not in ("nb", "gaussian"):
+        raise InputError("--likelihood", f"expected nb or gaussian, got {likelihood!r}")
+    layer_arg = None if layer == "X" else layer
+    seeds = [s.strip() for s in genemode_seeds.split(",") if s.strip()]
+    genes_c = _parse_named_lists(gene_concepts, "--gene-concepts")
+    spots_c = _read_spot_concepts(spot_concepts) if spot_concepts else None
+
+    adata = _read_h5ad(adata_path)
+    # validate everything a user can get wrong before spending time on training
+    try:
+        get_counts(adata, layer_arg)
+        spot_labels(adata, label_key, min_spots=min_spots)
+        missing = [s for s in seeds if s not in set(map(str, adata.var_names))]
+        if missing:
+            raise InputError("--genemode-seeds", f"seed genes not in var_names: {missing}")
+        if seeds and K.SPATIAL_KEY not in adata.obsm:
+            raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates")
+    except InputError as exc:
+        raise InputError(adata_path, str(exc)) from exc
+
+    model = SpotVAE(
+        adata,
+        n_latent=n_latent,
+        likelihood=likelihood,  # type: ignore[arg-type]
+        layer=layer_arg,
+        n_top_genes=n_top_genes or None,
+        seed=seed,
+        device=device,
+    )
+    model.train(max_epochs=epochs)
+    if model_dir is not None:
+        model.save(model_dir)
+    try:
+        concept_saliency(
+            adata,
+            model,
+            label_key=label_key,
+            method=method,  # type: ignore[arg-type]
+            saliency=saliency,  # type: ignore[arg-type]
+            spot_concepts=spots_c,
+            gene_concepts=genes_c or None,
+            min_spots=min_spots,
+            store_spot_gene=True,
+            seed=seed,
+            inputs=[adata_path],
+            key_added=key,
+        )
+        if seeds:
+            genemode(
+                adata,
+                seeds,
+                layer=layer_arg,
+                n_top_genes=genemode_n_genes or None,
+                max_epochs=genemode_epochs,
+                saliency=saliency,  # type: ignore[arg-type]
+                seed=seed,
+                device=device,
+                inputs=[adata_path],
+                key_added=key,
+            )
+    except InputError as exc:
+        raise InputError(adata_path, str(exc)) from exc
+
+    if figures is not None:
+        from neuroexplain.st.plotting import save_figures
+
+        save_figures(adata, figures, label_key=label_key, key=key)
+    if spot_gene_out is not None:
+        sg = spot_gene_saliency(adata, key=key)
+        with _atomic(spot_gene_out) as tmp:
+            sg.write_h5ad(tmp, compression="gzip")
+        for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
+            del adata.layers[lk]
+        log.info("wrote spots x genes saliency to %s", spot_gene_out)
+    with _atomic(out) as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
+    log.info("wrote %s", out)
+
+
+def _atomic(path: Path):
+    from neuroexplain.io.atomic import atomic_output
+
+    return atomic_output(path)
+
+
+@app.command("st-evaluate")
+def st_evaluate_cmd(
+    adata_path: Path = typer.Option(..., "--adata", help="Output .h5ad of st-concepts."),
+    label_key: str = typer.Option(..., "--label-key", help=".obs column with the layer label."),
+    out: Path = typer.Option(..., "--out", help="Metrics JSON."),
+    key: str = typer.Option("concept_saliency", "--key", help="key_added used by st-concepts."),
+    n_top: int = typer.Option(50, "--n-top", help="Size of the top gene lists compared."),
+    markers: str = typer.Option(
+        "GCL:Penk,Nrgn;MCL:Doc2g,Cdhr1",
+        "--markers",
+        help="Known markers 'LAYER:G1,G2;LAYER2:G3' ('' = none).",
+    ),
+    top_percent: float = typer.Option(
+        1.0, "--top-percent", help="A marker passes within this top percentage of ranked genes."
+    ),
+    cv_folds: int = typer.Option(
+        5, "--cv-folds", help="Folds of the cross-validated layer classification."
+    ),
+    min_spots: int = typer.Option(5, "--min-spots", help="Fewest labelled spots a layer may have."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fold split and classifiers."),
+) -> None:
+    """Compare concept-saliency gene rankings with Wilcoxon markers; layer accuracy from scores."""
+    import logging
+
+    from neuroexplain.errors import InputError
+    from neuroexplain.io.atomic import write_json
+    from neuroexplain.provenance import provenance
+    from neuroexplain.st.evaluate import evaluate_concepts, parse_markers
+
+    adata = _read_h5ad(adata_path)
+    params = {
+        "label_key": label_key,
+        "key": key,
+        "n_top": n_top,
+        "markers": markers,
+        "top_percent": top_percent,
+        "cv_folds": cv_folds,
+        "min_spots": min_spots,
+    }
+    try:
+        metrics = evaluate_concepts(
+            adata,
+            label_key=label_key,
+            key=key,
+            n_top=n_top,
+            markers=parse_markers(markers),
+            top_percent=top_percent,
+            cv_folds=cv_folds,
+            min_spots=min_spots,
+            seed=seed,
+        )
+    except InputError as exc:
+        raise InputError(adata_path, str(exc)) from exc
+    metrics["provenance"] = provenance(
+        params, seed=seed, inputs=[adata_path], command="st-evaluate"
+    )
+    write_json(metrics, out)
+    logging.getLogger("neuroexplain.cli.st").info(
+        "mean top-%d overlap %.3f, CV accuracy %.3f -> %s",
+        n_top,
+        metrics["mean_overlap"],
+        metrics["classification"]["accuracy"],
+        out,
+    )

@@ -1,0 +1,942 @@
+"""A variational autoencoder on spatial-transcriptomics spots (the model concept saliency explains).
+
+Brocki & Chung (2019), "Concept Saliency Maps to Visualize Relevant Features in Deep Generative
+Models" (ICMLA 2019, arXiv:1910.13140) explain a VAE by the gradient of a *concept score* taken on
+the encoder's latent code. :class:`SpotVAE` is that VAE for spots: it encodes one spot's
+expression profile (library-size normalised, ``log1p``, over highly variable genes or all genes)
+into a Gaussian posterior ``q(z | x) = N(mu(x), diag(sigma^2(x)))``. The object API follows
+scvi-tools::
+
+    model = SpotVAE(adata, n_latent=16, layer="counts", n_top_genes=2000)
+    model.train(max_epochs=400)
+    latent = model.get_latent_representation()  # (n_spots, n_latent), posterior MEAN
+    model.save("model_dir")
+    model = SpotVAE.load("model_dir", adata)  # checks adata.var_names
+
+Encoding is deterministic: everything downstream (latent, concept scores, saliency) uses the
+posterior mean ``mu(x)``, never a sampled ``z``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroexplain.errors import InputError
+from neuroexplain.st.concept_keys import COUNTS_LAYER
+
+__all__ = [
+    "GeneImageVAE",
+    "PosteriorMean",
+    "SpotVAE",
+    "SpotVAEModule",
+    "fit_vae",
+    "gene_images",
+    "get_counts",
+    "log_normalise",
+    "rasterise_spots",
+    "select_genes",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "model.pt"
+_FORMAT = "neuroexplain.SpotVAE/1"
+
+Likelihood = Literal["nb", "gaussian"]
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing (shared with the evaluation so both see the same genes and normalisation)
+# --------------------------------------------------------------------------------------------
+
+
+def get_counts(adata: Any, layer: str | None = COUNTS_LAYER):
+    """Return the raw count matrix (spots x genes) of ``adata`` from ``layer`` (``None``: ``.X``).
+
+    Raises:
+        InputError: the layer is missing, or the matrix holds negative or non-finite values.
+    """
+    import scipy.sparse as sp
+
+    if layer is None:
+        mat = adata.X
+        where = "adata.X"
+    else:
+        if layer not in adata.layers:
+            raise InputError(
+                f"adata.layers[{layer!r}]",
+                f"expected a raw-count layer, got layers {sorted(adata.layers.keys())}",
+            )
+        mat = adata.layers[layer]
+        where = f"adata.layers[{layer!r}]"
+    if mat is None:
+        raise InputError(where, "expected a count matrix, got None")
+    data = mat.data if sp.issparse(mat) else np.asarray(mat)
+    if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
+        raise InputError(where, "expected non-negative finite raw counts")
+    return mat
+
+
+def _library_sizes(counts) -> np.ndarray:
+    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
+    return lib
+
+
+def log_normalise(
+    counts, gene_index: np.ndarray | None = None, *, target_sum: float = 1e4
+) -> np.ndarray:
+    """``log1p(counts / library_size * target_sum)`` for the genes in ``gene_index``.
+
+    The library size is the spot's total over **all** genes (as ``scanpy.pp.normalize_total``),
+    so a gene subset does not change a spot's scaling.
+
+    Args:
+        counts: raw counts, dense or scipy sparse, shape ``(n_spots, n_genes)``.
+        gene_index: integer positions of the genes to return (``None``: all genes).
+        target_sum: counts per spot after normalisation.
+
+    Returns:
+        float32 array, shape ``(n_spots, len(gene_index))``.
+    """
+    import scipy.sparse as sp
+
+    lib = _library_sizes(counts)
+    lib[lib == 0] = 1.0
+    sub = counts if gene_index is None else counts[:, gene_index]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    return np.log1p(sub.astype(np.float64) / lib[:, None] * target_sum).astype(np.float32)
+
+
+def select_genes(
+    adata: Any,
+    *,
+    layer: str | None = COUNTS_LAYER,
+    n_top_genes: int | None = 2000,
+    target_sum: float = 1e4,
+) -> np.ndarray:
+    """Positions of the highly variable genes (scanpy, ``flavor="seurat"`` on log data).
+
+    Args:
+        adata: AnnData with raw counts in ``layer``.
+        n_top_genes: number of genes; ``None`` or ``>= n_vars`` selects all genes.
+
+    Returns:
+        Sorted integer positions into ``adata.var_names``, shape ``(n_selected,)``.
+    """
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    counts = get_counts(adata, layer)
+    n_vars = counts.shape[1]
+    if n_top_genes is None or n_top_genes >= n_vars:
+        return np.arange(n_vars)
+    if n_top_genes < 2:
+        raise InputError("n_top_genes", f"expected at least 2 genes, got {n_top_genes}")
+    lib = _library_sizes(counts)
+    lib[lib == 0] = 1.0
+    if sp.issparse(counts):
+        x = sp.csr_matrix(counts, dtype=np.float32)
+        x = sp.diags((target_sum / lib).astype(np.float32)) @ x
+        x.data = np.log1p(x.data)
+    else:
+        x = np.log1p(np.asarray(counts, dtype=np.float64) / lib[:, None] * target_sum)
+        x = x.astype(np.float32)
+    tmp = ad.AnnData(X=x)
+    tmp.var_names = np.asarray(adata.var_names).astype(str)
+    hvg = sc.pp.highly_variable_genes(
+        tmp, n_top_genes=int(n_top_genes), flavor="seurat", inplace=False
+    )
+    return np.flatnonzero(np.asarray(hvg["highly_variable"], dtype=bool))
+
+
+# --------------------------------------------------------------------------------------------
+# the network
+# --------------------------------------------------------------------------------------------
+
+
+def _mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.ELU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class SpotVAEModule(nn.Module):
+    """MLP VAE over one spot's expression vector.
+
+    Encoder ``x (B, G) -> (mu, logvar) (B, L)``; decoder ``z (B, L) -> (B, G)`` giving, for
+    ``likelihood="nb"``, the per-gene expression *fractions* (softmax; mean counts are fraction x
+    library size) with a per-gene inverse dispersion ``exp(log_theta)``, and for
+    ``likelihood="gaussian"`` the mean of the log-normalised input with a per-gene variance
+    ``exp(log_var)``. ELU activations keep the encoder smooth, so gradients (saliency) are not
+    piecewise constant.
+
+    Args:
+        n_input: number of genes G.
+        n_latent: latent dimensions L.
+        n_hidden: hidden units per layer.
+        n_layers: hidden layers in encoder and decoder.
+        dropout: dropout rate of hidden layers (training only).
+        likelihood: ``"nb"`` (negative binomial on raw counts) or ``"gaussian"`` (on log1p data).
+
+    Example:
+        >>> m = SpotVAEModule(100, n_latent=8)
+        >>> mu, logvar = m.encode(torch.rand(4, 100))
+        >>> tuple(mu.shape)
+        (4, 8)
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: Likelihood = "nb",
+    ) -> None:
+        super().__init__()
+        if likelihood not in ("nb", "gaussian"):
+            raise InputError("likelihood", f"expected 'nb' or 'gaussian', got {likelihood!r}")
+        self.likelihood = likelihood
+        self.encoder = _mlp(n_input, n_hidden, n_layers, dropout)
+        self.mu = nn.Linear(n_hidden, n_latent)
+        self.logvar = nn.Linear(n_hidden, n_latent)
+        self.decoder = _mlp(n_latent, n_hidden, n_layers, dropout)
+        self.out = nn.Linear(n_hidden, n_input)
+        # per-gene dispersion (nb: log inverse dispersion; gaussian: log variance)
+        self.log_disp = nn.Parameter(torch.zeros(n_input))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, G)`` log-normalised expression -> ``(mu, logvar)``, each ``(B, L)``."""
+        h = self.encoder(x)
+        return self.mu(h), self.logvar(h).clamp(-12.0, 8.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z (B, L)`` -> ``(B, G)``: gene fractions (nb) or log-expression means (gaussian)."""
+        h = self.out(self.decoder(z))
+        return torch.softmax(h, dim=-1) if self.likelihood == "nb" else h
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, G)`` -> ``(decoded (B, G), mu (B, L), logvar (B, L), z (B, L))``.
+
+        ``eps`` is the reparameterisation noise (``(B, L)``); ``None`` decodes the mean.
+        """
+        mu, logvar = self.encode(x)
+        z = mu if eps is None else mu + eps * torch.exp(0.5 * logvar)
+        return self.decode(z), mu, logvar, z
+
+    def reconstruction_nll(
+        self,
+        decoded: torch.Tensor,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        log_factorial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Negative log-likelihood per spot, ``(B,)``.
+
+        Args:
+            decoded: output of :meth:`decode`, ``(B, G)``.
+            x: log-normalised input, ``(B, G)`` (gaussian likelihood).
+            counts: raw counts of the input genes, ``(B, G)`` (nb likelihood).
+            log_factorial: ``lgamma(counts + 1)`` if precomputed (nb; a constant).
+        """
+        if self.likelihood == "nb":
+            library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+            mean = decoded * library
+            theta = torch.exp(self.log_disp).clamp(1e-4, 1e6)
+            eps = 1e-8
+            log_theta_mu = torch.log(theta + mean + eps)
+            ll = (
+                theta * (torch.log(theta + eps) - log_theta_mu)
+                + counts * (torch.log(mean + eps) - log_theta_mu)
+                + torch.lgamma(counts + theta)
+                - torch.lgamma(theta)
+            )
+            # log(counts!) does not depend on the parameters: callers may pass it precomputed
+            ll = ll - (torch.lgamma(counts + 1.0) if log_factorial is None else log_factorial)
+        else:
+            log_var = self.log_disp.clamp(-10.0, 10.0)
+            ll = -0.5 * ((x - decoded) ** 2 / torch.exp(log_var) + log_var + math.log(2 * math.pi))
+        return -ll.sum(dim=-1)
+
+
+class PosteriorMean(nn.Module):
+    """Wrap a VAE so that ``forward(x)`` returns the posterior mean ``mu(x)``.
+
+    Works with any module exposing ``encode(x)`` (:class:`SpotVAEModule`) or
+    ``encode_forward(x)`` (MONAI ``VarAutoEncoder``) that returns ``(mu, logvar)``.
+
+    Shapes: ``x (B, ...)`` -> ``mu (B, L)``.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        # MONAI's VarAutoEncoder has both: ``encode`` is its conv trunk, ``encode_forward``
+        # returns (mu, logvar)
+        self._fn = "encode_forward" if hasattr(vae, "encode_forward") else "encode"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.vae, self._fn)(x)[0]
+
+
+def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per sample, ``(B,)``."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+
+
+def fit_vae(
+    module: nn.Module,
+    tensors: tuple[torch.Tensor, ...],
+    nll_fn: Any,
+    *,
+    n_latent: int,
+    seed: int,
+    device: torch.device,
+    max_epochs: int = 400,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-6,
+    kl_warmup_epochs: int = 100,
+    validation_fraction: float = 0.1,
+    early_stopping: bool = True,
+    patience: int = 40,
+    progress: bool | None = None,
+    desc: str = "VAE",
+) -> tuple[dict[str, list[float]], int, dict[str, Any]]:
+    """Train a VAE: Adam, linear KL warm-up, early stopping on a held-out random split.
+
+    Args:
+        module: the VAE; trained in place, left in eval mode with the best weights.
+        tensors: per-sample tensors, first dimension = samples (e.g. ``(x, counts)``).
+        nll_fn: ``nll_fn(batch, eps) -> (nll (B,), mu (B, L), logvar (B, L))``; ``eps`` is the
+            reparameterisation noise ``(B, L)`` or ``None`` (decode the mean, for validation).
+        n_latent: latent dimensions (size of ``eps``).
+        seed: seeds the split, the shuffling, the noise and dropout.
+        device: where to train.
+        max_epochs, batch_size, lr, weight_decay: optimisation.
+        kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+        validation_fraction: held-out fraction (none with fewer than 10 samples).
+        early_stopping: stop after ``patience`` epochs without a better validation ELBO (only
+            once the warm-up is over) and restore the best weights.
+        progress: progress bar (``None``: when stderr is a terminal).
+        desc: progress-bar label.
+
+    Returns:
+        ``(history, kept_epoch, train_params)``; ``history = {"train": [...], "validation":
+        [...]}`` (negative ELBO per sample; validation uses the mean code and the full KL).
+    """
+    from tqdm.auto import tqdm
+
+    from neuroexplain.utils import amp_enabled, seed_everything
+
+    if max_epochs < 1:
+        raise InputError("max_epochs", f"expected at least 1 epoch, got {max_epochs}")
+    seed_everything(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = tensors[0].shape[0]
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = 0
+    if n >= 10 and validation_fraction > 0:
+        n_val = min(max(1, round(validation_fraction * n)), n - 1)
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train = tuple(t[train_idx].to(device) for t in tensors)
+    val = tuple(t[val_idx].to(device) for t in tensors)
+    amp = amp_enabled(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_epoch, since_best = math.inf, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: dict[str, list[float]] = {"train": [], "validation": []}
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(max_epochs), desc=desc, disable=not show, leave=False)
+    n_tr = len(train_idx)
+    for epoch in bar:
+        beta = min(1.0, (epoch + 1) / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
+        module.train()
+        order = torch.randperm(n_tr, generator=gen)
+        total = 0.0
+        for start in range(0, n_tr, batch_size):
+            idx = order[start : start + batch_size]
+            batch = tuple(t[idx.to(device)] for t in train)
+            eps = torch.randn(len(idx), n_latent, generator=gen).to(device)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                nll, mu, logvar = nll_fn(batch, eps)
+            loss = (nll.float() + beta * _kl(mu.float(), logvar.float())).mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(idx)
+        history["train"].append(total / n_tr)
+        if n_val:
+            module.eval()
+            with torch.no_grad():
+                nll, mu, logvar = nll_fn(val, None)
+                v = float((nll.float() + _kl(mu.float(), logvar.float())).mean())
+        else:
+            v = history["train"][-1]
+        history["validation"].append(v)
+        bar.set_postfix(loss=f"{history['train'][-1]:.1f}", val=f"{v:.1f}")
+        if v < best - 1e-6:
+            best, best_epoch, since_best = v, epoch, 0
+            if early_stopping and n_val:
+                best_state = copy.deepcopy(module.state_dict())
+        else:
+            since_best += 1
+        if early_stopping and n_val and epoch + 1 >= kl_warmup_epochs and since_best >= patience:
+            logger.info("%s: early stopping at epoch %d (best %d)", desc, epoch + 1, best_epoch + 1)
+            break
+    bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+        kept = best_epoch + 1
+    else:
+        kept = len(history["train"])
+    module.eval()
+    logger.info(
+        "%s trained %d epochs (kept epoch %d), validation loss %.3f",
+        desc,
+        len(history["train"]),
+        kept,
+        history["validation"][kept - 1],
+    )
+    params = {
+        "max_epochs": int(max_epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "kl_warmup_epochs": int(kl_warmup_epochs),
+        "validation_fraction": float(validation_fraction),
+        "early_stopping": bool(early_stopping),
+        "patience": int(patience),
+        "epochs_run": len(history["train"]),
+        "kept_epoch": int(kept),
+        "n_validation": int(n_val),
+    }
+    return history, kept, params
+
+
+# --------------------------------------------------------------------------------------------
+# gene-as-image mode: rasterised gene images and a convolutional VAE over genes
+# --------------------------------------------------------------------------------------------
+
+
+def rasterise_spots(
+    coords: np.ndarray, *, spacing: float | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Map spot coordinates to integer pixel positions on a grid.
+
+    ``col = round((x - min x) / spacing)``, ``row = round((y - min y) / spacing)``; with
+    ``spacing=None`` the median nearest-neighbour distance between spots (1 for ST array
+    coordinates). Spots falling on the same pixel are reported (they share the pixel).
+
+    Args:
+        coords: ``(n_spots, 2)`` (x, y).
+        spacing: grid spacing in coordinate units.
+
+    Returns:
+        ``(rows (n,), cols (n,), (H, W))``.
+    """
+    from scipy.spatial import cKDTree
+
+    c = np.asarray(coords, dtype=np.float64)[:, :2]
+    if spacing is None:
+        if len(c) < 2:
+            spacing = 1.0
+        else:
+            d, _ = cKDTree(c).query(c, k=2)
+            nn_d = d[:, 1][d[:, 1] > 0]
+            spacing = float(np.median(nn_d)) if nn_d.size else 1.0
+    if not spacing > 0:
+        raise InputError("spacing", f"expected a positive grid spacing, got {spacing}")
+    ij = np.rint((c - c.min(0)) / spacing).astype(int)
+    cols, rows = ij[:, 0], ij[:, 1]
+    shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+    n_unique = len({(r, q) for r, q in zip(rows.tolist(), cols.tolist(), strict=True)})
+    if n_unique < len(c):
+        logger.warning("%d spots share a pixel with another spot", len(c) - n_unique)
+    return rows, cols, shape
+
+
+def gene_images(
+    expr: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    multiple: int = 4,
+) -> np.ndarray:
+    """One image per gene: expression at each spot's pixel, scaled to [0, 1] per gene.
+
+    Pixels without a spot are 0; spots sharing a pixel are averaged. The grid is zero-padded to
+    a multiple of ``multiple`` (at least 8) so strided convolutions invert exactly.
+
+    Args:
+        expr: ``(n_spots, G)`` non-negative expression (e.g. log-normalised).
+        rows, cols: ``(n_spots,)`` pixel positions (:func:`rasterise_spots`).
+        shape: ``(H, W)`` of the grid.
+
+    Returns:
+        float32 ``(G, 1, H', W')``.
+    """
+    h = max(8, -(-shape[0] // multiple) * multiple)
+    w = max(8, -(-shape[1] // multiple) * multiple)
+    flat = rows * w + cols
+    sums = np.zeros((h * w, expr.shape[1]), dtype=np.float64)
+    np.add.at(sums, flat, expr)
+    hits = np.bincount(flat, minlength=h * w).astype(np.float64)
+    img = sums / np.maximum(hits, 1.0)[:, None]
+    mx = img.max(0)
+    mx[mx <= 0] = 1.0
+    img = (img / mx).T.reshape(expr.shape[1], 1, h, w)
+    return img.astype(np.float32)
+
+
+class GeneImageVAE:
+    """Convolutional VAE over gene images (Brocki & Chung 2019, ST experiment).
+
+    MONAI ``VarAutoEncoder`` (2D, one stride-2 convolution block per entry of ``channels``,
+    ELU, **no normalisation layer**); Bernoulli likelihood on pixel intensities in [0, 1]
+    (binary cross entropy on the decoder logits), standard-normal prior, KL warm-up and early
+    stopping on held-out genes via :func:`fit_vae`.
+
+    MONAI's default instance norm is switched off on purpose: it makes the encoder invariant to
+    each image's intensity scale, and the gradient of a scale-invariant function is orthogonal
+    to its input (Euler), so pixel saliency would lose the sign of "more expression here".
+
+    Args:
+        images: ``(n_genes, 1, H, W)`` float32 in [0, 1] (:func:`gene_images`).
+        n_latent: latent dimensions.
+        channels: convolution channels.
+        act: MONAI activation name / tuple.
+        norm: MONAI normalisation (``None``: none, see above).
+        seed: random seed.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Example:
+        >>> vae = GeneImageVAE(np.random.rand(32, 1, 8, 8).astype("float32"), device="cpu")
+        >>> vae.train(max_epochs=1, progress=False).get_latent_representation().shape
+        (32, 8)
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        *,
+        n_latent: int = 8,
+        channels: Any = (8, 16),
+        act: Any = "ELU",
+        norm: Any = None,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        from monai.networks.nets import VarAutoEncoder
+
+        from neuroexplain.utils import resolve_device, seed_everything
+
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise InputError("images", f"expected (n_genes, 1, H, W), got {images.shape}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.seed = int(seed)
+        self.n_latent = int(n_latent)
+        self.device = resolve_device(device)
+        seed_everything(self.seed)
+        chans = tuple(int(c) for c in channels)
+        self.module = VarAutoEncoder(
+            spatial_dims=2,
+            in_shape=(1, images.shape[2], images.shape[3]),
+            out_channels=1,
+            latent_size=self.n_latent,
+            channels=chans,
+            strides=(2,) * len(chans),
+            act=act,
+            norm=norm,
+            use_sigmoid=False,
+        ).to(self.device)
+        self.module.eval()
+        self.history: dict[str, list[float]] = {"train": [], "validation": []}
+        self.train_params: dict[str, Any] = {}
+
+    def train(self, **kwargs: Any) -> GeneImageVAE:
+        """Fit the VAE; keyword arguments as :func:`fit_vae` (defaults: 40 epochs, lr 3e-3)."""
+        module = self.module
+
+        def nll(batch: tuple[torch.Tensor, ...], eps: torch.Tensor | None):
+            (xb,) = batch
+            mu, logvar = module.encode_forward(xb)
+            logvar = logvar.clamp(-12.0, 8.0)
+            z = mu if eps is None else mu + eps * torch.exp(0.5 * logvar)
+            logits = module.decode_forward(z, use_sigmoid=False)
+            bce = nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), xb, reduction="none"
+            )
+            return bce.flatten(1).sum(1), mu, logvar
+
+        kwargs.setdefault("max_epochs", 40)
+        kwargs.setdefault("batch_size", 64)
+        kwargs.setdefault("lr", 3e-3)
+        kwargs.setdefault("kl_warmup_epochs", 10)
+        kwargs.setdefault("patience", 10)
+        self.history, self.epoch, self.train_params = fit_vae(
+            module,
+            (self.images,),
+            nll,
+            n_latent=self.n_latent,
+            seed=self.seed,
+            device=self.device,
+            desc="GeneImageVAE",
+            **kwargs,
+        )
+        return self
+
+    @torch.no_grad()
+    def get_latent_representation(self, batch_size: int = 512) -> np.ndarray:
+        """Posterior mean of every gene image, ``(n_genes, n_latent)``."""
+        enc = self.posterior_mean()
+        x = self.images
+        out = [
+            enc(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)
+        ]
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def posterior_mean(self) -> PosteriorMean:
+        """``images (B, 1, H, W) -> mu (B, L)`` in eval mode."""
+        self.module.eval()
+        return PosteriorMean(self.module).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# scvi-tools-like model object
+# --------------------------------------------------------------------------------------------
+
+
+def _check_var_names(expected: list[str], adata: Any, where: str) -> None:
+    got = [str(v) for v in adata.var_names]
+    if got == expected:
+        return
+    if len(got) != len(expected):
+        problem = f"expected {len(expected)} genes as when the model was trained, got {len(got)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if a != b)
+        problem = (
+            f"var_names differ from the model's at position {i}: expected {expected[i]!r}, "
+            f"got {got[i]!r}"
+        )
+    raise InputError(where, problem)
+
+
+class SpotVAE:
+    """Variational autoencoder over spots, scvi-tools style (Brocki & Chung 2019, Sec. III).
+
+    **Input.** One spot's expression: raw counts from ``adata.layers[layer]`` are
+    library-size normalised to ``target_sum`` and ``log1p``-transformed over the
+    ``n_top_genes`` highly variable genes chosen by scanpy (``None``: all genes). Saliency is
+    taken with respect to this log-normalised input.
+
+    **Latent.** Gaussian ``q(z | x)``, ``n_latent`` dimensions (default 16), standard-normal prior.
+
+    **Likelihood.** ``"nb"`` (default): a negative binomial on the raw counts of the input genes,
+    mean = decoded gene fraction x observed library size, one inverse dispersion per gene (as
+    scVI). Spatial-transcriptomics UMI counts are sparse, overdispersed and their variance grows
+    with the mean; the negative binomial models exactly that and does not let a few high-count
+    genes dominate the loss through the squared error of a Gaussian, and the library size enters
+    the likelihood instead of being a nuisance the latent must encode. ``"gaussian"`` (per-gene
+    variance on the log-normalised input) is available for non-count data (e.g. already
+    normalised matrices). The encoder sees log-normalised expression in both cases, so saliency
+    maps have the same units whatever the likelihood.
+
+    **Training.** Adam, KL warm-up (the KL weight rises linearly from 0 to 1 over
+    ``kl_warmup_epochs``), early stopping on the ELBO of a held-out random split of spots
+    (best weights restored). Same seed -> identical weights on CPU.
+
+    Args:
+        adata: AnnData, spots x genes, raw counts in ``layer``.
+        n_latent: latent dimensions.
+        n_hidden: hidden units per layer.
+        n_layers: hidden layers in encoder and decoder.
+        dropout: dropout rate while training.
+        likelihood: ``"nb"`` or ``"gaussian"`` (see above).
+        layer: layer holding raw counts (``None``: ``.X``).
+        n_top_genes: number of highly variable genes (``None``: all genes).
+        genes: explicit list of input genes (overrides ``n_top_genes``).
+        target_sum: counts per spot after normalisation.
+        seed: random seed of weight initialisation, split, shuffling and noise.
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+
+    Attributes:
+        module: the :class:`SpotVAEModule`.
+        input_genes: names of the G input genes, in the order of the model's input.
+        history: ``{"train": [...], "validation": [...]}`` loss per epoch.
+
+    Example:
+        >>> model = SpotVAE(adata, n_latent=16, n_top_genes=2000)  # doctest: +SKIP
+        >>> model.train(max_epochs=300)  # doctest: +SKIP
+        >>> mu = model.get_latent_representation()  # (n_spots, 16)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        adata: Any,
+        *,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: Likelihood = "nb",
+        layer: str | None = COUNTS_LAYER,
+        n_top_genes: int | None = 2000,
+        genes: list[str] | None = None,
+        target_sum: float = 1e4,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        from neuroexplain.utils import resolve_device, seed_everything
+
+        if n_latent < 1:
+            raise InputError("n_latent", f"expected at least 1 dimension, got {n_latent}")
+        if adata.n_obs < 2:
+            raise InputError("adata", f"expected at least 2 spots, got {adata.n_obs}")
+        self.adata = adata
+        self.var_names = [str(v) for v in adata.var_names]
+        if genes is not None:
+            pos = {g: i for i, g in enumerate(self.var_names)}
+            missing = [g for g in genes if g not in pos]
+            if missing:
+                raise InputError("genes", f"genes not in adata.var_names: {missing[:5]}")
+            gene_index = np.asarray([pos[g] for g in genes], dtype=int)
+        else:
+            gene_index = select_genes(
+                adata, layer=layer, n_top_genes=n_top_genes, target_sum=target_sum
+            )
+        self.gene_index = gene_index
+        self.input_genes = [self.var_names[i] for i in gene_index]
+        self.seed = int(seed)
+        self.config: dict[str, Any] = {
+            "n_input": len(gene_index),
+            "n_latent": int(n_latent),
+            "n_hidden": int(n_hidden),
+            "n_layers": int(n_layers),
+            "dropout": float(dropout),
+            "likelihood": str(likelihood),
+            "layer": layer,
+            "n_top_genes": None if n_top_genes is None else int(n_top_genes),
+            "target_sum": float(target_sum),
+        }
+        self.device = resolve_device(device)
+        seed_everything(self.seed)
+        self.module = SpotVAEModule(
+            len(gene_index),
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+            likelihood=likelihood,
+        ).to(self.device)
+        self.module.eval()
+        self.history: dict[str, list[float]] = {"train": [], "validation": []}
+        self.train_params: dict[str, Any] = {}
+        self.epoch = 0
+        self.is_trained = False
+
+    # ---------------------------------------------------------------- data
+    def get_normalized_input(self, adata: Any | None = None) -> np.ndarray:
+        """The model's input: log-normalised expression of :attr:`input_genes`.
+
+        Returns:
+            float32 array ``(n_spots, G)``.
+        """
+        adata = self._validate(adata)
+        counts = get_counts(adata, self.config["layer"])
+        return log_normalise(counts, self.gene_index, target_sum=self.config["target_sum"])
+
+    def _input_counts(self, adata: Any) -> np.ndarray:
+        import scipy.sparse as sp
+
+        counts = get_counts(adata, self.config["layer"])[:, self.gene_index]
+        counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+        return counts.astype(np.float32)
+
+    def _validate(self, adata: Any | None) -> Any:
+        if adata is None:
+            return self.adata
+        _check_var_names(self.var_names, adata, "adata.var_names")
+        return adata
+
+    # ---------------------------------------------------------------- training
+    def train(
+        self,
+        *,
+        max_epochs: int = 300,
+        batch_size: int = 128,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-6,
+        kl_warmup_epochs: int = 50,
+        validation_fraction: float = 0.1,
+        early_stopping: bool = True,
+        patience: int = 30,
+        progress: bool | None = None,
+    ) -> SpotVAE:
+        """Fit the VAE (Adam, KL warm-up, early stopping on held-out spots).
+
+        Args:
+            max_epochs: maximum number of passes over the training spots.
+            batch_size: spots per step.
+            lr: Adam learning rate.
+            weight_decay: Adam L2 penalty.
+            kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+            validation_fraction: fraction of spots held out for early stopping (none when fewer
+                than 10 spots or 0).
+            early_stopping: stop when the validation ELBO has not improved for ``patience``
+                epochs after the warm-up, and restore the best weights.
+            patience: epochs without improvement before stopping.
+            progress: show a progress bar (``None``: when stderr is a terminal).
+
+        Returns:
+            ``self`` (trained; :attr:`history` filled).
+        """
+        x_all = torch.from_numpy(self.get_normalized_input())
+        c_all = torch.from_numpy(self._input_counts(self.adata))
+        lf_all = torch.lgamma(c_all + 1.0)
+        module = self.module
+
+        def nll(batch: tuple[torch.Tensor, ...], eps: torch.Tensor | None):
+            xb, cb, lfb = batch
+            dec, mu, logvar, _ = module(xb, eps)
+            return module.reconstruction_nll(dec.float(), xb, cb, lfb), mu.float(), logvar.float()
+
+        self.history, self.epoch, self.train_params = fit_vae(
+            module,
+            (x_all, c_all, lf_all),
+            nll,
+            n_latent=self.config["n_latent"],
+            seed=self.seed,
+            device=self.device,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_epochs=kl_warmup_epochs,
+            validation_fraction=validation_fraction,
+            early_stopping=early_stopping,
+            patience=patience,
+            progress=progress,
+            desc="SpotVAE",
+        )
+        self.is_trained = True
+        return self
+
+    # ---------------------------------------------------------------- inference
+    @torch.no_grad()
+    def get_latent_representation(
+        self, adata: Any | None = None, *, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Posterior mean ``mu(x)`` of every spot (deterministic, never a sampled ``z``).
+
+        Returns:
+            float32 array ``(n_spots, n_latent)``.
+        """
+        x = torch.from_numpy(self.get_normalized_input(adata))
+        enc = self.posterior_mean().eval()
+        out = [
+            enc(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)
+        ]
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def posterior_mean(self) -> PosteriorMean:
+        """The encoder as a module ``x (B, G) -> mu (B, L)`` (eval mode), for saliency."""
+        self.module.eval()
+        return PosteriorMean(self.module).eval()
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, dir_path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        """Write ``<dir>/model.pt``: config, state dict, seed, epoch, version, var_names.
+
+        Returns:
+            Path of the checkpoint file.
+        """
+        from neuroexplain import __version__
+        from neuroexplain.io.atomic import atomic_output
+
+        path = Path(dir_path) / CHECKPOINT_NAME
+        if path.exists() and not overwrite:
+            raise InputError(path, "exists; pass overwrite=True to replace it")
+        ckpt = {
+            "format": _FORMAT,
+            "config": dict(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "seed": self.seed,
+            "epoch": int(self.epoch),
+            "version": __version__,
+            "var_names": list(self.var_names),
+            "input_genes": list(self.input_genes),
+            "history": {k: [float(v) for v in vals] for k, vals in self.history.items()},
+            "train_params": dict(self.train_params),
+        }
+        with atomic_output(path) as tmp:
+            torch.save(ckpt, tmp)
+        return path
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike[str], adata: Any, *, device: str = "auto") -> SpotVAE:
+        """Load a model saved by :meth:`save` and attach ``adata`` (same ``var_names`` required).
+
+        Raises:
+            InputError: no checkpoint, not a SpotVAE checkpoint, or ``adata.var_names`` differ.
+        """
+        path = Path(dir_path)
+        path = path / CHECKPOINT_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise InputError(path, "no SpotVAE checkpoint found")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt or foreign file -> one-line user error
+            raise InputError(path, f"cannot read the checkpoint ({exc})") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+            raise InputError(path, f"expected a {_FORMAT} checkpoint")
+        _check_var_names(list(ckpt["var_names"]), adata, f"{path}: adata.var_names")
+        cfg = ckpt["config"]
+        model = cls(
+            adata,
+            n_latent=cfg["n_latent"],
+            n_hidden=cfg["n_hidden"],
+            n_layers=cfg["n_layers"],
+            dropout=cfg["dropout"],
+            likelihood=cfg["likelihood"],
+            layer=cfg["layer"],
+            n_top_genes=cfg["n_top_genes"],
+            genes=list(ckpt["input_genes"]),
+            target_sum=cfg["target_sum"],
+            seed=ckpt["seed"],
+            device=device,
+        )
+        model.module.load_state_dict(ckpt["state_dict"])
+        model.module.eval()
+        model.epoch = int(ckpt["epoch"])
+        model.history = {k: list(v) for k, v in ckpt.get("history", {}).items()}
+        model.train_params = dict(ckpt.get("train_params", {}))
+        model.is_trained = True
+        return model
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"SpotVAE(n_input={c['n_input']}, n_latent={c['n_latent']}, "
+            f"likelihood={c['likelihood']!r}, trained={self.is_trained})"
+        )
