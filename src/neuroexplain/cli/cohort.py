@@ -45,7 +45,7 @@ def make_cohort_cmd(
     sigma: float = typer.Option(
         4.0,
         "--sigma",
-        help="Smoothness (mm) of the disease deformation: Gaussian sigma of the smoothed region indicators.",
+        help="Smoothness (mm) of the disease deformation (sigma of the smoothed indicators).",
     ),
     nuisance_sigma: float = typer.Option(
         12.0, "--nuisance-sigma", help="Smoothness (mm) of the nuisance deformation."
@@ -53,7 +53,8 @@ def make_cohort_cmd(
     label_interpolation: str = typer.Option(
         "linear",
         "--label-interpolation",
-        help="Hard label sampling: linear (one-hot argmax) or nearest; planted regions keep their partial volume either way.",
+        help="Hard label sampling: linear (one-hot argmax) or nearest; planted regions "
+        "keep their partial volume either way.",
     ),
 ) -> None:
     """Write a BIDS cohort: deformed T1w, carried labels, exact Jacobian ground truth."""
