@@ -70,7 +70,7 @@ def test_dry_run_default_config_reads_the_mirror(
 ) -> None:
     out = _ok(
         _snakemake(
-            repo_root, tmp_path, "-n", configfile="config/config.yaml", mirror=ixi_root.parent
+            repo_root, tmp_path, "-n", "-p", configfile="config/config.yaml", mirror=ixi_root.parent
         )
     )
     for rule in ("make_cohort", "ingest_mri", "ingest_st"):
@@ -83,7 +83,12 @@ def test_dry_run_default_config_reads_the_mirror(
 def test_dry_run_without_mirror_downloads(repo_root: Path, tmp_path: Path) -> None:
     out = _ok(
         _snakemake(
-            repo_root, tmp_path, "-n", configfile="config/config.yaml", mirror=tmp_path / "none"
+            repo_root,
+            tmp_path,
+            "-n",
+            "-p",
+            configfile="config/config.yaml",
+            mirror=tmp_path / "none",
         )
     )
     assert "rule fetch_ixi:" in out

@@ -30,6 +30,12 @@ MRI_INGEST = {
     "meta": "results/ingest/mri/ingest.json",
 }
 ST_H5AD = f"results/ingest/st/{config['st']['name']}.h5ad"
+ST_CONCEPTS = {
+    "adata": f"results/st_concepts/{config['st']['name']}.h5ad",
+    "figures": f"results/st_concepts/{config['st']['name']}_figures",
+    "model": f"results/st_concepts/{config['st']['name']}_model",
+    "metrics": f"results/st_concepts/{config['st']['name']}_metrics.json",
+}
 
 
 ##### config checks the schema cannot express #####
@@ -210,4 +216,30 @@ def ingest_st_args(wildcards, input):
         ("--label-key", st["label_key"]),
         ("--x-col", st["x_col"]),
         ("--y-col", st["y_col"]),
+    )
+
+
+def st_concepts_args(wildcards):
+    stc = config["st_concepts"]
+    return _args(
+        ("--label-key", config["st"]["label_key"]),
+        ("--seed", config["seed"]),
+        ("--n-latent", stc["n_latent"]),
+        ("--n-top-genes", stc["n_top_genes"]),
+        ("--likelihood", stc["likelihood"]),
+        ("--method", stc["method"]),
+        ("--saliency", stc["saliency"]),
+        ("--epochs", stc["epochs"]),
+        ("--genemode-seeds", ",".join(stc["genemode_seeds"]) or None),
+        ("--genemode-epochs", stc["genemode_epochs"]),
+    )
+
+
+def st_evaluate_args(wildcards):
+    stc = config["st_concepts"]
+    return _args(
+        ("--label-key", config["st"]["label_key"]),
+        ("--seed", config["seed"]),
+        ("--n-top", stc["n_top"]),
+        ("--markers", stc["markers"] or None),
     )
