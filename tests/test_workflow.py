@@ -142,6 +142,15 @@ def test_end_to_end_tiny_config(repo_root: Path, tmp_path: Path, ixi_root: Path,
     adata = anndata.read_h5ad(workdir / "results/ingest/st/mob.h5ad")
     assert adata.n_obs == 262
 
+    # concept saliency: one concept per labelled MOB layer, scores per spot, saliency per gene
+    concepts = anndata.read_h5ad(workdir / "results/st_concepts/mob.h5ad")
+    names = list(concepts.uns["concept_saliency"]["concepts"])
+    assert {"GCL", "MCL", "EPL", "GL", "ONL"} <= set(names)
+    assert concepts.obsm["concept_saliency_scores"].shape == (262, len(names))
+    assert concepts.varm["concept_saliency_saliency"].shape[1] == len(names)
+    metrics = json.loads((workdir / "results/st_concepts/mob_metrics.json").read_text())
+    assert metrics
+
     # logs and benchmarks where the path convention puts them
     assert (workdir / "logs/ingest/mri.log").is_file()
     assert (workdir / "results/benchmarks/ingest/mri.tsv").is_file()
