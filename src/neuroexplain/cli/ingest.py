@@ -63,6 +63,14 @@ def ingest_mri_cmd(
         "--fg-threshold",
         help="Head mask threshold as a fraction of the robust max (99th percentile) intensity.",
     ),
+    align: str = typer.Option(
+        "none",
+        "--align",
+        help="none, or labels: affine-align every subject to a reference (label centroids).",
+    ),
+    align_reference: str | None = typer.Option(
+        None, "--align-reference", help="Reference subject of --align labels (default: first)."
+    ),
 ) -> None:
     """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
     from neuroexplain.mri.ingest import ingest_mri
@@ -81,6 +89,8 @@ def ingest_mri_cmd(
         workers=workers,
         norm=norm,
         fg_threshold=fg_threshold,
+        align=align,
+        align_reference=align_reference,
     )
 
 

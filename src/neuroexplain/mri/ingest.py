@@ -143,6 +143,29 @@ def _cohort(
     return read_sample_sheet(sheet, label_column=label_column, subjects=subs, limit=limit)
 
 
+def _reference(
+    recs: Sequence[Any], reference: str | None, kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Reference grid and label centroids for ``align="labels"`` (first subject by default)."""
+    from neuroexplain.io.nifti import load_labels, load_volume
+    from neuroexplain.mri.preprocess import label_centroids, preprocess_subject
+
+    if recs[0].dseg is None:
+        raise InputError("--align", "alignment by labels needs dseg label maps (--derivatives)")
+    ids = [r.subject for r in recs]
+    if reference is not None and reference not in ids:
+        raise InputError("--align-reference", f"subject {reference!r} is not among the subjects")
+    rec = recs[ids.index(reference)] if reference is not None else recs[0]
+    ref = preprocess_subject(rec.t1, rec.dseg, **kwargs)  # its own RAS grid centred on its head
+    img, _ = load_volume(rec.t1)
+    _, dseg = load_labels(rec.dseg, img, like_path=rec.t1)
+    logger.info("aligning every subject to the grid of %s (label centroids)", rec.subject)
+    return rec.subject, {
+        "reference_centroids": label_centroids(dseg, img.affine),
+        "reference_affine": ref.model_affine,
+    }
+
+
 def ingest_mri(
     out: str | os.PathLike[str],
     bids: str | os.PathLike[str] | None = None,
@@ -158,6 +181,8 @@ def ingest_mri(
     *,
     norm: str = "percentile",
     fg_threshold: float = 0.1,
+    align: str = "none",
+    align_reference: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Preprocess T1w images (and dseg maps) to the model grid and cache them in ``out/``.
@@ -176,6 +201,12 @@ def ingest_mri(
         workers: parallel worker processes (results do not depend on it).
         norm: intensity normalisation (``percentile``, ``zscore`` or ``none``).
         fg_threshold: head-mask threshold as a fraction of the robust maximum intensity.
+        align: ``"none"`` (each subject on its own RAS grid centred on its head) or
+            ``"labels"``: every subject affinely aligned (label-centroid least squares, needs a
+            dseg) to one reference subject's grid, as a template registration would, so that
+            anatomy sits at the same model voxels across subjects. ``model_affines`` still map
+            each subject's model grid to its own native space exactly.
+        align_reference: participant id of the reference (default: the first subject).
         progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -203,6 +234,8 @@ def ingest_mri(
         raise InputError("--fg-threshold", f"expected a fraction in (0, 1), got {fg_threshold}")
     if workers < 1:
         raise InputError("--workers", f"expected >= 1, got {workers}")
+    if align not in ("none", "labels"):
+        raise InputError("--align", f"expected none or labels, got {align!r}")
     spacing = model_spacing(shape, fov_mm)
 
     bids_p = Path(bids).resolve() if bids is not None else None
@@ -220,7 +253,12 @@ def ingest_mri(
         workers,
     )
 
-    kwargs = dict(shape=shape, fov_mm=float(fov_mm), norm=norm, fg_threshold=float(fg_threshold))
+    kwargs: dict[str, Any] = dict(
+        shape=shape, fov_mm=float(fov_mm), norm=norm, fg_threshold=float(fg_threshold)
+    )
+    reference_id = None
+    if align == "labels":
+        reference_id, kwargs["reference"] = _reference(recs, align_reference, kwargs)
     tasks = [(str(r.t1), str(r.dseg) if r.dseg else None, kwargs) for r in recs]
     results = _run(tasks, workers, progress)
 
@@ -273,6 +311,8 @@ def ingest_mri(
         "workers": int(workers),
         "norm": norm,
         "fg_threshold": float(fg_threshold),
+        "align": align,
+        "align_reference": reference_id,
     }
     inputs = [*cohort.inputs, *(r.t1 for r in recs), *(r.dseg for r in recs if r.dseg)]
     prov = provenance(options, inputs=inputs, command="ingest-mri")

@@ -43,9 +43,12 @@ __all__ = [
     "NORM_METHODS",
     "Grid",
     "Preprocessed",
+    "fit_affine",
     "head_mask",
+    "label_centroids",
     "model_spacing",
     "normalize_intensity",
+    "preprocess_aligned",
     "preprocess_arrays",
     "preprocess_subject",
     "resample_to_grid",
@@ -189,6 +192,108 @@ def _window(lo: int, hi: int, size: int, keep: str) -> int:
     return hi + 1 - size if keep == "high" else lo
 
 
+def label_centroids(dseg: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
+    """World (mm) centroid of every label > 0 of a label map: ``{label: (3,)}``."""
+    from scipy import ndimage
+
+    labels = np.unique(dseg)
+    labels = labels[labels > 0]
+    if labels.size == 0:
+        return {}
+    vox = np.asarray(ndimage.center_of_mass(np.ones(dseg.shape), dseg, labels), dtype=np.float64)
+    world = vox @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return {int(k): w for k, w in zip(labels.tolist(), world, strict=True)}
+
+
+def fit_affine(
+    moving: dict[int, np.ndarray], fixed: dict[int, np.ndarray], *, min_points: int = 12
+) -> np.ndarray:
+    """Least-squares 12-parameter affine mapping ``moving`` points onto ``fixed`` ones.
+
+    Args:
+        moving: ``{label: (3,)}`` world points of the subject.
+        fixed: ``{label: (3,)}`` world points of the reference.
+        min_points: fewest common labels accepted.
+
+    Returns:
+        ``(4, 4)`` affine ``A`` with ``fixed ≈ A @ moving`` (subject world -> reference world).
+
+    Raises:
+        ValueError: fewer than ``min_points`` common labels, or a degenerate (flat) point set.
+    """
+    common = sorted(set(moving) & set(fixed))
+    if len(common) < min_points:
+        raise ValueError(
+            f"expected >= {min_points} labels shared with the reference, got {len(common)}"
+        )
+    p = np.array([moving[k] for k in common])
+    q = np.array([fixed[k] for k in common])
+    ph = np.c_[p, np.ones(len(p))]
+    m, _, rank, _ = np.linalg.lstsq(ph, q, rcond=None)
+    if rank < 4:
+        raise ValueError("the label centroids are degenerate (coplanar); cannot fit an affine")
+    a = np.eye(4)
+    a[:3, :] = m.T
+    return a
+
+
+def preprocess_aligned(
+    t1: np.ndarray,
+    affine: np.ndarray,
+    dseg: np.ndarray,
+    *,
+    reference_centroids: dict[int, np.ndarray],
+    reference_affine: np.ndarray,
+    shape: tuple[int, int, int] = (64, 64, 64),
+    norm: str = "percentile",
+    fg_threshold: float = 0.1,
+) -> Preprocessed:
+    """Resample a subject onto a fixed reference grid after a label-centroid affine alignment.
+
+    The affine ``A`` (subject world -> reference world) is fitted by least squares between the
+    world centroids of the labels the subject shares with the reference (DL-MUSE has ~140), the
+    way a template registration removes position, orientation and head size. The model grid is
+    the reference's grid (``reference_affine``: model voxel -> reference world); the subject's
+    ``model_affine`` (model voxel -> *subject* world) is ``inv(A) @ reference_affine``, so
+    :func:`to_native` maps every model-grid map back to the subject's native grid exactly.
+
+    Args:
+        t1, affine, dseg: native T1w ``(X, Y, Z)``, its voxel -> world affine, its labels.
+        reference_centroids: ``{label: (3,)}`` world centroids of the reference subject.
+        reference_affine: ``(4, 4)`` model voxel -> reference world affine.
+        shape, norm, fg_threshold: as :func:`preprocess_arrays`.
+
+    Returns:
+        A :class:`Preprocessed` on the reference grid.
+    """
+    native_affine = np.asarray(affine, dtype=np.float64)
+    a = fit_affine(label_centroids(dseg, native_affine), reference_centroids)
+    model_affine = np.linalg.inv(a) @ np.asarray(reference_affine, dtype=np.float64)
+    shape = tuple(int(v) for v in shape)
+    t1m = resample_to_grid(np.asarray(t1, np.float32), native_affine, model_affine, shape)
+    dm = resample_to_grid(
+        np.asarray(dseg).astype(np.int16), native_affine, model_affine, shape, mode="nearest"
+    )
+    mask = head_mask(t1m, fg_threshold)
+    if not mask.any():
+        mask = np.ones_like(mask)
+    brain_total = int((np.asarray(dseg) > 0).sum())
+    kept_mm3 = float((dm > 0).sum()) * abs(np.linalg.det(model_affine[:3, :3]))
+    total_mm3 = brain_total * abs(np.linalg.det(native_affine[:3, :3]))
+    idx = np.argwhere(mask)
+    spacing = np.sqrt((model_affine[:3, :3] ** 2).sum(0))
+    return Preprocessed(
+        image=np.ascontiguousarray(normalize_intensity(t1m, mask, norm), dtype=np.float32),
+        dseg=dm.astype(np.int16),
+        model_affine=model_affine,
+        native_affine=native_affine,
+        native_shape=tuple(int(v) for v in np.shape(t1)[:3]),
+        fg_extent_mm=(idx.max(0) - idx.min(0) + 1).astype(np.float64) * spacing,
+        crop_mm=np.zeros((3, 2)),
+        brain_kept=min(kept_mm3 / total_mm3, 1.0) if total_mm3 else 1.0,
+    )
+
+
 def preprocess_arrays(
     t1: np.ndarray,
     affine: np.ndarray,
@@ -304,6 +409,9 @@ def preprocess_subject(
 ) -> Preprocessed:
     """Load (with checks) and preprocess one subject; see :func:`preprocess_arrays` for ``kwargs``.
 
+    With ``reference={"reference_centroids": ..., "reference_affine": ...}`` in ``kwargs`` the
+    subject is aligned to the reference grid instead (:func:`preprocess_aligned`).
+
     Raises:
         InputError: unreadable / truncated / non-3D / NaN T1w; dseg not integer or on another grid;
             labels that do not fit int16.
@@ -317,6 +425,15 @@ def preprocess_subject(
         _, dseg = load_labels(dseg_path, img, like_path=t1_path)
         if dseg.max() > np.iinfo(np.int16).max:
             raise InputError(dseg_path, f"expected labels <= 32767 (int16), got {dseg.max()}")
+    reference = kwargs.pop("reference", None)
+    if reference is not None:
+        if dseg is None:
+            raise InputError(t1_path, "alignment to a reference needs a dseg label map")
+        kwargs.pop("fov_mm", None)
+        try:
+            return preprocess_aligned(t1, img.affine, dseg, **reference, **kwargs)
+        except ValueError as exc:
+            raise InputError(dseg_path, f"cannot align to the reference: {exc}") from exc
     return preprocess_arrays(t1, img.affine, dseg, **kwargs)
 
 
