@@ -30,6 +30,27 @@ MRI_INGEST = {
     "meta": "results/ingest/mri/ingest.json",
 }
 ST_H5AD = f"results/ingest/st/{config['st']['name']}.h5ad"
+CLASSIFIER = {
+    "model": "results/classifier/model.pt",
+    "metrics": "results/classifier/metrics.json",
+    "logits": "results/classifier/logits.tsv",
+    "split": "results/classifier/split.tsv",
+}
+SALIENCY_DIR = "results/saliency"
+EVALUATION = {
+    "json": "results/evaluation/maps.json",
+    "md": "results/evaluation/maps.md",
+    "subjects": "results/evaluation/maps_subjects.tsv",
+}
+# method -> folder of its per-subject maps; each map-writing stage registers its methods here
+# (evaluate_maps scores every registered method against the cohort's ground truth)
+EVAL_MAPS = {}
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["saliency"]["activate"]
+):
+    EVAL_MAPS.update({method: SALIENCY_DIR for method in config["saliency"]["methods"]})
 ST_CONCEPTS = {
     "adata": f"results/st_concepts/{config['st']['name']}.h5ad",
     "figures": f"results/st_concepts/{config['st']['name']}_figures",
@@ -198,6 +219,7 @@ def ingest_mri_args(wildcards, input):
         ("--fov-mm", mri["fov_mm"]),
         ("--norm", mri["norm"]),
         ("--fg-threshold", mri["fg_threshold"]),
+        ("--align", mri["align"] if mri["derivatives"] or mri["sheet"] else "none"),
         ("--limit", mri["limit"]),
     )
 
@@ -242,4 +264,57 @@ def st_evaluate_args(wildcards):
         ("--seed", config["seed"]),
         ("--n-top", stc["n_top"]),
         ("--markers", stc["markers"] or None),
+    )
+
+
+def train_classifier_args(wildcards):
+    clf = config["classifier"]
+    return (
+        _args(
+            ("--arch", clf["arch"]),
+            ("--epochs", clf["epochs"]),
+            ("--batch-size", clf["batch_size"]),
+            ("--lr", clf["lr"]),
+            ("--patience", clf["patience"]),
+            ("--val-fraction", clf["val_fraction"]),
+            ("--test-fraction", clf["test_fraction"]),
+            ("--seed", config["seed"]),
+        )
+        + (" --augment" if clf["augment"] else " --no-augment")
+        + (" --flip" if clf["flip"] else " --no-flip")
+    )
+
+
+def saliency_args(wildcards):
+    sal = config["saliency"]
+    return _args(
+        ("--methods", ",".join(sal["methods"])),
+        ("--layer", sal["layer"] or None),
+        ("--subjects", sal["subjects"]),
+        ("--seed", config["seed"]),
+    )
+
+
+def evaluate_maps_input(wildcards):
+    """The cohort (ground truth), the split, and every registered map folder."""
+    return {
+        "cohort": COHORT_DIR,
+        "split": CLASSIFIER["split"],
+        "maps": sorted(set(EVAL_MAPS.values())),
+    }
+
+
+def evaluation_stem(wildcards, output):
+    """`--out` stem of evaluate-maps: its JSON output without the suffix."""
+    return str(Path(output.json).with_suffix(""))
+
+
+def evaluate_maps_args(wildcards):
+    return _args(
+        *[("--maps", f"{method}={folder}") for method, folder in EVAL_MAPS.items()],
+        ("--split-name", config["saliency"]["subjects"]),
+        ("--topk", ",".join(str(k) for k in config["evaluation"]["topk"])),
+        ("--label-column", config["mri"]["label_column"]),
+        ("--positive-class", config["mri"]["positive_class"]),
+        ("--derivatives", config["mri"]["derivatives"]),
     )

@@ -1,0 +1,105 @@
+# The 3D MRI classifier every MRI explanation method explains, its baseline attribution maps
+# (gradient, gradient x input, SmoothGrad, Integrated Gradients, Grad-CAM, occlusion) in each
+# subject's native space, and the ground-truth evaluation of all maps of the synthetic cohort.
+
+
+if config["mri"]["activate"] and config["classifier"]["activate"]:
+
+    rule train_classifier:
+        input:
+            MRI_INGEST["preproc"],
+        output:
+            model=CLASSIFIER["model"],
+            metrics=report(
+                CLASSIFIER["metrics"],
+                caption="../report/classifier.rst",
+                category="MRI classifier",
+            ),
+            logits=CLASSIFIER["logits"],
+            split=CLASSIFIER["split"],
+        log:
+            "logs/classifier/train_classifier.log",
+        benchmark:
+            "results/benchmarks/classifier/train_classifier.tsv"
+        conda:
+            "../envs/neuroexplain.yaml"
+        threads: 2
+        resources:
+            mem_mb=6000,
+            runtime=120,
+            gpu=1,
+        params:
+            out=out_dir,
+            args=train_classifier_args,
+        shell:
+            "neuroexplain train-classifier --preproc {input:q} --out {params.out:q}"
+            " --threads {threads} {params.args} > {log} 2>&1"
+
+    ALL_TARGETS.extend([CLASSIFIER["model"], CLASSIFIER["metrics"]])
+
+
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["saliency"]["activate"]
+):
+
+    rule saliency:
+        input:
+            preproc=MRI_INGEST["preproc"],
+            model=CLASSIFIER["model"],
+            split=CLASSIFIER["split"],
+        output:
+            directory(SALIENCY_DIR),
+        log:
+            "logs/saliency/saliency.log",
+        benchmark:
+            "results/benchmarks/saliency/saliency.tsv"
+        conda:
+            "../envs/neuroexplain.yaml"
+        threads: 2
+        resources:
+            mem_mb=6000,
+            runtime=120,
+            gpu=1,
+        params:
+            args=saliency_args,
+        shell:
+            "neuroexplain saliency --preproc {input.preproc:q} --checkpoint {input.model:q}"
+            " --split {input.split:q} --out {output:q} --threads {threads} {params.args}"
+            " > {log} 2>&1"
+
+    ALL_TARGETS.append(SALIENCY_DIR)
+
+
+if config["mri"]["activate"] and config["cohort"]["activate"] and EVAL_MAPS:
+
+    rule evaluate_maps:
+        input:
+            unpack(evaluate_maps_input),
+        output:
+            json=EVALUATION["json"],
+            md=report(
+                EVALUATION["md"],
+                caption="../report/evaluation.rst",
+                category="Evaluation against ground truth",
+            ),
+            subjects=EVALUATION["subjects"],
+        log:
+            "logs/evaluation/evaluate_maps.log",
+        benchmark:
+            "results/benchmarks/evaluation/evaluate_maps.tsv"
+        conda:
+            "../envs/neuroexplain.yaml"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            stem=evaluation_stem,
+            args=evaluate_maps_args,
+        shell:
+            "neuroexplain evaluate-maps --cohort {input.cohort:q} --subjects {input.split:q}"
+            " --out {params.stem:q} {params.args} > {log} 2>&1"
+
+    ALL_TARGETS.extend([EVALUATION["json"], EVALUATION["md"]])
