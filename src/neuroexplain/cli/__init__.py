@@ -32,6 +32,9 @@ _COMMAND_MODULES = (
     "neuroexplain.cli.data",
     "neuroexplain.cli.ingest",
     "neuroexplain.cli.cohort",
+    "neuroexplain.cli.classifier",
+    "neuroexplain.cli.concepts3d",
+    "neuroexplain.cli.simulator",
     "neuroexplain.cli.st",
 )
 
@@ -47,7 +50,9 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(
-        False, "--debug", help="Show full tracebacks instead of one-line errors.",
+        False,
+        "--debug",
+        help="Show full tracebacks instead of one-line errors.",
         envvar="NEUROEXPLAIN_DEBUG",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
@@ -66,10 +71,14 @@ def setup_logging(level: int = logging.INFO) -> None:
     from rich.logging import RichHandler
 
     console = Console(stderr=True)
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False,
-                          show_time=console.is_terminal, markup=False)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler],
-                        force=True)
+    handler = RichHandler(
+        console=console,
+        show_path=False,
+        rich_tracebacks=False,
+        show_time=console.is_terminal,
+        markup=False,
+    )
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler], force=True)
 
 
 def _register() -> None:

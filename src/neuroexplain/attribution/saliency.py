@@ -1,0 +1,227 @@
+"""``neuroexplain saliency``: baseline maps for chosen subjects, written in native space.
+
+For each selected subject, every requested baseline method (:mod:`.baselines`) explains the
+classifier's positive-class logit on the model grid; the maps are mapped to the subject's native
+T1w grid and written as ``<out>/sub-X/sub-X_desc-<method>_saliency.nii.gz`` + JSON sidecar
+(:func:`.export.write_subject_maps`). ``<out>/saliency.json`` lists the maps, the parameters,
+the checkpoint hash, timings and provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from neuroexplain.errors import InputError
+
+__all__ = ["run_saliency", "select_subjects"]
+
+logger = logging.getLogger(__name__)
+
+
+def select_subjects(
+    spec: str | Sequence[str],
+    subjects: Sequence[str],
+    *,
+    split: str | os.PathLike[str] | None = None,
+) -> list[int]:
+    """Indices of the subjects chosen by ``spec``.
+
+    Args:
+        spec: ``"test"`` / ``"val"`` / ``"train"`` (rows of ``split``), ``"all"``, or ids
+            (comma-separated string or a sequence; ``sub-`` prefix optional).
+        subjects: the ``preproc.pt`` subject ids.
+        split: the classifier's ``split.tsv`` (needed for a split name).
+
+    Raises:
+        InputError: unknown subjects, a split name without a split file, or an empty selection.
+    """
+    from neuroexplain.train.classifier import SPLITS, read_split
+
+    subs = [str(s) for s in subjects]
+    if isinstance(spec, str) and spec in SPLITS:
+        if split is None:
+            raise InputError(
+                "--subjects", f"selecting the {spec!r} split needs a split.tsv (--split)"
+            )
+        df = read_split(split)
+        wanted = set(df.loc[df["split"] == spec, "subject"])
+        idx = [i for i, s in enumerate(subs) if s in wanted]
+        if not idx:
+            raise InputError(
+                split, f"no subjects of the {spec!r} split are in the preprocessed data"
+            )
+        return idx
+    if isinstance(spec, str) and spec == "all":
+        return list(range(len(subs)))
+    ids = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    norm = {s if s.startswith("sub-") else f"sub-{s}": i for i, s in enumerate(subs)}
+    norm.update({s: i for i, s in enumerate(subs)})
+    missing = [s for s in ids if s not in norm and f"sub-{s}" not in norm]
+    if missing:
+        raise InputError("--subjects", f"subjects not in the preprocessed data: {missing[:5]}")
+    if not ids:
+        raise InputError("--subjects", "expected 'test', 'all' or subject ids, got nothing")
+    return [norm[s] if s in norm else norm[f"sub-{s}"] for s in ids]
+
+
+def run_saliency(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    methods: Sequence[str] = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion"),
+    subjects: str | Sequence[str] = "test",
+    split: str | os.PathLike[str] | None = None,
+    layer: str | None = None,
+    target: int = 0,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str = "auto",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Compute and write baseline attribution maps in native space.
+
+    Args:
+        preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
+        checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
+        out: output folder (``results/saliency``).
+        methods: names from :data:`neuroexplain.attribution.METHODS`.
+        subjects: ``"test"`` (default; uses ``split`` or ``split.tsv`` next to the checkpoint),
+            ``"all"`` or subject ids.
+        split: the ``split.tsv`` for split names (default: next to the checkpoint).
+        layer: Grad-CAM layer (default: the architecture's, e.g. ``features.3``).
+        target: logit index to explain.
+        params: per-method parameter overrides (``{"ig": {"n_steps": 32}}``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: progress bar (``None``: only on a terminal).
+
+    Returns:
+        The ``saliency.json`` content (maps written per subject and method, timings, provenance).
+    """
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.baselines import METHODS, BaselineExplainer
+    from neuroexplain.attribution.export import write_subject_maps
+    from neuroexplain.io.atomic import write_json
+    from neuroexplain.models import default_target_layer, load_classifier
+    from neuroexplain.provenance import provenance, sha256_file
+    from neuroexplain.train.classifier import load_preproc_dict
+    from neuroexplain.utils import resolve_device
+
+    methods = list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise InputError(
+            "--methods", f"expected methods from {list(METHODS)}, got {bad or methods}"
+        )
+    params = {m: dict((params or {}).get(m, {})) for m in methods}
+    data = load_preproc_dict(preproc)
+    images = data["images"]
+    dev = resolve_device(device)
+    model, ckpt = load_classifier(checkpoint, input_shape=list(images.shape[1:]), map_location=dev)
+    if "gradcam" in methods:
+        layer = layer or params["gradcam"].pop("layer", None) or default_target_layer(ckpt["arch"])
+        names = set(ckpt.get("layer_names", []))
+        if names and layer not in names:
+            top = sorted(n for n in names if n.count(".") <= 1)[:20]
+            raise InputError(
+                "--layer", f"no layer {layer!r} in the {ckpt['arch']} model; try {top}"
+            )
+    split_path = split if split is not None else Path(checkpoint).parent / "split.tsv"
+    split_arg = split_path if Path(split_path).is_file() else None
+    idx = select_subjects(subjects, data["subjects"], split=split_arg)
+
+    explainers = {
+        m: BaselineExplainer(model, m, layer=layer if m == "gradcam" else None, **params[m])
+        for m in methods
+    }
+    ck_sha = sha256_file(checkpoint)
+    run_params = {
+        "methods": methods,
+        "subjects": subjects if isinstance(subjects, str) else list(subjects),
+        "layer": layer,
+        "target": int(target),
+        "method_params": {m: explainers[m].params for m in methods},
+        "checkpoint": str(checkpoint),
+        "preproc": str(preproc),
+    }
+    prov = provenance(
+        run_params,
+        seed=int(params.get("smoothgrad", {}).get("seed", 0)),
+        inputs=[checkpoint, preproc],
+        command="saliency",
+    )
+    common = {
+        "Target": f"logit {target} ({ckpt.get('positive_class') or 'positive class'})",
+        "Checkpoint": str(checkpoint),
+        "CheckpointSHA256": ck_sha,
+        "Architecture": ckpt["arch"],
+        "provenance": prov,
+    }
+    out = Path(out)
+    timings = dict.fromkeys(methods, 0.0)
+    written: dict[str, dict[str, str]] = {}
+    disable = None if progress is None else not progress
+    for i in tqdm(idx, desc="saliency", unit="subject", disable=disable):
+        x = images[i : i + 1].to(dev)
+        maps = {}
+        for m in methods:
+            t0 = time.perf_counter()
+            maps[m] = explainers[m].attribute(x, target=target)[0].sum(0).cpu().numpy()
+            timings[m] += time.perf_counter() - t0
+        paths = write_subject_maps(
+            maps,
+            data,
+            i,
+            out,
+            stage="saliency",
+            sidecar=common,
+            method_sidecars={
+                m: {"Parameters": explainers[m].params, "Reference": _REFERENCES[m]}
+                for m in methods
+            },
+            descriptions={
+                m: f"neuroexplain saliency: {_LONG[m]} of logit {target}" for m in methods
+            },
+        )
+        written[str(data["subjects"][i])] = {m: str(p) for m, p in paths.items()}
+        logger.debug("subject %s done", data["subjects"][i])
+    n = max(len(idx), 1)
+    summary = {
+        "maps": written,
+        "seconds_per_subject": {m: round(t / n, 3) for m, t in timings.items()},
+        "checkpoint_sha256": ck_sha,
+        "provenance": prov,
+    }
+    write_json(summary, out / "saliency.json")
+    logger.info(
+        "wrote %d maps for %d subjects to %s (s/subject: %s)",
+        len(methods) * len(idx),
+        len(idx),
+        out,
+        ", ".join(f"{m} {t / n:.1f}" for m, t in timings.items()),
+    )
+    return summary
+
+
+_LONG = {
+    "gradient": "vanilla gradient",
+    "gradxinput": "gradient x input",
+    "smoothgrad": "SmoothGrad",
+    "ig": "integrated gradients",
+    "gradcam": "Grad-CAM",
+    "occlusion": "occlusion sensitivity",
+}
+
+_REFERENCES = {
+    "gradient": "Simonyan et al. 2014, arXiv:1312.6034 (Captum Saliency)",
+    "gradxinput": "Shrikumar et al. 2016, arXiv:1605.01713 (Captum InputXGradient)",
+    "smoothgrad": "Smilkov et al. 2017, arXiv:1706.03825 (Captum NoiseTunnel)",
+    "ig": "Sundararajan et al. 2017, arXiv:1703.01365 (Captum IntegratedGradients)",
+    "gradcam": "Selvaraju et al. 2017, arXiv:1610.02391 (MONAI GradCAM)",
+    "occlusion": "Zeiler & Fergus 2014, arXiv:1311.2901 (MONAI OcclusionSensitivity)",
+}

@@ -1,0 +1,801 @@
+"""End-to-end TCAV and SACV runs on an ingested cohort and a trained classifier.
+
+These functions are what ``neuroexplain tcav`` and ``neuroexplain sacv`` call. Inputs: the
+``preproc.pt`` of ``neuroexplain ingest-mri``, a classifier checkpoint (``model.pt``) with its
+``split.tsv``, and a concept configuration (:mod:`neuroexplain.concepts3d.concepts`).
+Concept and random examples come from the non-test subjects (configurable); the class inputs
+whose gradients are tested, and the subjects whose maps are written, from the test split.
+
+Outputs (``out`` = e.g. ``results/concepts3d``):
+
+- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV score (mean, sd, per run),
+  random-vs-random scores, two-sided t-test p-value, CAV held-out accuracy; ``tcav.png``;
+- ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
+  the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
+  ``sacv.png``;
+- ``cavs.pt``: the concept vectors, tied to the checkpoint's sha256 (see
+  :class:`~neuroexplain.concepts3d.store.CAVStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuroexplain.errors import InputError
+
+__all__ = [
+    "Context",
+    "class_indices",
+    "load_context",
+    "run_sacv",
+    "run_tcav",
+    "subject_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Context:
+    """Everything a concept run needs, loaded once.
+
+    Attributes:
+        preproc: the ``preproc.pt`` dict.
+        preproc_path: its path.
+        model: the classifier in eval mode on ``device``.
+        checkpoint: the checkpoint dict.
+        checkpoint_path: ``model.pt`` path.
+        checkpoint_sha256: sha256 of ``model.pt``.
+        split: ``split.tsv`` DataFrame or ``None``.
+        split_path: its path or ``None``.
+        device: torch device.
+    """
+
+    preproc: dict[str, Any]
+    preproc_path: Path
+    model: torch.nn.Module
+    checkpoint: dict[str, Any]
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    split: Any
+    split_path: Path | None
+    device: torch.device
+
+    @property
+    def arch(self) -> str:
+        return str(self.checkpoint.get("arch", "small"))
+
+    def table(self, participants: str | os.PathLike[str] | None = None) -> Any:
+        """:func:`~neuroexplain.concepts3d.concepts.subject_table` of this cohort."""
+        from neuroexplain.concepts3d.concepts import subject_table
+
+        return subject_table(self.preproc, split=self.split, participants=participants)
+
+
+def load_context(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    *,
+    split: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+) -> Context:
+    """Load ``preproc.pt``, the classifier and its split (default: ``split.tsv`` next to it).
+
+    Raises:
+        InputError: unreadable inputs, a checkpoint trained on another input shape, or a split
+            that does not list the cohort's subjects.
+    """
+    from neuroexplain.models.classifier import load_classifier
+    from neuroexplain.mri.ingest import load_preproc
+    from neuroexplain.provenance import sha256_file
+    from neuroexplain.train.classifier import read_split
+    from neuroexplain.utils import resolve_device
+
+    pre = load_preproc(preproc)
+    pre_path = Path(preproc)
+    pre_path = pre_path / "preproc.pt" if pre_path.is_dir() else pre_path
+    dev = resolve_device(device)
+    ckpt_path = Path(checkpoint)
+    model, ckpt = load_classifier(
+        ckpt_path, input_shape=list(pre["images"].shape[1:]), map_location=dev
+    )
+    split_path = Path(split) if split is not None else ckpt_path.parent / "split.tsv"
+    split_df = None
+    if split is not None or split_path.is_file():
+        split_df = read_split(split_path, [str(s) for s in pre["subjects"]])
+    else:
+        split_path = None
+        logger.warning("no split.tsv given or next to %s: every subject counts as 'all'", ckpt_path)
+    return Context(
+        pre, pre_path, model, ckpt, ckpt_path, sha256_file(ckpt_path), split_df, split_path, dev
+    )
+
+
+def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
+    """Preproc indices of the subjects selected by ``spec``.
+
+    Args:
+        table: :func:`~neuroexplain.concepts3d.concepts.subject_table`.
+        spec: ``"all"`` / ``None``; split names (``"test"``, ``"val,test"``); or subject ids
+            (comma-separated string or a sequence).
+
+    Raises:
+        InputError: unknown subjects or an empty selection.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return np.arange(len(table))
+    items = (
+        [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    )
+    items = [s for s in items if s]
+    if items and all(s in SPLIT_NAMES for s in items):
+        if (table["split"] == "all").all():
+            raise InputError("--subjects", f"split {items} requested but no split.tsv is known")
+        idx = np.flatnonzero(table["split"].isin(items).to_numpy())
+    else:
+        ids = [s if s.startswith("sub-") else f"sub-{s}" for s in items]
+        known = dict(zip(table["subject"], table["index"], strict=True))
+        unknown = [s for s in ids if s not in known]
+        if unknown:
+            raise InputError(
+                "--subjects", f"{len(unknown)} subjects not in preproc.pt, e.g. {unknown[:3]}"
+            )
+        idx = np.asarray([known[s] for s in ids], dtype=int)
+    if len(idx) == 0:
+        raise InputError("--subjects", f"no subjects selected by {spec!r}")
+    return idx
+
+
+def class_indices(table: Any, split: str | Sequence[str] | None, target_class: int) -> np.ndarray:
+    """Indices of the subjects of class ``target_class`` (``y``) in ``split``."""
+    idx = subject_indices(table, split)
+    y = table["y"].to_numpy()[idx]
+    out = idx[y == float(target_class)]
+    if len(out) == 0:
+        raise InputError("--class-split", f"no subjects of class y={target_class} in {split!r}")
+    return out
+
+
+def _class_sign(target_class: int) -> float:
+    if target_class not in (0, 1):
+        raise InputError("--target-class", f"expected 0 or 1, got {target_class}")
+    return 1.0 if target_class == 1 else -1.0
+
+
+def _provenance(params: dict[str, Any], seed: int, inputs: Sequence[Any], command: str) -> dict:
+    from neuroexplain.provenance import provenance
+
+    return provenance(params, seed=seed, inputs=[str(p) for p in inputs if p], command=command)
+
+
+# ----------------------------------------------------------------------------------- TCAV
+
+
+def run_tcav(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    concepts: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layers: str | Sequence[str] | None = None,
+    split: str | os.PathLike[str] | None = None,
+    participants: str | os.PathLike[str] | None = None,
+    class_split: str = "test",
+    target_class: int = 1,
+    target: int = 0,
+    n_random: int | None = None,
+    random_size: int | None = None,
+    alpha: float = 0.01,
+    seed: int = 0,
+    classifier: str = "logistic",
+    C: float = 1.0,
+    test_fraction: float = 0.33,
+    batch_size: int = 8,
+    device: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    plot: bool = True,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """TCAV of every configured concept at every layer, with random-vs-random t-tests.
+
+    Args:
+        preproc: ``preproc.pt`` (or its folder).
+        checkpoint: classifier ``model.pt``.
+        concepts: concept configuration (YAML / JSON).
+        out: output folder.
+        layers: dotted layer names (default: the architecture's concept layer).
+        split: ``split.tsv`` (default: next to the checkpoint).
+        participants: table of selector columns (default: the config's ``participants``).
+        class_split: split(s) whose subjects of ``target_class`` are the class inputs.
+        target_class: 1 (positive class, e.g. disease) or 0.
+        target: logit index of the network.
+        n_random: random sets per concept (default: the config's ``n_random``).
+        random_size: examples per random set (default: config, else min(concept, pool // 2)).
+        alpha: significance level of the t-test.
+        seed: seed of the random sets and CAV classifiers.
+        classifier: ``"logistic"`` or ``"sgd"``.
+        C: inverse regularisation strength of the CAV classifier.
+        test_fraction: held-out fraction for the CAV accuracy.
+        batch_size: volumes per pass.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        cache: CAV cache file (default ``out/cavs.pt``).
+        plot: write ``tcav.png``.
+        progress: progress bars (``None``: on a terminal).
+
+    Returns:
+        The ``tcav.json`` content.
+    """
+    from neuroexplain.concepts3d.concepts import (
+        build_concept,
+        concept_pool,
+        load_concept_config,
+        random_concepts,
+        spec_dict,
+    )
+    from neuroexplain.concepts3d.store import CAVStore
+    from neuroexplain.concepts3d.tcav import TCAV, _seed_of, summarize_experiment
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.models.classifier import default_target_layer
+    from neuroexplain.utils import seed_everything
+
+    seed_everything(seed)
+    out_dir = Path(out)
+    ctx = load_context(preproc, checkpoint, split=split, device=device)
+    cfg = load_concept_config(concepts)
+    table = ctx.table(participants or cfg.participants)
+    sign = _class_sign(target_class)
+    layer_list = (
+        [s.strip() for s in layers.split(",") if s.strip()]
+        if isinstance(layers, str)
+        else list(layers or [default_target_layer(ctx.arch)])
+    )
+    n_sets = int(n_random or cfg.n_random)
+    if n_sets < 2:
+        raise InputError("--n-random", f"expected >= 2 random sets, got {n_sets}")
+    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+    try:
+        tcav = TCAV(
+            ctx.model,
+            layer_list,
+            batch_size=batch_size,
+            device=ctx.device,
+            seed=seed,
+            classifier=classifier,
+            C=C,
+            test_fraction=test_fraction,
+            store=store,
+            progress=progress,
+        )
+    except ValueError as exc:
+        raise InputError("--layers", str(exc)) from exc
+
+    cls_idx = class_indices(table, class_split, target_class)
+    inputs = ctx.preproc["images"][cls_idx].float()
+    sets: list[list[Any]] = []
+    plans: dict[str, dict[str, Any]] = {}
+    for spec in cfg.concepts:
+        conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
+        concept = build_concept(ctx.preproc, conc_idx, spec)
+        pool = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool")
+        size = int(random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 2)))
+        if size >= len(pool):
+            logger.warning(
+                "concept %s: random pool of %d examples gives identical random sets "
+                "of %d; the t-test is then meaningless",
+                spec.name,
+                len(pool),
+                size,
+            )
+        randoms = random_concepts(
+            pool, n_sets + 1, size, seed=_seed_of(seed, spec.name), prefix=f"{spec.name}:random"
+        )
+        sets += [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
+        plans[spec.name] = {
+            "spec": spec_dict(spec),
+            "examples": [table["subject"][i] for i in conc_idx],
+            "pool": [table["subject"][i] for i in pool_idx],
+            "random_size": size,
+            "randoms": [r.name for r in randoms],
+        }
+        logger.info(
+            "concept %s: %d examples, random pool %d, %d random sets of %d",
+            spec.name,
+            len(concept),
+            len(pool),
+            n_sets + 1,
+            size,
+        )
+    scores = tcav.interpret(inputs, sets, target=target, sign=sign)
+    rows = []
+    for name, plan in plans.items():
+        for layer in layer_list:
+            row = summarize_experiment(scores, name, plan["randoms"], layer, alpha=alpha)
+            row.update(
+                n_examples=len(plan["examples"]),
+                n_pool=len(plan["pool"]),
+                random_size=plan["random_size"],
+                n_random_sets=n_sets,
+            )
+            rows.append(row)
+    params = {
+        "preproc": str(ctx.preproc_path),
+        "checkpoint": str(ctx.checkpoint_path),
+        "concepts": str(concepts),
+        "layers": layer_list,
+        "split": str(ctx.split_path),
+        "class_split": class_split,
+        "target_class": target_class,
+        "target": target,
+        "n_random": n_sets,
+        "alpha": alpha,
+        "classifier": classifier,
+        "C": C,
+        "test_fraction": test_fraction,
+    }
+    prov = _provenance(params, seed, [concepts, ctx.split_path], "tcav")
+    result = {
+        "method": "TCAV (Kim et al. 2018, arXiv:1711.11279)",
+        "checkpoint_sha256": ctx.checkpoint_sha256,
+        "class": {
+            "target_class": target_class,
+            "logit_sign": sign,
+            "positive_class": ctx.preproc.get("positive_class"),
+            "subjects": [table["subject"][i] for i in cls_idx],
+        },
+        "results": rows,
+        "concepts": plans,
+        "cache": store.path.name if store.path is not None else None,
+        "provenance": prov,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(result, out_dir / "tcav.json")
+    # run statistics: returned and logged, not written (same inputs -> identical files)
+    result["cache_stats"] = _cache_stats(store)
+    import pandas as pd
+
+    flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
+    write_table(flat, out_dir / "tcav.tsv")
+    store.save(provenance=prov)
+    if plot:
+        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha)
+    for r in rows:
+        logger.info(
+            "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  p=%.3g  acc %.2f",
+            r["concept"],
+            r["layer"],
+            r["tcav_score"],
+            _z(r["tcav_score_sd"]),
+            r["random_score"],
+            _z(r["random_score_sd"]),
+            r["p_value"],
+            r["cav_accuracy"],
+        )
+    return result
+
+
+def _cache_stats(store: Any) -> dict[str, Any]:
+    stats = {
+        "path": str(store.path),
+        "entries": len(store),
+        "hits": store.hits,
+        "invalidated": store.invalidated,
+    }
+    logger.info(
+        "concept cache %s: %d entries, %d served from the cache%s",
+        stats["path"],
+        stats["entries"],
+        stats["hits"],
+        " (a stale cache of another checkpoint was discarded)" if store.invalidated else "",
+    )
+    return stats
+
+
+def _z(v: float) -> float:
+    return 0.0 if v is None or not np.isfinite(v) else float(v)
+
+
+def plot_tcav(
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, alpha: float = 0.01
+) -> Path:
+    """Bar plot of TCAV scores (concept x layer) against random-vs-random scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuroexplain.io.atomic import atomic_output
+
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n + 2), 3.6))
+    x = np.arange(n)
+    ax.bar(
+        x - 0.18,
+        [r["tcav_score"] for r in rows],
+        0.36,
+        yerr=[_z(r["tcav_score_sd"]) for r in rows],
+        label="concept",
+        color="tab:blue",
+    )
+    ax.bar(
+        x + 0.18,
+        [r["random_score"] for r in rows],
+        0.36,
+        yerr=[_z(r["random_score_sd"]) for r in rows],
+        label="random",
+        color="0.7",
+    )
+    for i, r in enumerate(rows):
+        if r["significant"]:
+            ax.text(
+                i - 0.18,
+                min(1.02, r["tcav_score"] + _z(r["tcav_score_sd"]) + 0.03),
+                "*",
+                ha="center",
+            )
+    ax.set_xticks(x, [f"{r['concept']}\n{r['layer']}" for r in rows], fontsize=7)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("TCAV score")
+    ax.set_title(f"TCAV (* p < {alpha:g}, two-sided t-test vs random)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------- SACV
+
+
+def run_sacv(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    concepts: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    concept: str | None = None,
+    layer: str | None = None,
+    split: str | os.PathLike[str] | None = None,
+    participants: str | os.PathLike[str] | None = None,
+    subjects: str | Sequence[str] | None = "test",
+    target_class: int = 1,
+    target: int = 0,
+    transform: str = "none",
+    negatives: str = "brain",
+    relevance: str = "positive",
+    min_overlap: float = 0.2,
+    max_samples: int = 50000,
+    seed: int = 0,
+    classifier: str = "logistic",
+    C: float = 1.0,
+    test_fraction: float = 0.33,
+    batch_size: int = 4,
+    device: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    desc_label: str = "",
+    cohort: str | os.PathLike[str] | None = None,
+    regions: Sequence[int] | None = None,
+    derivatives: str = "dlmuse",
+    plot: bool = True,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train a SACV for one concept at one layer and write per-subject maps and scores.
+
+    Args:
+        preproc: ``preproc.pt`` (or its folder).
+        checkpoint: classifier ``model.pt``.
+        concepts: concept configuration.
+        out: output folder (maps under ``out/sub-X/``).
+        concept: concept name (default: the first in the configuration).
+        layer: spatial layer (default: the architecture's concept layer).
+        split: ``split.tsv`` (default: next to the checkpoint).
+        participants: selector table (default: the config's).
+        subjects: whose maps to write: split names, ids or ``"all"``.
+        target_class: the class whose logit the contribution maps explain (1 or 0).
+        target: logit index.
+        transform: how concept / random examples are made for training (``"none"``: whole
+            images, positions restricted to the region; ``"mask"`` / ``"box"``: as TCAV).
+        negatives: positions of the random examples the SACV is contrasted with: ``"brain"``
+            (every position inside ``dseg > 0``: where is the concept, as random images in
+            Wang et al.), ``"region"`` (the concept's region in random subjects: what sets the
+            concept apart from the same region) or ``"all"``.
+        relevance: relevance map: ``"positive"`` (distance from the SACV decision boundary
+            along ``v``, negative part dropped), ``"signed"`` or ``"raw"`` (``<v, a(p)>``).
+        min_overlap: region fraction of a layer cell for its position to count as in the region.
+        max_samples: most training positions.
+        seed: seed.
+        classifier: ``"logistic"`` or ``"sgd"``.
+        C: inverse regularisation strength.
+        test_fraction: held-out fraction of volumes for the accuracy.
+        batch_size: volumes per pass.
+        device: device.
+        cache: CAV cache file (default ``out/cavs.pt``).
+        desc_label: appended to the ``desc`` entity (``desc-sacvrelevance<label>``) so several
+            concepts / layers can share ``out``.
+        cohort: synthetic cohort (ground truth) to score the maps with the evaluation harness.
+        regions: planted-region labels for the harness (default: the cohort's planted masks).
+        derivatives: dseg derivatives folder of the cohort.
+        plot: write ``sacv.png``.
+        progress: progress bars.
+
+    Returns:
+        The ``sacv.json`` content.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.export import write_subject_maps
+    from neuroexplain.concepts3d.concepts import (
+        TRANSFORMS,
+        build_concept,
+        concept_pool,
+        load_concept_config,
+        spec_dict,
+        with_positions,
+    )
+    from neuroexplain.concepts3d.sacv import SACV, train_sacv
+    from neuroexplain.concepts3d.store import CAVStore
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.models.classifier import default_target_layer
+    from neuroexplain.utils import seed_everything
+
+    if transform not in TRANSFORMS:
+        raise InputError("--transform", f"expected one of {TRANSFORMS}, got {transform!r}")
+    if desc_label and not desc_label.isalnum():
+        raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
+    seed_everything(seed)
+    out_dir = Path(out)
+    ctx = load_context(preproc, checkpoint, split=split, device=device)
+    cfg = load_concept_config(concepts)
+    spec = cfg.get(concept) if concept else cfg.concepts[0]
+    table = ctx.table(participants or cfg.participants)
+    sign = _class_sign(target_class)
+    layer = layer or default_target_layer(ctx.arch)
+    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+
+    conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
+    c = build_concept(ctx.preproc, conc_idx, spec, transform=transform)
+    r = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool", transform=transform)
+    r = with_positions(r, ctx.preproc, pool_idx, negatives)
+    try:
+        cav = train_sacv(
+            ctx.model,
+            layer,
+            c,
+            r,
+            min_overlap=min_overlap,
+            max_samples=max_samples,
+            seed=seed,
+            test_fraction=test_fraction,
+            classifier=classifier,
+            C=C,
+            batch_size=batch_size,
+            device=ctx.device,
+            store=store,
+            progress=progress,
+        )
+    except ValueError as exc:
+        raise InputError("--layer", str(exc)) from exc
+    try:
+        explainer = SACV(
+            ctx.model, layer, cav, relevance=relevance, batch_size=batch_size, device=ctx.device
+        )
+    except ValueError as exc:
+        raise InputError("--relevance", str(exc)) from exc
+
+    idx = subject_indices(table, subjects)
+    m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
+    params = {
+        "preproc": str(ctx.preproc_path),
+        "checkpoint": str(ctx.checkpoint_path),
+        "concepts": str(concepts),
+        "concept": spec.name,
+        "layer": layer,
+        "split": str(ctx.split_path),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
+        "target_class": target_class,
+        "target": target,
+        "transform": transform,
+        "negatives": negatives,
+        "relevance": relevance,
+        "min_overlap": min_overlap,
+        "max_samples": max_samples,
+        "classifier": classifier,
+        "C": C,
+        "test_fraction": test_fraction,
+    }
+    prov = _provenance(params, seed, [concepts, ctx.split_path], "sacv")
+    side = {
+        "Method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
+        "Concept": spec.name,
+        "Layer": layer,
+        "CheckpointSha256": ctx.checkpoint_sha256,
+        "SACVAccuracy": cav.accuracy,
+        "Provenance": prov,
+    }
+    method_side = {
+        m_rel: {
+            "Definition": {
+                "raw": "R(p) = <v, a(p)>",
+                "signed": "R(p) = <v, a(p)> + b/|w| (distance from the SACV decision boundary)",
+                "positive": "R(p) = max(0, <v, a(p)> + b/|w|)",
+            }[relevance]
+            + " at the layer, trilinear to the model grid",
+            "RelevanceMode": relevance,
+        },
+        m_con: {
+            "Definition": "S(p) = <v, d(sign*logit)/d a(p)> at the layer, trilinear to "
+            "the model grid",
+            "LogitSign": sign,
+        },
+    }
+    descs = {
+        m_rel: f"neuroexplain SACV relevance {spec.name} @ {layer}",
+        m_con: f"neuroexplain SACV contribution {spec.name} @ {layer}",
+    }
+    rows = []
+    examples: list[dict[str, Any]] = []
+    for i in tqdm(
+        idx.tolist(),
+        desc="sacv maps",
+        unit="subject",
+        disable=None if progress is None else not progress,
+    ):
+        x = ctx.preproc["images"][i : i + 1].float()
+        res = explainer.explain(x, target, sign=sign)
+        maps = {m_rel: res["relevance"][0, 0], m_con: res["contribution"][0, 0]}
+        write_subject_maps(
+            maps,
+            ctx.preproc,
+            i,
+            out_dir,
+            stage="concepts3d",
+            suffix="map",
+            sidecar=side,
+            method_sidecars=method_side,
+            descriptions=descs,
+        )
+        rows.append(
+            {
+                "subject": table["subject"][i],
+                "split": table["split"][i],
+                "y": table["y"][i],
+                "logit": float(res["logit"][0]) * sign,
+                "spatial_contribution": float(res["spatial_contribution"][0]),
+                "concept_presence": float(res["concept_presence"][0]),
+                "directional_derivative": float(res["directional_derivative"][0]),
+            }
+        )
+        if plot and len(examples) < 4 and table["y"][i] == target_class:
+            examples.append(
+                {
+                    "subject": table["subject"][i],
+                    "y": table["y"][i],
+                    "image": x[0, 0].numpy(),
+                    "relevance": maps[m_rel].numpy(),
+                    "contribution": maps[m_con].numpy(),
+                }
+            )
+    df = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    by_class = {
+        str(int(k)): {
+            c_: float(v)
+            for c_, v in g[["spatial_contribution", "concept_presence", "directional_derivative"]]
+            .mean()
+            .items()
+        }
+        for k, g in df.groupby("y")
+    }
+    result: dict[str, Any] = {
+        "method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
+        "checkpoint_sha256": ctx.checkpoint_sha256,
+        "concept": spec.name,
+        "spec": spec_dict(spec),
+        "layer": layer,
+        "sacv_accuracy": cav.accuracy,
+        "n_train_positions": cav.n_train,
+        "n_test_positions": cav.n_test,
+        "examples": len(c),
+        "pool": len(r),
+        "maps": {"relevance": m_rel, "contribution": m_con},
+        "mean_scores_by_class": by_class,
+        "n_subjects": len(df),
+        "cache": store.path.name if store.path is not None else None,
+        "provenance": prov,
+    }
+    if cohort is not None:
+        result["evaluation"] = _harness(
+            cohort,
+            {m_rel: out_dir, m_con: out_dir},
+            list(df["subject"]),
+            out_dir / f"evaluation_sacv{desc_label}",
+            regions=regions,
+            derivatives=derivatives,
+            prov=prov,
+        )
+    write_json(result, out_dir / f"sacv{desc_label}.json")
+    store.save(provenance=prov)
+    result["cache_stats"] = _cache_stats(store)
+    if plot and examples:
+        plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=f"SACV {spec.name} @ {layer}")
+    return result
+
+
+def _harness(
+    cohort: Any,
+    maps: dict[str, Any],
+    subjects: list[str],
+    stem: Path,
+    *,
+    regions: Sequence[int] | None,
+    derivatives: str,
+    prov: dict,
+) -> dict[str, Any]:
+    """Score maps with :mod:`neuroexplain.evaluate.harness`; returns method -> metric means."""
+    from neuroexplain.evaluate.harness import evaluate_maps, summarize, write_evaluation
+
+    df = evaluate_maps(
+        cohort, maps, subjects, regions=regions, derivatives=derivatives, progress=False
+    )
+    write_evaluation(df, stem, provenance=prov)
+    table = summarize(df)
+    out: dict[str, Any] = {}
+    for m in table.index:
+        out[m] = {
+            met: float(table.loc[m, (met, "mean")])
+            for met in sorted({c[0] for c in table.columns if c[0] != "n_subjects"})
+        }
+    return out
+
+
+def plot_maps(
+    examples: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    keys: Sequence[str] = ("relevance", "contribution"),
+) -> Path:
+    """Axial slices through the maximum of ``|first map|`` for a few subjects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuroexplain.io.atomic import atomic_output
+
+    n = len(examples)
+    cols = 1 + len(keys)
+    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n), squeeze=False)
+    for row, ex in enumerate(examples):
+        first = np.abs(ex[keys[0]]) * (ex["image"] > 0)
+        z = int(np.unravel_index(np.argmax(first), first.shape)[2])
+        axes[row, 0].imshow(ex["image"][:, :, z].T, cmap="gray", origin="lower")
+        axes[row, 0].set_ylabel(f"{ex['subject']}\ny={ex['y']:g}", fontsize=7)
+        for k, key in enumerate(keys, start=1):
+            m = ex[key][:, :, z].T
+            lim = float(np.abs(ex[key]).max()) or 1.0
+            axes[row, k].imshow(ex["image"][:, :, z].T, cmap="gray", origin="lower")
+            axes[row, k].imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6, origin="lower")
+            if row == 0:
+                axes[row, k].set_title(key, fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,345 @@
+"""3D CNN classifiers of brain MRI, built from MONAI blocks and addressable by dotted layer names.
+
+The default network (``"small"``) is the small classifier of the simulator-network experiments:
+four blocks of ``conv 3x3x3 -> BatchNorm -> ReLU -> max-pool 2``, with 16 / 32 / 64 / 16
+channels, then a dense head ``flatten (1024 for a 64³ input) -> 64 -> ReLU -> n logits``.
+Larger MONAI networks are available by name (``"densenet121"``, ``"resnet18"``).
+
+Layer names are stable and short so explainers (Grad-CAM, SACV, XNN) can address them:
+``features.0`` ... ``features.3`` (each block; ``features.k.conv``, ``features.k.adn``,
+``features.k.pool`` inside), ``classifier.0`` (first dense layer), ``classifier.1`` (ReLU),
+``classifier.2`` (dropout), ``classifier.3`` (logit layer).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.networks.blocks import ADN
+from monai.networks.layers import Conv, Pool
+from torch import nn
+
+__all__ = [
+    "ARCHITECTURES",
+    "SmallCNN3D",
+    "build_model",
+    "default_target_layer",
+    "get_layer",
+    "layer_names",
+    "load_classifier",
+    "save_classifier",
+]
+
+
+class SmallCNN3D(nn.Module):
+    """Small 3D CNN: 4 x (conv 3³ -> BatchNorm -> ReLU -> max-pool 2) then a dense head.
+
+    Args:
+        spatial_size: input volume shape ``(X, Y, Z)``; sets the flatten size of the head
+            (``channels[-1] * prod(s // 2**n_blocks)``, 1024 for 64³ with the default channels).
+        in_channels: image channels ``C``.
+        out_channels: number of logits (1 for a binary task).
+        channels: output channels of the convolution blocks.
+        hidden: widths of the hidden dense layers.
+        dropout: dropout probability before the logit layer.
+        norm: MONAI norm name or ``(name, kwargs)`` for the ADN block.
+        act: MONAI activation name or ``(name, kwargs)`` for the ADN block.
+
+    Shapes:
+        ``forward(x)``: ``(B, C, X, Y, Z) -> (B, out_channels)`` logits.
+
+    Example:
+        >>> net = SmallCNN3D(spatial_size=(32, 32, 32))
+        >>> net(torch.zeros(2, 1, 32, 32, 32)).shape
+        torch.Size([2, 1])
+
+    Reference:
+        The small classifier of the simulator-network experiments (4 conv blocks, 16/32/64/16
+        channels, dense 1024 -> 64 -> 1 for a 64³ input).
+    """
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int] = (64, 64, 64),
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (16, 32, 64, 16),
+        hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__()
+        spatial = tuple(int(s) for s in spatial_size)
+        if len(spatial) != 3:
+            raise ValueError(f"expected a 3D spatial_size, got {spatial_size}")
+        n_blocks = len(channels)
+        out_spatial = list(spatial)
+        for _ in range(n_blocks):
+            out_spatial = [s // 2 for s in out_spatial]
+        if min(out_spatial) < 1:
+            raise ValueError(
+                f"input shape {spatial} is too small for {n_blocks} pooling blocks "
+                f"(needs at least {2**n_blocks} voxels per axis)"
+            )
+        self.spatial_size = spatial
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+
+        conv_type: Callable = Conv[Conv.CONV, 3]
+        pool_type: Callable = Pool[Pool.MAX, 3]
+        blocks: list[nn.Module] = []
+        c_in = in_channels
+        for c_out in channels:
+            blocks.append(
+                nn.Sequential(
+                    OrderedDict(
+                        conv=conv_type(c_in, c_out, kernel_size=3, padding=1),
+                        adn=ADN(ordering="NA", in_channels=c_out, norm=norm, act=act, norm_dim=3),
+                        pool=pool_type(kernel_size=2, stride=2),
+                    )
+                )
+            )
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.flatten_size = int(channels[-1] * out_spatial[0] * out_spatial[1] * out_spatial[2])
+
+        head: list[nn.Module] = []
+        width = self.flatten_size
+        for h in hidden:
+            head += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        head += [nn.Dropout(dropout), nn.Linear(width, out_channels)]
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` images -> ``(B, out_channels)`` logits."""
+        if tuple(x.shape[2:]) != self.spatial_size:
+            raise ValueError(
+                f"expected input of spatial shape {self.spatial_size}, got {tuple(x.shape[2:])}"
+            )
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _small(
+    spatial_size: Sequence[int], in_channels: int, out_channels: int, **kw: Any
+) -> nn.Module:
+    return SmallCNN3D(spatial_size, in_channels=in_channels, out_channels=out_channels, **kw)
+
+
+def _densenet121(
+    spatial_size: Sequence[int], in_channels: int, out_channels: int, **kw: Any
+) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kw)
+
+
+def _resnet18(
+    spatial_size: Sequence[int], in_channels: int, out_channels: int, **kw: Any
+) -> nn.Module:
+    from monai.networks.nets import resnet18
+
+    return resnet18(spatial_dims=3, n_input_channels=in_channels, num_classes=out_channels, **kw)
+
+
+#: name -> (builder, default Grad-CAM / concept layer)
+ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "small": (_small, "features.3"),
+    "densenet121": (_densenet121, "features.denseblock4"),
+    "resnet18": (_resnet18, "layer4"),
+}
+
+
+def build_model(
+    arch: str = "small",
+    *,
+    spatial_size: Sequence[int] = (64, 64, 64),
+    in_channels: int = 1,
+    out_channels: int = 1,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a 3D classifier by name.
+
+    Args:
+        arch: ``"small"`` (:class:`SmallCNN3D`), ``"densenet121"`` (MONAI ``DenseNet121``) or
+            ``"resnet18"`` (MONAI ``resnet18``), all with ``spatial_dims=3``.
+        spatial_size: input shape ``(X, Y, Z)`` (sets the head size of ``"small"``).
+        in_channels: image channels.
+        out_channels: logits (1 = binary, positive-class logit).
+        **kwargs: passed to the network constructor (e.g. ``channels``, ``dropout``).
+
+    Returns:
+        The network, mapping ``(B, in_channels, X, Y, Z)`` to ``(B, out_channels)`` logits.
+
+    Raises:
+        ValueError: an unknown ``arch``.
+
+    Example:
+        >>> build_model("small", spatial_size=(32, 32, 32)).flatten_size
+        128
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    builder, _ = ARCHITECTURES[arch]
+    return builder(tuple(spatial_size), int(in_channels), int(out_channels), **kwargs)
+
+
+def default_target_layer(arch: str) -> str:
+    """The default layer for Grad-CAM / concept methods of an architecture (e.g. ``features.3``)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch][1]
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """All dotted submodule names of ``model`` (as ``model.named_modules()``, root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (e.g. ``"features.3"``).
+
+    Raises:
+        KeyError: no such layer; the message lists a few valid names.
+    """
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        names = layer_names(model)
+        top = [n for n in names if n.count(".") <= 1][:20]
+        raise KeyError(f"no layer named {name!r}; layers include {top}")
+    return modules[name]
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "neuroexplain-classifier/1"
+
+
+def _plain(obj: Any) -> Any:
+    """Convert to types ``torch.load(weights_only=True)`` accepts (no NumPy scalars, tuples ok)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, torch.Tensor):  # NumPy scalar
+        return obj.item()
+    if isinstance(obj, bool | int | float):
+        return type(obj)(obj) if type(obj) in (bool, int, float) else float(obj)
+    if isinstance(obj, str):
+        return str(obj)  # also plain-ifies str subclasses such as torch.__version__
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    return str(obj)
+
+
+def save_classifier(
+    path: Any,
+    model: nn.Module,
+    *,
+    arch: str,
+    model_kwargs: dict[str, Any],
+    input_shape: Sequence[int],
+    config: dict[str, Any],
+    epoch: int,
+    seed: int,
+    best_metric: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """Write a classifier checkpoint (atomically) that :func:`load_classifier` can rebuild.
+
+    The checkpoint is a plain dict loadable with ``torch.load(path, weights_only=True)``:
+    ``format``, ``arch``, ``model_kwargs``, ``state_dict`` (CPU tensors), ``epoch``,
+    ``version`` (package), ``input_shape`` ``[C, X, Y, Z]``, ``seed``, ``best_metric``
+    (``{"name", "value"}``), ``layer_names``, ``config`` and anything in ``extra``
+    (class names, provenance).
+
+    Returns:
+        The path written.
+    """
+    import neuroexplain
+    from neuroexplain.io.atomic import atomic_output
+
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "model_kwargs": _plain(model_kwargs),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "epoch": int(epoch),
+        "version": neuroexplain.__version__,
+        "input_shape": [int(s) for s in input_shape],
+        "seed": int(seed),
+        "best_metric": _plain(best_metric),
+        "layer_names": layer_names(model),
+        "config": _plain(config),
+        **_plain(extra or {}),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_classifier(
+    path: Any,
+    *,
+    input_shape: Sequence[int] | None = None,
+    arch: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a classifier from a checkpoint written by :func:`save_classifier`.
+
+    Args:
+        path: the ``model.pt`` file.
+        input_shape: the ``[C, X, Y, Z]`` of the data it will see; checked against the checkpoint.
+        arch: the expected architecture, if the caller requires one.
+        map_location: device for the weights.
+
+    Returns:
+        ``(model, checkpoint)``: the network in eval mode and the checkpoint dict.
+
+    Raises:
+        InputError: unreadable file, not a neuroexplain classifier checkpoint, a different
+            architecture or input shape than expected, or weights that do not fit the network.
+    """
+    import pickle
+    import zipfile
+    from pathlib import Path
+
+    from neuroexplain.errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "checkpoint file not found")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise InputError(p, f"not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    if arch is not None and ckpt["arch"] != arch:
+        raise InputError(p, f"expected a {arch!r} classifier, got a {ckpt['arch']!r} checkpoint")
+    shape = [int(s) for s in ckpt["input_shape"]]
+    if input_shape is not None and [int(s) for s in input_shape] != shape:
+        raise InputError(
+            p,
+            f"checkpoint was trained on inputs of shape {shape} (C, X, Y, Z), "
+            f"got data of shape {[int(s) for s in input_shape]}",
+        )
+    try:
+        model = build_model(
+            ckpt["arch"],
+            spatial_size=shape[1:],
+            in_channels=shape[0],
+            out_channels=int(ckpt.get("out_channels", 1)),
+            **ckpt.get("model_kwargs", {}),
+        )
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise InputError(p, f"weights do not fit the {ckpt['arch']!r} network ({msg})") from exc
+    model.to(map_location).eval()
+    return model, ckpt

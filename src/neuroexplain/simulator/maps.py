@@ -1,0 +1,714 @@
+"""Simulator outputs: simulated images, displacement fields, Jacobian disease maps, region tables.
+
+Sign convention (the same as the synthetic cohort's ground truth, :mod:`neuroexplain.synth`):
+a **disease map** is ``log J`` with ``J`` the volume of tissue in the *diseased* image relative to
+the *healthy* one, expressed on the diseased image's grid: ``log J > 0`` where disease expands
+tissue (enlarged ventricles), ``< 0`` where it shrinks it (atrophy).
+
+The maths. The simulator returns a displacement ``u`` (voxel units) and warps by pull-back
+(MONAI ``Warp``): ``S(x) = I(phi(x))`` with ``phi(x) = x + u(x)``. The tissue shown at ``x`` in
+``S`` comes from ``phi(x)`` in ``I``; a small volume ``dV`` around ``x`` in ``S`` holds the tissue
+of ``det(D phi)(x) dV`` in ``I``. So, with ``J_u(x) = det(I + Du(x))``, **tissue in S relative to
+I at x (on S's grid) is 1 / J_u(x)**, i.e. ``log`` expansion ``-log J_u(x)``.
+
+* **inject** (``o = -1``; the input is healthy ``H = I``, the simulation diseased ``D = S``): the
+  disease map on the diseased grid is ``m(x) = -log J_u(x)``. (This is exactly how the cohort's
+  ground truth is defined: ``J_gt = 1 / det(I + Dw)`` for the pull-back ``w`` of its diseased
+  image.)
+* **remove** (``o = +1``; the input is diseased ``D = I``, the simulation healthy ``H = S``): the
+  diseased image is the input, so the map belongs on the *input* grid. ``H = D o phi`` means
+  ``D = H o phi^-1`` with ``phi^-1(y) = y + v(y)``, and the same rule with the pull-back ``v`` of
+  ``D`` gives ``m(y) = -log J_v(y) = +log J_u(phi^-1(y))`` -- the expansion of the input relative
+  to the simulated healthy image, at the input's own voxels. ``v`` is computed by the fixed point
+  ``v = -u o (id + v)`` (:func:`invert_displacement`).
+
+To first order (small ``u``) the remove map is ``+log J_u`` and the inject map ``-log J_u``; the
+inversion only moves the map by the (sub-voxel to voxel) displacement, which matters for small
+structures. Tests check both against analytic fields and against the volumes of warped masks.
+
+For evaluation against the cohort's ground truth (diseased subjects, their own space), use the
+**remove** direction on diseased subjects: the map is then on exactly the grid of the ground
+truth. For a healthy subject the inject map shows where the classifier would see disease.
+
+Reference: Liu, Adeli, Pohl, Zhao. Going Beyond Saliency Maps: Training Deep Models to Interpret
+Deep Models. IPMI 2021 (the Jacobian determinant of the simulated deformation as the
+explanation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuroexplain.errors import InputError
+
+__all__ = [
+    "DIRECTIONS",
+    "ddf_to_world",
+    "disease_jacobian",
+    "disease_log_jacobian",
+    "group_stats",
+    "invert_displacement",
+    "parse_regions",
+    "region_means",
+    "run_simulate",
+    "simulate",
+    "warp_native",
+]
+
+logger = logging.getLogger(__name__)
+
+#: direction name -> condition ``o``
+DIRECTIONS = {"inject": -1.0, "remove": 1.0}
+
+
+def _direction(direction: str | float) -> str:
+    if isinstance(direction, str):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"expected direction 'inject' or 'remove', got {direction!r}")
+        return direction
+    if float(direction) == -1.0:
+        return "inject"
+    if float(direction) == 1.0:
+        return "remove"
+    raise ValueError(f"expected a condition of -1 (inject) or +1 (remove), got {direction}")
+
+
+def _warp_layer() -> Any:
+    from monai.networks.blocks import Warp
+
+    with warnings.catch_warnings():  # MONAI warns that it uses torch's grid_sample
+        warnings.simplefilter("ignore")
+        return Warp(mode="bilinear", padding_mode="border")
+
+
+@torch.no_grad()
+def invert_displacement(
+    ddf: torch.Tensor, *, iterations: int = 50, tol: float = 1e-3
+) -> tuple[torch.Tensor, float]:
+    """Inverse of the transform ``x -> x + u(x)`` as a displacement ``v`` (``y -> y + v(y)``).
+
+    Fixed-point iteration ``v <- -u(y + v(y))`` (converges when ``|Du| < 1``, i.e. for any
+    smooth, non-folding field of moderate size), sampling ``u`` trilinearly with border padding.
+
+    Args:
+        ddf: ``u`` ``(B, 3, X, Y, Z)`` in voxel units.
+        iterations: maximum number of iterations.
+        tol: stop when the largest residual ``|v + u(y + v)|`` (voxels) is below this.
+
+    Returns:
+        ``(v, residual)``: ``(B, 3, X, Y, Z)`` and the final largest residual in voxels.
+
+    Example:
+        >>> u = torch.zeros(1, 3, 8, 8, 8)
+        >>> v, res = invert_displacement(u)
+        >>> float(v.abs().max()), res
+        (0.0, 0.0)
+    """
+    warp = _warp_layer()
+    u = ddf.float()
+    v = -u
+    res = float("inf")
+    for _ in range(iterations):
+        v_new = -warp(u, v)
+        res = float((v_new - v).abs().max()) if v.numel() else 0.0
+        v = v_new
+        if res < tol:
+            break
+    resid = float((v + warp(u, v)).abs().max()) if v.numel() else 0.0
+    return v, resid
+
+
+def disease_log_jacobian(
+    ddf: torch.Tensor, direction: str | float, *, eps: float = 1e-3, iterations: int = 50
+) -> torch.Tensor:
+    """Disease map ``log J`` (diseased relative to healthy, on the diseased image's grid).
+
+    Args:
+        ddf: the simulator's displacement ``u`` ``(B, 3, X, Y, Z)`` (voxels) for ``direction``.
+        direction: ``"inject"`` / ``-1`` (map on the simulated image's grid: ``-log J_u``) or
+            ``"remove"`` / ``+1`` (map on the input's grid: ``-log J_v`` with ``v`` the inverse
+            displacement, ``= +log J_u`` at the corresponding point). See the module docstring.
+        eps: determinants are clipped at ``eps`` before the log (folding voxels).
+        iterations: fixed-point iterations of the inversion (remove only).
+
+    Returns:
+        ``(B, 1, X, Y, Z)`` float32 map: ``> 0`` tissue expanded by the disease, ``< 0`` shrunk.
+
+    Example:
+        >>> u = torch.zeros(1, 3, 8, 8, 8)
+        >>> float(disease_log_jacobian(u, "remove").abs().max())
+        0.0
+    """
+    from neuroexplain.jacobian import log_jacobian
+
+    name = _direction(direction)
+    field = ddf.detach().float()
+    if name == "remove":
+        field, resid = invert_displacement(field, iterations=iterations)
+        if resid > 0.05:
+            logger.warning("field inversion residual %.3g voxels (large or folding field)", resid)
+    return -log_jacobian(field, eps=eps)
+
+
+def disease_jacobian(
+    ddf: torch.Tensor, direction: str | float, *, eps: float = 1e-3, iterations: int = 50
+) -> torch.Tensor:
+    """``exp`` of :func:`disease_log_jacobian`: volume ratio diseased / healthy ``(B, 1, ...)``."""
+    return torch.exp(disease_log_jacobian(ddf, direction, eps=eps, iterations=iterations))
+
+
+@torch.no_grad()
+def simulate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    condition: str | float | torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool | None = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the simulator over images in batches (no gradients).
+
+    Args:
+        model: a :class:`~neuroexplain.simulator.network.SimulatorNet`.
+        images: ``(N, C, X, Y, Z)``.
+        condition: ``"inject"``, ``"remove"``, ``-1``, ``+1`` or a ``(N,)`` tensor of them.
+        batch_size: images per forward pass.
+        device: where to run.
+        progress: progress bar.
+
+    Returns:
+        ``(simulated (N, C, X, Y, Z), ddf (N, 3, X, Y, Z))`` float32 on CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from neuroexplain.utils import amp_enabled
+
+    dev = torch.device(device)
+    n = images.shape[0]
+    if isinstance(condition, str):
+        condition = DIRECTIONS[_direction(condition)]
+    cond = torch.as_tensor(condition, dtype=torch.float32).reshape(-1)
+    cond = cond.expand(n) if cond.numel() == 1 else cond
+    model = model.to(dev).eval()
+    sims, ddfs = [], []
+    disable = None if progress is None else not progress
+    for i in tqdm(range(0, n, batch_size), desc="simulate", unit="batch", disable=disable):
+        x = images[i : i + batch_size].to(dev, torch.float32)
+        with torch.autocast(dev.type, enabled=amp_enabled(dev)):
+            s, u = model(x, cond[i : i + batch_size].to(dev))
+        sims.append(s.float().cpu())
+        ddfs.append(u.float().cpu())
+    return torch.cat(sims), torch.cat(ddfs)
+
+
+# ----------------------------------------------------------------------------- native space
+
+
+def ddf_to_world(ddf: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel-unit displacement ``(3, X, Y, Z)`` on a grid -> millimetres along world axes.
+
+    A displacement of ``u`` voxels moves a point by ``A[:3, :3] @ u`` mm in world (RAS+)
+    coordinates, for the grid's voxel-to-world affine ``A``.
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return np.einsum("ij,j...->i...", a, np.asarray(ddf, dtype=np.float64)).astype(np.float32)
+
+
+def warp_native(
+    data: np.ndarray, affine: np.ndarray, disp_world: np.ndarray, *, order: int = 1
+) -> np.ndarray:
+    """Pull-back warp of a native image by a world-mm displacement sampled on its grid.
+
+    ``out(p) = data(A^-1 (A p + d(p)))`` for every native voxel ``p`` (``A`` = native affine),
+    trilinear (``order=1``) with edge values outside the image.
+
+    Args:
+        data: ``(X, Y, Z)`` native image.
+        affine: its ``(4, 4)`` voxel-to-world affine.
+        disp_world: ``(3, X, Y, Z)`` displacement in mm along world axes (0 = identity).
+        order: spline order of :func:`scipy.ndimage.map_coordinates`.
+
+    Returns:
+        ``(X, Y, Z)`` float32 warped image.
+    """
+    from scipy import ndimage as ndi
+
+    a = np.asarray(affine, dtype=np.float64)
+    inv = np.linalg.inv(a)[:3, :3]
+    # voxel offsets = A^-1 (linear part) applied to the world displacement
+    dvox = np.einsum("ij,j...->i...", inv, np.asarray(disp_world, dtype=np.float64))
+    grid = np.indices(data.shape, dtype=np.float64)
+    return ndi.map_coordinates(
+        np.asarray(data, dtype=np.float32), grid + dvox, order=order, mode="nearest"
+    ).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ region tables
+
+
+def parse_regions(specs: Sequence[str] | None) -> dict[str, list[int]]:
+    """``["hippocampus=47,48", "lateral_ventricles=51,52"]`` -> ``{name: [labels]}``.
+
+    Raises:
+        InputError: a spec without ``=``, an empty or repeated name, or non-integer labels.
+    """
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, labels = str(spec).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError("--regions", f"expected NAME=LABEL[,LABEL...], got {spec!r}")
+        if name in out:
+            raise InputError("--regions", f"region {name!r} given twice")
+        try:
+            ids = [int(t) for t in labels.replace(" ", "").split(",") if t]
+        except ValueError as exc:
+            raise InputError("--regions", f"expected integer labels in {spec!r}") from exc
+        if not ids:
+            raise InputError("--regions", f"no labels given for region {name!r}")
+        out[name] = ids
+    return out
+
+
+def region_means(
+    values: np.ndarray, labels: np.ndarray, regions: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[float, int]]:
+    """Mean of ``values`` over each region (union of its labels).
+
+    Args:
+        values: ``(X, Y, Z)`` map.
+        labels: ``(X, Y, Z)`` integer label map on the same grid.
+        regions: ``{name: [label, ...]}``.
+
+    Returns:
+        ``{name: (mean, n_voxels)}`` (mean NaN for an empty region).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    lab = np.asarray(labels)
+    if v.shape != lab.shape:
+        raise ValueError(f"map shape {v.shape} differs from label shape {lab.shape}")
+    out = {}
+    for name, ids in regions.items():
+        m = np.isin(lab, np.asarray(list(ids)))
+        n = int(m.sum())
+        out[name] = (float(v[m].mean()) if n else float("nan"), n)
+    return out
+
+
+def group_stats(
+    table: Any, *, value: str = "mean_logjacobian", by: Sequence[str] = ("group", "region")
+) -> Any:
+    """Across-subject statistics per group and region: mean, sd, one-sample t-test against 0.
+
+    Args:
+        table: long DataFrame with one row per subject and region (columns ``by`` + ``value``).
+        value: the column tested.
+        by: grouping columns.
+
+    Returns:
+        DataFrame with ``by`` + ``n, mean, sd, t, p`` (``scipy.stats.ttest_1samp``, two-sided;
+        NaN with fewer than 2 subjects).
+    """
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for keys, g in table.groupby(list(by), sort=False):
+        vals = g[value].to_numpy(dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        n = int(vals.size)
+        if n >= 2 and np.ptp(vals) > 0:
+            t, p = stats.ttest_1samp(vals, 0.0)
+            t, p = float(t), float(p)
+        else:
+            t = p = float("nan")
+        rows.append(
+            {
+                **dict(zip(by, keys if isinstance(keys, tuple) else (keys,), strict=True)),
+                "n": n,
+                "mean": float(vals.mean()) if n else float("nan"),
+                "sd": float(vals.std(ddof=1)) if n >= 2 else float("nan"),
+                "t": t,
+                "p": p,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+CONVENTION = (
+    "log-Jacobian disease map: volume of tissue in the diseased image relative to the healthy "
+    "one, on the diseased image's grid (> 0 expanded, < 0 shrunk). remove: the input is the "
+    "diseased image (map on its grid); inject: the simulated image is (map on the input grid, "
+    "which the simulated image shares)."
+)
+MAP_DIRECTIONS = ("auto", "label", "prediction", "inject", "remove")
+
+
+def _choose_direction(mode: str, y: float, logit: float) -> str:
+    """Which simulation gives a subject's disease map: remove for diseased, inject for healthy."""
+    if mode in ("inject", "remove"):
+        return mode
+    if mode == "label" or (mode == "auto" and np.isfinite(y)):
+        if not np.isfinite(y):
+            raise InputError("--map-direction", "label chosen but the subject has no label")
+        return "remove" if y == 1 else "inject"
+    return "remove" if logit > 0 else "inject"
+
+
+def _region_set(
+    data: Mapping[str, Any],
+    regions: Mapping[str, Sequence[int]],
+    all_labels: bool,
+    labels: np.ndarray | None,
+) -> dict[str, list[int]]:
+    out = {k: list(v) for k, v in regions.items()}
+    if all_labels and labels is not None:
+        names = {int(k): str(v) for k, v in (data.get("dseg_names") or {}).items()}
+        for lab in sorted(int(v) for v in np.unique(labels) if v > 0):
+            name = f"label{lab:03d}_{names[lab]}" if lab in names else f"label{lab:03d}"
+            out.setdefault(name.replace(" ", "_"), [lab])
+    return out
+
+
+def run_simulate(
+    preproc: str | os.PathLike[str],
+    simulator: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    subjects: str | Sequence[str] = "test",
+    split: str | os.PathLike[str] | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+    all_labels: bool = False,
+    map_direction: str = "auto",
+    write_images: bool = True,
+    batch_size: int = 4,
+    device: str = "auto",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Simulate both directions for chosen subjects and write every output in native space.
+
+    Per subject ``X`` in ``out/sub-X/`` (native T1w grid and affine, JSON sidecars):
+
+    * ``sub-X_desc-inject_T1w.nii.gz``, ``sub-X_desc-remove_T1w.nii.gz``: the native T1w
+      warped by each simulated deformation (trilinear);
+    * ``sub-X_desc-inject_displacement.nii.gz``, ``..._desc-remove_...``: 5D displacement
+      fields (``(X, Y, Z, 1, 3)``, "displacement vector" intent) in mm along world RAS+ axes,
+      pull-back: ``simulated(p) = input(p + d(p))``;
+    * ``sub-X_desc-simulator_jacobian.nii.gz`` and ``sub-X_desc-simulator_logjacobian.nii.gz``:
+      the disease map of the subject (direction chosen by ``map_direction``; see the module
+      docstring for the maths and sign);
+    * ``sub-X_desc-simulatorinject_logjacobian.nii.gz``, ``..._desc-simulatorremove_...``: the
+      disease map of each direction.
+
+    In ``out/``: ``subjects.tsv`` (logits before / after, flips, cycle errors, direction,
+    displacement sizes), ``regions.tsv`` (mean log-Jacobian per subject, map and region, on the
+    native dseg), ``group.tsv`` (per map, group and region: n, mean, sd, one-sample t and p) and
+    ``simulate.json`` (summary and provenance).
+
+    Args:
+        preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
+        simulator: ``model.pt`` of ``neuroexplain train-simulator``.
+        classifier: ``model.pt`` of ``neuroexplain train-classifier``.
+        out: output folder (``results/simulator``).
+        subjects: ``"test"`` / ``"val"`` / ``"train"`` (rows of ``split``), ``"all"`` or ids.
+        split: ``split.tsv`` (default: next to the classifier checkpoint).
+        regions: ``{name: [dseg labels]}`` for the region tables.
+        all_labels: also tabulate every dseg label separately.
+        map_direction: ``"auto"`` (remove for subjects labelled diseased, inject for healthy;
+            the classifier's decision when unlabelled), ``"label"``, ``"prediction"``,
+            ``"inject"`` or ``"remove"``.
+        write_images: write the simulated T1w images and displacement fields (the maps and
+            tables are always written).
+        batch_size: subjects per forward pass.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: progress bar (``None``: only on a terminal).
+
+    Returns:
+        The ``simulate.json`` content.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.export import map_path, native_reference, subject_label
+    from neuroexplain.attribution.saliency import select_subjects
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.io.nifti import load_labels, save_displacement, save_map
+    from neuroexplain.models import load_classifier
+    from neuroexplain.mri.ingest import load_preproc
+    from neuroexplain.mri.preprocess import to_native
+    from neuroexplain.provenance import provenance, sha256_file
+    from neuroexplain.simulator.train import freeze, load_simulator, logit_of
+    from neuroexplain.utils import resolve_device
+
+    if map_direction not in MAP_DIRECTIONS:
+        raise InputError(
+            "--map-direction", f"expected one of {MAP_DIRECTIONS}, got {map_direction!r}"
+        )
+    regions = dict(regions or {})
+    data = load_preproc(preproc)
+    images = data["images"].float()
+    shape = list(images.shape[1:])
+    dev = resolve_device(device)
+    model, sckpt = load_simulator(simulator, map_location=dev)
+    if sckpt.get("input_shape") and list(sckpt["input_shape"]) != shape:
+        raise InputError(
+            simulator, f"simulator trained on inputs {sckpt['input_shape']}, got data {shape}"
+        )
+    clf, _ = load_classifier(classifier, input_shape=shape, map_location=dev)
+    freeze(clf)
+    split_path = Path(split) if split is not None else Path(classifier).parent / "split.tsv"
+    idx = select_subjects(
+        subjects, data["subjects"], split=split_path if split_path.is_file() else None
+    )
+    n_all = images.shape[0]
+    y_all = data["y"].double().numpy() if data["y"] is not None else np.full(n_all, np.nan)
+
+    out = Path(out)
+    sim_sha, clf_sha = sha256_file(simulator), sha256_file(classifier)
+    params = {
+        "preproc": str(preproc),
+        "simulator": str(simulator),
+        "classifier": str(classifier),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects),
+        "regions": regions,
+        "all_labels": bool(all_labels),
+        "map_direction": map_direction,
+        "write_images": bool(write_images),
+    }
+    prov = provenance(
+        params,
+        seed=sckpt.get("train_config", {}).get("seed"),
+        inputs=[preproc, simulator, classifier],
+        command="simulate",
+    )
+    common = {
+        "Convention": CONVENTION,
+        "Simulator": str(simulator),
+        "SimulatorSHA256": sim_sha,
+        "Classifier": str(classifier),
+        "ClassifierSHA256": clf_sha,
+        "Reference": "Liu, Adeli, Pohl, Zhao. Going Beyond Saliency Maps: Training Deep Models "
+        "to Interpret Deep Models. IPMI 2021.",
+        "provenance": prov,
+    }
+    subj_rows: list[dict[str, Any]] = []
+    region_rows: list[dict[str, Any]] = []
+    disable = None if progress is None else not progress
+    bar = tqdm(total=len(idx), desc="simulate", unit="subject", disable=disable)
+    for start in range(0, len(idx), batch_size):
+        bidx = idx[start : start + batch_size]
+        x = images[bidx].to(dev)
+        b = x.shape[0]
+        res: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            l_in = logit_of(clf(x)).float().cpu()
+            for name, o in DIRECTIONS.items():
+                cond = torch.full((b,), o, device=dev)
+                sim, ddf = model(x, cond)
+                back, _ = model(sim, -cond)
+                res[name] = {
+                    "sim": sim.float().cpu(),
+                    "ddf": ddf.float().cpu(),
+                    "back": back.float().cpu(),
+                    "logit": logit_of(clf(sim)).float().cpu(),
+                    "map": disease_log_jacobian(ddf.cpu(), name).cpu(),
+                }
+        for j, i in enumerate(bidx):
+            sub = str(data["subjects"][i])
+            y = float(y_all[i])
+            lg = float(l_in[j])
+            chosen = _choose_direction(map_direction, y, lg)
+            if data["dseg"] is not None:
+                brain = data["dseg"][i, 0].numpy() > 0
+            else:
+                brain = images[i, 0].numpy() > 0
+            x0 = images[i, 0].numpy()
+            denom = float(np.abs(x0[brain]).mean()) if brain.any() else float("nan")
+            row: dict[str, Any] = {
+                "subject": sub,
+                "y": y,
+                "logit": lg,
+                "map_direction": chosen,
+            }
+            for name in DIRECTIONS:
+                r = res[name]
+                back = r["back"][j, 0].numpy()
+                other = "remove" if name == "inject" else "inject"
+                cyc = float(np.abs(back - x0)[brain].mean()) if brain.any() else float("nan")
+                mag = r["ddf"][j].norm(dim=0)
+                row.update(
+                    {
+                        f"logit_{name}": float(r["logit"][j]),
+                        f"flipped_{name}": bool(
+                            (r["logit"][j] > 0) != (lg > 0)
+                            and ((name == "inject") == (float(r["logit"][j]) > 0))
+                        ),
+                        f"target_{name}": bool((float(r["logit"][j]) > 0) == (name == "inject")),
+                        f"cycle_{name}_{other}": cyc,
+                        f"cycle_{name}_{other}_rel": cyc / denom if denom else float("nan"),
+                        f"max_disp_{name}_vox": float(mag.max()),
+                        f"mean_disp_{name}_vox": float(mag[torch.from_numpy(brain)].mean())
+                        if brain.any()
+                        else float("nan"),
+                    }
+                )
+            subj_rows.append(row)
+
+            # ---- native space outputs
+            img = native_reference(data, i)
+            model_affine = np.asarray(data["model_affines"][i], dtype=np.float64)
+            maps_model = {
+                "simulator": res[chosen]["map"][j, 0].numpy(),
+                "simulatorinject": res["inject"]["map"][j, 0].numpy(),
+                "simulatorremove": res["remove"]["map"][j, 0].numpy(),
+            }
+            maps_native = {k: to_native(v, model_affine, img) for k, v in maps_model.items()}
+            side = {**common, "Subject": f"sub-{subject_label(sub)}"}
+            for key, arr in maps_native.items():
+                direction = chosen if key == "simulator" else key.removeprefix("simulator")
+                save_map(
+                    arr,
+                    img,
+                    map_path(out, sub, key, "logjacobian"),
+                    description=f"neuroexplain simulator: disease logJ ({direction})",
+                    intent_name="logjacobian",
+                    sidecar={**side, "Method": key, "Direction": direction, "Space": "native T1w"},
+                )
+            jac = 1.0 + to_native(np.exp(maps_model["simulator"]) - 1.0, model_affine, img)
+            save_map(
+                jac,
+                img,
+                map_path(out, sub, "simulator", "jacobian"),
+                description=f"neuroexplain simulator: disease J ({chosen})",
+                intent_name="jacobian",
+                sidecar={**side, "Method": "simulator", "Direction": chosen, "Space": "native T1w"},
+            )
+            if write_images:
+                t1 = np.asarray(img.get_fdata(dtype=np.float32))
+                for name in DIRECTIONS:
+                    disp_model = ddf_to_world(res[name]["ddf"][j].numpy(), model_affine)
+                    disp = to_native(disp_model, model_affine, img)  # (3, X, Y, Z) mm
+                    label = subject_label(sub)
+                    folder = out / f"sub-{label}"
+                    save_displacement(
+                        np.moveaxis(disp, 0, -1),
+                        img,
+                        folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
+                        description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
+                        sidecar={
+                            **side,
+                            "Direction": name,
+                            "Units": "mm",
+                            "Axes": "world RAS+ (nibabel convention)",
+                            "Convention": "pull-back: simulated(p) = input(p + d(p))",
+                        },
+                    )
+                    save_map(
+                        warp_native(t1, img.affine, disp),
+                        img,
+                        folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
+                        description=f"neuroexplain simulator: T1w with disease {name}d",
+                        intent="none",
+                        sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
+                    )
+            # ---- region table on the native dseg (model grid when there is none)
+            dseg_path = (data.get("dseg_paths") or [""] * (i + 1))[i]
+            if dseg_path and Path(dseg_path).is_file():
+                _, labels = load_labels(dseg_path, img, like_path=data["t1_paths"][i])
+                vals = maps_native
+            elif data["dseg"] is not None:
+                labels, vals = data["dseg"][i, 0].numpy(), maps_model
+            else:
+                labels, vals = None, {}
+            reg = _region_set(data, regions, all_labels, labels)
+            if labels is not None and reg:
+                for key, arr in vals.items():
+                    for name, (mean, n) in region_means(arr, labels, reg).items():
+                        region_rows.append(
+                            {
+                                "subject": sub,
+                                "y": y,
+                                "map": key,
+                                "direction": chosen if key == "simulator" else key[9:],
+                                "region": name,
+                                "labels": ",".join(str(v) for v in reg[name]),
+                                "n_voxels": n,
+                                "mean_logjacobian": mean,
+                            }
+                        )
+            bar.update(1)
+    bar.close()
+
+    subj_df = pd.DataFrame(subj_rows)
+    write_table(subj_df, out / "subjects.tsv")
+    group_df = pd.DataFrame()
+    if region_rows:
+        reg_df = pd.DataFrame(region_rows)
+        write_table(reg_df, out / "regions.tsv")
+        parts = [reg_df.assign(group="all")]
+        if reg_df["y"].notna().any():
+            parts.append(reg_df[reg_df["y"] == 1].assign(group="diseased"))
+            parts.append(reg_df[reg_df["y"] == 0].assign(group="healthy"))
+        group_df = group_stats(pd.concat(parts, ignore_index=True), by=("map", "group", "region"))
+        write_table(group_df, out / "group.tsv")
+
+    def frac(col: str, mask: Any) -> float | None:
+        sel = subj_df.loc[mask, col]
+        return float(sel.mean()) if len(sel) else None
+
+    pred_pos = subj_df["logit"] > 0
+    summary = {
+        "n_subjects": len(subj_df),
+        "flip_rate": {
+            "inject": frac("flipped_inject", ~pred_pos),
+            "remove": frac("flipped_remove", pred_pos),
+            "both": float(
+                np.mean(
+                    list(subj_df.loc[~pred_pos, "flipped_inject"])
+                    + list(subj_df.loc[pred_pos, "flipped_remove"])
+                )
+            )
+            if len(subj_df)
+            else None,
+        },
+        "flip_rate_definition": "inject: fraction of subjects predicted healthy whose simulated "
+        "image is predicted diseased; remove: the reverse; both: over all those simulations",
+        "target_rate": {
+            "inject": frac("target_inject", slice(None)),
+            "remove": frac("target_remove", slice(None)),
+        },
+        "cycle_error": {
+            "inject_remove": float(subj_df["cycle_inject_remove"].mean()),
+            "remove_inject": float(subj_df["cycle_remove_inject"].mean()),
+            "inject_remove_relative": float(subj_df["cycle_inject_remove_rel"].mean()),
+            "remove_inject_relative": float(subj_df["cycle_remove_inject_rel"].mean()),
+        },
+        "cycle_error_definition": "mean |G(G(x, o), -o) - x| in the brain (model grid, "
+        "normalised intensities); relative: divided by the mean brain intensity",
+        "group": group_df.to_dict(orient="records"),
+        "convention": CONVENTION,
+        "simulator_sha256": sim_sha,
+        "classifier_sha256": clf_sha,
+        "provenance": prov,
+    }
+    write_json(summary, out / "simulate.json")
+    logger.info(
+        "simulated %d subjects: flip rate inject %s, remove %s -> %s",
+        len(subj_df),
+        summary["flip_rate"]["inject"],
+        summary["flip_rate"]["remove"],
+        out,
+    )
+    return summary

@@ -1,0 +1,702 @@
+"""Training of the conditional warping simulator against a frozen classifier.
+
+Liu, Adeli, Pohl and Zhao (IPMI 2021, "Going Beyond Saliency Maps: Training Deep Models to
+Interpret Deep Models"): a simulator ``G(x, o) -> (x~, u)`` warps an image so that a *frozen*
+classifier's logit ``l`` (positive class = disease) moves in the direction ``o``:
+
+* ``o = -1`` (inject): ``l(x~) > l(x) + margin``;
+* ``o = +1`` (remove): ``l(x~) < l(x) - margin``.
+
+Losses (weights in :class:`TrainConfig`):
+
+* logit shift hinge ``relu((l(x~) - l(x)) * o + margin)`` (``hinge="relative"``; it is zero
+  exactly when the logit moved by at least ``margin`` in the asked direction), or
+  ``relu(o * l(x~) + margin)`` (``hinge="flip"``: zero once the decision is flipped with
+  ``margin`` to spare);
+* cycle consistency ``mean |G(G(x, o), -o) - x|``;
+* smoothness of both fields (MONAI ``BendingEnergyLoss`` or ``DiffusionLoss``), on the field
+  at the U-Net's resolution (the full-resolution field is its trilinear interpolation; the loss
+  is ``downsample**3`` times cheaper there);
+* optional magnitude ``mean |u|^2`` (prefers the smallest deformation that explains the logit).
+
+Each training subject is simulated in the direction that flips its class (healthy -> inject,
+diseased -> remove); the cycle pass trains the other direction on the simulated image. Only
+subjects the classifier gets right are used. The classifier is frozen: eval mode (BatchNorm
+running statistics untouched), ``requires_grad=False`` on every parameter, and it is not part of
+the optimiser; gradients flow through it to the simulated image only.
+
+Checkpoints (every ``checkpoint_every`` steps, atomically) hold the weights, the optimiser and
+AMP-scaler states, the step and the RNG states; the batch order of epoch ``e`` comes from a
+generator seeded with ``(seed, e)``, so a run resumed from a checkpoint ends with the same
+weights as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroexplain.errors import InputError
+from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainConfig",
+    "freeze",
+    "load_simulator",
+    "logit_of",
+    "logit_shift_loss",
+    "read_logits",
+    "run_train_simulator",
+    "save_simulator",
+    "select_training_subjects",
+    "train_simulator",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "neuroexplain-simulator/1"
+STATE_FORMAT = "neuroexplain-simulator-state/1"
+HINGES = ("relative", "flip")
+SMOOTHNESS = ("bending", "diffusion")
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train_simulator` (recorded in the checkpoint).
+
+    Attributes:
+        epochs: passes over the training subjects.
+        batch_size: subjects per step.
+        lr: Adam learning rate.
+        margin: hinge margin on the logit.
+        hinge: ``"relative"`` (logit shift of at least ``margin``) or ``"flip"`` (decision
+            flipped by at least ``margin``); see the module docstring.
+        w_cls: weight of the logit hinge.
+        w_cycle: weight of the cycle-consistency L1 loss.
+        w_smooth: weight of the smoothness loss of the fields.
+        w_magnitude: weight of the mean squared displacement (voxels²).
+        smoothness: ``"bending"`` (MONAI ``BendingEnergyLoss``) or ``"diffusion"``
+            (``DiffusionLoss``, squared first derivatives).
+        seed: seed of the weights and the batch order.
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        max_steps: stop after this many steps in total (``None``: ``epochs`` full epochs).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-3
+    margin: float = 1.0
+    hinge: str = "relative"
+    w_cls: float = 1.0
+    w_cycle: float = 1.0
+    w_smooth: float = 1.0
+    w_magnitude: float = 0.0
+    smoothness: str = "bending"
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_steps: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.hinge not in HINGES:
+            raise InputError("--hinge", f"expected one of {HINGES}, got {self.hinge!r}")
+        if self.smoothness not in SMOOTHNESS:
+            raise InputError(
+                "--smoothness", f"expected one of {SMOOTHNESS}, got {self.smoothness!r}"
+            )
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(_opt(name), f"expected >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError("--lr", f"expected a positive learning rate, got {self.lr}")
+        for name in ("margin", "w_cls", "w_cycle", "w_smooth", "w_magnitude"):
+            if getattr(self, name) < 0:
+                raise InputError(_opt(name), f"expected >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def run_key(self) -> dict[str, Any]:
+        """The options that change the trajectory (a resumed run must match them)."""
+        d = self.to_dict()
+        # the batch order of an epoch does not depend on the number of epochs, so a run may be
+        # resumed with a longer schedule; where checkpoints go and the device do not matter
+        for k in ("checkpoint_every", "device", "epochs", "max_steps"):
+            d.pop(k)
+        return d
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a classifier in place: eval mode and ``requires_grad=False`` on all parameters."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def logit_of(output: torch.Tensor) -> torch.Tensor:
+    """Positive-class logit ``(B,)`` of a classifier output ``(B,)``, ``(B, 1)`` or ``(B, 2)``.
+
+    Two outputs are read as class scores (healthy, disease): the logit is their difference.
+    """
+    if output.ndim == 1:
+        return output
+    if output.ndim == 2 and output.shape[1] == 1:
+        return output[:, 0]
+    if output.ndim == 2 and output.shape[1] == 2:
+        return output[:, 1] - output[:, 0]
+    raise ValueError(
+        f"expected classifier outputs (B,), (B, 1) or (B, 2), got {tuple(output.shape)}"
+    )
+
+
+def logit_shift_loss(
+    logit_input: torch.Tensor,
+    logit_simulated: torch.Tensor,
+    condition: torch.Tensor,
+    margin: float,
+    *,
+    hinge: str = "relative",
+) -> torch.Tensor:
+    """Hinge on the classifier logit of the simulated image (positive class = disease).
+
+    Args:
+        logit_input: ``l(x)`` ``(B,)`` (no gradient needed).
+        logit_simulated: ``l(x~)`` ``(B,)``.
+        condition: ``o`` ``(B,)``: ``-1`` inject, ``+1`` remove.
+        margin: required shift (``"relative"``) or distance past the decision boundary
+            (``"flip"``).
+        hinge: ``"relative"``: ``relu((l(x~) - l(x)) * o + margin)``, zero iff ``l(x~) >=
+            l(x) + margin`` when injecting and ``l(x~) <= l(x) - margin`` when removing;
+            ``"flip"``: ``relu(o * l(x~) + margin)``, zero iff ``l(x~) >= margin`` (inject) or
+            ``l(x~) <= -margin`` (remove).
+
+    Returns:
+        The mean hinge (scalar).
+
+    Example:
+        >>> o = torch.tensor([-1.0])  # inject: the logit must go up
+        >>> float(logit_shift_loss(torch.tensor([0.0]), torch.tensor([2.0]), o, 1.0))
+        0.0
+    """
+    o = condition.reshape(-1).to(logit_simulated.dtype)
+    if hinge == "relative":
+        v = (logit_simulated - logit_input.detach()) * o + margin
+    elif hinge == "flip":
+        v = o * logit_simulated + margin
+    else:
+        raise ValueError(f"expected hinge in {HINGES}, got {hinge!r}")
+    return torch.relu(v).mean()
+
+
+def select_training_subjects(
+    subjects: Sequence[str],
+    y: Sequence[float],
+    logits: Sequence[float],
+    split: Sequence[str],
+    *,
+    which: str = "train",
+    correct_only: bool = True,
+) -> np.ndarray:
+    """Indices of the subjects to train on: split ``which``, labelled, and (by default) correctly
+    classified (``logit > 0`` iff ``y == 1``).
+
+    Returns:
+        ``(M,)`` int indices into ``subjects`` (sorted).
+    """
+    yy = np.asarray(y, dtype=np.float64)
+    lg = np.asarray(logits, dtype=np.float64)
+    sp = np.asarray(split, dtype=object)
+    ok = (sp == which) & np.isfinite(yy) & np.isfinite(lg)
+    if correct_only:
+        ok &= (lg > 0) == (yy == 1)
+    return np.flatnonzero(ok)
+
+
+def _plain(obj: Any) -> Any:
+    """Types ``torch.load(weights_only=True)`` accepts (dicts, lists, str, numbers, tensors)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor) or obj is None:
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    return str(obj)
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch RNG states (the only generators training draws from)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _smooth_loss(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from monai.losses import BendingEnergyLoss, DiffusionLoss
+
+    return BendingEnergyLoss() if kind == "bending" else DiffusionLoss()
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def save_simulator(
+    path: str | os.PathLike[str],
+    model: SimulatorNet,
+    *,
+    train_config: TrainConfig | dict[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a simulator checkpoint, loadable with ``torch.load(path, weights_only=True)``.
+
+    The dict holds ``format``, ``config`` (:class:`SimulatorConfig`), ``state_dict`` (CPU),
+    ``train_config``, ``input_shape`` ``[C, X, Y, Z]``, ``version`` and anything in ``extra``
+    (training subjects, classifier checksum, history, provenance).
+    """
+    import neuroexplain
+    from neuroexplain.io.atomic import atomic_output
+
+    tc = train_config.to_dict() if isinstance(train_config, TrainConfig) else train_config
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "train_config": _plain(tc or {}),
+        "input_shape": [int(s) for s in input_shape] if input_shape is not None else None,
+        "version": neuroexplain.__version__,
+        **_plain(extra or {}),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def load_simulator(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[SimulatorNet, dict[str, Any]]:
+    """Rebuild a simulator from :func:`save_simulator` output (``weights_only=True``).
+
+    Returns:
+        ``(model, checkpoint)`` with the model in eval mode.
+
+    Raises:
+        InputError: missing or unreadable file, or not a simulator checkpoint.
+    """
+    import pickle
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "simulator checkpoint not found (run neuroexplain train-simulator)")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise InputError(p, f"not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    try:
+        model = SimulatorNet(SimulatorConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise InputError(p, f"weights do not fit the simulator network ({msg})") from exc
+    return model.to(map_location).eval(), ckpt
+
+
+def _save_state(
+    path: Path,
+    model: SimulatorNet,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    step: int,
+    key: dict[str, Any],
+    history: list[dict[str, float]],
+) -> None:
+    from neuroexplain.io.atomic import atomic_output
+
+    state = {
+        "format": STATE_FORMAT,
+        "step": int(step),
+        "key": _plain(key),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": _rng_state(),
+        "history": _plain(history),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged checkpoint means starting over
+        logger.warning("ignoring unreadable training checkpoint %s (%s)", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        logger.warning("ignoring %s: not a simulator training checkpoint", path)
+        return None
+    if state.get("key") != _plain(key):
+        logger.warning("ignoring %s: written by a run with other options or data", path)
+        return None
+    return state
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def train_simulator(
+    images: torch.Tensor,
+    conditions: torch.Tensor,
+    classifier: nn.Module,
+    *,
+    config: TrainConfig | None = None,
+    net_config: SimulatorConfig | None = None,
+    state_path: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    data_key: dict[str, Any] | None = None,
+) -> tuple[SimulatorNet, list[dict[str, float]]]:
+    """Train a :class:`SimulatorNet` to move a frozen classifier's logit.
+
+    Args:
+        images: ``(N, C, X, Y, Z)`` training images (CPU tensor; batches move to the device).
+        conditions: ``(N,)`` direction per image: ``-1`` inject (healthy subjects), ``+1`` remove
+            (diseased subjects).
+        classifier: the model to explain, ``(B, C, X, Y, Z) -> (B, 1)`` positive-class logits.
+            It is frozen here (eval mode, no parameter gradients) and never updated.
+        config: training options.
+        net_config: simulator architecture (``in_channels`` is taken from ``images``).
+        state_path: training checkpoint written every ``config.checkpoint_every`` steps; if it
+            exists, matches this run's options and data and ``resume`` is set, training
+            continues from it.
+        resume: continue from ``state_path`` when possible.
+        progress: show a progress bar (``None``: only on a terminal).
+        data_key: identifies the data (e.g. subjects and input checksums) for resuming.
+
+    Returns:
+        ``(model, history)``: the trained simulator (eval mode, on CPU) and one dict of losses per
+        step (``step, epoch, loss, cls, cycle, smooth, magnitude, flipped``).
+
+    Raises:
+        InputError: no training images, or conditions not in ``{-1, +1}``.
+    """
+    from tqdm.auto import tqdm
+
+    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+
+    cfg = config or TrainConfig()
+    n = int(images.shape[0])
+    if n == 0:
+        raise InputError(
+            "--logits", "no training subjects (none correctly classified in the train split?)"
+        )
+    cond = torch.as_tensor(conditions, dtype=torch.float32).reshape(-1)
+    if cond.shape[0] != n or not torch.all((cond == -1) | (cond == 1)):
+        raise InputError(
+            "conditions", f"expected {n} values in {{-1, +1}}, got {cond.tolist()[:8]}"
+        )
+    device = resolve_device(cfg.device)
+    use_amp = amp_enabled(device)
+    seed_everything(cfg.seed)
+
+    ncfg = net_config or SimulatorConfig()
+    if ncfg.in_channels != images.shape[1]:
+        ncfg = SimulatorConfig(**{**ncfg.to_dict(), "in_channels": int(images.shape[1])})
+    model = SimulatorNet(ncfg).to(device)
+    classifier = freeze(classifier).to(device)
+    clf_params = [p for p in classifier.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    smooth = _smooth_loss(cfg.smoothness)
+
+    # logits of the inputs, once (the classifier is fixed)
+    with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
+        logit_in = torch.cat(
+            [
+                logit_of(classifier(images[i : i + cfg.batch_size].to(device))).float().cpu()
+                for i in range(0, n, cfg.batch_size)
+            ]
+        )
+
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    key = {
+        "train": cfg.run_key(),
+        "net": ncfg.to_dict(),
+        "n": n,
+        "shape": list(images.shape[1:]),
+        "data": data_key or {},
+    }
+    history: list[dict[str, float]] = []
+    step = 0
+    sp = Path(state_path) if state_path is not None else None
+    if sp is not None and resume and sp.is_file():
+        state = _load_state(sp, key)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            history = [dict(h) for h in state["history"]]
+            step = int(state["step"])
+            logger.info("resuming simulator training from %s at step %d / %d", sp, step, total)
+
+    disable = None if progress is None else not progress
+    bar = tqdm(total=total, initial=step, desc="train simulator", unit="step", disable=disable)
+    model.train()
+    t0 = time.perf_counter()
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = _epoch_order(n, cfg.seed, epoch)
+        idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+        x = images[idx].to(device, torch.float32)
+        o = cond[idx].to(device)
+        l_in = logit_in[idx].to(device)
+        classifier.eval()  # never let BatchNorm statistics move
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            sim, ddf, low = model(x, o, return_lowres=True)
+            l_sim = logit_of(classifier(sim)).float()
+            loss_cls = logit_shift_loss(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge)
+            loss = cfg.w_cls * loss_cls
+            loss_cycle = torch.zeros((), device=device)
+            loss_smooth = smooth(low.float())
+            if cfg.w_cycle > 0:
+                back, _, low_back = model(sim, -o, return_lowres=True)
+                loss_cycle = (back.float() - x).abs().mean()
+                loss_smooth = 0.5 * (loss_smooth + smooth(low_back.float()))
+                loss = loss + cfg.w_cycle * loss_cycle
+            loss = loss + cfg.w_smooth * loss_smooth
+            loss_mag = ddf.float().pow(2).sum(1).mean()
+            if cfg.w_magnitude > 0:
+                loss = loss + cfg.w_magnitude * loss_mag
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if any(p.grad is not None for p in clf_params):  # pragma: no cover - defensive
+            raise RuntimeError("gradients reached the frozen classifier's parameters")
+        step += 1
+        flipped = ((l_sim.detach() > 0).float() == (o < 0).float()).float().mean()
+        rec = {
+            "step": step,
+            "epoch": epoch,
+            "loss": float(loss.detach()),
+            "cls": float(loss_cls.detach()),
+            "cycle": float(loss_cycle.detach()),
+            "smooth": float(loss_smooth.detach()),
+            "magnitude": float(loss_mag.detach()),
+            "flipped": float(flipped),
+        }
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", flip=f"{rec['flipped']:.2f}")
+        if (
+            sp is not None
+            and cfg.checkpoint_every > 0
+            and (step % cfg.checkpoint_every == 0 or step == total)
+        ):
+            _save_state(sp, model, opt, scaler, step, key, history)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    logger.info("trained the simulator for %d steps in %.1f s", step, elapsed)
+    model.eval()
+    return model.cpu(), history
+
+
+# ----------------------------------------------------------------------------- from files
+
+
+def read_logits(path: str | os.PathLike[str]) -> Any:
+    """Read the classifier's ``logits.tsv`` (columns ``subject``, ``logit``, and ``split``, ``y``).
+
+    Raises:
+        InputError: missing file or columns.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "logits file not found (run neuroexplain train-classifier)")
+    df = pd.read_csv(p, sep="\t", dtype={"subject": str})
+    need = {"subject", "logit"}
+    if not need <= set(df.columns):
+        raise InputError(p, f"expected columns subject, logit (split, y); got {list(df.columns)}")
+    return df
+
+
+def run_train_simulator(
+    preproc: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    logits: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: TrainConfig | None = None,
+    net_config: SimulatorConfig | None = None,
+    split: str | os.PathLike[str] | None = None,
+    correct_only: bool = True,
+    resume: bool = True,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train the simulator from the pipeline's files and write its checkpoint.
+
+    Training subjects: the ``train`` split (``logits.tsv``'s ``split`` column, or ``split``),
+    correctly classified by the classifier (``correct_only``). Healthy subjects are trained to
+    inject, diseased ones to remove the disease effect.
+
+    Writes ``out`` (the checkpoint, :func:`save_simulator`) and ``train_log.tsv`` next to it (one
+    row per step). While training, ``<out stem>.state.pt`` holds the resumable state (every
+    ``config.checkpoint_every`` steps); rerunning the same command after an interruption resumes
+    from it, and it is removed once ``out`` is written.
+
+    Returns:
+        A summary: subjects, steps, seconds, final losses and the training flip rate.
+    """
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_table
+    from neuroexplain.models import load_classifier
+    from neuroexplain.provenance import provenance, sha256_file
+    from neuroexplain.train.classifier import load_preproc_dict, read_split
+
+    cfg = config or TrainConfig()
+    ncfg = net_config or SimulatorConfig()
+    data = load_preproc_dict(preproc)
+    images = data["images"]
+    subjects = [str(s) for s in data["subjects"]]
+    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
+    lg = read_logits(logits).set_index("subject")
+    if split is not None or "split" not in lg.columns:
+        sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"
+        sp = read_split(sp_path).set_index("subject")["split"]
+    else:
+        sp = lg["split"]
+    missing = [s for s in subjects if s not in lg.index]
+    if len(missing) == len(subjects):
+        raise InputError(logits, "none of the preprocessed subjects has a logit")
+    logit = np.array([float(lg.loc[s, "logit"]) if s in lg.index else np.nan for s in subjects])
+    split_of = [str(sp.get(s, "")) for s in subjects]
+    idx = select_training_subjects(subjects, data["y"], logit, split_of, correct_only=correct_only)
+    if idx.size == 0:
+        raise InputError(
+            logits, "no correctly classified subjects in the train split to train the simulator on"
+        )
+    y = np.asarray(data["y"], dtype=np.float64)[idx]
+    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
+    logger.info(
+        "training the simulator on %d subjects (%d inject, %d remove)",
+        idx.size,
+        int((cond < 0).sum()),
+        int((cond > 0).sum()),
+    )
+    clf_sha = sha256_file(classifier)
+    out = Path(out)
+    state_path = out.with_name(out.name.split(".")[0] + ".state.pt")
+    train_subjects = [subjects[i] for i in idx]
+    t0 = time.perf_counter()
+    model, history = train_simulator(
+        images[torch.from_numpy(idx)],
+        cond,
+        clf,
+        config=cfg,
+        net_config=ncfg,
+        state_path=state_path,
+        resume=resume,
+        progress=progress,
+        data_key={"subjects": train_subjects, "classifier_sha256": clf_sha},
+    )
+    seconds = time.perf_counter() - t0
+    params = {
+        "train": cfg.to_dict(),
+        "net": model.config.to_dict(),
+        "preproc": str(preproc),
+        "classifier": str(classifier),
+        "logits": str(logits),
+        "correct_only": bool(correct_only),
+    }
+    prov = provenance(
+        params, seed=cfg.seed, inputs=[preproc, classifier, logits], command="train-simulator"
+    )
+    last = history[-min(len(history), 10) :]
+    summary = {
+        "n_subjects": len(train_subjects),
+        "n_inject": int((cond < 0).sum()),
+        "n_remove": int((cond > 0).sum()),
+        "steps": len(history),
+        "seconds": round(seconds, 2),
+        "final": {
+            k: float(np.mean([h[k] for h in last])) for k in last[0] if k not in ("step", "epoch")
+        }
+        if last
+        else {},
+    }
+    save_simulator(
+        out,
+        model,
+        train_config=cfg,
+        input_shape=list(images.shape[1:]),
+        extra={
+            "train_subjects": train_subjects,
+            "train_conditions": cond.tolist(),
+            "classifier": str(classifier),
+            "classifier_sha256": clf_sha,
+            "history": history,
+            "summary": summary,
+            "provenance": prov,
+        },
+    )
+    write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
+    state_path.unlink(missing_ok=True)
+    logger.info("wrote %s (%d steps, %.0f s)", out, len(history), seconds)
+    return summary

@@ -1,0 +1,689 @@
+"""Train a 3D MRI classifier on the cached ``preproc.pt`` tensors, with a recorded subject split.
+
+``train_classifier`` makes a stratified subject-level train / validation / test split (fixed
+seed, written to ``split.tsv``), trains with class balancing (``pos_weight``), light MONAI
+augmentation and early stopping on the validation loss (or AUC), keeps the best epoch, and writes:
+
+- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`),
+- ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
+  (and train), plus provenance,
+- ``logits.tsv``: per subject ``subject, split, y, label, logit, prob``,
+- ``split.tsv``: ``subject, split, y, label``,
+- ``train_log.tsv``: per epoch ``epoch, train_loss, val_loss, val_auc, val_balanced_accuracy,
+  lr, seconds``.
+
+On CPU, the same seed and config give bitwise-identical weights (single process, seeded
+generators for batch order and augmentation, deterministic algorithms). CUDA runs use AMP.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroexplain.errors import InputError
+
+__all__ = [
+    "SPLITS",
+    "BatchAugment",
+    "TrainConfig",
+    "binary_metrics",
+    "load_preproc_dict",
+    "make_split",
+    "predict_logits",
+    "read_split",
+    "train_classifier",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train_classifier` (all recorded in the checkpoint and ``metrics.json``).
+
+    Attributes:
+        arch: network name (see :data:`neuroexplain.models.ARCHITECTURES`).
+        epochs: maximum number of epochs.
+        batch_size: training batch size.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        dropout: dropout before the logit layer (``"small"`` only).
+        seed: seed of the split, the initial weights, batch order and augmentation.
+        val_fraction: fraction of subjects (per class) in the validation split.
+        test_fraction: fraction of subjects (per class) in the test split.
+        patience: stop after this many epochs without a better monitored value (0 = never).
+        monitor: ``"loss"`` (validation loss, lower is better) or ``"auc"`` (validation AUC,
+            higher is better, ties broken by the loss) selects the best epoch.
+        augment: light augmentation of training volumes (random shifts / affine, intensity).
+            The default is whole-voxel shifts and intensity jitter only: rotations interpolate
+            (blur) and scaling changes apparent volumes, which is the very signal of
+            atrophy-like effects (5 % per axis = 16 % in volume); enable them knowingly.
+        flip: also random left-right flips (only sound for left-right symmetric effects).
+        rotate_deg: maximum rotation (degrees, each axis) of the random affine.
+        translate_vox: maximum translation (voxels) of the random affine.
+        scale: maximum relative scaling of the random affine.
+        intensity: maximum relative intensity scaling and shift.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        channels_last: use the channels-last 3D memory layout (faster convolutions on CPU).
+    """
+
+    arch: str = "small"
+    epochs: int = 40
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    patience: int = 10
+    monitor: str = "loss"
+    augment: bool = True
+    flip: bool = False
+    rotate_deg: float = 0.0
+    translate_vox: float = 2.0
+    scale: float = 0.0
+    intensity: float = 0.1
+    device: str = "auto"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "val_fraction": 0 < self.val_fraction < 1,
+            "test_fraction": 0 <= self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1,
+            "patience": self.patience >= 0,
+            "dropout": 0 <= self.dropout < 1,
+            "monitor": self.monitor in ("loss", "auc"),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise InputError(
+                    f"--{key.replace('_', '-')}", f"invalid value {getattr(self, key)!r}"
+                )
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def load_preproc_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``preproc.pt`` (``neuroexplain ingest-mri``) and check the fields training needs.
+
+    Uses :func:`neuroexplain.mri.ingest.load_preproc` when available (it validates the file),
+    else ``torch.load(weights_only=True)``.
+
+    Returns:
+        The dict with ``images`` float32 ``(N, C, X, Y, Z)``, ``y`` float32 ``(N,)``,
+        ``subjects`` list[str] (and the rest of the ingest fields).
+
+    Raises:
+        InputError: unreadable file, missing fields, labels other than 0 / 1, or inconsistent
+            lengths.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "preprocessed tensor file not found")
+    try:
+        from neuroexplain.mri.ingest import load_preproc
+    except ImportError:  # ingest module not installed: plain loader
+        load_preproc = None
+    if load_preproc is not None:
+        data = dict(load_preproc(p))
+    else:
+        try:
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(p, f"not a readable preproc.pt ({exc})") from exc
+    if not isinstance(data, Mapping):
+        raise InputError(p, f"expected a dict of tensors, got {type(data).__name__}")
+    missing = [k for k in ("images", "y", "subjects") if k not in data]
+    if missing:
+        raise InputError(p, f"expected fields images, y, subjects; missing {missing}")
+    images = torch.as_tensor(data["images"])
+    if images.ndim != 5:
+        raise InputError(p, f"expected images of shape (N, C, X, Y, Z), got {tuple(images.shape)}")
+    if data["y"] is None:
+        raise InputError(p, "no labels (y) in the preprocessed data; ingest with --label-column")
+    y = np.asarray(torch.as_tensor(data["y"]).float().numpy(), dtype=np.float32)
+    n = images.shape[0]
+    if y.shape != (n,) or len(data["subjects"]) != n:
+        raise InputError(
+            p,
+            f"expected {n} labels and subjects, "
+            f"got {y.shape} labels, {len(data['subjects'])} subjects",
+        )
+    if np.isnan(y).any():
+        raise InputError(
+            p, f"{int(np.isnan(y).sum())} subjects have no label; ingest with --label-column"
+        )
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise InputError(p, f"expected binary labels 0/1, got values {np.unique(y)[:10].tolist()}")
+    out = dict(data)
+    out["images"] = images.float()
+    out["y"] = y
+    out["subjects"] = [str(s) for s in data["subjects"]]
+    return out
+
+
+def make_split(
+    subjects: Sequence[str],
+    y: Sequence[float],
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Any:
+    """Stratified subject-level train / validation / test split.
+
+    Within each class, subjects are shuffled with ``seed`` and ``round(n_class * fraction)``
+    go to test and validation (at least one each when the class has >= 3 subjects).
+
+    Args:
+        subjects: subject ids ``(N,)``.
+        y: class labels ``(N,)``.
+        val_fraction: validation fraction per class.
+        test_fraction: test fraction per class.
+        seed: shuffling seed.
+
+    Returns:
+        DataFrame ``subject, split, y`` in input order.
+
+    Example:
+        >>> df = make_split(["a", "b", "c", "d", "e", "f"], [0, 0, 0, 1, 1, 1])
+        >>> df.split.tolist().count("test")
+        2
+    """
+    import pandas as pd
+
+    subjects = [str(s) for s in subjects]
+    yy = np.asarray(y)
+    if len(set(subjects)) != len(subjects):
+        raise InputError("subjects", "expected unique subject ids")
+    rng = np.random.default_rng(seed)
+    split = np.array(["train"] * len(subjects), dtype=object)
+    for cls in np.unique(yy):
+        idx = np.flatnonzero(yy == cls)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        n_test = round(n * test_fraction)
+        n_val = round(n * val_fraction)
+        if n >= 3:
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            n_val = max(n_val, 1)
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+    return pd.DataFrame({"subject": subjects, "split": split.astype(str), "y": yy})
+
+
+def read_split(path: str | os.PathLike[str], subjects: Sequence[str] | None = None) -> Any:
+    """Read a ``split.tsv`` (``subject``, ``split`` columns), checking it covers ``subjects``."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "split file not found")
+    df = pd.read_csv(p, sep="\t", dtype={"subject": str, "split": str})
+    if not {"subject", "split"} <= set(df.columns):
+        raise InputError(p, f"expected columns subject, split; got {list(df.columns)}")
+    bad = sorted(set(df["split"]) - set(SPLITS))
+    if bad:
+        raise InputError(p, f"expected splits {SPLITS}, got {bad}")
+    if subjects is not None:
+        missing = sorted(set(subjects) - set(df["subject"]))
+        if missing:
+            raise InputError(p, f"split does not list {len(missing)} subjects, e.g. {missing[:3]}")
+    return df
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def binary_metrics(y: Sequence[float], logits: Sequence[float]) -> dict[str, Any]:
+    """Binary classification metrics at the logit-0 (probability 0.5) threshold.
+
+    Args:
+        y: true labels 0/1 ``(N,)``.
+        logits: positive-class logits ``(N,)``.
+
+    Returns:
+        ``{"n", "n_positive", "auc", "balanced_accuracy", "accuracy", "confusion_matrix"}`` with the
+        confusion matrix as ``[[tn, fp], [fn, tp]]``; ``auc`` is ``None`` when only one class is
+        present.
+    """
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    yt = np.asarray(y, dtype=int)
+    lg = np.asarray(logits, dtype=np.float64)
+    pred = (lg > 0).astype(int)
+    cm = confusion_matrix(yt, pred, labels=[0, 1])
+    tn, fp, fn, tp = (int(v) for v in cm.ravel())
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    both = [v for v in (sens, spec) if not np.isnan(v)]
+    auc = float(roc_auc_score(yt, lg)) if len(np.unique(yt)) == 2 else None
+    return {
+        "n": len(yt),
+        "n_positive": int(yt.sum()),
+        "auc": auc,
+        "balanced_accuracy": float(np.mean(both)) if both else None,
+        "accuracy": float((pred == yt).mean()) if len(yt) else None,
+        "sensitivity": None if np.isnan(sens) else float(sens),
+        "specificity": None if np.isnan(spec) else float(spec),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+def predict_logits(
+    model: Any, images: Any, *, batch_size: int = 8, device: Any = "cpu"
+) -> np.ndarray:
+    """Positive-class logits of ``model`` (eval mode, no grad) for ``images`` ``(N, C, X, Y, Z)``.
+
+    Returns:
+        ``(N,)`` float64 logits (first output column).
+    """
+    import torch
+
+    from neuroexplain.utils import amp_enabled
+
+    model.eval()
+    dev = torch.device(device)
+    out = []
+    with torch.no_grad(), torch.autocast(dev.type, enabled=amp_enabled(dev)):
+        for i in range(0, images.shape[0], batch_size):
+            xb = torch.as_tensor(images[i : i + batch_size]).to(dev, torch.float32)
+            out.append(model(xb)[:, 0].float().cpu())
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+class BatchAugment:
+    """Light, batched training augmentation (one random draw per volume, seeded).
+
+    Random affine about the volume centre (rotation up to ``rotate_deg`` per axis, scaling
+    ``1 ± scale``, translation up to ``translate_vox`` voxels) resampled with MONAI's
+    ``AffineTransform`` (trilinear, zero padding), applied with probability ``prob`` (without
+    rotation and scaling, translations are whole voxels, which resample exactly); optional
+    left-right flips (probability 0.5) along ``flip_axis``; intensity scaling ``1 ± intensity``
+    and shift ``± intensity`` of the foreground (``> 0``; each with probability 0.5). Batched,
+    so augmentation costs a fraction of a training step on CPU.
+
+    Args:
+        rotate_deg: maximum absolute rotation angle in degrees, per axis.
+        translate_vox: maximum absolute translation in voxels, per axis.
+        scale: maximum relative scaling, per axis.
+        intensity: maximum relative intensity scaling and absolute shift.
+        flip_axis: spatial axis (0, 1, 2) of left-right flips, ``None`` for no flips.
+        prob: probability of the random affine per volume.
+        seed: seed of the generator (same seed -> same augmentations).
+
+    Shapes:
+        ``__call__(x)``: ``(B, C, X, Y, Z) -> (B, C, X, Y, Z)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        rotate_deg: float = 0.0,
+        translate_vox: float = 2.0,
+        scale: float = 0.0,
+        intensity: float = 0.1,
+        flip_axis: int | None = None,
+        prob: float = 0.8,
+        seed: int = 0,
+    ) -> None:
+        import torch
+        from monai.networks.layers import AffineTransform
+
+        self.rotate = float(np.deg2rad(rotate_deg))
+        self.translate = float(translate_vox)
+        self.scale = float(scale)
+        self.intensity = float(intensity)
+        self.flip_axis = flip_axis
+        self.prob = float(prob)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.warp = AffineTransform(
+            normalized=False, zero_centered=True, mode="bilinear", padding_mode="zeros"
+        )
+
+    def _uniform(self, *shape: int, bound: float) -> Any:
+        import torch
+
+        return (torch.rand(*shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * bound
+
+    def _thetas(self, b: int) -> Any:
+        """``(B, 4, 4)`` pull affines (output voxel -> input voxel, centred coordinates)."""
+        import torch
+
+        ang = self._uniform(b, 3, bound=self.rotate)
+        scl = 1.0 + self._uniform(b, 3, bound=self.scale)
+        trans = self._uniform(b, 3, bound=self.translate)
+        use = torch.rand(b, generator=self.gen, dtype=torch.float64) < self.prob
+        c, s = torch.cos(ang), torch.sin(ang)
+        one, zero = torch.ones(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
+        rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1)
+        ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
+        rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
+        rot = rx.view(b, 3, 3) @ ry.view(b, 3, 3) @ rz.view(b, 3, 3)
+        theta = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1)
+        theta[:, :3, :3] = rot * scl[:, None, :]
+        if self.rotate == 0 and self.scale == 0:
+            trans = torch.round(trans)  # whole-voxel shifts resample exactly (no blur)
+        theta[:, :3, 3] = trans
+        theta[~use] = torch.eye(4, dtype=torch.float64)
+        return theta
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        b = x.shape[0]
+        theta = self._thetas(b)
+        flip = torch.rand(b, generator=self.gen) < 0.5
+        gain = 1.0 + self._uniform(b, bound=self.intensity).float()
+        gain[torch.rand(b, generator=self.gen) >= 0.5] = 1.0
+        shift = self._uniform(b, bound=self.intensity).float()
+        shift[torch.rand(b, generator=self.gen) >= 0.5] = 0.0
+        out = self.warp(x.float(), theta.to(x.device, torch.float32))
+        if self.flip_axis is not None and flip.any():
+            dim = 2 + int(self.flip_axis)
+            out = torch.where(flip.view(b, 1, 1, 1, 1).to(x.device), out.flip(dim), out)
+        if self.intensity > 0:
+            view = (b,) + (1,) * (x.ndim - 1)
+            # background (0 after preprocessing) stays 0
+            fg = (out > 0).to(out.dtype)
+            out = out * gain.view(view).to(x.device) + shift.view(view).to(x.device) * fg
+        return out
+
+
+def _augmenter(cfg: TrainConfig, lr_axis: int, seed: int) -> BatchAugment:
+    return BatchAugment(
+        rotate_deg=cfg.rotate_deg,
+        translate_vox=cfg.translate_vox,
+        scale=cfg.scale,
+        intensity=cfg.intensity,
+        flip_axis=lr_axis if cfg.flip else None,
+        seed=seed,
+    )
+
+
+def _lr_axis(preproc: Mapping[str, Any]) -> int:
+    """Model-grid axis closest to world left-right (axis 0 for RAS model grids)."""
+    aff = preproc.get("model_affines")
+    if aff is None:
+        return 0
+    a = np.asarray(aff[0] if np.ndim(aff) == 3 else aff, dtype=np.float64)
+    return int(np.argmax(np.abs(a[0, :3])))
+
+
+def _evaluate_loss(model: Any, x: Any, y: Any, loss_fn: Any, batch_size: int, device: Any) -> tuple:
+    import torch
+
+    logits = torch.as_tensor(predict_logits(model, x, batch_size=batch_size, device=device))
+    loss = float(loss_fn(logits.float(), torch.as_tensor(y).float()).item())
+    return loss, logits.numpy()
+
+
+def train_classifier(
+    preproc: str | os.PathLike[str] | Mapping[str, Any],
+    out: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    split: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train a binary 3D classifier and write model, metrics, logits, split and log to ``out``.
+
+    Args:
+        preproc: path to ``preproc.pt`` or the loaded dict (``images`` ``(N, C, X, Y, Z)``,
+            ``y`` ``(N,)`` 0/1, ``subjects``).
+        out: output folder (created).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+        split: an existing ``split.tsv`` to reuse instead of drawing a new split.
+        progress: show a progress bar (``None``: only on a terminal).
+
+    Returns:
+        The ``metrics.json`` content (``{"val": ..., "test": ..., "train": ..., "best_epoch",
+        "epochs_run", "seconds", ...}``).
+
+    Example:
+        >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
+        ...                  epochs=30, seed=0)  # doctest: +SKIP
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.models import build_model, save_classifier
+    from neuroexplain.provenance import provenance
+    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+
+    cfg = config or TrainConfig()
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"unknown training options {unknown}")
+    cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    preproc_path = None if isinstance(preproc, Mapping) else Path(preproc)
+    data = load_preproc_dict(preproc_path) if preproc_path is not None else dict(preproc)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = torch.as_tensor(data["images"]).float()
+    y = np.asarray(data["y"], dtype=np.float32)
+    subjects = [str(s) for s in data["subjects"]]
+    labels = [str(v) for v in data.get("label") or ["" for _ in subjects]]
+    if split is not None:
+        split_df = read_split(split, subjects).set_index("subject").loc[subjects].reset_index()
+        split_df["y"] = y
+    else:
+        split_df = make_split(
+            subjects,
+            y,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+        )
+    split_df["label"] = labels
+    parts = {s: np.flatnonzero(split_df["split"].to_numpy() == s) for s in SPLITS}
+    for s in ("train", "val"):
+        if len(np.unique(y[parts[s]])) < 2:
+            raise InputError(
+                preproc_path or "preproc",
+                f"expected both classes in the {s} split, "
+                f"got {len(parts[s])} subjects of one class",
+            )
+
+    device = resolve_device(cfg.device)
+    amp = amp_enabled(device)
+    seed_everything(cfg.seed)
+    in_shape = list(images.shape[1:])
+    model_kwargs = {"dropout": cfg.dropout} if cfg.arch == "small" else {}
+    model = build_model(
+        cfg.arch, spatial_size=in_shape[1:], in_channels=in_shape[0], out_channels=1, **model_kwargs
+    ).to(device)
+    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    n_pos = float(y[parts["train"]].sum())
+    n_neg = float(len(parts["train"]) - n_pos)
+    pos_weight = torch.tensor([n_neg / max(n_pos, 1.0)], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    aug = _augmenter(cfg, _lr_axis(data), cfg.seed) if cfg.augment else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    x_val, y_val = images[parts["val"]], y[parts["val"]]
+    best: dict[str, Any] = {"key": (float("inf"),), "loss": float("inf"), "epoch": -1}
+    log_rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    stale = 0
+    disable = None if progress is None else not progress  # None: only on a terminal
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=disable)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
+        total, count = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            xb = images[idx].to(device, non_blocking=True)
+            if aug is not None:
+                xb = aug(xb)
+            xb = xb.contiguous(memory_format=mem_format)
+            yb = torch.as_tensor(y[idx], device=device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(model(xb)[:, 0].float(), yb)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.item()) * len(idx)
+            count += len(idx)
+        train_loss = total / max(count, 1)
+        val_loss, val_logits = _evaluate_loss(
+            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
+        )
+        vm = binary_metrics(y_val, val_logits)
+        seconds = time.perf_counter() - t0
+        log_rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_auc": vm["auc"],
+                "val_balanced_accuracy": vm["balanced_accuracy"],
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(seconds, 3),
+            }
+        )
+        auc = vm["auc"] if vm["auc"] is not None else 0.5
+        key = (
+            (round(val_loss, 6),) if cfg.monitor == "loss" else (-round(auc, 6), round(val_loss, 6))
+        )
+        improved = key < best["key"]
+        if improved:
+            best = {
+                "key": key,
+                "auc": auc,
+                "loss": val_loss,
+                "epoch": epoch,
+                "state": copy.deepcopy(
+                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                ),
+            }
+            stale = 0
+        else:
+            stale += 1
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
+        logger.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
+            epoch,
+            train_loss,
+            val_loss,
+            "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
+            " *" if improved else "",
+            seconds,
+        )
+        if cfg.patience and stale >= cfg.patience:
+            logger.info(
+                "early stop: no better validation %s for %d epochs", cfg.monitor, cfg.patience
+            )
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+
+    model.load_state_dict(best["state"])
+    model = model.to(memory_format=torch.contiguous_format)
+    logits = predict_logits(model, images, batch_size=cfg.batch_size, device=device)
+    metrics: dict[str, Any] = {
+        s: binary_metrics(y[parts[s]], logits[parts[s]]) for s in SPLITS if len(parts[s])
+    }
+    params = {**asdict(cfg), "split_file": None if split is None else str(split)}
+    prov = provenance(
+        params,
+        seed=cfg.seed,
+        inputs=[preproc_path] if preproc_path else [],
+        command="train-classifier",
+    )
+    metrics.update(
+        {
+            "best_epoch": best["epoch"],
+            "best_val_loss": best["loss"],
+            "best_val_auc": best["auc"],
+            "epochs_run": len(log_rows),
+            "train_seconds": round(train_seconds, 2),
+            "train_volumes_per_second": round(
+                sum(len(parts["train"]) for _ in log_rows) / max(train_seconds, 1e-9), 3
+            ),
+            "device": str(device),
+            "input_shape": in_shape,
+            "pos_weight": float(pos_weight.item()),
+            "positive_class": data.get("positive_class"),
+            "provenance": prov,
+        }
+    )
+    logger.info(
+        "best epoch %d of %d; test AUC %s, val AUC %s (%.0f s)",
+        best["epoch"],
+        len(log_rows),
+        metrics.get("test", {}).get("auc"),
+        metrics["val"]["auc"],
+        train_seconds,
+    )
+
+    logit_df = pd.DataFrame(
+        {
+            "subject": subjects,
+            "split": split_df["split"].to_numpy(),
+            "y": y.astype(int),
+            "label": labels,
+            "logit": logits,
+            "prob": 1.0 / (1.0 + np.exp(-logits)),
+        }
+    )
+    save_classifier(
+        out / "model.pt",
+        model,
+        arch=cfg.arch,
+        model_kwargs=model_kwargs,
+        input_shape=in_shape,
+        config=params,
+        epoch=best["epoch"],
+        seed=cfg.seed,
+        best_metric={
+            "name": f"val_{cfg.monitor}",
+            "value": best["loss"] if cfg.monitor == "loss" else best["auc"],
+        },
+        extra={
+            "out_channels": 1,
+            "positive_class": data.get("positive_class"),
+            "provenance": prov,
+            "metrics": {s: metrics[s] for s in SPLITS if s in metrics},
+        },
+    )
+    split_out = split_df[["subject", "split", "y", "label"]].copy()
+    split_out["y"] = split_out["y"].astype(int)
+    write_table(split_out, out / "split.tsv")
+    write_table(logit_df, out / "logits.tsv")
+    write_table(pd.DataFrame(log_rows), out / "train_log.tsv")
+    write_json(metrics, out / "metrics.json")
+    return metrics

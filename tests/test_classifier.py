@@ -1,0 +1,327 @@
+"""Classifier networks, split, metrics, training determinism, checkpoints and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neuroexplain.cli import main
+from neuroexplain.errors import InputError
+from neuroexplain.models import (
+    SmallCNN3D,
+    build_model,
+    default_target_layer,
+    get_layer,
+    layer_names,
+    load_classifier,
+)
+from neuroexplain.train import binary_metrics, make_split, read_split, train_classifier
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors run fastest (and without contention) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _toy_preproc(n: int = 24, size: int = 16, seed: int = 0) -> dict:
+    """Separable toy data: positives have a bright cube in one corner."""
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1] * (n // 2), np.float32)
+    images = rng.normal(0.3, 0.1, size=(n, 1, size, size, size)).astype(np.float32)
+    images[y == 1, :, 2:7, 2:7, 2:7] += 1.0
+    return {
+        "images": torch.tensor(images),
+        "y": torch.tensor(y),
+        "subjects": [f"sub-{i:02d}" for i in range(n)],
+        "label": ["disease" if v else "control" for v in y],
+        "positive_class": "disease",
+        "model_affines": torch.tensor(np.stack([np.diag([3.0, 3.0, 3.0, 1.0])] * n)),
+        # the remaining ingest-mri fields (no native images needed for training)
+        "dseg": None,
+        "native_affines": torch.tensor(np.stack([np.eye(4)] * n)),
+        "native_shapes": torch.tensor([[size, size, size]] * n),
+        "t1_paths": [""] * n,
+        "dseg_paths": [""] * n,
+        "dseg_names": {},
+        "params": {},
+    }
+
+
+# ------------------------------------------------------------------------------------ networks
+
+
+def test_small_network_matches_the_paper_layout():
+    net = build_model("small", spatial_size=(64, 64, 64))
+    assert isinstance(net, SmallCNN3D)
+    assert net.flatten_size == 1024  # 16 channels x 4³ after four poolings
+    assert net.classifier[0].in_features == 1024 and net.classifier[0].out_features == 64
+    assert net.classifier[-1].out_features == 1
+    convs = [m for m in net.features.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 16]
+    assert all(c.kernel_size == (3, 3, 3) for c in convs)
+    names = layer_names(net)
+    for name in ("features.0", "features.3", "features.3.conv", "features.3.adn", "classifier.0"):
+        assert name in names
+    assert isinstance(get_layer(net, "features.2.adn.N"), torch.nn.BatchNorm3d)
+    with pytest.raises(KeyError, match="no layer named"):
+        get_layer(net, "features.9")
+
+
+def test_flatten_size_follows_the_input_shape():
+    net = build_model("small", spatial_size=(32, 48, 40)).eval()
+    assert net.flatten_size == 16 * 2 * 3 * 2
+    assert net(torch.zeros(2, 1, 32, 48, 40)).shape == (2, 1)
+    with pytest.raises(ValueError, match="spatial shape"):
+        net(torch.zeros(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match="too small"):
+        build_model("small", spatial_size=(8, 8, 8))
+
+
+def test_monai_network_by_name():
+    net = build_model("densenet121", spatial_size=(32, 32, 32)).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1)
+    assert default_target_layer("densenet121") in layer_names(net)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vgg99")
+
+
+# ------------------------------------------------------------------------------ split, metrics
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    subjects = [f"sub-{i:03d}" for i in range(100)]
+    y = np.array([1] * 50 + [0] * 50)
+    df = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=3)
+    assert df["subject"].tolist() == subjects
+    counts = df.groupby(["split", "y"]).size()
+    for split, n in (("test", 10), ("val", 10), ("train", 30)):
+        assert counts[(split, 0)] == n and counts[(split, 1)] == n
+    again = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=3)
+    other = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=4)
+    assert again["split"].tolist() == df["split"].tolist()
+    assert other["split"].tolist() != df["split"].tolist()
+
+
+def test_binary_metrics_by_hand():
+    y = [0, 0, 0, 1, 1, 1, 1]
+    logits = [-2.0, 0.5, -1.0, 2.0, 1.0, -0.5, 3.0]
+    m = binary_metrics(y, logits)
+    # predictions: 0 1 0 | 1 1 0 1 -> tn 2, fp 1, fn 1, tp 3
+    assert m["confusion_matrix"] == [[2, 1], [1, 3]]
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    # AUC = fraction of (pos, neg) pairs ranked correctly: 11 of 12
+    assert m["auc"] == pytest.approx(11 / 12)
+    assert binary_metrics([1, 1], [0.3, 0.4])["auc"] is None
+
+
+# ---------------------------------------------------------------------------- training, ckpts
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_is_deterministic_and_writes_every_output(tmp_path):
+    pre = _toy_preproc()
+    kw = {"epochs": 2, "batch_size": 4, "seed": 7, "patience": 0, "progress": False}
+    m1 = train_classifier(pre, tmp_path / "a", **kw)
+    train_classifier(pre, tmp_path / "b", **kw)
+    for name in ("model.pt", "metrics.json", "logits.tsv", "split.tsv", "train_log.tsv"):
+        assert (tmp_path / "a" / name).is_file()
+    a, b = _state(tmp_path / "a" / "model.pt"), _state(tmp_path / "b" / "model.pt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (tmp_path / "a" / "logits.tsv").read_bytes() == (
+        tmp_path / "b" / "logits.tsv"
+    ).read_bytes()
+
+    # checkpoint content
+    assert a["arch"] == "small" and a["input_shape"] == [1, 16, 16, 16] and a["seed"] == 7
+    assert "features.3" in a["layer_names"] and a["best_metric"]["name"] == "val_loss"
+    assert 1 <= a["epoch"] <= 2 and a["version"]
+    # outputs
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert {"train", "val", "test"} <= set(metrics)
+    assert metrics["test"]["n"] == 4 and len(metrics["test"]["confusion_matrix"]) == 2
+    assert metrics == json.loads(json.dumps(m1, default=float))  # returned == written
+    logits = pd.read_csv(tmp_path / "a" / "logits.tsv", sep="\t")
+    assert list(logits.columns) == ["subject", "split", "y", "label", "logit", "prob"]
+    assert np.allclose(logits["prob"], 1 / (1 + np.exp(-logits["logit"])))
+    log = pd.read_csv(tmp_path / "a" / "train_log.tsv", sep="\t")
+    assert log["epoch"].tolist() == [1, 2]
+    split = read_split(tmp_path / "a" / "split.tsv", pre["subjects"])
+    assert (split["split"] == logits["split"]).all()
+
+
+def test_checkpoint_reload_and_mismatch_errors(tmp_path):
+    pre = _toy_preproc(n=12)
+    train_classifier(pre, tmp_path, epochs=1, batch_size=4, augment=False, progress=False)
+    model, ckpt = load_classifier(tmp_path / "model.pt", input_shape=[1, 16, 16, 16])
+    assert not model.training
+    x = pre["images"][:3]
+    logits = pd.read_csv(tmp_path / "logits.tsv", sep="\t")["logit"].to_numpy()[:3]
+    with torch.no_grad():
+        assert np.allclose(model(x)[:, 0].numpy(), logits, atol=1e-5)
+    with pytest.raises(InputError, match="trained on inputs of shape"):
+        load_classifier(tmp_path / "model.pt", input_shape=[1, 32, 32, 32])
+    with pytest.raises(InputError, match="expected a 'densenet121' classifier"):
+        load_classifier(tmp_path / "model.pt", arch="densenet121")
+    # weights of another network under this architecture's name
+    ckpt["state_dict"] = build_model("small", spatial_size=(32, 32, 32)).state_dict()
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="weights do not fit"):
+        load_classifier(tmp_path / "other.pt")
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(InputError, match="expected a neuroexplain-classifier"):
+        load_classifier(tmp_path / "foreign.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable torch checkpoint"):
+        load_classifier(tmp_path / "junk.pt")
+
+
+def test_learns_a_separable_toy_task(tmp_path):
+    pre = _toy_preproc(n=40, seed=1)
+    m = train_classifier(
+        pre,
+        tmp_path,
+        epochs=8,
+        batch_size=4,
+        lr=3e-3,
+        augment=False,
+        seed=0,
+        progress=False,
+        patience=0,
+    )
+    assert m["test"]["auc"] >= 0.9
+
+
+def test_cli_train_classifier(tmp_path):
+    torch.save(_toy_preproc(n=12), tmp_path / "preproc.pt")
+    out = tmp_path / "clf"
+    rc = main(
+        [
+            "train-classifier",
+            "--preproc",
+            str(tmp_path / "preproc.pt"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-augment",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    assert (out / "model.pt").is_file() and (out / "split.tsv").is_file()
+    # reuse of the split; bad options are one-line user errors (exit 2)
+    rc = main(
+        [
+            "train-classifier",
+            "--preproc",
+            str(tmp_path / "preproc.pt"),
+            "--out",
+            str(tmp_path / "clf2"),
+            "--epochs",
+            "1",
+            "--split",
+            str(out / "split.tsv"),
+        ]
+    )
+    assert rc == 0
+    assert (tmp_path / "clf2" / "split.tsv").read_text() == (out / "split.tsv").read_text()
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--preproc",
+                str(tmp_path / "preproc.pt"),
+                "--out",
+                str(tmp_path / "x"),
+                "--arch",
+                "nope",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--preproc",
+                str(tmp_path / "missing.pt"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--preproc",
+                str(tmp_path / "preproc.pt"),
+                "--out",
+                str(tmp_path / "x"),
+                "--val-fraction",
+                "0.7",
+                "--test-fraction",
+                "0.5",
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x").exists() or not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_batch_augmentation_is_seeded_and_light():
+    from neuroexplain.train.classifier import BatchAugment
+
+    x = torch.zeros(6, 1, 16, 16, 16)
+    x[:, :, 4:12, 5:11, 6:10] = 1.0
+    x[:, :, 4:6] += 0.5  # asymmetric along axis 0
+    assert torch.allclose(
+        BatchAugment(rotate_deg=0, translate_vox=0, scale=0, intensity=0)(x), x, atol=1e-5
+    )
+    flips = BatchAugment(rotate_deg=0, translate_vox=0, scale=0, intensity=0, flip_axis=0, seed=1)(
+        x
+    )
+    flipped = [bool(torch.allclose(f, x[0].flip(1), atol=1e-5)) for f in flips]
+    kept = [bool(torch.allclose(f, x[0], atol=1e-5)) for f in flips]
+    assert all(a != b for a, b in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+    a = BatchAugment(seed=3, rotate_deg=5, scale=0.05)(x)
+    kw = {"rotate_deg": 5, "scale": 0.05}
+    assert torch.equal(a, BatchAugment(seed=3, **kw)(x))
+    assert not torch.equal(a, BatchAugment(seed=4, **kw)(x))
+    assert (a[:, :, 14:, 14:, 14:] == 0).all()  # background stays 0
+    a = BatchAugment(seed=3, intensity=0, **kw)(x)
+    # light: mass and centre of mass barely move
+    grid = torch.arange(16.0)
+    com = lambda v: (v.sum((0, 2, 3)) * grid).sum() / v.sum()  # noqa: E731
+    for v, v0 in zip(a, x, strict=True):
+        assert abs(float(v.sum() / v0.sum()) - 1) < 0.35
+        assert abs(float(com(v) - com(v0))) < 3.0
+
+
+def test_default_augmentation_shifts_whole_voxels():
+    from neuroexplain.train.classifier import BatchAugment
+
+    x = torch.rand(4, 1, 12, 12, 12)
+    out = BatchAugment(intensity=0, seed=0)(x)
+    for v, v0 in zip(out, x, strict=True):
+        # the output is the input moved by whole voxels: every interior value is an input value
+        inner = v[0, 3:-3, 3:-3, 3:-3].flatten()
+        assert torch.isin(inner, v0.flatten()).all()
