@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from neuroexplain.errors import InputError
 
-__all__ = ["parse_int_list", "parse_shape"]
+__all__ = ["parse_int_list", "parse_shape", "set_threads"]
 
 
 def parse_shape(values: list[int] | None, option: str = "--shape") -> tuple[int, int, int]:
@@ -24,3 +24,13 @@ def parse_int_list(text: str, option: str) -> list[int]:
     except ValueError as exc:
         raise InputError(option, f"expected comma-separated integers, got {text!r}") from exc
     return out
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply a ``--threads`` option to torch (``None`` keeps torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise InputError("--threads", f"expected a positive number, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)

@@ -8,17 +8,8 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import parse_int_list
+from neuroexplain.cli._common import parse_int_list, set_threads
 from neuroexplain.errors import InputError
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise InputError("--threads", f"expected a positive number, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 @app.command("train-classifier")
@@ -93,7 +84,7 @@ def train_classifier_cmd(
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
     from neuroexplain.train import TrainConfig, train_classifier
 
-    _set_threads(threads)
+    set_threads(threads)
     cfg = TrainConfig(
         arch=arch,
         epochs=epochs,
@@ -191,7 +182,7 @@ def saliency_cmd(
     """Baseline attribution maps of the classifier logit, written in each subject's native space."""
     from neuroexplain.attribution.saliency import run_saliency
 
-    _set_threads(threads)
+    set_threads(threads)
     if not 0 <= occlusion_overlap < 1:
         raise InputError(
             "--occlusion-overlap", f"expected a value in [0, 1), got {occlusion_overlap}"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import parse_int_list
+from neuroexplain.cli._common import parse_int_list, set_threads
 from neuroexplain.errors import InputError
 
 _PREPROC = typer.Option("--preproc", help="preproc.pt from ingest-mri.")
@@ -17,15 +17,6 @@ _CHECKPOINT = typer.Option("--checkpoint", help="Classifier model.pt from train-
 _SPLIT = typer.Option("--split", help="split.tsv (default: next to the checkpoint).")
 _DEVICE = typer.Option("--device", help="auto, cpu or cuda.")
 _THREADS = typer.Option("--threads", help="CPU threads for torch.")
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise InputError("--threads", f"expected a positive number, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _check_classifier(value: str) -> str:
@@ -84,7 +75,7 @@ def tcav_cmd(
     """TCAV scores of user-defined concepts with random-vs-random t-tests (Kim et al. 2018)."""
     from neuroexplain.concepts3d.run import run_tcav
 
-    _set_threads(threads)
+    set_threads(threads)
     if not 0 < alpha < 1:
         raise InputError("--alpha", f"expected a value in (0, 1), got {alpha}")
     res = run_tcav(
@@ -205,7 +196,7 @@ def sacv_cmd(
     """Spatial concept vector: native-space relevance / contribution maps (Wang et al. 2022)."""
     from neuroexplain.concepts3d.run import run_sacv
 
-    _set_threads(threads)
+    set_threads(threads)
     res = run_sacv(
         preproc,
         checkpoint,
@@ -299,7 +290,7 @@ def xnn_train_cmd(
     from neuroexplain.xnn.run import run_xnn_train
     from neuroexplain.xnn.srae import SRAEConfig
 
-    _set_threads(threads)
+    set_threads(threads)
     cfg = SRAEConfig(
         n_features=n_features,
         hidden=hidden,
@@ -370,7 +361,7 @@ def xnn_explain_cmd(
     """XNN feature maps (native space), significant features and explanation-space metrics."""
     from neuroexplain.xnn.run import run_xnn_explain
 
-    _set_threads(threads)
+    set_threads(threads)
     if method not in ("ig", "gradxinput"):
         raise InputError("--method", f"expected ig or gradxinput, got {method!r}")
     res = run_xnn_explain(

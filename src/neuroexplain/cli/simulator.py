@@ -8,16 +8,8 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
+from neuroexplain.cli._common import set_threads
 from neuroexplain.errors import InputError
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise InputError("--threads", f"expected a positive number, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 @app.command("train-simulator")
@@ -105,10 +97,10 @@ def train_simulator_cmd(
     ] = None,
 ) -> None:
     """Train the conditional warping simulator against the frozen classifier."""
-    from neuroexplain.cli._common import parse_int_list
+    from neuroexplain.cli._common import parse_int_list, set_threads
     from neuroexplain.simulator import SimulatorConfig, TrainConfig, run_train_simulator
 
-    _set_threads(threads)
+    set_threads(threads)
     chans = tuple(parse_int_list(channels, "--channels"))
     if len(chans) < 2 or min(chans) < 1:
         raise InputError("--channels", f"expected at least 2 positive integers, got {channels!r}")
@@ -200,7 +192,7 @@ def simulate_cmd(
     """Simulated images, displacement fields, Jacobian disease maps and region tables."""
     from neuroexplain.simulator import parse_regions, run_simulate
 
-    _set_threads(threads)
+    set_threads(threads)
     if batch_size < 1:
         raise InputError("--batch-size", f"expected >= 1, got {batch_size}")
     summary = run_simulate(
