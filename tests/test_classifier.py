@@ -324,4 +324,5 @@ def test_default_augmentation_shifts_whole_voxels():
     for v, v0 in zip(out, x, strict=True):
         # the output is the input moved by whole voxels: every interior value is an input value
         inner = v[0, 3:-3, 3:-3, 3:-3].flatten()
-        assert torch.isin(inner, v0.flatten()).all()
+        nearest = (inner[:, None] - v0.flatten()[None, :]).abs().min(1).values
+        assert (nearest < 1e-5).all()

@@ -359,8 +359,14 @@ class BatchAugment:
         self.flip_axis = flip_axis
         self.prob = float(prob)
         self.gen = torch.Generator().manual_seed(int(seed))
+        # theta on normalised (align_corners) coordinates in torch's (z, y, x) order: exact
+        # whole-voxel shifts and rotations about the volume centre in voxel units
         self.warp = AffineTransform(
-            normalized=False, zero_centered=True, mode="bilinear", padding_mode="zeros"
+            normalized=True,
+            reverse_indexing=False,
+            align_corners=True,
+            mode="bilinear",
+            padding_mode="zeros",
         )
 
     def _uniform(self, *shape: int, bound: float) -> Any:
@@ -368,8 +374,13 @@ class BatchAugment:
 
         return (torch.rand(*shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * bound
 
-    def _thetas(self, b: int) -> Any:
-        """``(B, 4, 4)`` pull affines (output voxel -> input voxel, centred coordinates)."""
+    def _thetas(self, b: int, spatial: Sequence[int]) -> Any:
+        """``(B, 3, 4)`` pull affines on normalised coordinates (torch's reversed axis order).
+
+        In centred voxel coordinates the pull map is ``in = R S out + t``; with
+        ``D = diag((n - 1) / 2)`` (``align_corners``) it is ``D^-1 R S D`` and ``D^-1 t`` on
+        normalised coordinates, then the axes are reversed for ``affine_grid``.
+        """
         import torch
 
         ang = self._uniform(b, 3, bound=self.rotate)
@@ -382,19 +393,25 @@ class BatchAugment:
         ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
         rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
         rot = rx.view(b, 3, 3) @ ry.view(b, 3, 3) @ rz.view(b, 3, 3)
-        theta = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1)
-        theta[:, :3, :3] = rot * scl[:, None, :]
+        lin = rot * scl[:, None, :]
         if self.rotate == 0 and self.scale == 0:
             trans = torch.round(trans)  # whole-voxel shifts resample exactly (no blur)
-        theta[:, :3, 3] = trans
-        theta[~use] = torch.eye(4, dtype=torch.float64)
+        lin[~use] = torch.eye(3, dtype=torch.float64)
+        trans[~use] = 0.0
+        half = torch.tensor([(n - 1) / 2 for n in spatial], dtype=torch.float64)
+        lin_n = lin * half[None, None, :] / half[None, :, None]
+        trans_n = trans / half[None, :]
+        rev = [2, 1, 0]
+        theta = torch.zeros(b, 3, 4, dtype=torch.float64)
+        theta[:, :, :3] = lin_n[:, rev][:, :, rev]
+        theta[:, :, 3] = trans_n[:, rev]
         return theta
 
     def __call__(self, x: Any) -> Any:
         import torch
 
         b = x.shape[0]
-        theta = self._thetas(b)
+        theta = self._thetas(b, x.shape[2:])
         flip = torch.rand(b, generator=self.gen) < 0.5
         gain = 1.0 + self._uniform(b, bound=self.intensity).float()
         gain[torch.rand(b, generator=self.gen) >= 0.5] = 1.0
