@@ -30,7 +30,7 @@ def train_simulator_cmd(
     ],
     epochs: Annotated[
         int, typer.Option("--epochs", help="Passes over the training subjects.")
-    ] = 30,
+    ] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Subjects per step.")] = 4,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
     experts: Annotated[
@@ -48,14 +48,14 @@ def train_simulator_cmd(
         str,
         typer.Option(
             "--hinge",
-            help="relative: logit moves by >= margin; flip: decision flipped by >= margin.",
+            help="flip: decision flipped by >= margin; relative: logit moves by >= margin.",
         ),
-    ] = "relative",
+    ] = "flip",
     w_cls: Annotated[float, typer.Option("--w-cls", help="Weight of the logit hinge.")] = 1.0,
     w_cycle: Annotated[float, typer.Option("--w-cycle", help="Weight of the cycle loss.")] = 1.0,
     w_smooth: Annotated[
         float, typer.Option("--w-smooth", help="Weight of the field smoothness loss.")
-    ] = 1.0,
+    ] = 30.0,
     w_magnitude: Annotated[
         float, typer.Option("--w-magnitude", help="Weight of the mean squared displacement.")
     ] = 0.0,
