@@ -284,9 +284,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def _smooth_loss(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import warnings
+
     from monai.losses import BendingEnergyLoss, DiffusionLoss
 
-    return BendingEnergyLoss() if kind == "bending" else DiffusionLoss()
+    loss = BendingEnergyLoss() if kind == "bending" else DiffusionLoss()
+
+    def fn(ddf: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # MONAI indexes with lists (a torch deprecation warning)
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
+            return loss(ddf)
+
+    return fn
 
 
 # -------------------------------------------------------------------------------- checkpoints
