@@ -144,6 +144,34 @@ def test_significance_edge_cases():
     assert np.isnan(tcav_significance([1.0], [0.0, 1.0]))
 
 
+def test_a_concept_whose_cavs_do_not_classify_is_never_significant():
+    """Parallel CAVs of a fixed meaningless concept give constant scores (tiny p); the held-out
+    accuracy check keeps them from being called significant."""
+    randoms = [f"r{i}" for i in range(6)]
+    scores = {}
+    for i, r in enumerate(randoms[1:]):
+        scores[f"c-{r}"] = {"l": {"sign_count": 0.0, "magnitude": 0.0, "accuracy": 0.5}}
+        scores[f"good-{r}"] = {"l": {"sign_count": 1.0, "magnitude": 1.0, "accuracy": 0.9}}
+        scores[f"r0-{r}"] = {"l": {"sign_count": [0.2, 0.5, 0.4, 0.3, 0.6][i], "magnitude": 0.5,
+                                   "accuracy": 0.5}}  # fmt: skip
+    bad = summarize_experiment(scores, "c", randoms, "l", alpha=0.01)
+    assert bad["p_value"] < 0.01 and not bad["cav_valid"] and not bad["significant"]
+    assert summarize_experiment(scores, "c", randoms, "l", min_accuracy=0)["significant"]
+    good = summarize_experiment(scores, "good", randoms, "l", alpha=0.01)
+    assert good["cav_valid"] and good["significant"] and good["cav_accuracy"] == 0.9
+
+
+def test_random_sets_are_seeded_and_disjoint_from_the_first():
+    pool = _concept("p", torch.zeros(30, 1, 2, 2, 2))
+    sets = random_concepts(pool, 6, 8, seed=1)
+    first = set(sets[0].ids)
+    assert all(len(r) == 8 and not first & set(r.ids) for r in sets[1:])
+    assert len({tuple(r.ids) for r in sets[1:]}) > 1
+    assert [r.ids for r in random_concepts(pool, 6, 8, seed=1)] == [r.ids for r in sets]
+    small = random_concepts(pool, 3, 20, seed=1)  # too small to be disjoint: falls back
+    assert all(len(r) == 20 for r in small)
+
+
 class _BlobNet(nn.Module):
     """conv (identity-like) -> ReLU -> logit = sum of activations in the left half - right half."""
 
@@ -176,7 +204,7 @@ def test_tcav_end_to_end_on_a_toy_net_concept_vs_random():
     concept = _concept("blob", torch.rand(16, 1, 8, 8, 8, generator=g) * 0.5 + blob)
     pool = _concept("pool", torch.rand(80, 1, 8, 8, 8, generator=g) * 0.5)
     fake = _concept("fake", torch.rand(16, 1, 8, 8, 8, generator=g) * 0.5)
-    randoms = random_concepts(pool, 11, 16, seed=0)
+    randoms = random_concepts(pool, 21, 16, seed=0)
     sets = (
         [[concept, r] for r in randoms[1:]]
         + [[fake, r] for r in randoms[1:]]
@@ -366,16 +394,19 @@ def test_cli_tcav_planted_concept_is_significant_unrelated_is_not(toy, tmp_path)
     res = json.loads((out / "tcav.json").read_text())
     rows = {r["concept"]: r for r in res["results"]}
     assert rows["atrophyA"]["p_value"] < 0.01 and rows["atrophyA"]["cav_accuracy"] >= 0.8
-    assert rows["regionB"]["p_value"] > 0.05
+    assert rows["atrophyA"]["significant"]
+    assert rows["regionB"]["p_value"] > 0.05 and not rows["regionB"]["significant"]
     assert len(rows["atrophyA"]["scores"]) == 10
     test_split = {f"sub-{i:02d}" for i in range(24, 36)}
     assert res["class"]["subjects"] and set(res["class"]["subjects"]) <= test_split
     assert (out / "tcav.tsv").is_file() and (out / "tcav.png").is_file()
     # a second run takes every CAV from the cache and writes the identical file
+    n_cached = len(torch.load(out / "cavs.pt", weights_only=True)["entries"])
     again = run_tcav(
         toy["preproc"], toy["model"], toy["concepts"], out, layers="features.0", plot=False
     )
-    assert again["cache_stats"]["hits"] == again["cache_stats"]["entries"] > 0
+    assert again["cache_stats"]["entries"] == n_cached  # nothing new was computed
+    assert again["cache_stats"]["hits"] >= n_cached > 0
     assert json.loads((out / "tcav.json").read_text()) == res
     # a fresh run (no cache) with the same seed gives the same result
     fresh = tmp_path / "fresh"

@@ -57,6 +57,13 @@ def tcav_cmd(
         int | None, typer.Option("--random-size", help="Examples per random set.")
     ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 0.01,
+    min_accuracy: Annotated[
+        float,
+        typer.Option(
+            "--min-accuracy",
+            help="Mean held-out CAV accuracy a concept needs to be significant (0 = off).",
+        ),
+    ] = 0.6,
     classifier: Annotated[
         str, typer.Option("--classifier", help="CAV classifier: logistic or sgd.")
     ] = "logistic",
@@ -92,6 +99,7 @@ def tcav_cmd(
         n_random=n_random,
         random_size=random_size,
         alpha=alpha,
+        min_accuracy=min_accuracy,
         seed=seed,
         classifier=_check_classifier(classifier),
         C=c,
@@ -104,7 +112,7 @@ def tcav_cmd(
         typer.echo(
             f"{r['concept']} @ {r['layer']}: TCAV {r['tcav_score']:.2f} vs random "
             f"{r['random_score']:.2f}, p = {r['p_value']:.3g}, CAV accuracy "
-            f"{r['cav_accuracy']:.2f}"
+            f"{r['cav_accuracy']:.2f}{' (significant)' if r['significant'] else ''}"
         )
     typer.echo(f"-> {out / 'tcav.json'}")
 

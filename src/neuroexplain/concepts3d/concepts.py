@@ -22,7 +22,7 @@ Example config::
     split: [train, val]        # subjects that may serve as examples (split.tsv); default: not test
     participants: participants.tsv   # optional: columns for the selectors
     n_random: 10               # random sets per concept (TCAV t-test)
-    random_size: null          # examples per random set; default min(concept size, pool // 2)
+    random_size: null          # examples per random set; default min(concept size, pool // 3)
     concepts:
       atrophy_region_a:
         where: {diagnosis: disease}
@@ -550,20 +550,49 @@ def with_positions(
 
 
 def random_concepts(
-    pool: Concept, n_sets: int, size: int, *, seed: int, prefix: str = "random"
+    pool: Concept,
+    n_sets: int,
+    size: int,
+    *,
+    seed: int,
+    prefix: str = "random",
+    disjoint_first: bool = True,
 ) -> list[Concept]:
     """``n_sets`` random subsets of ``size`` examples of ``pool`` (seeded, without replacement
     within a set).
+
+    Args:
+        pool: the random pool.
+        n_sets: number of sets.
+        size: examples per set (at most the pool size).
+        seed: seed of the draw.
+        prefix: name prefix.
+        disjoint_first: draw sets ``1 ..`` from the pool *minus* set 0, so the random-vs-random
+            CAVs (set 0 against set ``i``) never see one example in both classes (shared
+            examples bias their held-out accuracy below chance). Falls back to the whole pool,
+            with a warning, when the rest of the pool is smaller than ``size``.
 
     Returns:
         Concepts named ``f"{prefix}_{i}"``, ``i = 0 .. n_sets - 1``.
     """
     size = min(int(size), len(pool))
     rng = np.random.default_rng(seed)
-    return [
-        pool.subset(np.sort(rng.choice(len(pool), size=size, replace=False)), f"{prefix}_{i}")
-        for i in range(n_sets)
-    ]
+    first = np.sort(rng.choice(len(pool), size=size, replace=False))
+    rest = np.setdiff1d(np.arange(len(pool)), first)
+    if disjoint_first and len(rest) < size:
+        logger.warning(
+            "random pool of %d is too small for disjoint random sets of %d; "
+            "random sets may share examples",
+            len(pool),
+            size,
+        )
+        disjoint_first = False
+    source = rest if disjoint_first else np.arange(len(pool))
+    out = [pool.subset(first, f"{prefix}_0")]
+    for i in range(1, n_sets):
+        pick = np.sort(source[rng.choice(len(source), size=size, replace=False)])
+        out.append(pool.subset(pick, f"{prefix}_{i}"))
+    return out
 
 
 def spec_dict(spec: ConceptSpec) -> dict[str, Any]:

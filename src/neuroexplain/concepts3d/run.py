@@ -196,6 +196,7 @@ def run_tcav(
     n_random: int | None = None,
     random_size: int | None = None,
     alpha: float = 0.01,
+    min_accuracy: float = 0.6,
     seed: int = 0,
     classifier: str = "logistic",
     C: float = 1.0,
@@ -220,8 +221,10 @@ def run_tcav(
         target_class: 1 (positive class, e.g. disease) or 0.
         target: logit index of the network.
         n_random: random sets per concept (default: the config's ``n_random``).
-        random_size: examples per random set (default: config, else min(concept, pool // 2)).
+        random_size: examples per random set (default: config, else min(concept, pool // 3)).
         alpha: significance level of the t-test.
+        min_accuracy: mean held-out CAV accuracy a concept needs to be called significant
+            (see :func:`~neuroexplain.concepts3d.tcav.summarize_experiment`; 0 disables).
         seed: seed of the random sets and CAV classifiers.
         classifier: ``"logistic"`` or ``"sgd"``.
         C: inverse regularisation strength of the CAV classifier.
@@ -287,11 +290,13 @@ def run_tcav(
         conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
         concept = build_concept(ctx.preproc, conc_idx, spec)
         pool = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool")
-        size = int(random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 2)))
-        if size >= len(pool):
+        # default: a third of the pool, so set 0 and the sets drawn from the other two thirds
+        # are disjoint and still differ from one another
+        size = int(random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 3)))
+        if 2 * size > len(pool):
             logger.warning(
-                "concept %s: random pool of %d examples gives identical random sets "
-                "of %d; the t-test is then meaningless",
+                "concept %s: random pool of %d examples is small for random sets of %d; "
+                "they overlap heavily and the t-test loses its meaning",
                 spec.name,
                 len(pool),
                 size,
@@ -319,7 +324,9 @@ def run_tcav(
     rows = []
     for name, plan in plans.items():
         for layer in layer_list:
-            row = summarize_experiment(scores, name, plan["randoms"], layer, alpha=alpha)
+            row = summarize_experiment(
+                scores, name, plan["randoms"], layer, alpha=alpha, min_accuracy=min_accuracy
+            )
             row.update(
                 n_examples=len(plan["examples"]),
                 n_pool=len(plan["pool"]),
@@ -338,6 +345,7 @@ def run_tcav(
         "target": target,
         "n_random": n_sets,
         "alpha": alpha,
+        "min_accuracy": min_accuracy,
         "classifier": classifier,
         "C": C,
         "test_fraction": test_fraction,

@@ -11,7 +11,14 @@ Activation Vectors (TCAV)", ICML (arXiv:1711.11279):
    derivative ``S_{C,k,l}(x) = grad_a h_k(a_l(x)) . v_C^l`` is positive (``h_k``: the class
    logit); Captum's ``magnitude`` score (positive over total ``|S|``) is reported too;
 3. a concept is **significant** when its scores over ``N`` CAVs (concept vs ``N`` random sets)
-   differ from the scores of random-vs-random CAVs (two-sided t-test, scipy).
+   differ from the scores of random-vs-random CAVs (two-sided t-test, scipy) **and** its CAVs
+   separate concept from random on held-out examples (mean balanced accuracy at least
+   ``min_accuracy``, default 0.6). The second condition matters: the concept set is the same
+   in all ``N`` CAVs, so even a concept the layer cannot tell from random (accuracy ~0.5) gets
+   ``N`` nearly parallel CAVs (the direction of its own sampling noise), hence nearly constant
+   all-or-nothing TCAV scores and, often, a tiny t-test p-value. A CAV that does not classify
+   is not a concept direction, so its score is not interpreted (Kim et al. also discard
+   inaccurate CAVs). ``p_value`` is always reported as is.
 
 The API follows Captum's ``captum.concept.TCAV`` (``compute_cavs(experimental_sets)``,
 ``interpret(inputs, experimental_sets, target)``) but works on in-memory 3D example sets,
@@ -488,6 +495,7 @@ def summarize_experiment(
     layer: str,
     *,
     alpha: float = 0.01,
+    min_accuracy: float = 0.6,
 ) -> dict[str, Any]:
     """Concept-vs-random statistics of one concept at one layer.
 
@@ -498,10 +506,13 @@ def summarize_experiment(
         randoms: names of the random sets; ``randoms[0]`` is the random "concept" of the
             random-vs-random CAVs.
         layer: layer name.
-        alpha: significance level.
+        alpha: significance level of the t-test.
+        min_accuracy: mean held-out CAV accuracy below which the concept is not a direction of
+            the layer and is never called significant (0 disables the check).
 
     Returns:
-        Scores, accuracies, means, sds, ``p_value`` and ``significant``.
+        Scores, accuracies, means, sds, ``p_value``, ``cav_valid`` (accuracy check) and
+        ``significant`` (``p_value < alpha`` and ``cav_valid``).
     """
     cs = [scores[f"{concept}-{r}"][layer] for r in randoms[1:]]
     rs = [scores[f"{randoms[0]}-{r}"][layer] for r in randoms[1:]]
@@ -510,6 +521,8 @@ def summarize_experiment(
     acc = [d["accuracy"] for d in cs]
     racc = [d["accuracy"] for d in rs]
     p = tcav_significance(c_sc, r_sc)
+    mean_acc = _mean(acc)
+    valid = bool(min_accuracy <= 0 or (not math.isnan(mean_acc) and mean_acc >= min_accuracy))
     return {
         "concept": concept,
         "layer": layer,
@@ -519,8 +532,9 @@ def summarize_experiment(
         "random_score": _mean(r_sc),
         "random_score_sd": _sd(r_sc),
         "p_value": p,
-        "significant": bool(p < alpha) if not math.isnan(p) else False,
-        "cav_accuracy": _mean(acc),
+        "cav_valid": valid,
+        "significant": bool(valid and not math.isnan(p) and p < alpha),
+        "cav_accuracy": mean_acc,
         "cav_accuracy_sd": _sd(acc),
         "random_cav_accuracy": _mean(racc),
         "scores": c_sc,
