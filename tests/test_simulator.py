@@ -191,7 +191,7 @@ def test_hinge_pushes_the_logit_in_the_asked_direction(hinge: str) -> None:
     l_sim = torch.tensor([-2.0, 2.0], requires_grad=True)  # no change yet
     loss = logit_shift_loss(l_in, l_sim, o, 1.0, hinge=hinge)
     loss.backward()
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
     # gradient descent raises the inject logit and lowers the remove logit
     assert l_sim.grad[0] < 0 and l_sim.grad[1] > 0
     # satisfied: inject went up by >= margin (and past margin), remove went down likewise

@@ -58,7 +58,7 @@ def train_simulator_cmd(
     ] = 30.0,
     w_magnitude: Annotated[
         float, typer.Option("--w-magnitude", help="Weight of the mean squared displacement.")
-    ] = 0.0,
+    ] = 0.1,
     smoothness: Annotated[
         str, typer.Option("--smoothness", help="bending (BendingEnergyLoss) or diffusion.")
     ] = "bending",
