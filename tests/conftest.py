@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: lines a test asks to print in pytest's terminal summary (e.g. the bad-input corpus summary)
+SUMMARY_LINES = pytest.StashKey[list[str]]()
 SHARED_DATA = Path(os.environ.get("NEUROEXPLAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -40,3 +42,8 @@ def ixi_root() -> Path:
 def mob_root() -> Path:
     """Mouse olfactory bulb spatial transcriptomics (Stahl 2016, replicate 11)."""
     return _require(SHARED_DATA / "mob")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for line in config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)

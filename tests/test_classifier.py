@@ -326,3 +326,50 @@ def test_default_augmentation_shifts_whole_voxels():
         inner = v[0, 3:-3, 3:-3, 3:-3].flatten()
         nearest = (inner[:, None] - v0.flatten()[None, :]).abs().min(1).values
         assert (nearest < 1e-5).all()
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
+    """kill -9 mid-training, rerun the same command: it resumes and ends bitwise identical."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    torch.save(_toy_preproc(n=40, size=24, seed=3), tmp_path / "preproc.pt")
+
+    def cmd(out):
+        return [
+            sys.executable, "-m", "neuroexplain", "train-classifier",
+            "--preproc", str(tmp_path / "preproc.pt"), "--out", str(out),
+            "--epochs", "8", "--patience", "0", "--batch-size", "4", "--threads", "1",
+        ]  # fmt: skip
+
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), check=True, env=env, capture_output=True)
+    assert not (ref / "train_state.pt").exists()  # removed once the outputs are written
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "train_state.pt").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.pt").exists()  # killed before the end
+    killed_at = _state(out / "train_state.pt")["epoch"]
+    assert 1 <= killed_at < 8
+
+    done = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"after epoch {killed_at}" in done.stderr  # it really resumed
+    a, b = _state(ref / "model.pt"), _state(out / "model.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (ref / "logits.tsv").read_bytes() == (out / "logits.tsv").read_bytes()
+    log_a = pd.read_csv(ref / "train_log.tsv", sep="\t").drop(columns="seconds")
+    log_b = pd.read_csv(out / "train_log.tsv", sep="\t").drop(columns="seconds")
+    pd.testing.assert_frame_equal(log_a, log_b)

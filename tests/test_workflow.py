@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,50 @@ pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
 
 
+_FAKEBIN = tempfile.TemporaryDirectory(prefix="neuroexplain-fakebin-")
+
+
+def _no_scontrol() -> str:
+    """A folder with an ``scontrol`` that fails at once, to put first on PATH.
+
+    The Slurm executor plugin runs ``scontrol show config`` when snakemake starts, which waits
+    10 s for a controller where the Slurm client is installed but no cluster runs; failing at
+    once makes the plugin skip it. Runs on Slurm (any ``slurm`` argument) keep the real one.
+    """
+    fake = Path(_FAKEBIN.name) / "scontrol"
+    if not fake.exists():
+        fake.write_text("#!/bin/sh\nexit 1\n")
+        fake.chmod(0o755)
+    return _FAKEBIN.name
+
+
 def _snakemake(
-    repo: Path, workdir: Path, *args: str, configfile: str, mirror: Path | str, timeout: float = 120
+    repo: Path,
+    workdir: Path,
+    *args: str,
+    configfile: str | list[str],
+    mirror: Path | str,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``snakemake`` of this environment on the repository's workflow inside ``workdir``."""
+    """Run ``snakemake`` of this environment on the repository's workflow inside ``workdir``.
+
+    ``configfile``: one or more config files (relative to the repository or absolute); later
+    ones override keys of earlier ones.
+    """
+    configfiles = [configfile] if isinstance(configfile, str) else configfile
     cmd = [
         sys.executable, "-m", "snakemake",
         "--snakefile", str(repo / "Snakefile"),
         "--directory", str(workdir),
-        "--configfile", str(repo / configfile),
+        "--configfile", *[str(repo / c) for c in configfiles],
         "--config", "data=" + json.dumps({"mirror": str(mirror)}),
         *args,
     ]  # fmt: skip
     # jobs call `neuroexplain`: use the one installed beside this Python even if not activated
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path = [str(BIN), os.environ.get("PATH", "")]
+    if not any("slurm" in a for a in args):
+        path.insert(0, _no_scontrol())
+    env = {**os.environ, "PATH": os.pathsep.join(path)}
     return subprocess.run(
         cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -78,6 +109,98 @@ def test_dry_run_default_config_reads_the_mirror(
     assert "rule fetch_" not in out  # the mirror has both datasets: nothing is downloaded
     assert f"--bids {shlex.quote(str(ixi_root))}" in out
     assert "--shape 64 --shape 64 --shape 64" in out
+
+
+# the rules of the MRI explanation stages and the report, in the default configuration
+EXPLANATION_RULES = (
+    "train_classifier",
+    "saliency",
+    "train_simulator",
+    "simulate",
+    "tcav",
+    "sacv",
+    "xnn_train",
+    "xnn_explain",
+    "evaluate_maps",
+    "figures",
+)
+SIMULATOR_MAP = "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz"
+
+
+def _shell_command(out: str, command: str) -> str:
+    """The one dry-run shell command line that runs ``neuroexplain <command>``."""
+    lines = [line for line in out.splitlines() if f"neuroexplain {command} " in line]
+    lines = [line for line in lines if not line.lstrip().startswith(("input:", "output:"))]
+    assert len(lines) == 1, (command, lines)
+    return lines[0]
+
+
+def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path) -> None:
+    out = _ok(
+        _snakemake(
+            repo_root, tmp_path, "-n", "-p", configfile="config/config.yaml", mirror=tmp_path
+        )
+    )
+    for rule in EXPLANATION_RULES:
+        assert f"rule {rule}:" in out, rule
+    # every map stage writes the evaluated split; the simulator trains against the classifier
+    for command in ("saliency", "simulate", "sacv", "xnn-explain"):
+        assert "--subjects test" in _shell_command(out, command), command
+    train = _shell_command(out, "train-simulator")
+    assert "--classifier results/classifier/model.pt" in train
+    assert "--out results/simulator_model/model.pt" in train
+    assert "--channels 8,16,32,32" in train and "--correct-only" in train
+    # the demo concepts ship with the workflow; selectors come from the cohort's participants
+    sacv = _shell_command(out, "sacv")
+    assert f"--concepts {repo_root / 'config/concepts3d.yaml'}" in sacv
+    assert "--participants results/cohort/participants.tsv" in sacv
+    assert "--concept plantedregions --desc-label plantedregions" in sacv
+    # evaluate-maps and figures get every registered map, the simulator's by its template
+    for command in ("evaluate-maps", "figures"):
+        line = _shell_command(out, command)
+        assert f"--maps {shlex.quote('simulator=' + SIMULATOR_MAP)}" in line, command
+        for method in ("ig", "gradcam", "xnnfeature5"):
+            assert f"--maps {method}=" in line, (command, method)
+        assert "--maps sacvrelevanceplantedregions=results/concepts3d/sacv/plantedregions" in line
+    figures = _shell_command(out, "figures")
+    assert "--logjacobian-maps simulator" in figures
+    assert "--regions-figure results/figures/regions_logjacobian.png" in figures
+    assert "--regions hippocampus=47,48 --regions lateral_ventricles=51,52" in figures
+
+
+def test_dry_run_tiny_config_with_every_stage(repo_root: Path, tmp_path: Path) -> None:
+    """The tiny config keeps the model stages off (4 subjects); switched on, they form the DAG."""
+    override = tmp_path / "on.yaml"
+    override.write_text("classifier:\n  activate: true\nsaliency:\n  activate: true\n")
+    out = _ok(
+        _snakemake(
+            repo_root,
+            tmp_path,
+            "-n",
+            "-p",
+            configfile=["tests/config/config.yaml", str(override)],
+            mirror=tmp_path,
+        )
+    )
+    for rule in EXPLANATION_RULES:
+        assert f"rule {rule}:" in out, rule
+    # the override merges into the tiny config's sections: its fast settings stay
+    assert "--epochs 2 " in _shell_command(out, "train-classifier")
+    assert "--max-steps 2" in _shell_command(out, "train-simulator")
+    assert "--no-images" in _shell_command(out, "simulate")
+    figures = _shell_command(out, "figures")
+    assert "--maps xnnfeature2=results/xnn" in figures
+    assert "--maps xnnfeature3=" not in figures
+    assert "--n-subjects 2" in figures
+
+
+def test_sacv_concepts_must_be_defined(repo_root: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("concepts3d:\n  sacv_concepts: [nosuchconcept]\n")
+    proc = _snakemake(repo_root, tmp_path, "-n", configfile=str(cfg), mirror=tmp_path)
+    assert proc.returncode != 0
+    assert "concepts3d.sacv_concepts" in proc.stdout + proc.stderr
+    assert "nosuchconcept" in proc.stdout + proc.stderr
 
 
 def test_dry_run_without_mirror_downloads(repo_root: Path, tmp_path: Path) -> None:
@@ -151,6 +274,15 @@ def test_end_to_end_tiny_config(repo_root: Path, tmp_path: Path, ixi_root: Path,
     metrics = json.loads((workdir / "results/st_concepts/mob_metrics.json").read_text())
     assert metrics
 
+    # figures: the ground truth of the diseased subjects on their native T1w, region bars
+    figures = workdir / "results/figures"
+    assert (figures / "maps/groundtruth.png").stat().st_size > 10_000
+    text = (figures / "regions_logjacobian.tsv").read_text().splitlines()
+    bars = list(csv.DictReader(text, delimiter="\t"))
+    diseased = [r for r in bars if r["y"] == "1" and r["region"] == "hippocampus"]
+    assert diseased and all(float(r["mean_logjacobian"]) < 0 for r in diseased)  # shrunk
+    assert (figures / "regions_logjacobian.png").is_file()
+
     # logs and benchmarks where the path convention puts them
     assert (workdir / "logs/ingest/mri.log").is_file()
     assert (workdir / "results/benchmarks/ingest/mri.tsv").is_file()
@@ -158,6 +290,23 @@ def test_end_to_end_tiny_config(repo_root: Path, tmp_path: Path, ixi_root: Path,
     # a second run has nothing to do
     again = _ok(_snakemake(repo_root, workdir, *args, configfile=config, mirror=ixi_root.parent))
     assert "Nothing to be done" in again
+
+    # the Snakemake report: every figure and metrics file marked with report(...)
+    report = workdir / "results/report.html"
+    out = _ok(
+        _snakemake(
+            repo_root,
+            workdir,
+            "--report",
+            str(report),
+            configfile=config,
+            mirror=ixi_root.parent,
+        )
+    )
+    assert "ERROR" not in out  # e.g. a caption with broken reStructuredText
+    for name in ("groundtruth.png", "regions_logjacobian.png", "mob_metrics.json"):
+        assert f"Adding {name}" in out, name
+    assert report.stat().st_size > 100_000
 
 
 def _properties(schema: dict, prefix: str = ""):

@@ -5,10 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["amp_enabled", "resolve_device", "seed_everything"]
+__all__ = [
+    "MEMORY_LIMIT_ENV",
+    "amp_enabled",
+    "available_memory",
+    "check_memory_fits",
+    "estimate_activation_memory",
+    "estimate_training_memory",
+    "format_bytes",
+    "resolve_device",
+    "seed_everything",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +61,221 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     set_determinism(seed=seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ------------------------------------------------------------------------------ resource limits
+
+#: environment variable that overrides the memory available to a run (in MiB), e.g. for tests
+MEMORY_LIMIT_ENV = "NEUROEXPLAIN_MEMORY_LIMIT_MB"
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'`` (binary units)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - unreachable
+
+
+def available_memory(device: Any = None) -> tuple[int | None, str]:
+    """Bytes of memory a run may still use, and where the number comes from.
+
+    Order: the ``NEUROEXPLAIN_MEMORY_LIMIT_MB`` environment variable (overrides everything);
+    free CUDA memory for a CUDA ``device``; ``psutil.virtual_memory().available`` if psutil is
+    installed; ``MemAvailable`` of ``/proc/meminfo``. ``(None, reason)`` when none is known.
+
+    Raises:
+        InputError: the environment variable is not a positive number.
+    """
+    from neuroexplain.errors import InputError
+
+    env = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            mb = -1.0
+        if not mb > 0:
+            raise InputError(MEMORY_LIMIT_ENV, f"expected a positive number of MiB, got {env!r}")
+        return int(mb * 2**20), f"{MEMORY_LIMIT_ENV}={env}"
+    if getattr(device, "type", str(device or "")) == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), "free CUDA memory"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available system memory"
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    return None, "unknown"
+
+
+def _parameter_memory(model: Any, optimizer_states: int) -> int:
+    """Weights and buffers, plus gradients and optimiser state of the trainable parameters."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int(weights + trainable * (1 + optimizer_states))
+
+
+def estimate_activation_memory(
+    model: Any,
+    input_shape: Sequence[int],
+    batch_size: int,
+    amp: bool = False,
+    *,
+    forward: Callable[[Any, Any], Any] | None = None,
+) -> int:
+    """Activation memory of one training step, measured by a forward pass on a batch of 1.
+
+    During a forward pass with gradients, a ``saved_tensors_hooks`` pack hook adds up the bytes
+    of every tensor autograd keeps for the backward pass (distinct storages, parameters
+    excluded), and forward hooks record the largest output of any layer. The estimate is
+    ``batch_size * (saved + 2 * largest)``: what backward needs, plus one transient output and
+    its gradient. The model runs in eval mode for the measurement (BatchNorm running statistics
+    are not touched) and is put back in its previous mode.
+
+    Args:
+        model: the network ``(B, *input_shape) -> ...``.
+        input_shape: one sample's shape, e.g. ``(C, X, Y, Z)``.
+        batch_size: samples per training step.
+        amp: measure under ``torch.autocast`` (half-precision activations, as on CUDA with AMP).
+        forward: ``forward(model, x)`` for models that take more than the image (default
+            ``model(x)``).
+
+    Returns:
+        Bytes.
+    """
+    import torch
+
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    x = torch.zeros((1, *[int(s) for s in input_shape]), device=device, requires_grad=True)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: set[int] = set()
+    saved = [0]
+    largest = [x.numel() * x.element_size()]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            ptr, nbytes = id(t), t.numel() * t.element_size()
+        if ptr not in seen and ptr not in param_ptrs:
+            seen.add(ptr)
+            saved[0] += nbytes
+        return t
+
+    def on_output(_module: Any, _inputs: Any, output: Any) -> None:
+        outs = output if isinstance(output, tuple | list) else (output,)
+        for o in outs:
+            if isinstance(o, torch.Tensor):
+                largest[0] = max(largest[0], o.numel() * o.element_size())
+
+    handles = [m.register_forward_hook(on_output) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast(device.type, enabled=amp),
+        ):
+            out = forward(model, x) if forward is not None else model(x)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(batch_size) * int(saved[0] + 2 * largest[0])
+
+
+def estimate_training_memory(
+    model: Any,
+    input_shape: Sequence[int],
+    batch_size: int,
+    amp: bool = False,
+    *,
+    optimizer_states: int = 2,
+    forward: Callable[[Any, Any], Any] | None = None,
+) -> int:
+    """Memory (bytes) one training step of ``model`` needs: weights, gradients, optimiser state
+    and activations.
+
+    ``weights + buffers + (1 + optimizer_states) * trainable parameters`` (a gradient and, for
+    Adam / AdamW, two moment tensors per parameter) plus :func:`estimate_activation_memory`.
+    Frozen parameters (``requires_grad=False``) count only once. The input batch itself and
+    the allocator's overhead are not included.
+
+    Args:
+        model: the network.
+        input_shape: one sample's shape ``(C, X, Y, Z)``.
+        batch_size: samples per step.
+        amp: activations in half precision (CUDA mixed precision).
+        optimizer_states: state tensors per parameter (2 for Adam, 1 for SGD with momentum).
+        forward: ``forward(model, x)`` when the model takes more than the image.
+
+    Returns:
+        Bytes.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(10, 1)
+        >>> estimate_training_memory(net, (10,), batch_size=4) > 4 * 11 * 4
+        True
+    """
+    acts = estimate_activation_memory(model, input_shape, batch_size, amp, forward=forward)
+    return _parameter_memory(model, optimizer_states) + acts
+
+
+def check_memory_fits(
+    required_bytes: int,
+    what: str,
+    path: str | os.PathLike[str] | None,
+    *,
+    device: Any = None,
+    hint: str = "use a smaller --batch-size or input shape",
+) -> None:
+    """Raise an :class:`~neuroexplain.errors.InputError` if ``required_bytes`` do not fit.
+
+    The available memory comes from :func:`available_memory` (``NEUROEXPLAIN_MEMORY_LIMIT_MB``
+    overrides it); when it cannot be determined the check passes.
+
+    Args:
+        required_bytes: estimated need, e.g. from :func:`estimate_training_memory`.
+        what: what needs it, e.g. ``"training the simulator (batch size 4, 1x64x64x64)"``.
+        path: the file or option the error is reported against (e.g. the ``preproc.pt``).
+        device: the device the run uses (CUDA: free GPU memory is compared).
+        hint: how to need less.
+
+    Raises:
+        InputError: ``"<path>: <what> needs about 3.1 GiB of memory, but only 1.0 GiB is
+            available (<source>); <hint>"``.
+    """
+    from neuroexplain.errors import InputError
+
+    available, source = available_memory(device)
+    logger.debug(
+        "%s needs about %s (%s: %s)",
+        what,
+        format_bytes(required_bytes),
+        source,
+        "unknown" if available is None else format_bytes(available),
+    )
+    if available is not None and required_bytes > available:
+        raise InputError(
+            path,
+            f"{what} needs about {format_bytes(required_bytes)} of memory, but only "
+            f"{format_bytes(available)} is available ({source}); {hint}",
+        )

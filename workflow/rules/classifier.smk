@@ -78,13 +78,21 @@ if config["mri"]["activate"] and config["cohort"]["activate"] and EVAL_MAPS:
         input:
             unpack(evaluate_maps_input),
         output:
-            json=EVALUATION["json"],
+            json=report(
+                EVALUATION["json"],
+                caption="../report/evaluation.rst",
+                category="Evaluation against ground truth",
+            ),
             md=report(
                 EVALUATION["md"],
                 caption="../report/evaluation.rst",
                 category="Evaluation against ground truth",
             ),
-            subjects=EVALUATION["subjects"],
+            subjects=report(
+                EVALUATION["subjects"],
+                caption="../report/evaluation.rst",
+                category="Evaluation against ground truth",
+            ),
         log:
             "logs/evaluation/evaluate_maps.log",
         benchmark:
@@ -99,7 +107,7 @@ if config["mri"]["activate"] and config["cohort"]["activate"] and EVAL_MAPS:
             stem=evaluation_stem,
             args=evaluate_maps_args,
         shell:
-            "neuroexplain evaluate-maps --cohort {input.cohort:q} --subjects {input.split:q}"
-            " --out {params.stem:q} {params.args} > {log} 2>&1"
+            "neuroexplain evaluate-maps --cohort {input.cohort:q} --out {params.stem:q}"
+            " {params.args} > {log} 2>&1"
 
     ALL_TARGETS.extend([EVALUATION["json"], EVALUATION["md"]])

@@ -1,13 +1,25 @@
 # Helpers shared by all stages (config validation, dataset resolution, result paths, named
 # input / params functions, the registry of final targets). Keep rules out of this file.
 
+import itertools
 import shlex
 from pathlib import Path
+
+import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, "../schemas/config.schema.yaml")
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    # one line naming the config file(s), the key and the problem (not the schema dump)
+    cause = exc.__context__  # the jsonschema ValidationError
+    if not hasattr(cause, "absolute_path"):
+        raise
+    where = ", ".join(str(f) for f in workflow.configfiles) or "--config"
+    key = ".".join(str(k) for k in cause.absolute_path) or "(top level)"
+    raise WorkflowError(f"invalid config ({where}): {key}: {cause.message}") from None
 
 
 ##### final targets #####
@@ -42,15 +54,80 @@ EVALUATION = {
     "md": "results/evaluation/maps.md",
     "subjects": "results/evaluation/maps_subjects.tsv",
 }
-# method -> folder of its per-subject maps; each map-writing stage registers its methods here
-# (evaluate_maps scores every registered method against the cohort's ground truth)
+SIMULATOR = {
+    "model": "results/simulator_model/model.pt",
+    "train_log": "results/simulator_model/train_log.tsv",
+    "maps": "results/simulator",
+    # the disease map of each subject (remove for diseased, inject for healthy subjects)
+    "map": "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz",
+}
+CONCEPTS3D = {
+    "tcav": "results/concepts3d/tcav/tcav.json",
+    "tcav_table": "results/concepts3d/tcav/tcav.tsv",
+    "tcav_figure": "results/concepts3d/tcav/tcav.png",
+    "tcav_cache": "results/concepts3d/tcav/cavs.pt",
+    "sacv": "results/concepts3d/sacv/{concept}",
+}
+XNN = {
+    "model": "results/xnn_model/srae.pt",
+    "train": "results/xnn_model/srae_train.json",
+    "train_log": "results/xnn_model/srae_train_log.tsv",
+    "maps": "results/xnn",
+}
+FIGURES = {
+    "maps": "results/figures/maps",
+    "regions": "results/figures/regions_logjacobian.png",
+    "regions_table": "results/figures/regions_logjacobian.tsv",
+}
+
+# method -> its per-subject native-space maps: the stage's folder (maps found as
+# <folder>/sub-X/sub-X_desc-<method>_*.nii.gz) or a {subject} template inside it; each
+# map-writing stage registers its methods here (evaluate_maps scores every registered method
+# against the cohort's ground truth, figures draws them)
 EVAL_MAPS = {}
+# methods of EVAL_MAPS whose maps are log-Jacobians (the region bars of the report)
+LOGJACOBIAN_MAPS = []
 if (
     config["mri"]["activate"]
     and config["classifier"]["activate"]
     and config["saliency"]["activate"]
 ):
     EVAL_MAPS.update({method: SALIENCY_DIR for method in config["saliency"]["methods"]})
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["simulator"]["activate"]
+):
+    EVAL_MAPS["simulator"] = SIMULATOR["map"]
+    LOGJACOBIAN_MAPS.append("simulator")
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["concepts3d"]["activate"]
+):
+    for _concept in config["concepts3d"]["sacv_concepts"]:
+        _folder = CONCEPTS3D["sacv"].format(concept=_concept)
+        EVAL_MAPS[f"sacvrelevance{_concept}"] = _folder
+        EVAL_MAPS[f"sacvcontribution{_concept}"] = _folder
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["xnn"]["activate"]
+):
+    EVAL_MAPS.update(
+        {
+            f"xnnfeature{i}": XNN["maps"]
+            for i in range(1, config["xnn"]["n_features"] + 1)
+        }
+    )
+
+
+def map_folder(spec):
+    """The stage folder of a registered map spec: the spec, or a template's leading folders."""
+    parts = Path(spec).parts
+    return str(Path(*itertools.takewhile(lambda part: "{" not in part, parts)))
+
+
 ST_CONCEPTS = {
     "adata": f"results/st_concepts/{config['st']['name']}.h5ad",
     "figures": f"results/st_concepts/{config['st']['name']}_figures",
@@ -126,6 +203,28 @@ def mri_bids_root():
     if config["cohort"]["activate"]:
         return COHORT_DIR
     return mri_source().get("bids")
+
+
+# the demo concepts of the synthetic cohort, shipped with the workflow (config/concepts3d.yaml)
+DEMO_CONCEPTS = str(
+    Path(workflow.current_basedir).parents[1] / "config" / "concepts3d.yaml"
+)
+
+
+def concepts_file():
+    """Concept definitions of TCAV / SACV: concepts3d.concepts, else the demo concepts."""
+    return config["concepts3d"]["concepts"] or DEMO_CONCEPTS
+
+
+if config["concepts3d"]["activate"] and Path(concepts_file()).is_file():
+    _concepts = yaml.safe_load(Path(concepts_file()).read_text()) or {}
+    _defined = _concepts.get("concepts") or {}
+    _undefined = [c for c in config["concepts3d"]["sacv_concepts"] if c not in _defined]
+    if _undefined:
+        _config_error(
+            "concepts3d.sacv_concepts",
+            f"{_undefined} not defined in {concepts_file()} (defined: {sorted(_defined)})",
+        )
 
 
 def _args(*pairs):
@@ -290,7 +389,7 @@ def saliency_args(wildcards):
     return _args(
         ("--methods", ",".join(sal["methods"])),
         ("--layer", sal["layer"] or None),
-        ("--subjects", sal["subjects"]),
+        ("--subjects", config["evaluation"]["subjects"]),
         ("--seed", config["seed"]),
     )
 
@@ -300,7 +399,7 @@ def evaluate_maps_input(wildcards):
     return {
         "cohort": COHORT_DIR,
         "split": CLASSIFIER["split"],
-        "maps": sorted(set(EVAL_MAPS.values())),
+        "maps": sorted({map_folder(spec) for spec in EVAL_MAPS.values()}),
     }
 
 
@@ -309,12 +408,169 @@ def evaluation_stem(wildcards, output):
     return str(Path(output.json).with_suffix(""))
 
 
-def evaluate_maps_args(wildcards):
+def evaluate_maps_args(wildcards, input):
+    subjects = config["evaluation"]["subjects"]
     return _args(
-        *[("--maps", f"{method}={folder}") for method, folder in EVAL_MAPS.items()],
-        ("--split-name", config["saliency"]["subjects"]),
+        ("--subjects", "all" if subjects == "all" else input.split),
+        *[("--maps", f"{method}={spec}") for method, spec in EVAL_MAPS.items()],
+        ("--split-name", subjects),
         ("--topk", ",".join(str(k) for k in config["evaluation"]["topk"])),
         ("--label-column", config["mri"]["label_column"]),
         ("--positive-class", config["mri"]["positive_class"]),
         ("--derivatives", config["mri"]["derivatives"]),
+    )
+
+
+def _regions():
+    """`NAME=LABEL,LABEL` of each configured region (mri.regions)."""
+    return [
+        f"{name}={_ints(labels)}" for name, labels in config["mri"]["regions"].items()
+    ]
+
+
+def train_simulator_args(wildcards):
+    sim = config["simulator"]
+    return (
+        _args(
+            ("--epochs", sim["epochs"]),
+            ("--batch-size", sim["batch_size"]),
+            ("--lr", sim["lr"]),
+            ("--experts", sim["experts"]),
+            ("--channels", _ints(sim["channels"])),
+            ("--downsample", sim["downsample"]),
+            ("--margin", sim["margin"]),
+            ("--hinge", sim["hinge"]),
+            ("--w-cls", sim["w_cls"]),
+            ("--w-cycle", sim["w_cycle"]),
+            ("--w-smooth", sim["w_smooth"]),
+            ("--w-magnitude", sim["w_magnitude"]),
+            ("--smoothness", sim["smoothness"]),
+            ("--max-steps", sim["max_steps"]),
+            ("--seed", config["seed"]),
+        )
+        + (" --diffeomorphic" if sim["diffeomorphic"] else " --no-diffeomorphic")
+        + (" --all-subjects" if sim["all_subjects"] else " --correct-only")
+    )
+
+
+def simulate_args(wildcards):
+    sim = config["simulator"]
+    return _args(
+        ("--subjects", config["evaluation"]["subjects"]),
+        ("--regions", _regions()),
+        ("--map-direction", sim["map_direction"]),
+    ) + (" --images" if sim["images"] else " --no-images")
+
+
+def concepts3d_input(wildcards):
+    """Images, classifier, split, the concept file and, when known, the BIDS root whose
+    participants.tsv gives the concepts' selector columns (e.g. diagnosis)."""
+    inputs = {
+        "preproc": MRI_INGEST["preproc"],
+        "model": CLASSIFIER["model"],
+        "split": CLASSIFIER["split"],
+        "concepts": concepts_file(),
+    }
+    if mri_bids_root():
+        inputs["bids"] = mri_bids_root()
+    return inputs
+
+
+def participants_args(wildcards, input):
+    """`--participants` of tcav / sacv: participants.tsv of the BIDS root, if any."""
+    if "bids" not in input.keys():
+        return ""
+    return _args(("--participants", Path(input.bids) / "participants.tsv"))
+
+
+def tcav_args(wildcards):
+    c3d = config["concepts3d"]
+    return _args(
+        ("--layers", ",".join(c3d["tcav_layers"]) or None),
+        ("--class-split", config["evaluation"]["subjects"]),
+        ("--n-random", c3d["n_random"]),
+        ("--alpha", c3d["alpha"]),
+        ("--min-accuracy", c3d["min_accuracy"]),
+        ("--seed", config["seed"]),
+    )
+
+
+def sacv_args(wildcards):
+    c3d = config["concepts3d"]
+    return _args(
+        ("--concept", wildcards.concept),
+        ("--desc-label", wildcards.concept),
+        ("--layer", c3d["sacv_layer"] or None),
+        ("--subjects", config["evaluation"]["subjects"]),
+        ("--transform", c3d["sacv_transform"]),
+        ("--negatives", c3d["sacv_negatives"]),
+        ("--relevance", c3d["sacv_relevance"]),
+        ("--seed", config["seed"]),
+    )
+
+
+def xnn_train_args(wildcards):
+    xnn = config["xnn"]
+    return _args(
+        ("--layer", xnn["layer"] or None),
+        ("--pool", xnn["pool"]),
+        ("--n-features", xnn["n_features"]),
+        ("--hidden", xnn["hidden"]),
+        ("--epochs", xnn["epochs"]),
+        ("--lr", xnn["lr"]),
+        ("--coverage", xnn["coverage"]),
+        ("--seed", config["seed"]),
+    )
+
+
+def xnn_explain_args(wildcards):
+    xnn = config["xnn"]
+    return _args(
+        ("--subjects", config["evaluation"]["subjects"]),
+        ("--method", xnn["method"]),
+        ("--ig-steps", xnn["ig_steps"]),
+    )
+
+
+def figures_input(wildcards):
+    """Native T1w / dseg paths (ingest), the cohort, the split and every registered map folder."""
+    inputs = {
+        "subjects": MRI_INGEST["subjects"],
+        "maps": sorted({map_folder(spec) for spec in EVAL_MAPS.values()}),
+    }
+    if config["cohort"]["activate"]:
+        inputs["cohort"] = COHORT_DIR
+    if config["classifier"]["activate"]:
+        inputs["split"] = CLASSIFIER["split"]
+    return inputs
+
+
+def figures_regions_output():
+    """The region bar figure and its table: only with a log-Jacobian to plot (the cohort's
+    ground truth or the simulator's maps)."""
+    if not (config["cohort"]["activate"] or LOGJACOBIAN_MAPS):
+        return {}
+    caption = "../report/figures_regions.rst"
+    category = "Figures"
+    return {
+        "regions": report(FIGURES["regions"], caption=caption, category=category),
+        "regions_table": report(
+            FIGURES["regions_table"], caption=caption, category=category
+        ),
+    }
+
+
+def figures_args(wildcards, input, output):
+    has_split = "split" in input.keys()
+    return _args(
+        ("--cohort", input.cohort if "cohort" in input.keys() else None),
+        ("--split", input.split if has_split else None),
+        ("--split-name", config["evaluation"]["subjects"] if has_split else None),
+        *[("--maps", f"{method}={spec}") for method, spec in EVAL_MAPS.items()],
+        ("--logjacobian-maps", ",".join(LOGJACOBIAN_MAPS) or None),
+        ("--regions", _regions()),
+        ("--regions-figure", output.regions if "regions" in output.keys() else None),
+        ("--n-subjects", config["figures"]["n_subjects"]),
+        ("--derivatives", config["mri"]["derivatives"]),
+        ("--threshold", config["figures"]["threshold"]),
     )

@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "neuroexplain.cli.concepts3d",
     "neuroexplain.cli.simulator",
     "neuroexplain.cli.st",
+    "neuroexplain.cli.report",
 )
 
 
@@ -86,6 +87,11 @@ def _register() -> None:
         importlib.import_module(mod)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (a library's multi-line text joined with spaces)."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     from neuroexplain.errors import NeuroexplainError
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except NeuroexplainError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         return exc.exit_code
     except SystemExit as exc:  # typer.Exit inside commands
         return int(exc.code or 0)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         typer.echo(
-            f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+            "(rerun with --debug for the traceback)",
             err=True,
         )
         return 1

@@ -80,6 +80,13 @@ def train_classifier_cmd(
         int | None,
         typer.Option("--threads", help="CPU threads for torch (default: torch's choice)."),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue an interrupted run from OUT/train_state.pt (same options and data).",
+        ),
+    ] = True,
 ) -> None:
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
     from neuroexplain.train import TrainConfig, train_classifier
@@ -109,7 +116,7 @@ def train_classifier_cmd(
 
     if arch not in ARCHITECTURES:
         raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    metrics = train_classifier(preproc, out, cfg, split=split)
+    metrics = train_classifier(preproc, out, cfg, split=split, resume=resume)
     test = metrics.get("test", {})
     typer.echo(
         f"test AUC {test.get('auc')}, balanced accuracy {test.get('balanced_accuracy')} "

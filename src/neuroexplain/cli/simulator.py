@@ -96,7 +96,11 @@ def train_simulator_cmd(
         int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's).")
     ] = None,
 ) -> None:
-    """Train the conditional warping simulator against the frozen classifier."""
+    """Train the conditional warping simulator against the frozen classifier.
+
+    Before training, the memory of one step is estimated; a run that would not fit in the
+    available memory stops with an error (NEUROEXPLAIN_MEMORY_LIMIT_MB sets the limit in MiB).
+    """
     from neuroexplain.cli._common import parse_int_list, set_threads
     from neuroexplain.simulator import SimulatorConfig, TrainConfig, run_train_simulator
 

@@ -178,6 +178,17 @@ def st_concepts_cmd(
             raise InputError("--genemode-seeds", f"seed genes not in var_names: {missing}")
         if seeds and K.SPATIAL_KEY not in adata.obsm:
             raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates")
+        var_names, obs_names = set(map(str, adata.var_names)), set(map(str, adata.obs_names))
+        for cname, genes in genes_c.items():
+            if not genes or any(g not in var_names for g in genes):
+                missing = [g for g in genes if g not in var_names] or genes
+                raise InputError(
+                    "--gene-concepts", f"{cname}: genes not in var_names: {missing[:5]}"
+                )
+        for cname, spots in (spots_c or {}).items():
+            missing = [sp for sp in spots if sp not in obs_names]
+            if missing:
+                raise InputError(spot_concepts, f"{cname}: spots not in obs_names: {missing[:5]}")
     except InputError as exc:
         raise InputError(adata_path, str(exc)) from exc
 
@@ -191,8 +202,6 @@ def st_concepts_cmd(
         device=device,
     )
     model.train(max_epochs=epochs)
-    if model_dir is not None:
-        model.save(model_dir)
     try:
         concept_saliency(
             adata,
@@ -224,6 +233,8 @@ def st_concepts_cmd(
     except InputError as exc:
         raise InputError(adata_path, str(exc)) from exc
 
+    if model_dir is not None:  # only once every check passed: no partial outputs
+        model.save(model_dir)
     if figures is not None:
         from neuroexplain.st.plotting import save_figures
 

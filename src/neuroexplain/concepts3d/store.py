@@ -117,7 +117,7 @@ class CAVStore:
 
     def save(self, *, provenance: dict[str, Any] | None = None) -> Path | None:
         """Write the cache atomically (only if something changed); returns the path."""
-        from neuroexplain.io.atomic import atomic_output
+        from neuroexplain.io.atomic import save_torch
 
         if self.path is None or not self._dirty:
             return self.path
@@ -129,7 +129,6 @@ class CAVStore:
             # weights_only loading rejects)
             "provenance": json.loads(json.dumps(provenance or {}, default=str)),
         }
-        with atomic_output(self.path) as tmp:
-            torch.save(data, tmp)
+        save_torch(data, self.path)  # fixed archive name: same bytes
         self._dirty = False
         return self.path

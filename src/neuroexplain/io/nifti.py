@@ -64,9 +64,19 @@ def _squeeze_3d(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
 
 def _data(img: nib.Nifti1Image, path: Path, dtype: Any = np.float32) -> np.ndarray:
     try:
-        return np.asarray(img.get_fdata(dtype=np.float64), dtype=dtype)
+        data = img.get_fdata(dtype=np.float64)
     except _READ_ERRORS as exc:
         raise InputError(path, f"truncated or corrupt image data ({exc})") from exc
+    with np.errstate(over="ignore"):  # reported below, as one line
+        out = np.asarray(data, dtype=dtype)
+    if not np.isfinite(out).all() and np.isfinite(data).all():
+        big = float(np.abs(data).max())
+        raise InputError(
+            path,
+            f"intensities overflow {np.dtype(dtype).name} (largest {big:.3g}; stored "
+            f"{img.get_data_dtype()} scaled by scl_slope {getattr(img.dataobj, 'slope', 1.0):g})",
+        )
+    return out
 
 
 def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:

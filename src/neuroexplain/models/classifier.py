@@ -261,7 +261,7 @@ def save_classifier(
         The path written.
     """
     import neuroexplain
-    from neuroexplain.io.atomic import atomic_output
+    from neuroexplain.io.atomic import save_torch
 
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -277,8 +277,7 @@ def save_classifier(
         "config": _plain(config),
         **_plain(extra or {}),
     }
-    with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)  # fixed archive name: same bytes
     return path
 
 
@@ -304,19 +303,15 @@ def load_classifier(
         InputError: unreadable file, not a neuroexplain classifier checkpoint, a different
             architecture or input shape than expected, or weights that do not fit the network.
     """
-    import pickle
-    import zipfile
     from pathlib import Path
 
     from neuroexplain.errors import InputError
+    from neuroexplain.io.checkpoint import load_torch
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "checkpoint file not found")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise InputError(p, f"not a readable torch checkpoint ({exc})") from exc
+    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")

@@ -409,27 +409,16 @@ def load_preproc(path: str | os.PathLike[str]) -> dict[str, Any]:
         >>> pre["images"].shape  # doctest: +SKIP
         torch.Size([100, 1, 64, 64, 64])
     """
-    import pickle
-    import zipfile
-
     import torch
+
+    from neuroexplain.io.checkpoint import load_torch
 
     p = Path(path)
     if p.is_dir():
         p = p / "preproc.pt"
     if not p.is_file():
         raise InputError(p, "file not found (run neuroexplain ingest-mri first)")
-    try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        pickle.UnpicklingError,
-        EOFError,
-        OSError,
-        ValueError,
-        zipfile.BadZipFile,
-    ) as exc:
-        raise InputError(p, f"not a readable preproc.pt ({type(exc).__name__}: {exc})") from exc
+    data = load_torch(p, what="preproc.pt")
     if not isinstance(data, dict):
         raise InputError(p, f"expected a dict written by ingest-mri, got {type(data).__name__}")
     missing = [k for k in PREPROC_KEYS if k not in data]

@@ -322,7 +322,7 @@ def save_simulator(
     (training subjects, classifier checksum, history, provenance).
     """
     import neuroexplain
-    from neuroexplain.io.atomic import atomic_output
+    from neuroexplain.io.atomic import save_torch
 
     tc = train_config.to_dict() if isinstance(train_config, TrainConfig) else train_config
     ckpt = {
@@ -334,8 +334,7 @@ def save_simulator(
         "version": neuroexplain.__version__,
         **_plain(extra or {}),
     }
-    with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)  # fixed archive name: same bytes
     return Path(path)
 
 
@@ -350,16 +349,12 @@ def load_simulator(
     Raises:
         InputError: missing or unreadable file, or not a simulator checkpoint.
     """
-    import pickle
-    import zipfile
+    from neuroexplain.io.checkpoint import load_torch
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "simulator checkpoint not found (run neuroexplain train-simulator)")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise InputError(p, f"not a readable torch checkpoint ({exc})") from exc
+    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
@@ -381,7 +376,7 @@ def _save_state(
     key: dict[str, Any],
     history: list[dict[str, float]],
 ) -> None:
-    from neuroexplain.io.atomic import atomic_output
+    from neuroexplain.io.atomic import save_torch
 
     state = {
         "format": STATE_FORMAT,
@@ -393,8 +388,7 @@ def _save_state(
         "rng": _rng_state(),
         "history": _plain(history),
     }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)  # fixed archive name: same bytes
 
 
 def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -426,6 +420,7 @@ def train_simulator(
     resume: bool = True,
     progress: bool | None = None,
     data_key: dict[str, Any] | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> tuple[SimulatorNet, list[dict[str, float]]]:
     """Train a :class:`SimulatorNet` to move a frozen classifier's logit.
 
@@ -443,17 +438,28 @@ def train_simulator(
         resume: continue from ``state_path`` when possible.
         progress: show a progress bar (``None``: only on a terminal).
         data_key: identifies the data (e.g. subjects and input checksums) for resuming.
+        source: the file the images came from, named in the error when the estimated memory
+            of a training step (:func:`neuroexplain.utils.estimate_training_memory`) exceeds
+            what is available (``NEUROEXPLAIN_MEMORY_LIMIT_MB`` overrides that).
 
     Returns:
         ``(model, history)``: the trained simulator (eval mode, on CPU) and one dict of losses per
         step (``step, epoch, loss, cls, cycle, smooth, magnitude, flipped``).
 
     Raises:
-        InputError: no training images, or conditions not in ``{-1, +1}``.
+        InputError: no training images, conditions not in ``{-1, +1}``, or a training step
+            needs more memory than is available.
     """
     from tqdm.auto import tqdm
 
-    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+    from neuroexplain.utils import (
+        amp_enabled,
+        check_memory_fits,
+        estimate_activation_memory,
+        estimate_training_memory,
+        resolve_device,
+        seed_everything,
+    )
 
     cfg = config or TrainConfig()
     n = int(images.shape[0])
@@ -479,6 +485,27 @@ def train_simulator(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     smooth = _smooth_loss(cfg.smoothness)
+
+    # memory of one step, before anything is computed or written: the simulator (weights,
+    # gradients, Adam state, activations; its activations twice with the cycle pass) and the
+    # frozen classifier (weights, activations kept for the gradient to the simulated image)
+    shape = tuple(int(s) for s in images.shape[1:])
+    bs = min(cfg.batch_size, n)
+
+    def sim_forward(m: nn.Module, x: torch.Tensor) -> Any:
+        return m(x, torch.ones(x.shape[0], device=x.device), return_lowres=True)
+
+    need = estimate_training_memory(model, shape, bs, use_amp, forward=sim_forward)
+    if cfg.w_cycle > 0:
+        need += estimate_activation_memory(model, shape, bs, use_amp, forward=sim_forward)
+    need += estimate_training_memory(classifier, shape, bs, use_amp)
+    check_memory_fits(
+        need,
+        f"training the simulator (batch size {bs}, images {'x'.join(map(str, shape))})",
+        source if source is not None else "--batch-size",
+        device=device,
+        hint="use a smaller --batch-size, --channels or a larger --downsample",
+    )
 
     # logits of the inputs, once (the classifier is fixed)
     with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
@@ -681,6 +708,7 @@ def run_train_simulator(
         resume=resume,
         progress=progress,
         data_key={"subjects": train_subjects, "classifier_sha256": clf_sha},
+        source=preproc,
     )
     seconds = time.perf_counter() - t0
     params = {
@@ -718,7 +746,8 @@ def run_train_simulator(
             "classifier": str(classifier),
             "classifier_sha256": clf_sha,
             "history": history,
-            "summary": summary,
+            # no wall-clock time in the file: the same run must give the same bytes
+            "summary": {k: v for k, v in summary.items() if k != "seconds"},
             "provenance": prov,
         },
     )

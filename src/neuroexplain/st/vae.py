@@ -154,9 +154,14 @@ def select_genes(
         x = x.astype(np.float32)
     tmp = ad.AnnData(X=x)
     tmp.var_names = np.asarray(adata.var_names).astype(str)
+    n_threads = torch.get_num_threads()
     hvg = sc.pp.highly_variable_genes(
         tmp, n_top_genes=int(n_top_genes), flavor="seurat", inplace=False
     )
+    # the first numba-parallel call in a process resets OpenMP's thread count, which torch
+    # shares; restore the caller's (``--threads``), or training runs with another number of
+    # threads (other rounding) in the first run of a process than in later ones
+    torch.set_num_threads(n_threads)
     return np.flatnonzero(np.asarray(hvg["highly_variable"], dtype=bool))
 
 
@@ -872,7 +877,7 @@ class SpotVAE:
             Path of the checkpoint file.
         """
         from neuroexplain import __version__
-        from neuroexplain.io.atomic import atomic_output
+        from neuroexplain.io.atomic import save_torch
 
         path = Path(dir_path) / CHECKPOINT_NAME
         if path.exists() and not overwrite:
@@ -889,8 +894,7 @@ class SpotVAE:
             "history": {k: [float(v) for v in vals] for k, vals in self.history.items()},
             "train_params": dict(self.train_params),
         }
-        with atomic_output(path) as tmp:
-            torch.save(ckpt, tmp)
+        save_torch(ckpt, path)  # fixed archive name: same bytes
         return path
 
     @classmethod
@@ -904,10 +908,9 @@ class SpotVAE:
         path = path / CHECKPOINT_NAME if path.is_dir() else path
         if not path.is_file():
             raise InputError(path, "no SpotVAE checkpoint found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt or foreign file -> one-line user error
-            raise InputError(path, f"cannot read the checkpoint ({exc})") from exc
+        from neuroexplain.io.checkpoint import load_torch
+
+        ckpt = load_torch(path, what="SpotVAE checkpoint")
         if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
             raise InputError(path, f"expected a {_FORMAT} checkpoint")
         _check_var_names(list(ckpt["var_names"]), adata, f"{path}: adata.var_names")

@@ -450,6 +450,7 @@ def _run_subject(task: dict[str, Any]) -> dict[str, Any]:
 def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
     from neuroexplain import __version__
     from neuroexplain.io.nifti import load_labels, load_volume, save_displacement, save_map
+    from neuroexplain.provenance import provenance
     from neuroexplain.synth.fields import CalibrationError
 
     sub, root = task["sub"], Path(task["root"])
@@ -500,6 +501,13 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
             "nuisance_sigma_mm": task["nuisance_sigma"],
             "seed": task["seed"],
         },
+        # seed, parameters, their hash, package version and the source files' checksums
+        "Provenance": provenance(
+            {k: v for k, v in task.items() if k not in ("root", "t1", "dseg")},
+            seed=task["seed"],
+            inputs=[task["t1"], task["dseg"]],
+            command=COMMAND,
+        ),
     }
     save_map(
         eff.jacobian, t1_img, gt / f"{sub}_desc-disease_jacobian.nii.gz",

@@ -112,9 +112,13 @@ class TrainConfig:
         }
         for key, ok in checks.items():
             if not ok:
-                raise InputError(
-                    f"--{key.replace('_', '-')}", f"invalid value {getattr(self, key)!r}"
-                )
+                problem = f"invalid value {getattr(self, key)!r}"
+                if key == "test_fraction" and 0 <= self.test_fraction < 1:
+                    problem += (
+                        f": with --val-fraction {self.val_fraction!r} the two together must be "
+                        "below 1 (some subjects must be left for training)"
+                    )
+                raise InputError(f"--{key.replace('_', '-')}", problem)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -464,6 +468,7 @@ def train_classifier(
     *,
     split: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    resume: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train a binary 3D classifier and write model, metrics, logits, split and log to ``out``.
@@ -475,6 +480,10 @@ def train_classifier(
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         split: an existing ``split.tsv`` to reuse instead of drawing a new split.
         progress: show a progress bar (``None``: only on a terminal).
+        resume: continue from ``out/train_state.pt`` (written atomically after every epoch) when
+            it was written by a run with the same options, data and split; the resumed run ends
+            with the same weights as an uninterrupted one (bitwise on CPU). The state file is
+            removed once the outputs are written.
 
     Returns:
         The ``metrics.json`` content (``{"val": ..., "test": ..., "train": ..., "best_epoch",
@@ -491,7 +500,13 @@ def train_classifier(
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.models import build_model, save_classifier
     from neuroexplain.provenance import provenance
-    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+    from neuroexplain.utils import (
+        amp_enabled,
+        check_memory_fits,
+        estimate_training_memory,
+        resolve_device,
+        seed_everything,
+    )
 
     cfg = config or TrainConfig()
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
@@ -536,6 +551,16 @@ def train_classifier(
     model = build_model(
         cfg.arch, spatial_size=in_shape[1:], in_channels=in_shape[0], out_channels=1, **model_kwargs
     ).to(device)
+    need = estimate_training_memory(model, in_shape, cfg.batch_size, amp)
+    need += int(images.element_size() * images.nelement())  # the cached volumes
+    check_memory_fits(
+        need,
+        f"training the {cfg.arch!r} classifier (batch size {cfg.batch_size}, images "
+        f"{'x'.join(map(str, in_shape))}, {len(subjects)} subjects)",
+        preproc_path or "--batch-size",
+        device=device,
+        hint="use a smaller --batch-size or ingest at a smaller --shape",
+    )
     mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
     n_pos = float(y[parts["train"]].sum())
@@ -553,9 +578,38 @@ def train_classifier(
     log_rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     stale = 0
+    start = 1
+    state_path = out / STATE_FILE
+    run_key = _run_key(cfg, images, y, split_df, subjects)
+    if resume and state_path.is_file():
+        state = _load_state(state_path, run_key)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            gen.set_state(state["rng"]["order"])
+            if aug is not None:
+                aug.gen.set_state(state["rng"]["augment"])
+            best = {**state["best"], "key": tuple(state["best"]["key"])}
+            stale = int(state["stale"])
+            log_rows = [dict(r) for r in state["log"]]
+            start = int(state["epoch"]) + 1
+            logger.info(
+                "resuming classifier training from %s after epoch %d", state_path, start - 1
+            )
     disable = None if progress is None else not progress  # None: only on a terminal
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=disable)
-    for epoch in bar:
+    bar = tqdm(
+        range(start, cfg.epochs + 1),
+        desc="train",
+        unit="epoch",
+        disable=disable,
+        initial=start - 1,
+        total=cfg.epochs,
+    )
+    stopped = cfg.patience and stale >= cfg.patience
+    for epoch in [] if stopped else bar:
         t0 = time.perf_counter()
         model.train()
         order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
@@ -620,6 +674,7 @@ def train_classifier(
             " *" if improved else "",
             seconds,
         )
+        _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
         if cfg.patience and stale >= cfg.patience:
             logger.info(
                 "early stop: no better validation %s for %d epochs", cfg.monitor, cfg.patience
@@ -703,4 +758,79 @@ def train_classifier(
     write_table(logit_df, out / "logits.tsv")
     write_table(pd.DataFrame(log_rows), out / "train_log.tsv")
     write_json(metrics, out / "metrics.json")
+    state_path.unlink(missing_ok=True)
     return metrics
+
+
+STATE_FILE = "train_state.pt"
+STATE_FORMAT = "neuroexplain-classifier-state/1"
+
+
+def _run_key(cfg: TrainConfig, images: Any, y: np.ndarray, split_df: Any, subjects: list) -> dict:
+    """What a resumed run must share with the interrupted one (options, data, split)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images.numpy()).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    digest.update("\n".join(subjects).encode())
+    digest.update("\n".join(split_df["split"].astype(str)).encode())
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "device")}
+    return {"params": params, "data": digest.hexdigest()}
+
+
+def _save_state(
+    path: Path,
+    key: dict,
+    epoch: int,
+    model: Any,
+    opt: Any,
+    scaler: Any,
+    gen: Any,
+    aug: Any,
+    best: dict,
+    stale: int,
+    log_rows: list,
+) -> None:
+    """Atomically write everything needed to continue training after ``epoch``."""
+    import torch
+
+    from neuroexplain.io.atomic import save_torch
+    from neuroexplain.models.classifier import _plain
+
+    rng = {"torch": torch.get_rng_state(), "order": gen.get_state()}
+    if aug is not None:
+        rng["augment"] = aug.gen.get_state()
+    state = {
+        "format": STATE_FORMAT,
+        "key": _plain(key),
+        "epoch": int(epoch),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": rng,
+        "best": _plain(best),
+        "stale": int(stale),
+        "log": _plain(log_rows),
+    }
+    save_torch(state, path)
+
+
+def _load_state(path: Path, key: dict) -> dict | None:
+    """The training state at ``path`` if it belongs to this run, else ``None`` (start over)."""
+    import torch
+
+    from neuroexplain.models.classifier import _plain
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged state file means starting over
+        logger.warning("ignoring unreadable training state %s (%s)", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        logger.warning("ignoring %s: not a classifier training state", path)
+        return None
+    if state.get("key") != _plain(key):
+        logger.warning("ignoring %s: written by a run with other options or data", path)
+        return None
+    return state

@@ -483,7 +483,7 @@ def save_srae(
     import json
 
     import neuroexplain
-    from neuroexplain.io.atomic import atomic_output
+    from neuroexplain.io.atomic import save_torch
 
     plain = json.loads(json.dumps(extra or {}, default=str))
     ckpt = {
@@ -494,8 +494,7 @@ def save_srae(
         "state_dict": {k: v.detach().cpu().clone() for k, v in srae.state_dict().items()},
         **plain,
     }
-    with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)  # fixed archive name: same bytes
     return Path(path)
 
 
@@ -505,16 +504,12 @@ def load_srae(path: str | os.PathLike[str]) -> tuple[SRAE, dict[str, Any]]:
     Raises:
         InputError: unreadable file or not an SRAE checkpoint.
     """
-    import pickle
-    import zipfile
+    from neuroexplain.io.checkpoint import load_torch
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "SRAE checkpoint not found (run neuroexplain xnn-train first)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise InputError(p, f"not a readable torch checkpoint ({exc})") from exc
+    ckpt = load_torch(p, what="torch checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != SRAE_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise InputError(p, f"expected a {SRAE_FORMAT} checkpoint, got {got!r}")

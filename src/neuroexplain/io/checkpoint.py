@@ -1,0 +1,93 @@
+"""Safe loading of ``.pt`` files (checkpoints, ``preproc.pt``) with one-line user errors.
+
+Every torch file neuroexplain reads goes through ``torch.load(path, weights_only=True)``: only
+tensors and plain containers are unpickled, so a tampered file whose pickle would run code
+(``__reduce__`` payloads) is refused instead of executed. Torch's own messages for a refused or
+damaged file run over many lines; :func:`describe_load_error` turns them into the one line an
+:class:`~neuroexplain.errors.InputError` carries.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from neuroexplain.errors import InputError
+
+__all__ = ["describe_load_error", "load_torch"]
+
+#: what ``torch.load`` raises for unreadable, truncated, foreign or refused files
+LOAD_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed.
+
+    Example:
+        >>> describe_load_error(EOFError("Ran out of input"))
+        'truncated or corrupt file (EOFError: Ran out of input)'
+    """
+    text = str(exc)
+    unsafe = re.search(r"Unsupported (?:global|class):?\s*(?:GLOBAL\s+)?([\w.]+)", text)
+    if unsafe:
+        return (
+            f"refused to unpickle {unsafe.group(1)} (loaded with weights_only=True, which only "
+            "accepts tensors and plain data): the file was not written by neuroexplain or has "
+            "been tampered with"
+        )
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "not a file written by torch.save (no tensors or plain data could be read)"
+    if "central directory" in text or "zip archive" in text or isinstance(exc, zipfile.BadZipFile):
+        return f"truncated or corrupt file ({type(exc).__name__}: not a complete torch zip archive)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"truncated or corrupt file ({detail})"
+
+
+def load_torch(
+    path: str | os.PathLike[str], *, what: str = "torch file", map_location: Any = "cpu"
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`InputError` on failure.
+
+    Args:
+        path: the ``.pt`` file.
+        what: what the file should be, for the error message (e.g. ``"classifier checkpoint"``).
+        map_location: device the tensors are loaded to.
+
+    Returns:
+        The unpickled object (tensors, dicts, lists, strings, numbers).
+
+    Raises:
+        InputError: the file is missing, truncated, not a torch file, or holds objects that
+            ``weights_only`` loading refuses (e.g. a pickle with a code-running payload).
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, f"{what} not found")
+    if p.stat().st_size == 0:
+        raise InputError(p, f"expected a {what}, got an empty file")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except LOAD_ERRORS as exc:
+        raise InputError(p, f"not a readable {what}: {describe_load_error(exc)}") from exc
