@@ -47,3 +47,14 @@ def mob_root() -> Path:
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for line in config.stash.get(SUMMARY_LINES, []):
         terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (tiny tensors run fastest, and without contention)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

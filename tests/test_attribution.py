@@ -20,12 +20,7 @@ from neuroexplain.mri.preprocess import to_model
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Linear(nn.Module):

@@ -21,14 +21,7 @@ from neuroexplain.models import (
 )
 from neuroexplain.train import binary_metrics, make_split, read_split, train_classifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest (and without contention) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy_preproc(n: int = 24, size: int = 16, seed: int = 0) -> dict:

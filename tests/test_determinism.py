@@ -32,12 +32,7 @@ from neuroexplain.cli import main
 TIMED = {"saliency.json"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sha(path: Path) -> str:

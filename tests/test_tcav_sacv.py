@@ -35,13 +35,7 @@ from neuroexplain.concepts3d.tcav import summarize_experiment
 from neuroexplain.errors import InputError
 from neuroexplain.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------ hooks

@@ -71,6 +71,18 @@ def _snakemake(
     )
 
 
+def _job_counts(out: str) -> dict[str, int]:
+    """``{rule: count}`` from the "Job stats" table a (dry) run prints."""
+    lines = out.split("Job stats:", 1)[1].splitlines() if "Job stats:" in out else []
+    counts = {}
+    for line in lines[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def _ok(proc: subprocess.CompletedProcess[str]) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -290,6 +302,23 @@ def test_end_to_end_tiny_config(repo_root: Path, tmp_path: Path, ixi_root: Path,
     # a second run has nothing to do
     again = _ok(_snakemake(repo_root, workdir, *args, configfile=config, mirror=ixi_root.parent))
     assert "Nothing to be done" in again
+
+    # changing one stage's settings reruns that stage and what depends on it, nothing upstream
+    changed = tmp_path / "changed.yaml"
+    changed.write_text("st_concepts:\n  epochs: 21\n")
+    dry = _ok(
+        _snakemake(
+            repo_root,
+            workdir,
+            "-n",
+            *args,
+            configfile=[config, str(changed)],
+            mirror=ixi_root.parent,
+        )
+    )
+    jobs = _job_counts(dry)
+    assert {"st_concepts", "st_evaluate"} <= set(jobs), jobs
+    assert not {"make_cohort", "ingest_mri", "ingest_st"} & set(jobs), jobs
 
     # the Snakemake report: every figure and metrics file marked with report(...)
     report = workdir / "results/report.html"

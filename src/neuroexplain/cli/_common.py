@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from neuroexplain.errors import InputError
 
-__all__ = ["parse_int_list", "parse_shape", "set_threads"]
+__all__ = ["DeviceOption", "ThreadsOption", "parse_int_list", "parse_shape", "set_threads"]
+
+#: ``--device`` of every command that runs a network
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")
+]
+#: ``--threads`` of every command that runs torch on the CPU
+ThreadsOption = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")
+]
 
 
 def parse_shape(values: list[int] | None, option: str = "--shape") -> tuple[int, int, int]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import parse_int_list, set_threads
+from neuroexplain.cli._common import DeviceOption, ThreadsOption, parse_int_list, set_threads
 from neuroexplain.errors import InputError
 
 
@@ -75,11 +75,8 @@ def train_classifier_cmd(
         Path | None,
         typer.Option("--split", help="Reuse an existing split.tsv instead of drawing one."),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", help="CPU threads for torch (default: torch's choice)."),
-    ] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -183,8 +180,8 @@ def saliency_cmd(
         ),
     ] = 8,
     seed: Annotated[int, typer.Option("--seed", help="SmoothGrad noise seed.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Baseline attribution maps of the classifier logit, written in each subject's native space."""
     from neuroexplain.attribution.saliency import run_saliency

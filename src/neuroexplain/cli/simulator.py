@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import set_threads
+from neuroexplain.cli._common import DeviceOption, ThreadsOption, set_threads
 from neuroexplain.errors import InputError
 
 
@@ -91,10 +91,8 @@ def train_simulator_cmd(
         bool,
         typer.Option("--resume/--no-resume", help="Continue an interrupted run from its state."),
     ] = True,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's).")
-    ] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train the conditional warping simulator against the frozen classifier.
 
@@ -190,8 +188,8 @@ def simulate_cmd(
         ),
     ] = True,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Subjects per pass.")] = 4,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Simulated images, displacement fields, Jacobian disease maps and region tables."""
     from neuroexplain.simulator import parse_regions, run_simulate

@@ -149,23 +149,10 @@ def _path(text: str, table_path: Any, what: str) -> Path:
 
 
 def _load_map(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    import nibabel as nib
+    """A 3D float map and its image (one-line errors), as the evaluation harness reads them."""
+    from neuroexplain.evaluate.harness import _load_float
 
-    p = Path(path)
-    try:
-        img = nib.load(str(p))
-        if len(img.shape) == 4 and img.shape[3] == 1:
-            img = img.slicer[..., 0]
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as exc:
-        raise InputError(p, f"not a readable NIfTI file ({exc})") from exc
-    if data.ndim != 3:
-        raise InputError(p, f"expected a 3D map, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        raise InputError(
-            p, f"expected finite values, got {int((~np.isfinite(data)).sum())} NaN/Inf"
-        )
-    return img, data
+    return _load_float(Path(path))
 
 
 def cut_coords(
