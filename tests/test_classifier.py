@@ -366,3 +366,14 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     log_a = pd.read_csv(ref / "train_log.tsv", sep="\t").drop(columns="seconds")
     log_b = pd.read_csv(out / "train_log.tsv", sep="\t").drop(columns="seconds")
     pd.testing.assert_frame_equal(log_a, log_b)
+
+
+def test_training_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, monkeypatch):
+    torch.save(_toy_preproc(n=12), tmp_path / "preproc.pt")
+    monkeypatch.setenv("NEUROEXPLAIN_MEMORY_LIMIT_MB", "1")
+    out = tmp_path / "clf"
+    args = ["train-classifier", "--preproc", str(tmp_path / "preproc.pt"), "--out", str(out)]
+    assert main(args) == 2
+    assert not out.exists()  # nothing written
+    monkeypatch.setenv("NEUROEXPLAIN_MEMORY_LIMIT_MB", "100000")
+    assert main([*args, "--epochs", "1", "--no-augment"]) == 0

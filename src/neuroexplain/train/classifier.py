@@ -516,7 +516,6 @@ def train_classifier(
     preproc_path = None if isinstance(preproc, Mapping) else Path(preproc)
     data = load_preproc_dict(preproc_path) if preproc_path is not None else dict(preproc)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     images = torch.as_tensor(data["images"]).float()
     y = np.asarray(data["y"], dtype=np.float32)
@@ -561,6 +560,7 @@ def train_classifier(
         device=device,
         hint="use a smaller --batch-size or ingest at a smaller --shape",
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs and resources are checked
     mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
     n_pos = float(y[parts["train"]].sum())
