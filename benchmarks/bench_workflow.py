@@ -96,7 +96,12 @@ def main() -> int:
     peak = [0]
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=work)
+        # the jobs call `neuroexplain`: the one installed beside this Python, even if the
+        # virtual environment is not activated
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "PATH": path}
+        )
         ps = psutil.Process(proc.pid)
         done = threading.Event()
 
