@@ -9,14 +9,12 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import parse_int_list, set_threads
+from neuroexplain.cli._common import DeviceOption, ThreadsOption, parse_int_list, set_threads
 from neuroexplain.errors import InputError
 
 _PREPROC = typer.Option("--preproc", help="preproc.pt from ingest-mri.")
 _CHECKPOINT = typer.Option("--checkpoint", help="Classifier model.pt from train-classifier.")
 _SPLIT = typer.Option("--split", help="split.tsv (default: next to the checkpoint).")
-_DEVICE = typer.Option("--device", help="auto, cpu or cuda.")
-_THREADS = typer.Option("--threads", help="CPU threads for torch.")
 
 
 def _check_classifier(value: str) -> str:
@@ -76,8 +74,8 @@ def tcav_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per pass.")] = 8,
-    device: Annotated[str, _DEVICE] = "auto",
-    threads: Annotated[int | None, _THREADS] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """TCAV scores of user-defined concepts with random-vs-random t-tests (Kim et al. 2018)."""
     from neuroexplain.concepts3d.run import run_tcav
@@ -198,8 +196,8 @@ def sacv_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per pass.")] = 4,
-    device: Annotated[str, _DEVICE] = "auto",
-    threads: Annotated[int | None, _THREADS] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Spatial concept vector: native-space relevance / contribution maps (Wang et al. 2022)."""
     from neuroexplain.concepts3d.run import run_sacv
@@ -291,8 +289,8 @@ def xnn_train_cmd(
     ] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per pass.")] = 8,
-    device: Annotated[str, _DEVICE] = "auto",
-    threads: Annotated[int | None, _THREADS] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train an SRAE explanation space of a classifier layer (Qi, Khorram & Li 2017)."""
     from neuroexplain.xnn.run import run_xnn_train
@@ -363,8 +361,8 @@ def xnn_explain_cmd(
         str, typer.Option("--derivatives", help="Cohort derivatives folder with the dseg.")
     ] = "dlmuse",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per pass.")] = 8,
-    device: Annotated[str, _DEVICE] = "auto",
-    threads: Annotated[int | None, _THREADS] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """XNN feature maps (native space), significant features and explanation-space metrics."""
     from neuroexplain.xnn.run import run_xnn_explain
