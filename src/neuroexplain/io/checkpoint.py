@@ -9,6 +9,7 @@ damaged file run over many lines; :func:`describe_load_error` turns them into th
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -19,7 +20,9 @@ from typing import Any
 
 from neuroexplain.errors import InputError
 
-__all__ = ["describe_load_error", "load_torch"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["describe_load_error", "load_torch", "load_training_state"]
 
 #: what ``torch.load`` raises for unreadable, truncated, foreign or refused files
 LOAD_ERRORS = (
@@ -91,3 +94,28 @@ def load_torch(
             return torch.load(p, map_location=map_location, weights_only=True)
     except LOAD_ERRORS as exc:
         raise InputError(p, f"not a readable {what}: {describe_load_error(exc)}") from exc
+
+
+def load_training_state(
+    path: str | os.PathLike[str], *, fmt: str, key: Any, what: str = "training state"
+) -> dict[str, Any] | None:
+    """The resume state at ``path`` if it belongs to this run, else ``None`` (start over).
+
+    A training command resumes only from a state file of its own ``fmt`` whose ``key`` (the
+    options and data that decide the trajectory, as plain data) equals this run's; a damaged
+    file, another format or another run's state is ignored with a warning.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged state file means starting over
+        logger.warning("ignoring unreadable %s %s (%s)", what, path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        logger.warning("ignoring %s: not a %s", path, what)
+        return None
+    if state.get("key") != key:
+        logger.warning("ignoring %s: written by a run with other options or data", path)
+        return None
+    return state

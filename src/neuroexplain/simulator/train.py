@@ -392,18 +392,11 @@ def _save_state(
 
 
 def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged checkpoint means starting over
-        logger.warning("ignoring unreadable training checkpoint %s (%s)", path, exc)
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        logger.warning("ignoring %s: not a simulator training checkpoint", path)
-        return None
-    if state.get("key") != _plain(key):
-        logger.warning("ignoring %s: written by a run with other options or data", path)
-        return None
-    return state
+    from neuroexplain.io.checkpoint import load_training_state
+
+    return load_training_state(
+        path, fmt=STATE_FORMAT, key=_plain(key), what="simulator training checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------------------- training

@@ -818,19 +818,9 @@ def _save_state(
 
 def _load_state(path: Path, key: dict) -> dict | None:
     """The training state at ``path`` if it belongs to this run, else ``None`` (start over)."""
-    import torch
-
+    from neuroexplain.io.checkpoint import load_training_state
     from neuroexplain.models.classifier import _plain
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged state file means starting over
-        logger.warning("ignoring unreadable training state %s (%s)", path, exc)
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        logger.warning("ignoring %s: not a classifier training state", path)
-        return None
-    if state.get("key") != _plain(key):
-        logger.warning("ignoring %s: written by a run with other options or data", path)
-        return None
-    return state
+    return load_training_state(
+        path, fmt=STATE_FORMAT, key=_plain(key), what="classifier training state"
+    )
