@@ -104,6 +104,50 @@ def test_split_is_stratified_disjoint_and_seeded():
     assert other["split"].tolist() != df["split"].tolist()
 
 
+def test_grouped_split_keeps_each_source_anatomy_in_one_split():
+    # paired cohort: a control and a diseased version of each of 50 source subjects
+    subjects = [f"sub-{i:03d}{t}" for i in range(50) for t in ("ctl", "dis")]
+    groups = [s[:-3] for s in subjects]
+    y = np.array([0.0, 1.0] * 50)
+    df = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=1, groups=groups)
+    per_group = df.assign(group=groups).groupby("group")["split"].nunique()
+    assert (per_group == 1).all()  # no anatomy in two splits
+    counts = df.groupby(["split", "y"]).size()
+    for split, n in (("test", 10), ("val", 10), ("train", 30)):
+        assert counts[(split, 0)] == n and counts[(split, 1)] == n  # still balanced
+    ungrouped = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=1)
+    leaks = ungrouped.assign(group=groups).groupby("group")["split"].nunique()
+    assert (leaks > 1).any()  # what the groups prevent
+    # singleton groups reproduce the plain stratified split exactly
+    alone = make_split(subjects, y, val_fraction=0.2, test_fraction=0.2, seed=1, groups=subjects)
+    assert alone["split"].tolist() == ungrouped["split"].tolist()
+
+
+def test_standardization_is_fitted_on_training_images_and_travels_with_the_model(tmp_path):
+    pre = _toy_preproc(n=16)
+    pre["images"][:, :, 0, 0, 0] = 5.0  # a constant voxel: sd 0, must not blow up
+    train_classifier(
+        pre, tmp_path, epochs=1, batch_size=4, augment=False, progress=False, standardize=True
+    )
+    split = pd.read_csv(tmp_path / "split.tsv", sep="\t")
+    train = pre["images"][np.flatnonzero(split["split"].to_numpy() == "train")].double()
+    model, ckpt = load_classifier(tmp_path / "model.pt")
+    assert ckpt["model_kwargs"]["standardize"] is True
+    norm = model.input_norm
+    np.testing.assert_allclose(norm.mean[0].numpy(), train.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        norm.scale[0].numpy(), (1 / (train.std(0) + 0.05)).numpy(), rtol=1e-5
+    )
+    assert float(norm.scale[0, 0, 0, 0, 0]) == pytest.approx(20.0)
+    # the checkpoint's network applies it: same logits as logits.tsv, and they depend on it
+    logits = pd.read_csv(tmp_path / "logits.tsv", sep="\t")["logit"].to_numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(pre["images"])[:, 0].numpy(), logits, atol=1e-5)
+        norm.mean.zero_()
+        assert not np.allclose(model(pre["images"])[:, 0].numpy(), logits, atol=1e-3)
+    assert "features.3" in ckpt["layer_names"]  # explainers' layer names are unchanged
+
+
 def test_binary_metrics_by_hand():
     y = [0, 0, 0, 1, 1, 1, 1]
     logits = [-2.0, 0.5, -1.0, 2.0, 1.0, -0.5, 3.0]

@@ -329,3 +329,29 @@ def test_more_subjects_with_nuisance_and_workers(ixi_root, tmp_path):
         assert np.abs(nlj).max() > 0.01
     for sub in table.loc[table["diagnosis"] == "control", "participant_id"]:
         assert np.all(_data(_gt(out, sub, "disease_logjacobian")) == 0)
+
+
+def test_paired_cohort_shares_anatomy_and_nuisance(ixi_root, tmp_path):
+    """--paired: a control and a diseased version of one source, same nuisance field."""
+    out = make_cohort(
+        ixi_root, tmp_path / "c", limit=1, paired=True, nuisance=1.5, magnitude_range=(0.2, 0.2)
+    )
+    table = pd.read_csv(out / "participants.tsv", sep="\t")
+    src = sorted(p.name for p in ixi_root.glob("sub-*"))[0]
+    assert table["participant_id"].tolist() == [f"{src}ctl", f"{src}dis"]
+    assert table["diagnosis"].tolist() == ["control", "disease"]
+    assert table["source_subject"].tolist() == [src, src]
+    assert table["effect_magnitude"].tolist() == [0.0, 0.2]
+    ctl = _data(out / f"{src}ctl" / "anat" / f"{src}ctl_T1w.nii.gz")
+    dis = _data(out / f"{src}dis" / "anat" / f"{src}dis_T1w.nii.gz")
+    source = np.asarray(nib.load(str(ixi_root / src / "anat" / f"{src}_T1w.nii.gz")).dataobj)
+    assert not np.allclose(ctl, source)  # the nuisance deformation changed the anatomy ...
+    moved = np.any(_data(_gt(out, f"{src}dis", "disease_xfm")) != 0, axis=(3, 4))
+    assert 0 < moved.mean() < 0.2
+    np.testing.assert_array_equal(ctl[~moved], dis[~moved])  # ... identically in both versions
+    assert np.abs(ctl[moved] - dis[moved]).max() > 0
+    assert np.all(_data(_gt(out, f"{src}ctl", "disease_logjacobian")) == 0)
+    lj = _data(_gt(out, f"{src}dis", "disease_logjacobian"))
+    assert lj.min() < -0.05 and lj.max() > 0.05
+    assert json.loads((out / "cohort.json").read_text())["params"]["paired"] is True
+    assert "Paired design" in (out / "README").read_text()

@@ -518,3 +518,37 @@ def test_align_labels_needs_dseg(ixi_root: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--align"):
         ingest_mri(tmp_path / "o", bids=ixi_root, derivatives=None, limit=2, align="labels")
     assert not (tmp_path / "o").exists()
+
+
+def test_brain_mask_and_groups(ixi_root: Path, tmp_path: Path) -> None:
+    """--mask brain zeroes what lies beyond the dilated dseg > 0; groups come from the table."""
+    from scipy import ndimage
+
+    from neuroexplain.mri.ingest import brain_mask
+
+    root = _bids(tmp_path, ixi_root, FIRST)
+    table = pd.read_csv(root / "participants.tsv", sep="\t")
+    table["source_subject"] = ["a", "a", "b"]  # as a paired make-cohort output has it
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    common = dict(bids=root, shape=(32, 32, 32), fov_mm=192.0, progress=False)
+    plain = load_preproc(ingest_mri(tmp_path / "plain", **common) and tmp_path / "plain")
+    masked = load_preproc(
+        ingest_mri(tmp_path / "m", mask="brain", mask_margin_mm=6.0, **common) and tmp_path / "m"
+    )
+    assert masked["groups"] == ["a", "a", "b"] and plain["groups"] == ["a", "a", "b"]
+    assert masked["params"]["mask"] == "brain"
+    brain = masked["dseg"].numpy() > 0
+    keep = brain_mask(brain, 1.0) > 0  # 6 mm at 6 mm voxels: one voxel (6-neighbourhood)
+    cross = ndimage.generate_binary_structure(3, 1)[None, None]
+    np.testing.assert_array_equal(keep, ndimage.binary_dilation(brain, cross))
+    img, ref = masked["images"].numpy(), plain["images"].numpy()
+    np.testing.assert_array_equal(img[keep], ref[keep])
+    assert np.all(img[~keep] == 0) and np.abs(ref[~keep]).sum() > 100  # the scalp is gone
+    assert keep.sum() > brain.sum()  # the margin keeps the brain's border
+    sheet_groups = pd.read_csv(tmp_path / "m" / "subjects.tsv", sep="\t")["group"].tolist()
+    assert sheet_groups == ["a", "a", "b"]
+    with pytest.raises(InputError, match="group column 'site' not found"):
+        ingest_mri(tmp_path / "x", group_column="site", **common)
+    with pytest.raises(InputError, match="--mask"):
+        ingest_mri(tmp_path / "x", mask="skull", **common)
+    assert not (tmp_path / "x").exists()

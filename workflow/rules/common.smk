@@ -295,7 +295,7 @@ def make_cohort_args(wildcards):
         ("--nuisance", cohort["nuisance"]),
         ("--seed", config["seed"]),
         ("--limit", config["mri"]["limit"]),
-    )
+    ) + (" --paired" if cohort["paired"] else " --unpaired")
 
 
 def ingest_mri_args(wildcards, input):
@@ -319,7 +319,10 @@ def ingest_mri_args(wildcards, input):
         ("--norm", mri["norm"]),
         ("--fg-threshold", mri["fg_threshold"]),
         ("--align", mri["align"] if mri["derivatives"] or mri["sheet"] else "none"),
-        ("--limit", mri["limit"]),
+        ("--mask", mri["mask"]),
+        ("--mask-margin-mm", mri["mask_margin_mm"]),
+        # the cohort already holds only mri.limit source subjects (two each when paired)
+        ("--limit", None if config["cohort"]["activate"] else mri["limit"]),
     )
 
 
@@ -374,6 +377,9 @@ def train_classifier_args(wildcards):
             ("--epochs", clf["epochs"]),
             ("--batch-size", clf["batch_size"]),
             ("--lr", clf["lr"]),
+            ("--dropout", clf["dropout"]),
+            ("--translate-vox", clf["translate_vox"]),
+            ("--intensity", clf["intensity"]),
             ("--patience", clf["patience"]),
             ("--val-fraction", clf["val_fraction"]),
             ("--test-fraction", clf["test_fraction"]),
@@ -381,6 +387,7 @@ def train_classifier_args(wildcards):
         )
         + (" --augment" if clf["augment"] else " --no-augment")
         + (" --flip" if clf["flip"] else " --no-flip")
+        + (" --standardize" if clf["standardize"] else " --no-standardize")
     )
 
 

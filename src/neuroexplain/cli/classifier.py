@@ -75,6 +75,13 @@ def train_classifier_cmd(
         Path | None,
         typer.Option("--split", help="Reuse an existing split.tsv instead of drawing one."),
     ] = None,
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            "--standardize/--no-standardize",
+            help="Voxel-wise standardisation by the training images (stored in the model).",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     resume: Annotated[
@@ -107,6 +114,7 @@ def train_classifier_cmd(
         translate_vox=translate_vox,
         scale=scale,
         intensity=intensity,
+        standardize=standardize,
         device=device,
     )
     from neuroexplain.models import ARCHITECTURES

@@ -56,6 +56,12 @@ def make_cohort_cmd(
         help="Hard label sampling: linear (one-hot argmax) or nearest; planted regions "
         "keep their partial volume either way.",
     ),
+    paired: bool = typer.Option(
+        False,
+        "--paired/--unpaired",
+        help="Two subjects per source: sub-<id>ctl (control) and sub-<id>dis (diseased, same "
+        "anatomy); --fraction is then not used.",
+    ),
 ) -> None:
     """Write a BIDS cohort: deformed T1w, carried labels, exact Jacobian ground truth."""
     from neuroexplain.synth.cohort import make_cohort
@@ -72,4 +78,8 @@ def make_cohort_cmd(
         seed=seed,
         limit=limit,
         workers=workers,
+        sigma=sigma,
+        nuisance_sigma=nuisance_sigma,
+        label_interpolation=label_interpolation,
+        paired=paired,
     )

@@ -71,6 +71,19 @@ def ingest_mri_cmd(
     align_reference: str | None = typer.Option(
         None, "--align-reference", help="Reference subject of --align labels (default: first)."
     ),
+    mask: str = typer.Option(
+        "none",
+        "--mask",
+        help="none, or brain: zero voxels farther than --mask-margin-mm from the dseg > 0 brain.",
+    ),
+    mask_margin_mm: float = typer.Option(
+        5.0, "--mask-margin-mm", help="Dilation (mm) of the brain mask of --mask brain."
+    ),
+    group_column: str | None = typer.Option(
+        None,
+        "--group-column",
+        help="Column of subjects that must share a split (default: source_subject if present).",
+    ),
 ) -> None:
     """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
     from neuroexplain.mri.ingest import ingest_mri
@@ -91,6 +104,9 @@ def ingest_mri_cmd(
         fg_threshold=fg_threshold,
         align=align,
         align_reference=align_reference,
+        mask=mask,
+        mask_margin_mm=mask_margin_mm,
+        group_column=group_column,
     )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "ARCHITECTURES",
+    "InputStandardize",
     "SmallCNN3D",
     "build_model",
     "default_target_layer",
@@ -124,6 +125,48 @@ class SmallCNN3D(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class InputStandardize(nn.Module):
+    """Voxel-wise standardisation ``(x - mean) * scale`` with fixed buffers (set from data).
+
+    Part of the model so that every consumer of a checkpoint (saliency, simulator, concept
+    methods) feeds the same preprocessed images and explains the same function; gradients
+    are with respect to the un-standardised image.
+
+    Args:
+        in_channels: image channels ``C``.
+        spatial_size: ``(X, Y, Z)``.
+
+    Shapes:
+        ``forward(x)``: ``(B, C, X, Y, Z) -> (B, C, X, Y, Z)``.
+    """
+
+    def __init__(self, in_channels: int, spatial_size: Sequence[int]) -> None:
+        super().__init__()
+        shape = (1, int(in_channels), *(int(s) for s in spatial_size))
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, eps: float = 0.05) -> InputStandardize:
+        """Set ``mean`` and ``scale = 1 / (sd + eps)`` from ``images`` ``(N, C, X, Y, Z)``.
+
+        ``eps`` (image units) keeps near-constant voxels (background) from being amplified.
+        """
+        x = images.double()
+        self.mean.copy_(x.mean(0, keepdim=True).to(self.mean.dtype))
+        sd = x.std(0, keepdim=True) if x.shape[0] > 1 else torch.zeros_like(x[:1])
+        self.scale.copy_((1.0 / (sd + float(eps))).to(self.scale.dtype))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.scale
+
+
+def _standardize_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a model with ``input_norm``: standardise the input first."""
+    return (module.input_norm(args[0]), *args[1:])
+
+
 def _small(
     spatial_size: Sequence[int], in_channels: int, out_channels: int, **kw: Any
 ) -> nn.Module:
@@ -160,6 +203,7 @@ def build_model(
     spatial_size: Sequence[int] = (64, 64, 64),
     in_channels: int = 1,
     out_channels: int = 1,
+    standardize: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a 3D classifier by name.
@@ -170,6 +214,9 @@ def build_model(
         spatial_size: input shape ``(X, Y, Z)`` (sets the head size of ``"small"``).
         in_channels: image channels.
         out_channels: logits (1 = binary, positive-class logit).
+        standardize: add an :class:`InputStandardize` submodule ``input_norm`` (identity until
+            fitted or loaded) applied to the input by a forward pre-hook; layer names of the
+            network are unchanged.
         **kwargs: passed to the network constructor (e.g. ``channels``, ``dropout``).
 
     Returns:
@@ -185,7 +232,11 @@ def build_model(
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     builder, _ = ARCHITECTURES[arch]
-    return builder(tuple(spatial_size), int(in_channels), int(out_channels), **kwargs)
+    net = builder(tuple(spatial_size), int(in_channels), int(out_channels), **kwargs)
+    if standardize:
+        net.add_module("input_norm", InputStandardize(in_channels, spatial_size))
+        net.register_forward_pre_hook(_standardize_input)
+    return net
 
 
 def default_target_layer(arch: str) -> str:

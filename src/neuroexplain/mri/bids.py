@@ -49,12 +49,15 @@ class SubjectRecord:
         t1: absolute path of the T1w image.
         dseg: absolute path of the label map on the T1w grid, or ``None``.
         label: raw class label value (``""`` when there is no label column).
+        group: subjects sharing a group (e.g. the same source anatomy of a paired synthetic
+            cohort, or repeated scans of one person) are kept in one split; ``""`` = its own.
     """
 
     subject: str
     t1: Path
     dseg: Path | None = None
     label: str = ""
+    group: str = ""
 
 
 @dataclass
@@ -150,6 +153,7 @@ def find_bids_subjects(
     label_column: str | None = None,
     subjects: list[str] | None = None,
     limit: int | None = None,
+    group_column: str | None = None,
 ) -> Cohort:
     """List the subjects of a BIDS dataset with their T1w, dseg and label.
 
@@ -160,6 +164,9 @@ def find_bids_subjects(
         label_column: ``participants.tsv`` column with the class label, or ``None``.
         subjects: subset of participant ids (``sub-`` prefix optional).
         limit: keep only the first ``limit`` subjects (sorted by id).
+        group_column: ``participants.tsv`` column grouping subjects that must share a split;
+            ``None`` uses ``source_subject`` when present (``neuroexplain make-cohort`` writes
+            it), else every subject is its own group.
 
     Returns:
         A :class:`Cohort`.
@@ -187,6 +194,7 @@ def find_bids_subjects(
     if any(v == "sub-" for v in ids):
         raise InputError(tsv, "empty participant_id value")
     labels = dict(zip(ids, df[label_column], strict=True)) if label_column else {}
+    groups = _groups(df, ids, group_column, tsv)
     chosen = _select(ids, subjects, limit, tsv, "sub-")
 
     deriv_dir = root / "derivatives" / derivatives if derivatives else None
@@ -230,7 +238,7 @@ def find_bids_subjects(
                 raise InputError(
                     deriv_dir, f"{sid} has no {sid}*_dseg.nii.gz under {deriv_dir / sid / 'anat'}"
                 )
-        records.append(SubjectRecord(sid, t1, dseg, labels.get(sid, "")))
+        records.append(SubjectRecord(sid, t1, dseg, labels.get(sid, ""), groups.get(sid, "")))
     if missing_t1:
         more = f" (and {len(missing_t1) - 1} more)" if len(missing_t1) > 1 else ""
         raise InputError(
@@ -247,20 +255,39 @@ def find_bids_subjects(
     return Cohort(records, tsv, label_column, names, inputs)
 
 
+def _groups(df, ids: list[str], column: str | None, source: Path) -> dict[str, str]:
+    """Subject -> group from ``column`` (default ``source_subject`` when the table has it)."""
+    if column is None:
+        column = "source_subject" if "source_subject" in df.columns else None
+        if column is None:
+            return {}
+    elif column not in df.columns:
+        cols = [c for c in df.columns if c not in ("participant_id", "subject")]
+        raise InputError(source, f"group column {column!r} not found (columns: {cols})")
+    values = [str(v).strip() for v in df[column]]
+    empty = [i for i, v in zip(ids, values, strict=True) if v.lower() in MISSING_LABELS]
+    if empty:
+        raise InputError(source, f"{len(empty)} subject(s) have no {column} value, e.g. {empty[0]}")
+    return dict(zip(ids, values, strict=True))
+
+
 def read_sample_sheet(
     path: str | os.PathLike[str],
     *,
     label_column: str | None = None,
     subjects: list[str] | None = None,
     limit: int | None = None,
+    group_column: str | None = None,
 ) -> Cohort:
-    """Read a sample sheet with columns ``subject, t1[, dseg][, label]``.
+    """Read a sample sheet with columns ``subject, t1[, dseg][, label][, group]``.
 
     Args:
         path: TSV (or ``.csv``) file; relative image paths are resolved against its folder.
         label_column: column with the class label; defaults to ``label`` when present.
         subjects: subset of subject ids.
         limit: keep only the first ``limit`` subjects (sorted by id).
+        group_column: column grouping subjects that must share a split; ``None`` uses
+            ``group`` or ``source_subject`` when present.
 
     Returns:
         A :class:`Cohort` (``dseg_names`` is empty).
@@ -286,6 +313,9 @@ def read_sample_sheet(
     dup = sorted({v for v in ids if ids.count(v) > 1})
     if dup:
         raise InputError(sheet, f"duplicate subject values: {', '.join(dup[:5])}")
+    if group_column is None and "group" in df.columns:
+        group_column = "group"
+    groups = _groups(df, ids, group_column, sheet)
     chosen = set(_select(ids, subjects, limit, sheet, ""))
     rows = {r["subject"]: r for r in df.to_dict("records")}
 
@@ -306,7 +336,8 @@ def read_sample_sheet(
             dseg = resolve(row["dseg"])
             if not dseg.is_file():
                 raise InputError(sheet, f"subject {sid}: dseg image {dseg} not found")
-        records.append(SubjectRecord(sid, t1, dseg, row[label_column] if label_column else ""))
+        label = row[label_column] if label_column else ""
+        records.append(SubjectRecord(sid, t1, dseg, label, groups.get(sid, "")))
     with_dseg = [r.subject for r in records if r.dseg is not None]
     if with_dseg and len(with_dseg) != len(records):
         without = [r.subject for r in records if r.dseg is None]

@@ -21,6 +21,7 @@ run leaves nothing behind):
   t1_paths       list[str]                        absolute T1w paths
   dseg_paths     list[str]                        absolute dseg paths (``""`` without dseg)
   dseg_names     dict[int, str]                   dseg index -> name (``dseg.tsv``), maybe empty
+  groups         list[str]                        split group of each subject (source anatomy)
   params         dict                             options, spacing and ``provenance``
   ============== ================================ =============================================
 
@@ -46,7 +47,7 @@ from neuroexplain.errors import InputError
 from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, read_sample_sheet
 from neuroexplain.mri.preprocess import NORM_METHODS, Grid, Preprocessed, model_spacing
 
-__all__ = ["PREPROC_KEYS", "ingest_mri", "load_preproc", "native_grid"]
+__all__ = ["PREPROC_KEYS", "brain_mask", "ingest_mri", "load_preproc", "native_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ PREPROC_KEYS = (
     "t1_paths",
     "dseg_paths",
     "dseg_names",
+    "groups",
     "params",
 )
 _AXES = ("r", "a", "s")
@@ -132,15 +134,15 @@ def _cohort(
     label_column: str | None,
     subjects: Sequence[str] | None,
     limit: int | None,
+    group_column: str | None,
 ) -> Cohort:
     if (bids is None) == (sheet is None):
         raise InputError("--bids/--sheet", "expected exactly one of --bids or --sheet")
     subs = list(subjects) if subjects else None
+    common = dict(label_column=label_column, subjects=subs, limit=limit, group_column=group_column)
     if bids is not None:
-        return find_bids_subjects(
-            bids, derivatives=derivatives, label_column=label_column, subjects=subs, limit=limit
-        )
-    return read_sample_sheet(sheet, label_column=label_column, subjects=subs, limit=limit)
+        return find_bids_subjects(bids, derivatives=derivatives, **common)
+    return read_sample_sheet(sheet, **common)
 
 
 def _reference(
@@ -183,6 +185,9 @@ def ingest_mri(
     fg_threshold: float = 0.1,
     align: str = "none",
     align_reference: str | None = None,
+    mask: str = "none",
+    mask_margin_mm: float = 5.0,
+    group_column: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Preprocess T1w images (and dseg maps) to the model grid and cache them in ``out/``.
@@ -207,6 +212,12 @@ def ingest_mri(
             anatomy sits at the same model voxels across subjects. ``model_affines`` still map
             each subject's model grid to its own native space exactly.
         align_reference: participant id of the reference (default: the first subject).
+        mask: ``"none"`` or ``"brain"``: zero every voxel farther than ``mask_margin_mm`` from
+            the labelled brain (dseg > 0) on the model grid, so that scalp, neck and face --
+            which vary a lot between people and carry no brain signal -- are not learned.
+        mask_margin_mm: dilation of the brain mask in mm (keeps the brain's border and CSF).
+        group_column: ``participants.tsv`` / sheet column of split groups (default:
+            ``source_subject`` when present); stored as ``groups``.
         progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -236,14 +247,20 @@ def ingest_mri(
         raise InputError("--workers", f"expected >= 1, got {workers}")
     if align not in ("none", "labels"):
         raise InputError("--align", f"expected none or labels, got {align!r}")
+    if mask not in ("none", "brain"):
+        raise InputError("--mask", f"expected none or brain, got {mask!r}")
+    if not (np.isfinite(mask_margin_mm) and mask_margin_mm >= 0):
+        raise InputError("--mask-margin-mm", f"expected a margin >= 0 mm, got {mask_margin_mm}")
     spacing = model_spacing(shape, fov_mm)
 
     bids_p = Path(bids).resolve() if bids is not None else None
     sheet_p = Path(sheet).resolve() if sheet is not None else None
-    cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit)
+    cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit, group_column)
     y, positive, counts = encode_labels(cohort, positive_class)
     recs = cohort.records
     has_dseg = recs[0].dseg is not None
+    if mask == "brain" and not has_dseg:
+        raise InputError("--mask", "a brain mask needs dseg label maps (--derivatives)")
     logger.info(
         "ingesting %d subject(s) to %s voxels of %.3g mm (dseg: %s, workers: %d)",
         len(recs),
@@ -313,6 +330,8 @@ def ingest_mri(
         "fg_threshold": float(fg_threshold),
         "align": align,
         "align_reference": reference_id,
+        "mask": mask,
+        "mask_margin_mm": float(mask_margin_mm),
     }
     inputs = [*cohort.inputs, *(r.t1 for r in recs), *(r.dseg for r in recs if r.dseg)]
     prov = provenance(options, inputs=inputs, command="ingest-mri")
@@ -322,6 +341,8 @@ def ingest_mri(
         if has_dseg
         else None
     )
+    if mask == "brain":
+        images *= torch.from_numpy(brain_mask(dseg.numpy() > 0, mask_margin_mm / spacing))
     data = {
         "images": images,
         "dseg": dseg,
@@ -335,6 +356,7 @@ def ingest_mri(
         "t1_paths": [str(r.t1) for r in recs],
         "dseg_paths": [str(r.dseg) if r.dseg else "" for r in recs],
         "dseg_names": dict(cohort.dseg_names),
+        "groups": [r.group or r.subject for r in recs],
         # plain JSON types only: torch.load(weights_only=True) rejects e.g. torch's TorchVersion
         "params": json.loads(json.dumps({**options, "provenance": prov}, default=str)),
     }
@@ -348,6 +370,7 @@ def ingest_mri(
             "t1": str(rec.t1),
             "dseg": str(rec.dseg) if rec.dseg else "",
             "label": rec.label,
+            "group": rec.group or rec.subject,
             "y": "" if np.isnan(yi) else int(yi),
             "native_shape": "x".join(map(str, r.native_shape)),
         }
@@ -392,6 +415,26 @@ def ingest_mri(
     return summary
 
 
+def brain_mask(labelled: np.ndarray, margin_vox: float) -> np.ndarray:
+    """``labelled`` (bool, any leading axes then ``X, Y, Z``) dilated by a ball of ``margin_vox``.
+
+    Returns:
+        float32 array of the same shape, 1 inside the dilated mask, 0 outside.
+
+    Example:
+        >>> m = np.zeros((1, 9, 9, 9), bool); m[0, 4, 4, 4] = True
+        >>> int(brain_mask(m, 2.0).sum())
+        33
+    """
+    from scipy import ndimage
+
+    r = int(np.floor(margin_vox))
+    grid = np.indices((2 * r + 1,) * 3) - r
+    ball = (grid**2).sum(0) <= margin_vox**2
+    ball = ball.reshape((1,) * (labelled.ndim - 3) + ball.shape)
+    return ndimage.binary_dilation(labelled, structure=ball).astype(np.float32)
+
+
 def load_preproc(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check a ``preproc.pt`` written by :func:`ingest_mri` (``weights_only=True``).
 
@@ -421,6 +464,8 @@ def load_preproc(path: str | os.PathLike[str]) -> dict[str, Any]:
     data = load_torch(p, what="preproc.pt")
     if not isinstance(data, dict):
         raise InputError(p, f"expected a dict written by ingest-mri, got {type(data).__name__}")
+    if "groups" not in data and isinstance(data.get("subjects"), list):
+        data["groups"] = list(data["subjects"])  # written before groups existed: one per subject
     missing = [k for k in PREPROC_KEYS if k not in data]
     if missing:
         raise InputError(p, f"expected a preproc.pt from ingest-mri, missing keys {missing}")
@@ -444,7 +489,7 @@ def load_preproc(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(
             p, f"expected dseg of shape {tuple(images.shape)}, got {tuple(data['dseg'].shape)}"
         )
-    for key in ("subjects", "label", "t1_paths", "dseg_paths"):
+    for key in ("subjects", "label", "t1_paths", "dseg_paths", "groups"):
         if len(data[key]) != n:
             raise InputError(p, f"expected {n} entries in {key}, got {len(data[key])}")
     return data

@@ -469,7 +469,8 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
             nuisance=task["nuisance"],
             nuisance_sigma=task["nuisance_sigma"],
             sigma=task["sigma"],
-            rng=np.random.default_rng(_subject_seed(task["seed"], sub)),
+            # seeded by the source: both versions of a paired subject get one nuisance field
+            rng=np.random.default_rng(_subject_seed(task["seed"], task.get("source", sub))),
             label_interpolation=task["label_interpolation"],
         )
     except CalibrationError as exc:
@@ -569,15 +570,22 @@ def _jsonable(v: Any) -> Any:
 
 
 def _readme(
-    shrink: list[int], enlarge: list[int], names: dict[int, str], n: int, n_dis: int
+    shrink: list[int], enlarge: list[int], names: dict[int, str], n: int, n_dis: int, paired: bool
 ) -> str:
     def fmt(lst: list[int]) -> str:
         return ", ".join(f"{r} ({names.get(r, '?')})" for r in lst) or "none"
 
+    pairs = (
+        "\nPaired design: sub-<source>ctl (control) and sub-<source>dis (diseased) share one "
+        "source anatomy;\nkeep both in the same split (group by source_subject)."
+        if paired
+        else ""
+    )
     return f"""Synthetic disease cohort made by `neuroexplain {COMMAND}`.
 
 {n} subjects, {n_dis} with a planted disease effect (participants.tsv: diagnosis,
-effect_magnitude, realised volume change per planted region). Shrunk labels: {fmt(shrink)}.
+effect_magnitude, source_subject, realised volume change per planted region).{pairs}
+Shrunk labels: {fmt(shrink)}.
 Enlarged labels: {fmt(enlarge)}.
 
 Ground truth: derivatives/{GROUNDTRUTH}/sub-*/anat/
@@ -613,6 +621,7 @@ def make_cohort(
     sigma: float = 4.0,
     nuisance_sigma: float = 12.0,
     label_interpolation: str = "linear",
+    paired: bool = False,
 ) -> Path:
     """Write a BIDS cohort with a planted disease effect and its exact Jacobian ground truth.
 
@@ -633,6 +642,13 @@ def make_cohort(
         sigma: smoothness of the disease field in mm.
         nuisance_sigma: smoothness of the nuisance field in mm.
         label_interpolation: ``"linear"`` (one-hot argmax) or ``"nearest"``.
+        paired: write two subjects per source subject, ``sub-<id>ctl`` (control) and
+            ``sub-<id>dis`` (diseased, same anatomy and nuisance field), instead of planting
+            the effect in a ``fraction`` of them (``fraction`` is then not used). With the
+            anatomy identical across classes, a classifier must learn the disease itself rather
+            than anatomical differences between the two groups; split such a cohort by
+            ``source_subject`` (``neuroexplain train-classifier`` does) so that no anatomy is in
+            two splits.
 
     Returns:
         ``out``. The folder holds ``dataset_description.json``, ``README``,
@@ -667,11 +683,19 @@ def make_cohort(
     for _, t1, dseg in subjects:
         _validate_subject(t1, dseg, planted)
 
-    n = len(subjects)
-    n_dis = math.floor(fraction * n + 0.5)
+    n_source = len(subjects)
     rng = np.random.default_rng(seed)
-    diseased = set(rng.permutation(n)[:n_dis].tolist())
-    magnitudes = rng.uniform(mag_lo, mag_hi, size=n)
+    if paired:  # (output id, source index, diseased) for every output subject
+        entries = [(f"{sub}{tag}", i, tag == "dis") for i, (sub, _, _) in enumerate(subjects)
+                   for tag in ("ctl", "dis")]  # fmt: skip
+        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
+    else:
+        n_pick = math.floor(fraction * n_source + 0.5)
+        picked = set(rng.permutation(n_source)[:n_pick].tolist())
+        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
+        entries = [(sub, i, i in picked) for i, (sub, _, _) in enumerate(subjects)]
+    n = len(entries)
+    n_dis = sum(dis for _, _, dis in entries)
     params = {
         "bids": str(bids_p.resolve()),
         "derivatives": derivatives,
@@ -684,47 +708,51 @@ def make_cohort(
         "sigma": float(sigma),
         "limit": limit,
         "label_interpolation": label_interpolation,
+        "paired": bool(paired),
         "n_subjects": n,
         "n_disease": n_dis,
     }
     logger.info(
-        "planting shrink=%s enlarge=%s in %d of %d subjects (magnitude %.2f-%.2f, "
+        "planting shrink=%s enlarge=%s in %d of %d subjects%s (magnitude %.2f-%.2f, "
         "nuisance %.1f mm)",
-        shrink_l, enlarge_l, n_dis, n, mag_lo, mag_hi, nuisance,
+        shrink_l, enlarge_l, n_dis, n, " (paired: a control and a diseased version of each "
+        "source subject)" if paired else "", mag_lo, mag_hi, nuisance,
     )  # fmt: skip
 
     with atomic_output(out_p, directory=True) as tmp:
         tasks = [
             {
                 "sub": sub,
-                "t1": str(t1),
-                "dseg": str(dseg),
+                "source": subjects[i][0],
+                "t1": str(subjects[i][1]),
+                "dseg": str(subjects[i][2]),
                 "root": str(tmp),
                 "derivatives": derivatives,
                 "shrink": shrink_l,
                 "enlarge": enlarge_l,
-                "diseased": i in diseased,
-                "magnitude": float(magnitudes[i]) if i in diseased else 0.0,
+                "diseased": dis,
+                "magnitude": float(magnitudes[i]) if dis else 0.0,
                 "nuisance": float(nuisance),
                 "nuisance_sigma": float(nuisance_sigma),
                 "sigma": float(sigma),
                 "seed": int(seed),
                 "label_interpolation": label_interpolation,
             }
-            for i, (sub, t1, dseg) in enumerate(subjects)
+            for sub, i, dis in entries
         ]
         records = _run_all(tasks, workers)
 
         rows = []
-        for rec, (sub, _, _) in zip(records, subjects, strict=True):
+        for rec, task in zip(records, tasks, strict=True):
+            source = task["source"]
             row = {
-                "participant_id": sub,
+                "participant_id": task["sub"],
                 "diagnosis": rec["diagnosis"],
                 "effect_magnitude": rec["effect_magnitude"],
-                "source_subject": sub,
+                "source_subject": source,
             }
-            if participants.get(sub, {}).get("sex"):
-                row["sex"] = participants[sub]["sex"]
+            if participants.get(source, {}).get("sex"):
+                row["sex"] = participants[source]["sex"]
             for r in (*shrink_l, *enlarge_l):
                 row[f"volume_change_{r}"] = rec["volume_change"][str(r)]
             rows.append(row)
@@ -740,7 +768,10 @@ def make_cohort(
                 "Description": "Requested fractional volume change of the planted regions "
                 "(0 for controls)."
             },
-            "source_subject": {"Description": "Subject of the source dataset."},
+            "source_subject": {
+                "Description": "Subject of the source dataset (shared by the control and the "
+                "diseased version of a paired cohort: split by this column)."
+            },
             "sex": {"Description": "From the source participants.tsv."},
         }
         for r in (*shrink_l, *enlarge_l):
@@ -771,7 +802,7 @@ def make_cohort(
             },
             tmp / "dataset_description.json",
         )
-        (tmp / "README").write_text(_readme(shrink_l, enlarge_l, names, n, n_dis))
+        (tmp / "README").write_text(_readme(shrink_l, enlarge_l, names, n, n_dis, paired))
         deriv_out = tmp / "derivatives" / derivatives
         deriv_out.mkdir(parents=True, exist_ok=True)
         if (deriv / "dseg.tsv").exists():
