@@ -177,7 +177,18 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     figures = _shell_command(out, "figures")
     assert "--logjacobian-maps simulator" in figures
     assert "--regions-figure results/figures/regions_logjacobian.png" in figures
-    assert "--regions hippocampus=47,48 --regions lateral_ventricles=51,52" in figures
+    assert (
+        "--regions hippocampus=47,48 --regions thalamus=59,60 --regions putamen=57,58 "
+        "--regions lateral_ventricles=51,52 --regions cerebellum_cortex=38,39" in figures
+    )
+    cohort = _shell_command(out, "make-cohort")
+    assert "--shrink 47,48,59,60,57,58 --enlarge 51,52" in cohort and "--paired" in cohort
+    ingest = _shell_command(out, "ingest-mri")
+    assert "--mask brain" in ingest and "--fov-mm 180" in ingest and "--limit" not in ingest
+    clf = _shell_command(out, "train-classifier")
+    assert "--standardize" in clf and "--flip" in clf and "--translate-vox 0" in clf
+    sal = _shell_command(out, "saliency")
+    assert "--ig-steps 16" in sal and "--occlusion-mask 16" in sal
 
 
 def test_dry_run_tiny_config_with_every_stage(repo_root: Path, tmp_path: Path) -> None:

@@ -396,6 +396,10 @@ def saliency_args(wildcards):
     return _args(
         ("--methods", ",".join(sal["methods"])),
         ("--layer", sal["layer"] or None),
+        ("--ig-steps", sal["ig_steps"]),
+        ("--smoothgrad-samples", sal["smoothgrad_samples"]),
+        ("--occlusion-mask", sal["occlusion_mask"]),
+        ("--occlusion-overlap", sal["occlusion_overlap"]),
         ("--subjects", config["evaluation"]["subjects"]),
         ("--seed", config["seed"]),
     )
