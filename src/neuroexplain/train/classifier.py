@@ -251,12 +251,7 @@ def make_split(
             strata.setdefault(tuple(sorted(yy[idx].tolist())), []).append(g)
         for key in sorted(strata):
             gs = [strata[key][j] for j in rng.permutation(len(strata[key]))]
-            n = len(gs)
-            n_test = round(n * test_fraction)
-            n_val = round(n * val_fraction)
-            if n >= 3:
-                n_test = max(n_test, 1 if test_fraction > 0 else 0)
-                n_val = max(n_val, 1)
+            n_test, n_val = _split_sizes(len(gs), val_fraction, test_fraction)
             for j, g in enumerate(gs):
                 part = "test" if j < n_test else "val" if j < n_test + n_val else "train"
                 split[members[g]] = part
@@ -264,15 +259,19 @@ def make_split(
     for cls in np.unique(yy):
         idx = np.flatnonzero(yy == cls)
         idx = idx[rng.permutation(len(idx))]
-        n = len(idx)
-        n_test = round(n * test_fraction)
-        n_val = round(n * val_fraction)
-        if n >= 3:
-            n_test = max(n_test, 1 if test_fraction > 0 else 0)
-            n_val = max(n_val, 1)
+        n_test, n_val = _split_sizes(len(idx), val_fraction, test_fraction)
         split[idx[:n_test]] = "test"
         split[idx[n_test : n_test + n_val]] = "val"
     return pd.DataFrame({"subject": subjects, "split": split.astype(str), "y": yy})
+
+
+def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Test and validation counts of a stratum of ``n`` (at least one each from 3 up)."""
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    if n >= 3:
+        n_test = max(n_test, 1 if test_fraction > 0 else 0)
+        n_val = max(n_val, 1)
+    return n_test, n_val
 
 
 def read_split(path: str | os.PathLike[str], subjects: Sequence[str] | None = None) -> Any:
