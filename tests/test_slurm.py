@@ -213,7 +213,7 @@ def test_ingest_on_slurm_matches_local_run(
     slurm_cluster, repo_root: Path, tmp_path: Path, ixi_root: Path, mob_root: Path
 ) -> None:
     config = yaml.safe_load((repo_root / "tests/config/config.yaml").read_text())
-    config["mri"]["limit"] = 3  # 2 diseased, 1 control
+    config["mri"]["limit"] = 2  # paired cohort: 2 controls + their 2 diseased versions
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     runs = {"local": tmp_path / "local", "slurm": tmp_path / "slurm"}

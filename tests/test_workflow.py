@@ -271,12 +271,17 @@ def test_end_to_end_tiny_config(repo_root: Path, tmp_path: Path, ixi_root: Path,
     assert len(rows) == 4
     labels = {row["diagnosis"] for row in rows}
     assert {"disease", "control"} <= labels, labels
+    # paired: each of the 2 source subjects once as a control and once diseased
+    pairs = {(row["source_subject"], row["diagnosis"]) for row in rows}
+    assert len({src for src, _ in pairs}) == 2 and len(pairs) == 4
 
     # the MRI ingest: 4 subjects on the 32^3 model grid
     ingest = workdir / "results/ingest/mri"
     preproc = torch.load(ingest / "preproc.pt", weights_only=True)
     assert tuple(preproc["images"].shape) == (4, 1, 32, 32, 32)
     assert torch.isfinite(preproc["images"]).all()
+    assert preproc["groups"] == [row["source_subject"] for row in rows]  # the split unit
+    assert preproc["params"]["mask"] == "brain"
     assert sorted(preproc["y"].tolist()) == sorted(
         1.0 if row["diagnosis"] == "disease" else 0.0 for row in rows
     )
