@@ -36,6 +36,7 @@ from neuroexplain.simulator import (
     train_simulator,
     warp_native,
 )
+from neuroexplain.simulator.train import volume_change_loss
 
 TINY = SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1)
 
@@ -377,6 +378,26 @@ def test_simulator_learns_to_move_the_toy_logit() -> None:
     m = disease_log_jacobian(ddf[cond < 0], "inject")
     blob = x[cond < 0] > 0.9
     assert float(m[blob].mean()) > 0
+
+
+def test_volume_change_loss_counts_volume_change_not_motion() -> None:
+    g = torch.tensor(_grid(10), dtype=torch.float64)[None]
+    shift = torch.ones_like(g) * 2.5
+    rot = torch.stack([-g[:, 1] + g[:, 1].mean(), g[:, 0] - g[:, 0].mean(), 0 * g[:, 2]], 1)
+    scale = 0.05 * g  # x -> 1.05 x: det = 1.05^3 everywhere
+    assert float(volume_change_loss(shift)) == pytest.approx(0.0, abs=1e-12)
+    # a small rotation changes volume only to second order
+    assert float(volume_change_loss(1e-3 * rot)) < 1e-5
+    assert float(volume_change_loss(scale)) == pytest.approx(3 * np.log(1.05), rel=1e-9)
+    # a focal bump costs in proportion to the volume it changes: less than a global scaling
+    # with the same peak change
+    bump = radial_bump(10, 4.5, 0.05, 1.5).double()
+    assert 0 < float(volume_change_loss(bump)) < float(volume_change_loss(scale))
+    u = scale.clone().requires_grad_(True)
+    volume_change_loss(u).backward()
+    assert u.grad is not None and float(u.grad.abs().sum()) > 0
+    with pytest.raises(InputError, match="--w-volume"):
+        TrainConfig(w_volume=-1)
 
 
 # -------------------------------------------------------------------------------- checkpoints

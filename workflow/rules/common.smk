@@ -455,6 +455,7 @@ def train_simulator_args(wildcards):
             ("--w-cycle", sim["w_cycle"]),
             ("--w-smooth", sim["w_smooth"]),
             ("--w-magnitude", sim["w_magnitude"]),
+            ("--w-volume", sim["w_volume"]),
             ("--smoothness", sim["smoothness"]),
             ("--max-steps", sim["max_steps"]),
             ("--seed", config["seed"]),

@@ -343,7 +343,7 @@ def xnn_explain_cmd(
     split: Annotated[Path | None, _SPLIT] = None,
     method: Annotated[
         str, typer.Option("--method", help="Feature attribution: ig or gradxinput.")
-    ] = "ig",
+    ] = "gradxinput",
     ig_steps: Annotated[int, typer.Option("--ig-steps", help="IG interpolation steps.")] = 16,
     coverage: Annotated[
         float | None,

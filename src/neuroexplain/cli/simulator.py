@@ -59,6 +59,13 @@ def train_simulator_cmd(
     w_magnitude: Annotated[
         float, typer.Option("--w-magnitude", help="Weight of the mean squared displacement.")
     ] = 0.1,
+    w_volume: Annotated[
+        float,
+        typer.Option(
+            "--w-volume",
+            help="Weight of the mean |log Jacobian| of the field (prefers focal volume change).",
+        ),
+    ] = 0.0,
     smoothness: Annotated[
         str, typer.Option("--smoothness", help="bending (BendingEnergyLoss) or diffusion.")
     ] = "bending",
@@ -120,6 +127,7 @@ def train_simulator_cmd(
         w_cycle=w_cycle,
         w_smooth=w_smooth,
         w_magnitude=w_magnitude,
+        w_volume=w_volume,
         smoothness=smoothness,
         seed=seed,
         checkpoint_every=checkpoint_every,

@@ -191,7 +191,7 @@ class XNNExplainer:
         *,
         layer: str,
         pool: str = "auto",
-        method: str = "ig",
+        method: str = "gradxinput",
         n_steps: int = 16,
         internal_batch_size: int = 8,
         weighted: bool = True,

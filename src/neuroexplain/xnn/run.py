@@ -185,7 +185,7 @@ def run_xnn_explain(
     *,
     split: str | os.PathLike[str] | None = None,
     subjects: str | Sequence[str] | None = "test",
-    method: str = "ig",
+    method: str = "gradxinput",
     n_steps: int = 16,
     internal_batch_size: int = 8,
     coverage: float | None = None,
