@@ -65,10 +65,10 @@ def train_simulator_cmd(
             "--w-volume",
             help="Weight of the mean |log Jacobian| of the field (prefers focal volume change).",
         ),
-    ] = 0.0,
+    ] = 50.0,
     smoothness: Annotated[
-        str, typer.Option("--smoothness", help="bending (BendingEnergyLoss) or diffusion.")
-    ] = "bending",
+        str, typer.Option("--smoothness", help="diffusion (DiffusionLoss) or bending.")
+    ] = "diffusion",
     diffeomorphic: Annotated[
         bool,
         typer.Option(
