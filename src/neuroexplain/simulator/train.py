@@ -584,18 +584,20 @@ def train_simulator(
             loss = cfg.w_cls * loss_cls
             loss_cycle = torch.zeros((), device=device)
             loss_smooth = smooth(low.float())
-            loss_volume = volume_change_loss(low.float())
+            fields = [low]
             if cfg.w_cycle > 0:
                 back, _, low_back = model(sim, -o, return_lowres=True)
                 loss_cycle = (back.float() - x).abs().mean()
                 loss_smooth = 0.5 * (loss_smooth + smooth(low_back.float()))
-                loss_volume = 0.5 * (loss_volume + volume_change_loss(low_back.float()))
+                fields.append(low_back)
                 loss = loss + cfg.w_cycle * loss_cycle
             loss = loss + cfg.w_smooth * loss_smooth
             loss_mag = ddf.float().pow(2).sum(1).mean()
             if cfg.w_magnitude > 0:
                 loss = loss + cfg.w_magnitude * loss_mag
-            if cfg.w_volume > 0:
+            loss_volume = torch.zeros((), device=device)
+            if cfg.w_volume > 0:  # a Jacobian per field: only when it is part of the loss
+                loss_volume = sum(volume_change_loss(f.float()) for f in fields) / len(fields)
                 loss = loss + cfg.w_volume * loss_volume
         if scaler is not None:
             scaler.scale(loss).backward()
