@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -365,6 +366,41 @@ def test_default_augmentation_shifts_whole_voxels():
         assert (nearest < 1e-5).all()
 
 
+def test_elastic_augmentation_is_a_bounded_smooth_seeded_warp():
+    import torch.nn.functional as F
+
+    from neuroexplain.train.classifier import BatchAugment
+
+    kw = {"rotate_deg": 0, "translate_vox": 0, "scale": 0, "intensity": 0, "prob": 1.0}
+    aug = BatchAugment(elastic_vox=1.5, seed=5, **kw)
+    disp = aug.random_displacement(4, (20, 20, 20))
+    peaks = disp.abs().amax(dim=(1, 2, 3, 4))
+    assert disp.shape == (4, 3, 20, 20, 20) and (peaks <= 1.5 + 1e-6).all() and peaks.min() > 0
+    # smooth: piecewise linear between 6 lattice points, so neighbouring voxels differ by at
+    # most 2 * peak * (6 - 1) / (20 - 1)
+    step = (disp[:, :, 1:] - disp[:, :, :-1]).abs().amax(dim=(1, 2, 3, 4))
+    assert (step <= 2 * peaks * 5 / 19 + 1e-6).all()
+    # the warp pulls each voxel from x + u(x): a linear ramp along axis 2 moves by u there
+    ramp = torch.arange(20.0).view(1, 1, 1, 1, 20).expand(4, 1, 20, 20, 20).contiguous()
+
+    class Recording(BatchAugment):
+        def random_displacement(self, b, spatial):
+            self.last = super().random_displacement(b, spatial)
+            return self.last
+
+    rec = Recording(elastic_vox=1.5, seed=5, **kw)
+    out = rec(ramp)
+    d = rec.last
+    inner = (slice(None), 0, slice(3, -3), slice(3, -3), slice(3, -3))
+    assert torch.allclose(out[inner], (ramp[:, 0] + d[:, 2])[inner[0:1] + inner[2:]], atol=1e-3)
+    assert torch.equal(out, BatchAugment(elastic_vox=1.5, seed=5, **kw)(ramp))
+    assert not torch.equal(out, BatchAugment(elastic_vox=1.5, seed=6, **kw)(ramp))
+    # off (prob 0 or amplitude 0): the input comes back
+    x = F.avg_pool3d(torch.rand(2, 1, 20, 20, 20), 3, 1, 1)
+    off = BatchAugment(elastic_vox=1.5, seed=5, **{**kw, "prob": 0.0})(x)
+    assert torch.allclose(off, x, atol=1e-5)
+
+
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     """kill -9 mid-training, rerun the same command: it resumes and ends bitwise identical."""
     import os
@@ -421,3 +457,26 @@ def test_training_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, monkey
     assert not out.exists()  # nothing written
     monkeypatch.setenv("NEUROEXPLAIN_MEMORY_LIMIT_MB", "100000")
     assert main([*args, "--epochs", "1", "--no-augment"]) == 0
+
+
+def test_cosine_schedule_warms_up_decays_and_is_logged(tmp_path):
+    from neuroexplain.train.classifier import TrainConfig, lr_at
+
+    cfg = TrainConfig(lr=1e-2, epochs=5, lr_schedule="cosine")
+    rates = [lr_at(cfg, s, 4) for s in range(20)]
+    assert rates[0] == pytest.approx(1e-3)  # warm-up starts at lr / 10
+    assert rates[4] == pytest.approx(1e-2)  # peak after the first epoch
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:]))  # then decays
+    assert rates[-1] < 1e-3 and lr_at(cfg, 20, 4) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(TrainConfig(lr=1e-2), 17, 4) == 1e-2
+    with pytest.raises(InputError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="step")
+
+    pre = _toy_preproc(n=24, seed=2)
+    train_classifier(
+        pre, tmp_path, epochs=3, batch_size=4, lr=1e-2, lr_schedule="cosine",
+        augment=False, seed=0, progress=False, patience=0,
+    )  # fmt: skip
+    log = pd.read_csv(tmp_path / "train_log.tsv", sep="\t")
+    # the rate of each epoch's last step: full after the warm-up epoch, then decaying
+    assert log["lr"].iloc[0] < 1e-2 and log["lr"].iloc[1] > log["lr"].iloc[2]

@@ -27,7 +27,14 @@ def train_classifier_cmd(
     ] = "small",
     epochs: Annotated[int, typer.Option("--epochs", help="Maximum number of epochs.")] = 40,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 4,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW (peak) learning rate.")] = 1e-3,
+    lr_schedule: Annotated[
+        str,
+        typer.Option(
+            "--lr-schedule",
+            help="constant, or cosine (1-epoch warm-up, cosine decay to 0 at --epochs).",
+        ),
+    ] = "constant",
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay.")
     ] = 1e-4,
@@ -68,6 +75,12 @@ def train_classifier_cmd(
     scale: Annotated[
         float, typer.Option("--scale", help="Augmentation: max scaling (changes volumes!).")
     ] = 0.0,
+    elastic_vox: Annotated[
+        float,
+        typer.Option(
+            "--elastic-vox", help="Augmentation: largest smooth random displacement (voxels)."
+        ),
+    ] = 0.0,
     intensity: Annotated[
         float, typer.Option("--intensity", help="Augmentation: max intensity scale / shift.")
     ] = 0.1,
@@ -101,6 +114,7 @@ def train_classifier_cmd(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        lr_schedule=lr_schedule,
         weight_decay=weight_decay,
         dropout=dropout,
         seed=seed,
@@ -113,6 +127,7 @@ def train_classifier_cmd(
         rotate_deg=rotate_deg,
         translate_vox=translate_vox,
         scale=scale,
+        elastic_vox=elastic_vox,
         intensity=intensity,
         standardize=standardize,
         device=device,

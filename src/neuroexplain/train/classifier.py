@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -58,7 +60,10 @@ class TrainConfig:
         arch: network name (see :data:`neuroexplain.models.ARCHITECTURES`).
         epochs: maximum number of epochs.
         batch_size: training batch size.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak rate with ``lr_schedule="cosine"``).
+        lr_schedule: ``"constant"`` or ``"cosine"``: a linear warm-up from ``lr / 10`` over the
+            first epoch, then cosine decay to 0 at the last of ``epochs`` (per step; converges
+            in fewer epochs than a constant rate).
         weight_decay: AdamW weight decay.
         dropout: dropout before the logit layer (``"small"`` only).
         seed: seed of the split, the initial weights, batch order and augmentation.
@@ -75,6 +80,9 @@ class TrainConfig:
         rotate_deg: maximum rotation (degrees, each axis) of the random affine.
         translate_vox: maximum translation (voxels) of the random affine.
         scale: maximum relative scaling of the random affine.
+        elastic_vox: largest smooth random displacement (voxels) added to the affine; teaches
+            the classifier that small random deformations are not the disease, so a simulator
+            cannot flip it with a faint, unstructured warp.
         intensity: maximum relative intensity scaling and shift.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         channels_last: use the channels-last 3D memory layout (faster convolutions on CPU).
@@ -93,6 +101,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 4
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     dropout: float = 0.2
     seed: int = 0
@@ -105,6 +114,7 @@ class TrainConfig:
     rotate_deg: float = 0.0
     translate_vox: float = 2.0
     scale: float = 0.0
+    elastic_vox: float = 0.0
     intensity: float = 0.1
     device: str = "auto"
     channels_last: bool = True
@@ -122,7 +132,9 @@ class TrainConfig:
             "patience": self.patience >= 0,
             "dropout": 0 <= self.dropout < 1,
             "monitor": self.monitor in ("loss", "auc"),
+            "lr_schedule": self.lr_schedule in LR_SCHEDULES,
             "standardize_eps": self.standardize_eps > 0,
+            "elastic_vox": self.elastic_vox >= 0,
         }
         for key, ok in checks.items():
             if not ok:
@@ -365,8 +377,12 @@ class BatchAugment:
     ``AffineTransform`` (trilinear, zero padding), applied with probability ``prob`` (without
     rotation and scaling, translations are whole voxels, which resample exactly); optional
     left-right flips (probability 0.5) along ``flip_axis``; intensity scaling ``1 ± intensity``
-    and shift ``± intensity`` of the foreground (``> 0``; each with probability 0.5). Batched,
-    so augmentation costs a fraction of a training step on CPU.
+    and shift ``± intensity`` of the foreground (``> 0``; each with probability 0.5). With
+    ``elastic_vox > 0``, a smooth random displacement is added to the affine's sampling grid
+    (one resampling): normal coefficients on an ``elastic_grid``-point lattice per axis,
+    up-sampled trilinearly and scaled so that the largest displacement of the volume is
+    ``u * elastic_vox`` voxels, ``u ~ U(0, 1)`` (same probability ``prob``). Batched, so
+    augmentation costs a fraction of a training step on CPU.
 
     Args:
         rotate_deg: maximum absolute rotation angle in degrees, per axis.
@@ -374,6 +390,8 @@ class BatchAugment:
         scale: maximum relative scaling, per axis.
         intensity: maximum relative intensity scaling and absolute shift.
         flip_axis: spatial axis (0, 1, 2) of left-right flips, ``None`` for no flips.
+        elastic_vox: largest smooth random displacement in voxels (0 = none).
+        elastic_grid: lattice points per axis of the random displacement (its smoothness).
         prob: probability of the random affine per volume.
         seed: seed of the generator (same seed -> same augmentations).
 
@@ -389,6 +407,8 @@ class BatchAugment:
         scale: float = 0.0,
         intensity: float = 0.1,
         flip_axis: int | None = None,
+        elastic_vox: float = 0.0,
+        elastic_grid: int = 6,
         prob: float = 0.8,
         seed: int = 0,
     ) -> None:
@@ -400,6 +420,8 @@ class BatchAugment:
         self.scale = float(scale)
         self.intensity = float(intensity)
         self.flip_axis = flip_axis
+        self.elastic = float(elastic_vox)
+        self.elastic_grid = max(int(elastic_grid), 2)
         self.prob = float(prob)
         self.gen = torch.Generator().manual_seed(int(seed))
         # theta on normalised (align_corners) coordinates in torch's (z, y, x) order: exact
@@ -460,7 +482,10 @@ class BatchAugment:
         gain[torch.rand(b, generator=self.gen) >= 0.5] = 1.0
         shift = self._uniform(b, bound=self.intensity).float()
         shift[torch.rand(b, generator=self.gen) >= 0.5] = 0.0
-        out = self.warp(x.float(), theta.to(x.device, torch.float32))
+        if self.elastic > 0:
+            out = self._elastic_warp(x.float(), theta)
+        else:
+            out = self.warp(x.float(), theta.to(x.device, torch.float32))
         if self.flip_axis is not None and flip.any():
             dim = 2 + int(self.flip_axis)
             out = torch.where(flip.view(b, 1, 1, 1, 1).to(x.device), out.flip(dim), out)
@@ -471,6 +496,33 @@ class BatchAugment:
             out = out * gain.view(view).to(x.device) + shift.view(view).to(x.device) * fg
         return out
 
+    def random_displacement(self, b: int, spatial: Sequence[int]) -> Any:
+        """``(B, 3, X, Y, Z)`` smooth random displacements in voxels (see the class notes)."""
+        import torch
+        import torch.nn.functional as F
+
+        g = self.elastic_grid
+        coarse = torch.randn(b, 3, g, g, g, generator=self.gen, dtype=torch.float64)
+        # the peak of a trilinear up-sampling is the peak of the lattice
+        peak = coarse.abs().amax(dim=(1, 2, 3, 4)).clamp_min(1e-12)
+        amp = torch.rand(b, generator=self.gen, dtype=torch.float64) * self.elastic
+        amp[torch.rand(b, generator=self.gen, dtype=torch.float64) >= self.prob] = 0.0
+        coarse = (coarse * (amp / peak).view(b, 1, 1, 1, 1)).float()
+        return F.interpolate(coarse, size=tuple(spatial), mode="trilinear", align_corners=True)
+
+    def _elastic_warp(self, x: Any, theta: Any) -> Any:
+        """Resample ``x`` once on the affine grid plus a random displacement (trilinear)."""
+        import torch
+        import torch.nn.functional as F
+
+        b, spatial = x.shape[0], x.shape[2:]
+        grid = F.affine_grid(theta, [b, 1, *spatial], align_corners=True)  # (B, X, Y, Z, 3)
+        disp = self.random_displacement(b, spatial)
+        half = torch.tensor([(n - 1) / 2 for n in spatial], dtype=torch.float32)
+        disp_n = (disp / half.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
+        grid = (grid.float() + disp_n).to(x.device)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
 
 def _augmenter(cfg: TrainConfig, lr_axis: int, seed: int) -> BatchAugment:
     return BatchAugment(
@@ -479,6 +531,7 @@ def _augmenter(cfg: TrainConfig, lr_axis: int, seed: int) -> BatchAugment:
         scale=cfg.scale,
         intensity=cfg.intensity,
         flip_axis=lr_axis if cfg.flip else None,
+        elastic_vox=cfg.elastic_vox,
         seed=seed,
     )
 
@@ -668,8 +721,12 @@ def train_classifier(
             perm = torch.randperm(len(train_groups), generator=gen).numpy()
             order = np.concatenate([train_groups[j] for j in perm])
         total, count = 0.0, 0
+        steps_per_epoch = -(-len(order) // cfg.batch_size)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, steps_per_epoch)
             xb = images[idx].to(device, non_blocking=True)
             if aug is not None:
                 xb = aug(xb)
@@ -832,6 +889,21 @@ STATE_FILE = "train_state.pt"
 STATE_FORMAT = "neuroexplain-classifier-state/1"
 
 
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate of the optimiser step ``step`` (0-based) under ``cfg.lr_schedule``.
+
+    A pure function of the step, so a resumed run continues the same schedule.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = max(int(steps_per_epoch), 1)
+    total = max(int(cfg.epochs) * warm, warm + 1)
+    if step < warm:
+        return cfg.lr * (0.1 + 0.9 * step / warm)
+    t = min((step - warm) / max(total - warm, 1), 1.0)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _run_key(cfg: TrainConfig, images: Any, y: np.ndarray, split_df: Any, subjects: list) -> dict:
     """What a resumed run must share with the interrupted one (options, data, split)."""
     import hashlib
@@ -841,7 +913,9 @@ def _run_key(cfg: TrainConfig, images: Any, y: np.ndarray, split_df: Any, subjec
     digest.update(np.ascontiguousarray(y).tobytes())
     digest.update("\n".join(subjects).encode())
     digest.update("\n".join(split_df["split"].astype(str)).encode())
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "device")}
+    # more epochs may resume a constant-rate run; a schedule depends on them
+    skip = ("epochs", "device") if cfg.lr_schedule == "constant" else ("device",)
+    params = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return {"params": params, "data": digest.hexdigest()}
 
 
