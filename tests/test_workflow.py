@@ -186,7 +186,12 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     ingest = _shell_command(out, "ingest-mri")
     assert "--mask brain" in ingest and "--fov-mm 180" in ingest and "--limit" not in ingest
     clf = _shell_command(out, "train-classifier")
-    assert "--standardize" in clf and "--flip" in clf and "--translate-vox 0" in clf
+    assert (
+        "--standardize" in clf
+        and "--flip" in clf
+        and "--translate-vox 1" in clf
+        and "--scale 0.03" in clf
+    )
     sal = _shell_command(out, "saliency")
     assert "--ig-steps 16" in sal and "--occlusion-mask 16" in sal
 

@@ -65,7 +65,7 @@ def train_simulator_cmd(
             "--w-volume",
             help="Weight of the mean |log Jacobian| of the field (prefers focal volume change).",
         ),
-    ] = 400.0,
+    ] = 100.0,
     smoothness: Annotated[
         str, typer.Option("--smoothness", help="diffusion (DiffusionLoss) or bending.")
     ] = "diffusion",
