@@ -216,6 +216,19 @@ def test_tcav_end_to_end_on_a_toy_net_concept_vs_random():
     assert null["p_value"] > 0.05 and not null["significant"]
     assert null["cav_accuracy"] < 0.8
 
+    # the memory-light path: activations cached up front, volumes dropped, same scores
+    light_tcav = TCAV(net, ["features.1"], seed=0)
+    light = light_tcav.detach_inputs([concept, fake, *randoms])
+    assert all(c.inputs.untyped_storage().nbytes() <= 4 for c in light)  # no volumes kept
+    assert [(c.name, c.ids, c.key) for c in light] == [
+        (c.name, c.ids, c.key) for c in [concept, fake, *randoms]
+    ]
+    lc, lf, *lr = light
+    light_sets = (
+        [[lc, r] for r in lr[1:]] + [[lf, r] for r in lr[1:]] + [[lr[0], r] for r in lr[1:]]
+    )
+    assert light_tcav.interpret(inputs, light_sets, target=0) == scores
+
 
 # ------------------------------------------------------------------------------------- SACV
 

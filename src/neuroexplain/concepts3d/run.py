@@ -304,6 +304,12 @@ def run_tcav(
         randoms = random_concepts(
             pool, n_sets + 1, size, seed=_seed_of(seed, spec.name), prefix=f"{spec.name}:random"
         )
+        pairs = [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
+        need = any(not tcav._cached(layer, c, r) for c, r in pairs for layer in layer_list)
+        # activations now, volumes dropped: memory stays at one concept's examples
+        concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)[1:]
+        n_pool = len(pool)
+        del pool
         sets += [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
         plans[spec.name] = {
             "spec": spec_dict(spec),
@@ -316,7 +322,7 @@ def run_tcav(
             "concept %s: %d examples, random pool %d, %d random sets of %d",
             spec.name,
             len(concept),
-            len(pool),
+            n_pool,
             n_sets + 1,
             size,
         )
