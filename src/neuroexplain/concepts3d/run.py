@@ -304,13 +304,17 @@ def run_tcav(
         randoms = random_concepts(
             pool, n_sets + 1, size, seed=_seed_of(seed, spec.name), prefix=f"{spec.name}:random"
         )
-        pairs = [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
-        need = any(not tcav._cached(layer, c, r) for c, r in pairs for layer in layer_list)
-        # activations now, volumes dropped: memory stays at one concept's examples
-        concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)[1:]
+        need = any(
+            not tcav._cached(layer, c, r)
+            for c, r in _tcav_pairs(concept, randoms)
+            for layer in layer_list
+        )
+        # activations now, volumes dropped: memory stays at one concept's examples (the pool's
+        # activations cover its random sets; the light concepts keep their cache keys)
         n_pool = len(pool)
+        concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)[1:]
         del pool
-        sets += [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
+        sets += _tcav_pairs(concept, randoms)
         plans[spec.name] = {
             "spec": spec_dict(spec),
             "examples": [table["subject"][i] for i in conc_idx],
@@ -395,6 +399,11 @@ def run_tcav(
             r["cav_accuracy"],
         )
     return result
+
+
+def _tcav_pairs(concept: Any, randoms: Sequence[Any]) -> list[list[Any]]:
+    """``[concept, random_i]`` and the null ``[random_0, random_i]`` for ``i >= 1``."""
+    return [[concept, r] for r in randoms[1:]] + [[randoms[0], r] for r in randoms[1:]]
 
 
 def _cache_stats(store: Any) -> dict[str, Any]:

@@ -361,6 +361,14 @@ class TCAV:
 
         Activations are cached per example id, so overlapping random sets cost one pass.
         """
+        self._cache_activations(concept)
+        return {
+            layer: torch.stack([self._acts[(layer, eid)] for eid in concept.ids])
+            for layer in self.layers
+        }
+
+    def _cache_activations(self, concept: Concept) -> None:
+        """Compute and cache the activations of the examples not cached yet."""
         missing = [
             i
             for i, eid in enumerate(concept.ids)
@@ -379,10 +387,6 @@ class TCAV:
                 flat = a.reshape(a.shape[0], -1)
                 for j, i in enumerate(missing):
                     self._acts[(layer, concept.ids[i])] = flat[j]
-        return {
-            layer: torch.stack([self._acts[(layer, eid)] for eid in concept.ids])
-            for layer in self.layers
-        }
 
     def detach_inputs(self, concepts: Sequence[Concept], *, compute: bool = True) -> list[Concept]:
         """Cache the activations of ``concepts`` and return them without their volumes.
@@ -397,7 +401,7 @@ class TCAV:
         out = []
         for c in concepts:
             if compute:
-                self.activations(c)
+                self._cache_activations(c)
             shape = (len(c), *c.inputs.shape[1:])
             ghost = torch.zeros((1,) * len(shape), dtype=c.inputs.dtype).expand(shape)
             out.append(Concept(name=c.name, inputs=ghost, ids=list(c.ids), key=c.key))
