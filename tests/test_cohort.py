@@ -256,6 +256,7 @@ def test_gaussian_derivatives_are_exact_derivatives():
         (["--magnitude-min", "0.3", "--magnitude-max", "0.2"], "--magnitude"),
         (["--shrink", "a,b"], "--shrink"),
         (["--workers", "0"], "--workers"),
+        (["--label-probability", "0"], "--label-probability"),
     ],
 )
 def test_cli_bad_input_leaves_nothing(ixi_root, tmp_path, capsys, args, message):
@@ -355,3 +356,44 @@ def test_paired_cohort_shares_anatomy_and_nuisance(ixi_root, tmp_path):
     assert lj.min() < -0.05 and lj.max() > 0.05
     assert json.loads((out / "cohort.json").read_text())["params"]["paired"] is True
     assert "Paired design" in (out / "README").read_text()
+
+
+def test_label_probability_plants_a_random_subset_of_labels(ixi_root, tmp_path):
+    """--label-probability < 1: each diseased subject gets its own subset of the labels."""
+    labels = [47, 48, 59, 60, 57, 58, 51, 52]
+    shrink, enlarge = labels[:6], labels[6:]
+    out = make_cohort(
+        ixi_root, tmp_path / "c", shrink=shrink, enlarge=enlarge, limit=2, paired=True,
+        magnitude_range=(0.3, 0.3), label_probability=0.3, seed=2,
+    )  # fmt: skip
+    table = pd.read_csv(out / "participants.tsv", sep="\t", keep_default_na=False)
+    prov = json.loads((out / "cohort.json").read_text())
+    assert prov["params"]["label_probability"] == 0.3
+    assert prov["summary"]["max_target_error"] < 1e-3  # the affected labels hit their target
+    dis = table[table["diagnosis"] == "disease"]
+    subsets = []
+    for _, row in dis.iterrows():
+        hit = [int(r) for r in row["affected_labels"].split(",")]
+        assert hit and set(hit) < set(labels)  # at least one, never all at p = 0.3 here
+        subsets.append(hit)
+        for r in labels:
+            change = row[f"volume_change_{r}"]
+            if r in hit:
+                assert change == pytest.approx(-0.3 if r in shrink else 0.3, abs=1e-3)
+            else:  # not planted: only what the neighbours' fields do to it
+                assert abs(change) < 0.1
+        sub = row["participant_id"]
+        mask = _data(_gt(out, sub, "planted_mask")) > 0
+        lab = _data(out / "derivatives" / "dlmuse" / sub / "anat" / f"{sub}_dseg.nii.gz")
+        np.testing.assert_array_equal(mask, np.isin(lab, hit))
+        side = json.loads(sidecar_path(_gt(out, sub, "planted_mask")).read_text())
+        assert side["Labels"] == hit
+    assert subsets[0] != subsets[1]
+    assert (table.loc[table["diagnosis"] == "control", "affected_labels"] == "").all()
+
+
+def test_label_probability_is_checked(ixi_root, tmp_path):
+    for p in (0.0, 1.5):
+        with pytest.raises(InputError, match="label-probability"):
+            make_cohort(ixi_root, tmp_path / "c", limit=1, label_probability=p)
+    assert not (tmp_path / "c").exists()

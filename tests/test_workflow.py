@@ -126,6 +126,7 @@ def test_dry_run_default_config_reads_the_mirror(
 # the rules of the MRI explanation stages and the report, in the default configuration
 EXPLANATION_RULES = (
     "train_classifier",
+    "region_reliance",
     "saliency",
     "train_simulator",
     "simulate",
@@ -183,6 +184,10 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     )
     cohort = _shell_command(out, "make-cohort")
     assert "--shrink 47,48,59,60,57,58 --enlarge 51,52" in cohort and "--paired" in cohort
+    assert "--label-probability 1.0" in cohort
+    reliance = _shell_command(out, "region-reliance")
+    assert "--split results/classifier/split.tsv --out results/classifier/reliance" in reliance
+    assert "--regions hippocampus=47,48" in reliance and "--subjects test" in reliance
     ingest = _shell_command(out, "ingest-mri")
     assert "--mask brain" in ingest and "--fov-mm 180" in ingest and "--limit" not in ingest
     clf = _shell_command(out, "train-classifier")

@@ -1,6 +1,7 @@
 # The 3D MRI classifier every MRI explanation method explains, its baseline attribution maps
 # (gradient, gradient x input, SmoothGrad, Integrated Gradients, Grad-CAM, occlusion) in each
-# subject's native space, and the ground-truth evaluation of all maps of the synthetic cohort.
+# subject's native space, the classifier's reliance on each region (region transplants in a
+# paired cohort), and the ground-truth evaluation of all maps of the synthetic cohort.
 
 
 if config["mri"]["activate"] and config["classifier"]["activate"]:
@@ -36,6 +37,48 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
             " --threads {threads} {params.args} > {log} 2>&1"
 
     ALL_TARGETS.extend([CLASSIFIER["model"], CLASSIFIER["metrics"]])
+
+
+if (
+    config["mri"]["activate"]
+    and config["classifier"]["activate"]
+    and config["cohort"]["activate"]
+    and config["cohort"]["paired"]
+    and config["mri"]["regions"]
+):
+
+    rule region_reliance:
+        input:
+            preproc=MRI_INGEST["preproc"],
+            model=CLASSIFIER["model"],
+            split=CLASSIFIER["split"],
+        output:
+            table=RELIANCE["table"],
+            summary=report(
+                RELIANCE["summary"],
+                caption="../report/reliance.rst",
+                category="MRI classifier",
+            ),
+            json=RELIANCE["json"],
+        log:
+            "logs/classifier/region_reliance.log",
+        benchmark:
+            "results/benchmarks/classifier/region_reliance.tsv"
+        conda:
+            "../envs/neuroexplain.yaml"
+        threads: 1
+        resources:
+            mem_mb=3000,
+            runtime=30,
+        params:
+            stem=output_stem,
+            args=region_reliance_args,
+        shell:
+            "neuroexplain region-reliance --preproc {input.preproc:q}"
+            " --checkpoint {input.model:q} --split {input.split:q} --out {params.stem:q}"
+            " --threads {threads} {params.args} > {log} 2>&1"
+
+    ALL_TARGETS.append(RELIANCE["summary"])
 
 
 if (

@@ -48,6 +48,11 @@ CLASSIFIER = {
     "logits": "results/classifier/logits.tsv",
     "split": "results/classifier/split.tsv",
 }
+RELIANCE = {
+    "table": "results/classifier/reliance.tsv",
+    "summary": "results/classifier/reliance_summary.tsv",
+    "json": "results/classifier/reliance.json",
+}
 SALIENCY_DIR = "results/saliency"
 EVALUATION = {
     "json": "results/evaluation/maps.json",
@@ -293,6 +298,7 @@ def make_cohort_args(wildcards):
         ("--magnitude-min", cohort["magnitude"][0]),
         ("--magnitude-max", cohort["magnitude"][1]),
         ("--nuisance", cohort["nuisance"]),
+        ("--label-probability", cohort["label_probability"]),
         ("--seed", config["seed"]),
         ("--limit", config["mri"]["limit"]),
     ) + (" --paired" if cohort["paired"] else " --unpaired")
@@ -432,6 +438,18 @@ def evaluate_maps_args(wildcards, input):
         ("--label-column", config["mri"]["label_column"]),
         ("--positive-class", config["mri"]["positive_class"]),
         ("--derivatives", config["mri"]["derivatives"]),
+    )
+
+
+def output_stem(wildcards, output):
+    """The `json` output's path without its suffix (commands that write `<stem>.*`)."""
+    return str(Path(output.json).with_suffix(""))
+
+
+def region_reliance_args(wildcards):
+    return _args(
+        ("--regions", _regions()),
+        ("--subjects", config["evaluation"]["subjects"]),
     )
 
 

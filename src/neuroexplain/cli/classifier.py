@@ -348,3 +348,57 @@ def evaluate_maps_cmd(
     }
     write_evaluation(df, out, provenance=provenance(params, command="evaluate-maps"))
     typer.echo(markdown_table(df), nl=False)
+
+
+@app.command("region-reliance")
+def region_reliance_cmd(
+    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", help="model.pt from train-classifier.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output stem: writes <stem>.tsv, <stem>_summary.tsv and <stem>.json."
+        ),
+    ],
+    regions: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--regions", help="Region as NAME=LABEL[,LABEL] of the dseg; repeat per region."
+        ),
+    ] = None,
+    subjects: Annotated[
+        str, typer.Option("--subjects", help="test, val, train, all, or comma-separated ids.")
+    ] = "test",
+    split: Annotated[
+        Path | None, typer.Option("--split", help="split.tsv (default: next to the checkpoint).")
+    ] = None,
+    dilate: Annotated[
+        int, typer.Option("--dilate", help="Dilation of each region mask in model voxels.")
+    ] = 2,
+    target: Annotated[int, typer.Option("--target", help="Logit index (0 = positive class).")] = 0,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """How much of the classifier's decision each region carries (paired cohorts).
+
+    For each control/diseased pair of one anatomy, the diseased region is put into the control
+    (and the control's into the diseased image); the logit change over the pair's logit gap is
+    the region's share of the decision.
+    """
+    from neuroexplain.evaluate.reliance import run_region_reliance
+    from neuroexplain.simulator import parse_regions
+
+    set_threads(threads)
+    run_region_reliance(
+        preproc,
+        checkpoint,
+        out,
+        parse_regions(regions),
+        subjects=subjects,
+        split=split,
+        dilate=dilate,
+        target=target,
+        device=device,
+    )

@@ -56,6 +56,13 @@ def make_cohort_cmd(
         help="Hard label sampling: linear (one-hot argmax) or nearest; planted regions "
         "keep their partial volume either way.",
     ),
+    label_probability: float = typer.Option(
+        1.0,
+        "--label-probability",
+        help="Probability that each planted label is affected in a diseased subject "
+        "(independently; at least one is). Below 1 the disease is heterogeneous, so a "
+        "classifier has to use every planted region.",
+    ),
     paired: bool = typer.Option(
         False,
         "--paired/--unpaired",
@@ -82,4 +89,5 @@ def make_cohort_cmd(
         nuisance_sigma=nuisance_sigma,
         label_interpolation=label_interpolation,
         paired=paired,
+        label_probability=label_probability,
     )

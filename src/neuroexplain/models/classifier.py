@@ -208,6 +208,11 @@ def build_model(
 ) -> nn.Module:
     """Build a 3D classifier by name.
 
+    The 5-D weights are stored channels-last (``torch.channels_last_3d``), which makes the
+    convolutions and their gradients on CPU about 1.5x faster; activations are then
+    channels-last too (use ``reshape`` / ``flatten`` on them, not ``view``).
+
+
     Args:
         arch: ``"small"`` (:class:`SmallCNN3D`), ``"densenet121"`` (MONAI ``DenseNet121``) or
             ``"resnet18"`` (MONAI ``resnet18``), all with ``spatial_dims=3``.
@@ -236,7 +241,9 @@ def build_model(
     if standardize:
         net.add_module("input_norm", InputStandardize(in_channels, spatial_size))
         net.register_forward_pre_hook(_standardize_input)
-    return net
+    # channels-last (NDHWC) weights: the oneDNN CPU convolutions then run channels-last, ~1.5x
+    # faster for these small-channel 3D networks; a model's function does not change
+    return net.to(memory_format=torch.channels_last_3d)
 
 
 def default_target_layer(arch: str) -> str:

@@ -3,7 +3,9 @@
 From real T1w images and their label maps, a disease effect is planted in a seeded, balanced
 subset of subjects (``round(fraction * N)`` exactly): a smooth, invertible deformation shrinks
 the ``shrink`` regions and enlarges the ``enlarge`` regions, each by the subject's magnitude
-(a fractional volume change drawn uniformly from ``magnitude_range``). Every subject may also get
+(a fractional volume change drawn uniformly from ``magnitude_range``); with
+``label_probability`` < 1, each diseased subject gets the effect in its own random subset of
+those labels (a heterogeneous disease), the others kept unplanted. Every subject may also get
 a mild random smooth *nuisance* deformation first, as part of its "healthy" anatomy; it is not
 part of the ground truth and is recorded as a separate map.
 
@@ -92,7 +94,7 @@ class SubjectEffect:
         jacobian: ground-truth disease Jacobian in diseased space (float64; 1 for controls).
         nuisance_logjacobian: log-Jacobian of the nuisance deformation in diseased space, or
             ``None`` without nuisance.
-        planted_mask: union of the planted labels in the carried label map (bool).
+        planted_mask: union of the affected labels in the carried label map (bool).
         ddf: ``(3, X, Y, Z)`` disease pull-back displacement in voxels (diseased -> healthy).
         stats: realised volume changes, calibration and invertibility diagnostics.
     """
@@ -119,6 +121,7 @@ def plant_subject(
     sigma: float = 4.0,
     rng: np.random.Generator | None = None,
     label_interpolation: str = "linear",
+    affected: Sequence[int] | None = None,
 ) -> SubjectEffect:
     """Plant the disease effect (``magnitude`` > 0) or none (control) in one subject, in memory.
 
@@ -135,6 +138,9 @@ def plant_subject(
         rng: random generator for the nuisance field.
         label_interpolation: ``"linear"`` or ``"nearest"`` hard label sampling (the planted
             regions' volumes are matched to their partial volumes either way).
+        affected: the labels of ``shrink`` / ``enlarge`` that get the effect (``None`` = all).
+            The others keep their own field at zero; their realised volume change (what the
+            neighbours' fields do to them) is still measured and reported.
 
     Returns:
         A :class:`SubjectEffect`.
@@ -148,6 +154,9 @@ def plant_subject(
     shape = t1.shape
     sp = np.asarray(spacing, dtype=float)
     planted = [int(r) for r in (*shrink, *enlarge)]
+    hit = set(planted) if affected is None else {int(r) for r in affected}
+    if hit - set(planted):
+        raise ValueError(f"affected labels {sorted(hit - set(planted))} are not in shrink/enlarge")
     rng = rng if rng is not None else np.random.default_rng(0)
     stats: dict[str, Any] = {}
 
@@ -186,8 +195,10 @@ def plant_subject(
         masks = {r: (labels == r).astype(np.float64) for r in planted}
 
     # disease: diseased(x) = healthy(x + w(x))
-    if magnitude > 0 and planted:
-        target = {r: -float(magnitude) for r in shrink} | {r: float(magnitude) for r in enlarge}
+    if magnitude > 0 and hit:
+        target = {r: -float(magnitude) for r in shrink if r in hit} | {
+            r: float(magnitude) for r in enlarge if r in hit
+        }
         pf = F.plant_field(masks, target, sp, sigma_mm=sigma)
         ddf, jac, box = pf.ddf, pf.jacobian, pf.support
         stats.update(
@@ -264,7 +275,7 @@ def plant_subject(
         labels=out_labels,
         jacobian=jac,
         nuisance_logjacobian=nlj,
-        planted_mask=np.isin(out_labels, planted),
+        planted_mask=np.isin(out_labels, sorted(hit)),
         ddf=ddf,
         stats=stats,
     )
@@ -282,6 +293,7 @@ def _check_params(
     sigma: float,
     nuisance_sigma: float,
     label_interpolation: str,
+    label_probability: float = 1.0,
 ) -> tuple[list[int], list[int], tuple[float, float]]:
     shrink_l = [int(r) for r in shrink]
     enlarge_l = [int(r) for r in enlarge]
@@ -308,6 +320,10 @@ def _check_params(
         raise InputError(
             "--magnitude-min/--magnitude-max",
             f"expected 0 <= min <= max < {MAX_MAGNITUDE}, got min={lo}, max={hi}",
+        )
+    if not (math.isfinite(label_probability) and 0 < label_probability <= 1):
+        raise InputError(
+            "--label-probability", f"expected a probability in (0, 1], got {label_probability}"
         )
     if not (math.isfinite(nuisance) and nuisance >= 0):
         raise InputError("--nuisance", f"expected an amplitude >= 0 mm, got {nuisance}")
@@ -472,6 +488,7 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
             # seeded by the source: both versions of a paired subject get one nuisance field
             rng=np.random.default_rng(_subject_seed(task["seed"], task.get("source", sub))),
             label_interpolation=task["label_interpolation"],
+            affected=task["affected"],
         )
     except CalibrationError as exc:
         raise InputError(
@@ -486,6 +503,7 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
     gt = root / "derivatives" / GROUNDTRUTH / sub / "anat"
     gt.mkdir(parents=True, exist_ok=True)
     diseased = bool(task["diseased"])
+    hit = task["affected"] if task["affected"] is not None else task["shrink"] + task["enlarge"]
     base = {
         "GeneratedBy": {"Name": f"neuroexplain {COMMAND}", "Version": __version__},
         "Sources": [f"bids::{sub}/anat/{sub}_T1w.nii.gz"],
@@ -493,8 +511,8 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
         "Convention": CONVENTION,
         "Diagnosis": "disease" if diseased else "control",
         "EffectMagnitude": magnitude,
-        "ShrunkLabels": task["shrink"],
-        "EnlargedLabels": task["enlarge"],
+        "ShrunkLabels": [r for r in task["shrink"] if r in hit] if diseased else [],
+        "EnlargedLabels": [r for r in task["enlarge"] if r in hit] if diseased else [],
         "RealisedVolumeChange": {str(k): v for k, v in eff.stats["volume_change"].items()},
         "Parameters": {
             "sigma_mm": task["sigma"],
@@ -538,7 +556,7 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
         eff.planted_mask.astype(np.float32), t1_img, gt / f"{sub}_desc-planted_mask.nii.gz",
         description="union of the planted regions (carried labels)", intent="label",
         intent_name="mask",
-        sidecar={**base, "Labels": task["shrink"] + task["enlarge"]},
+        sidecar={**base, "Labels": hit},
     )  # fmt: skip
     # pull-back displacement in mm along RAS+ world axes (as save_displacement documents)
     world = np.einsum("ab,b...->...a", t1_img.affine[:3, :3], eff.ddf)
@@ -557,6 +575,7 @@ def _run_subject_inner(task: dict[str, Any]) -> dict[str, Any]:
         "participant_id": sub,
         "diagnosis": "disease" if diseased else "control",
         "effect_magnitude": magnitude,
+        "affected_labels": hit if diseased else [],
         **{k: _jsonable(v) for k, v in stats.items()},
     }
 
@@ -584,7 +603,8 @@ def _readme(
     return f"""Synthetic disease cohort made by `neuroexplain {COMMAND}`.
 
 {n} subjects, {n_dis} with a planted disease effect (participants.tsv: diagnosis,
-effect_magnitude, source_subject, realised volume change per planted region).{pairs}
+effect_magnitude, affected_labels, source_subject, realised volume change per planted
+region).{pairs}
 Shrunk labels: {fmt(shrink)}.
 Enlarged labels: {fmt(enlarge)}.
 
@@ -622,6 +642,7 @@ def make_cohort(
     nuisance_sigma: float = 12.0,
     label_interpolation: str = "linear",
     paired: bool = False,
+    label_probability: float = 1.0,
 ) -> Path:
     """Write a BIDS cohort with a planted disease effect and its exact Jacobian ground truth.
 
@@ -649,11 +670,17 @@ def make_cohort(
             than anatomical differences between the two groups; split such a cohort by
             ``source_subject`` (``neuroexplain train-classifier`` does) so that no anatomy is in
             two splits.
+        label_probability: probability that each planted label is affected in a diseased
+            subject, independently of the others (at least one always is; 1 = all of them).
+            Below 1 the disease is heterogeneous: no single region tells every diseased subject
+            from the controls, so a classifier has to use each planted region. The unaffected
+            labels of a diseased subject are still measured (their ``volume_change`` shows what
+            the neighbouring fields do to them) but are not in its planted mask.
 
     Returns:
         ``out``. The folder holds ``dataset_description.json``, ``README``,
         ``participants.tsv`` / ``.json`` (participant_id, diagnosis, effect_magnitude,
-        source_subject, sex, volume_change_<label>), ``cohort.json`` (provenance and
+        affected_labels, source_subject, sex, volume_change_<label>), ``cohort.json`` (provenance and
         per-subject diagnostics), ``sub-*/anat/sub-*_T1w.nii.gz``, ``derivatives/<derivatives>/``
         (carried labels, ``dseg.tsv``) and ``derivatives/groundtruth/`` (maps, see README).
 
@@ -669,7 +696,7 @@ def make_cohort(
 
     shrink_l, enlarge_l, (mag_lo, mag_hi) = _check_params(
         shrink, enlarge, fraction, magnitude_range, nuisance, limit, workers, sigma,
-        nuisance_sigma, label_interpolation,
+        nuisance_sigma, label_interpolation, label_probability,
     )  # fmt: skip
     bids_p, out_p = Path(bids), Path(out)
     subjects = _find_subjects(bids_p, derivatives)
@@ -694,6 +721,15 @@ def make_cohort(
         picked = set(rng.permutation(n_source)[:n_pick].tolist())
         magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
         entries = [(sub, i, i in picked) for i, (sub, _, _) in enumerate(subjects)]
+    labels_all = [*shrink_l, *enlarge_l]
+    affected: list[list[int] | None] = [None] * n_source
+    if label_probability < 1:  # own stream: label_probability 1 draws nothing and changes nothing
+        rng_hit = np.random.default_rng([int(seed), 1])
+        for i in range(n_source):
+            hit = rng_hit.random(len(labels_all)) < label_probability
+            if not hit.any():
+                hit[rng_hit.integers(len(labels_all))] = True
+            affected[i] = [r for r, h in zip(labels_all, hit, strict=True) if h]
     n = len(entries)
     n_dis = sum(dis for _, _, dis in entries)
     params = {
@@ -709,6 +745,7 @@ def make_cohort(
         "limit": limit,
         "label_interpolation": label_interpolation,
         "paired": bool(paired),
+        "label_probability": float(label_probability),
         "n_subjects": n,
         "n_disease": n_dis,
     }
@@ -732,6 +769,7 @@ def make_cohort(
                 "enlarge": enlarge_l,
                 "diseased": dis,
                 "magnitude": float(magnitudes[i]) if dis else 0.0,
+                "affected": affected[i] if dis else None,
                 "nuisance": float(nuisance),
                 "nuisance_sigma": float(nuisance_sigma),
                 "sigma": float(sigma),
@@ -749,6 +787,7 @@ def make_cohort(
                 "participant_id": task["sub"],
                 "diagnosis": rec["diagnosis"],
                 "effect_magnitude": rec["effect_magnitude"],
+                "affected_labels": ",".join(str(r) for r in rec["affected_labels"]),
                 "source_subject": source,
             }
             if participants.get(source, {}).get("sex"):
@@ -767,6 +806,10 @@ def make_cohort(
             "effect_magnitude": {
                 "Description": "Requested fractional volume change of the planted regions "
                 "(0 for controls)."
+            },
+            "affected_labels": {
+                "Description": "Planted labels that got the effect (comma-separated; all of "
+                "them unless --label-probability < 1; empty for controls)."
             },
             "source_subject": {
                 "Description": "Subject of the source dataset (shared by the control and the "
@@ -876,7 +919,7 @@ def _summary(records: list[dict[str, Any]], shrink: list[int], enlarge: list[int
         out["max_target_error"] = max(
             abs(r["volume_change"][str(lab)] - (-1 if lab in shrink else 1) * r["effect_magnitude"])
             for r in dis
-            for lab in (*shrink, *enlarge)
+            for lab in r.get("affected_labels", (*shrink, *enlarge))
         )
         out["max_label_vs_jacobian_rel_diff"] = max(
             abs((1 + r["volume_change_labels"][str(lab)]) / (1 + r["volume_change"][str(lab)]) - 1)

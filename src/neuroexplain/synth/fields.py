@@ -593,11 +593,13 @@ def plant_field(
     points per voxel, with ``det(D psi)(y) = 1 / det(I + Dw)(psi(y))`` and ``psi(y)`` found by
     fixed-point inversion (cubic-spline interpolation of ``w`` and of the determinant between
     grid points). ``alpha_r`` is found by secant iterations, all regions together, each on its
-    own residual, until every realised change is within ``tol`` of its target.
+    own residual, until every realised change is within ``tol`` of its target. Regions of
+    ``masks`` missing from ``target`` are not planted (``alpha_r = 0``); their realised volume
+    change (from the other regions' fields) is reported all the same.
 
     Args:
         masks: per label, the region's (soft) indicator ``(X, Y, Z)`` in [0, 1] in healthy space.
-        target: per label, the fractional volume change (``-0.2`` shrinks by 20 %).
+        target: per planted label, the fractional volume change (``-0.2`` shrinks by 20 %).
         spacing: voxel size in mm.
         sigma_mm: smoothing of the indicators (mm): larger gives smoother, wider effects.
         supersample: integration points per voxel and axis.
@@ -618,8 +620,11 @@ def plant_field(
         (-0.2, True)
     """
     labels = list(masks)
-    if not labels:
-        raise ValueError("expected at least one region")
+    planted = [r for r in labels if r in target]
+    if not planted:
+        raise ValueError("expected at least one region to plant")
+    if set(target) - set(labels):
+        raise ValueError(f"targets without a mask: {sorted(set(target) - set(labels))}")
     sp = np.asarray(spacing, dtype=float)
     sig = _sigma_vox(sigma_mm, sp)
     radius = max(int(TRUNCATE * s + 0.5) for s in sig)
@@ -672,7 +677,7 @@ def plant_field(
     def evaluate(alphas: Mapping[int, float]):
         w = np.zeros((3, *bshape))
         dw = np.zeros((3, 3, *bshape))
-        for r in labels:
+        for r in planted:
             w[(slice(None), *local[r])] += alphas[r] * grads[r]
             dw[(slice(None), slice(None), *local[r])] += alphas[r] * hessians[r]
         for a in range(3):
@@ -692,22 +697,22 @@ def plant_field(
             change[r] = float((weights[r] * per_voxel).sum() / vol_h[r] - 1.0)
         return w, det_pb, change, info
 
-    a_prev = dict.fromkeys(labels, 0.0)
-    f_prev = {r: -float(target[r]) for r in labels}
-    a_cur = {r: float(target[r]) / lin[r] if lin[r] != 0 else 0.0 for r in labels}
+    a_prev = dict.fromkeys(planted, 0.0)
+    f_prev = {r: -float(target[r]) for r in planted}
+    a_cur = {r: float(target[r]) / lin[r] if lin[r] != 0 else 0.0 for r in planted}
     change: dict[int, float] | None = None
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - reported below
         w, det_pb, change, info = evaluate(a_cur)
         if change is None or not info.converged:
             # overshoot into (nearly) folding territory: step back towards the last good point
-            a_cur = {r: 0.5 * (a_cur[r] + a_prev[r]) for r in labels}
+            a_cur = {r: 0.5 * (a_cur[r] + a_prev[r]) for r in planted}
             continue
-        f_cur = {r: change[r] - float(target[r]) for r in labels}
+        f_cur = {r: change[r] - float(target[r]) for r in planted}
         if max(abs(v) for v in f_cur.values()) < tol:
             break
         a_new = {}
-        for r in labels:
+        for r in planted:
             denom = f_cur[r] - f_prev[r]
             a_new[r] = a_cur[r] - f_cur[r] * (a_cur[r] - a_prev[r]) / denom if denom else a_cur[r]
         a_prev, f_prev, a_cur = a_cur, f_cur, a_new
@@ -728,7 +733,7 @@ def plant_field(
         det_pullback=det_full,
         jacobian=jac_full,
         alphas={r: float(a) for r, a in a_cur.items()},
-        target={r: float(target[r]) for r in labels},
+        target={r: float(target[r]) for r in planted},
         volume_change=change,
         healthy_volume=vol_h,
         iterations=it,
