@@ -212,7 +212,6 @@ def build_model(
     convolutions and their gradients on CPU about 1.5x faster; activations are then
     channels-last too (use ``reshape`` / ``flatten`` on them, not ``view``).
 
-
     Args:
         arch: ``"small"`` (:class:`SmallCNN3D`), ``"densenet121"`` (MONAI ``DenseNet121``) or
             ``"resnet18"`` (MONAI ``resnet18``), all with ``spatial_dims=3``.
