@@ -360,8 +360,15 @@ def test_simulator_learns_to_move_the_toy_logit() -> None:
         x,
         cond,
         clf,
-        config=TrainConfig(
-            epochs=10, batch_size=4, lr=1e-3, margin=1.0, device="cpu", checkpoint_every=0
+        config=TrainConfig(  # the paper's loss: bending energy, no volume prior
+            epochs=10,
+            batch_size=4,
+            lr=1e-3,
+            margin=1.0,
+            device="cpu",
+            checkpoint_every=0,
+            smoothness="bending",
+            w_volume=0.0,
         ),
         net_config=SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1),
         progress=False,

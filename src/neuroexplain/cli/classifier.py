@@ -9,10 +9,13 @@ import typer
 
 from neuroexplain.cli import app
 from neuroexplain.cli._common import DeviceOption, ThreadsOption, parse_int_list, set_threads
+from neuroexplain.cli._settings import settings_options
 from neuroexplain.errors import InputError
+from neuroexplain.settings import ClassifierConfig
 
 
 @app.command("train-classifier")
+@settings_options(config=ClassifierConfig)
 def train_classifier_cmd(
     preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
     out: Annotated[
@@ -22,79 +25,11 @@ def train_classifier_cmd(
             help="Output folder (model.pt, metrics.json, logits.tsv, split.tsv, train_log.tsv).",
         ),
     ],
-    arch: Annotated[
-        str, typer.Option("--arch", help="Network: small (default), densenet121 or resnet18.")
-    ] = "small",
-    epochs: Annotated[int, typer.Option("--epochs", help="Maximum number of epochs.")] = 40,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 4,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW (peak) learning rate.")] = 1e-3,
-    lr_schedule: Annotated[
-        str,
-        typer.Option(
-            "--lr-schedule",
-            help="constant, or cosine (1-epoch warm-up, cosine decay to 0 at --epochs).",
-        ),
-    ] = "constant",
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="AdamW weight decay.")
-    ] = 1e-4,
-    dropout: Annotated[
-        float, typer.Option("--dropout", help="Dropout before the logit layer (small network).")
-    ] = 0.2,
-    seed: Annotated[
-        int,
-        typer.Option("--seed", help="Seed of the split, weights, batch order and augmentation."),
-    ] = 0,
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Validation fraction (stratified).")
-    ] = 0.2,
-    test_fraction: Annotated[
-        float, typer.Option("--test-fraction", help="Test fraction (stratified).")
-    ] = 0.2,
-    patience: Annotated[
-        int, typer.Option("--patience", help="Early stopping patience in epochs (0 = off).")
-    ] = 10,
-    monitor: Annotated[
-        str, typer.Option("--monitor", help="Best epoch / early stopping on val 'loss' or 'auc'.")
-    ] = "loss",
-    augment: Annotated[
-        bool, typer.Option("--augment/--no-augment", help="Random affine + intensity augmentation.")
-    ] = True,
-    flip: Annotated[
-        bool,
-        typer.Option(
-            "--flip/--no-flip", help="Random left-right flips (only for symmetric effects)."
-        ),
-    ] = False,
-    rotate_deg: Annotated[
-        float, typer.Option("--rotate-deg", help="Augmentation: max rotation (degrees).")
-    ] = 0.0,
-    translate_vox: Annotated[
-        float, typer.Option("--translate-vox", help="Augmentation: max shift (voxels).")
-    ] = 2.0,
-    scale: Annotated[
-        float, typer.Option("--scale", help="Augmentation: max scaling (changes volumes!).")
-    ] = 0.0,
-    elastic_vox: Annotated[
-        float,
-        typer.Option(
-            "--elastic-vox", help="Augmentation: largest smooth random displacement (voxels)."
-        ),
-    ] = 0.0,
-    intensity: Annotated[
-        float, typer.Option("--intensity", help="Augmentation: max intensity scale / shift.")
-    ] = 0.1,
+    config: ClassifierConfig,
     split: Annotated[
         Path | None,
         typer.Option("--split", help="Reuse an existing split.tsv instead of drawing one."),
     ] = None,
-    standardize: Annotated[
-        bool,
-        typer.Option(
-            "--standardize/--no-standardize",
-            help="Voxel-wise standardisation by the training images (stored in the model).",
-        ),
-    ] = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     resume: Annotated[
@@ -106,37 +41,13 @@ def train_classifier_cmd(
     ] = True,
 ) -> None:
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
-    from neuroexplain.train import TrainConfig, train_classifier
+    from neuroexplain.models import ARCHITECTURES
+    from neuroexplain.train import train_classifier
 
     set_threads(threads)
-    cfg = TrainConfig(
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule=lr_schedule,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        seed=seed,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        patience=patience,
-        monitor=monitor,
-        augment=augment,
-        flip=flip,
-        rotate_deg=rotate_deg,
-        translate_vox=translate_vox,
-        scale=scale,
-        elastic_vox=elastic_vox,
-        intensity=intensity,
-        standardize=standardize,
-        device=device,
-    )
-    from neuroexplain.models import ARCHITECTURES
-
-    if arch not in ARCHITECTURES:
-        raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    metrics = train_classifier(preproc, out, cfg, split=split, resume=resume)
+    if config.arch not in ARCHITECTURES:
+        raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {config.arch!r}")
+    metrics = train_classifier(preproc, out, config, split=split, resume=resume)
     test = metrics.get("test", {})
     typer.echo(
         f"test AUC {test.get('auc')}, balanced accuracy {test.get('balanced_accuracy')} "

@@ -18,66 +18,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroexplain.settings import SimulatorConfig
 from neuroexplain.simulator.condconv import CondConv3d, condition_vector
 
 __all__ = ["SimulatorConfig", "SimulatorNet"]
-
-
-@dataclass
-class SimulatorConfig:
-    """Architecture of :class:`SimulatorNet` (stored in checkpoints).
-
-    Attributes:
-        in_channels: image channels.
-        channels: feature channels of the U-Net levels; level ``i`` works at
-            ``1 / (downsample * 2**i)`` of the input resolution.
-        num_experts: experts ``K`` per conditional convolution.
-        downsample: the image is average-pooled by this factor before the U-Net and the field,
-            predicted at that resolution, is trilinearly up-sampled back (disease deformations are
-            smooth; ``2`` makes CPU training several times faster than ``1``).
-        antisymmetric: multiply the head's output by ``-o``, so that at initialisation (when the
-            routing barely depends on ``o``) injecting and removing are inverse deformations
-            (``u(x, -1) ~ -u(x, +1)``); the conditional routing lets the two directions differ
-            as training proceeds. Without it, the direction must be learnt from the routing
-            alone, which takes many more steps.
-        diffeomorphic: the head predicts a stationary velocity field integrated by scaling and
-            squaring (MONAI ``DVF2DDF``) instead of the displacement itself.
-        integration_steps: scaling-and-squaring steps in diffeomorphic mode.
-        init_std: standard deviation of the head's expert kernels at initialisation (near zero,
-            so the initial warp is ~identity).
-        negative_slope: LeakyReLU slope.
-    """
-
-    in_channels: int = 1
-    channels: tuple[int, ...] = (8, 16, 32, 32)
-    num_experts: int = 4
-    downsample: int = 2
-    antisymmetric: bool = True
-    diffeomorphic: bool = False
-    integration_steps: int = 7
-    init_std: float = 1e-5
-    negative_slope: float = 0.2
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.channels) < 2:
-            raise ValueError(f"expected at least 2 levels in channels, got {self.channels}")
-        if self.downsample < 1:
-            raise ValueError(f"expected downsample >= 1, got {self.downsample}")
-        if self.num_experts < 1:
-            raise ValueError(f"expected num_experts >= 1, got {self.num_experts}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
 
 
 class SimulatorNet(nn.Module):

@@ -44,7 +44,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from torch import nn
 
 from neuroexplain.errors import InputError
 from neuroexplain.jacobian import jacobian_determinant
+from neuroexplain.settings import HINGES, SimulatorTrainConfig
 from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
 
 __all__ = [
@@ -74,105 +74,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "neuroexplain-simulator/1"
 STATE_FORMAT = "neuroexplain-simulator-state/1"
-HINGES = ("relative", "flip")
-SMOOTHNESS = ("bending", "diffusion")
 
 
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-@dataclass
-class TrainConfig:
-    """Options of :func:`train_simulator` (recorded in the checkpoint).
-
-    Attributes:
-        epochs: passes over the training subjects.
-        batch_size: subjects per step.
-        lr: Adam learning rate.
-        margin: hinge margin on the logit.
-        hinge: ``"flip"`` (default: the decision flipped by at least ``margin``) or
-            ``"relative"`` (a logit shift of at least ``margin``, the loss as written in the
-            paper's issue); see the module docstring. With ``"relative"``, subjects whose
-            ``|l(x)|`` exceeds ``margin`` are not pushed across the decision boundary, so the
-            flip rate depends on the classifier's logit scale; ``"flip"`` asks for exactly what
-            the flip rate measures.
-        w_cls: weight of the logit hinge.
-        w_cycle: weight of the cycle-consistency L1 loss.
-        w_smooth: weight of the smoothness loss of the fields (the mean bending energy of a
-            localised deformation is small; on the toy problem of the tests, weights below ~10
-            let the field fold, 30 does not).
-        w_magnitude: weight of the mean squared displacement (voxels²). Bending energy does not
-            see translations or other affine motions, and a classifier that depends on where the
-            head sits in the field of view can be flipped by moving the whole head; on the
-            cohort, without this term the simulator drifted to 15-20 voxel global shifts within
-            30 steps. ``0.1`` makes such shifts cost far more than the logit hinge while a local
-            one-voxel deformation costs ~1e-3.
-        w_volume: weight of the mean absolute log Jacobian determinant of the field (a sparse
-            prior on volume change). Bending energy and the squared displacement are both
-            cheap for a slow, brain-wide scaling of a percent or two, and a classifier that
-            never saw head-size variation can be flipped that way; on the cohort the simulator
-            then explained the disease as a global expansion. An L1 penalty on the local volume
-            change costs such a global change in every brain voxel, while a focal change costs
-            only where it happens, so the simulator prefers the focal explanation. The library
-            default (0) is the paper's loss; ``neuroexplain train-simulator`` and the workflow
-            default to 100 with ``smoothness="diffusion"``. On the demo cohort, with a classifier
-            trained without scale augmentation: NCC of the disease map with the ground truth
-            -0.02 with bending energy alone, 0.17 with diffusion, 0.28 / 0.45 / 0.55 with
-            diffusion and ``w_volume`` 50 / 150 / 400, but the sign in the shrunk regions was
-            wrong; with the default classifier (scale augmentation) ``w_volume`` 100 gives NCC
-            0.57, signed NCC 0.26 and every planted region with the right sign (README).
-        smoothness: ``"bending"`` (MONAI ``BendingEnergyLoss``) or ``"diffusion"``
-            (``DiffusionLoss``, squared first derivatives).
-        seed: seed of the weights and the batch order.
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        max_steps: stop after this many steps in total (``None``: ``epochs`` full epochs).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    """
-
-    epochs: int = 10
-    batch_size: int = 4
-    lr: float = 1e-3
-    margin: float = 1.0
-    hinge: str = "flip"
-    w_cls: float = 1.0
-    w_cycle: float = 1.0
-    w_smooth: float = 30.0
-    w_magnitude: float = 0.1
-    w_volume: float = 0.0
-    smoothness: str = "bending"
-    seed: int = 0
-    checkpoint_every: int = 50
-    max_steps: int | None = None
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.hinge not in HINGES:
-            raise InputError("--hinge", f"expected one of {HINGES}, got {self.hinge!r}")
-        if self.smoothness not in SMOOTHNESS:
-            raise InputError(
-                "--smoothness", f"expected one of {SMOOTHNESS}, got {self.smoothness!r}"
-            )
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(_opt(name), f"expected >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError("--lr", f"expected a positive learning rate, got {self.lr}")
-        for name in ("margin", "w_cls", "w_cycle", "w_smooth", "w_magnitude", "w_volume"):
-            if getattr(self, name) < 0:
-                raise InputError(_opt(name), f"expected >= 0, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def run_key(self) -> dict[str, Any]:
-        """The options that change the trajectory (a resumed run must match them)."""
-        d = self.to_dict()
-        # the batch order of an epoch does not depend on the number of epochs, so a run may be
-        # resumed with a longer schedule; where checkpoints go and the device do not matter
-        for k in ("checkpoint_every", "device", "epochs", "max_steps"):
-            d.pop(k)
-        return d
+#: the simulator's training options (defined once in :mod:`neuroexplain.settings`)
+TrainConfig = SimulatorTrainConfig
 
 
 # ------------------------------------------------------------------------------------ helpers

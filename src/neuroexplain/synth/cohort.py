@@ -680,9 +680,10 @@ def make_cohort(
     Returns:
         ``out``. The folder holds ``dataset_description.json``, ``README``,
         ``participants.tsv`` / ``.json`` (participant_id, diagnosis, effect_magnitude,
-        affected_labels, source_subject, sex, volume_change_<label>), ``cohort.json`` (provenance and
-        per-subject diagnostics), ``sub-*/anat/sub-*_T1w.nii.gz``, ``derivatives/<derivatives>/``
-        (carried labels, ``dseg.tsv``) and ``derivatives/groundtruth/`` (maps, see README).
+        affected_labels, source_subject, sex, volume_change_<label>), ``cohort.json``
+        (provenance and per-subject diagnostics), ``sub-*/anat/sub-*_T1w.nii.gz``,
+        ``derivatives/<derivatives>/`` (carried labels, ``dseg.tsv``) and
+        ``derivatives/groundtruth/`` (maps, see README).
 
     Raises:
         InputError: bad option, missing / unreadable inputs, a planted label absent from a

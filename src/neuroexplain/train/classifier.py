@@ -26,13 +26,14 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import ClassifierConfig
 
 __all__ = [
     "SPLITS",
@@ -49,102 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-LR_SCHEDULES = ("constant", "cosine")
 
 
-@dataclass
-class TrainConfig:
-    """Options of :func:`train_classifier` (all recorded in the checkpoint and ``metrics.json``).
-
-    Attributes:
-        arch: network name (see :data:`neuroexplain.models.ARCHITECTURES`).
-        epochs: maximum number of epochs.
-        batch_size: training batch size.
-        lr: AdamW learning rate (the peak rate with ``lr_schedule="cosine"``).
-        lr_schedule: ``"constant"`` or ``"cosine"``: a linear warm-up from ``lr / 10`` over the
-            first epoch, then cosine decay to 0 at the last of ``epochs`` (per step; converges
-            in fewer epochs than a constant rate).
-        weight_decay: AdamW weight decay.
-        dropout: dropout before the logit layer (``"small"`` only).
-        seed: seed of the split, the initial weights, batch order and augmentation.
-        val_fraction: fraction of subjects (per class) in the validation split.
-        test_fraction: fraction of subjects (per class) in the test split.
-        patience: stop after this many epochs without a better monitored value (0 = never).
-        monitor: ``"loss"`` (validation loss, lower is better) or ``"auc"`` (validation AUC,
-            higher is better, ties broken by the loss) selects the best epoch.
-        augment: light augmentation of training volumes (random shifts / affine, intensity).
-            The default is whole-voxel shifts and intensity jitter only: rotations interpolate
-            (blur) and scaling changes apparent volumes, which is the very signal of
-            atrophy-like effects (5 % per axis = 16 % in volume); enable them knowingly.
-        flip: also random left-right flips (only sound for left-right symmetric effects).
-        rotate_deg: maximum rotation (degrees, each axis) of the random affine.
-        translate_vox: maximum translation (voxels) of the random affine.
-        scale: maximum relative scaling of the random affine.
-        elastic_vox: largest smooth random displacement (voxels) added to the affine; teaches
-            the classifier that small random deformations are not the disease, so a simulator
-            cannot flip it with a faint, unstructured warp.
-        intensity: maximum relative intensity scaling and shift.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        channels_last: use the channels-last 3D memory layout (faster convolutions on CPU).
-        standardize: standardise every voxel by the training images' voxel-wise mean and
-            standard deviation (``(x - mean) / (sd + standardize_eps)``; with ``flip``, the
-            flipped images count too). Stored in the model (``input_norm``), so every method
-            that loads the checkpoint sees the same function of the ingested image. On aligned
-            images this turns "is this voxel unusual here" into the input, which is what a
-            small local volume change looks like; without it, a CNN on 60-odd training brains
-            mostly learns anatomy.
-        standardize_eps: added to the voxel standard deviation (image units) so that constant
-            background is not amplified.
-    """
-
-    arch: str = "small"
-    epochs: int = 40
-    batch_size: int = 4
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    weight_decay: float = 1e-4
-    dropout: float = 0.2
-    seed: int = 0
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    patience: int = 10
-    monitor: str = "loss"
-    augment: bool = True
-    flip: bool = False
-    rotate_deg: float = 0.0
-    translate_vox: float = 2.0
-    scale: float = 0.0
-    elastic_vox: float = 0.0
-    intensity: float = 0.1
-    device: str = "auto"
-    channels_last: bool = True
-    standardize: bool = False
-    standardize_eps: float = 0.05
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "val_fraction": 0 < self.val_fraction < 1,
-            "test_fraction": 0 <= self.test_fraction < 1
-            and self.val_fraction + self.test_fraction < 1,
-            "patience": self.patience >= 0,
-            "dropout": 0 <= self.dropout < 1,
-            "monitor": self.monitor in ("loss", "auc"),
-            "lr_schedule": self.lr_schedule in LR_SCHEDULES,
-            "standardize_eps": self.standardize_eps > 0,
-            "elastic_vox": self.elastic_vox >= 0,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                problem = f"invalid value {getattr(self, key)!r}"
-                if key == "test_fraction" and 0 <= self.test_fraction < 1:
-                    problem += (
-                        f": with --val-fraction {self.val_fraction!r} the two together must be "
-                        "below 1 (some subjects must be left for training)"
-                    )
-                raise InputError(f"--{key.replace('_', '-')}", problem)
+#: the classifier's options (defined once in :mod:`neuroexplain.settings`)
+TrainConfig = ClassifierConfig
 
 
 # --------------------------------------------------------------------------------------- data
