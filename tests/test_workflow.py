@@ -126,6 +126,7 @@ def test_dry_run_default_config_reads_the_mirror(
 # the rules of the MRI explanation stages and the report, in the default configuration
 EXPLANATION_RULES = (
     "train_classifier",
+    "classifier_quality",
     "region_reliance",
     "saliency",
     "train_simulator",

@@ -1,7 +1,9 @@
-# The 3D MRI classifier every MRI explanation method explains, its baseline attribution maps
-# (gradient, gradient x input, SmoothGrad, Integrated Gradients, Grad-CAM, occlusion) in each
-# subject's native space, the classifier's reliance on each region (region transplants in a
-# paired cohort), and the ground-truth evaluation of all maps of the synthetic cohort.
+# The 3D MRI classifier every MRI explanation method explains, its quality gate (every stage that
+# explains it waits for results/classifier/quality.json, which is only written when the test AUC
+# reaches quality.min_auc), its baseline attribution maps (gradient, gradient x input,
+# SmoothGrad, Integrated Gradients, Grad-CAM, occlusion) in each subject's native space, the
+# classifier's reliance on each region (region transplants in a paired cohort), and the
+# ground-truth evaluation of all maps of the synthetic cohort.
 
 
 if config["mri"]["activate"] and config["classifier"]["activate"]:
@@ -36,7 +38,32 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
             "neuroexplain train-classifier --preproc {input:q} --out {params.out:q}"
             " --threads {threads} {params.args} > {log} 2>&1"
 
-    ALL_TARGETS.extend([CLASSIFIER["model"], CLASSIFIER["metrics"]])
+    rule classifier_quality:
+        input:
+            CLASSIFIER["metrics"],
+        output:
+            report(
+                CLASSIFIER["quality"],
+                caption="../report/quality.rst",
+                category="MRI classifier",
+            ),
+        log:
+            "logs/classifier/classifier_quality.log",
+        conda:
+            "../envs/neuroexplain.yaml"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=5,
+        params:
+            min_auc=config["quality"]["min_auc"],
+        shell:
+            "neuroexplain check-classifier --metrics {input:q} --min-auc {params.min_auc}"
+            " --out {output:q} > {log} 2>&1"
+
+    ALL_TARGETS.extend(
+        [CLASSIFIER["model"], CLASSIFIER["metrics"], CLASSIFIER["quality"]]
+    )
 
 
 if (
@@ -52,6 +79,7 @@ if (
             preproc=MRI_INGEST["preproc"],
             model=CLASSIFIER["model"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
         output:
             table=RELIANCE["table"],
             summary=report(
@@ -92,6 +120,7 @@ if (
             preproc=MRI_INGEST["preproc"],
             model=CLASSIFIER["model"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
         output:
             directory(SALIENCY_DIR),
         log:

@@ -47,6 +47,7 @@ CLASSIFIER = {
     "metrics": "results/classifier/metrics.json",
     "logits": "results/classifier/logits.tsv",
     "split": "results/classifier/split.tsv",
+    "quality": "results/classifier/quality.json",
 }
 RELIANCE = {
     "table": "results/classifier/reliance.tsv",
@@ -496,12 +497,13 @@ def simulate_args(wildcards):
 
 
 def concepts3d_input(wildcards):
-    """Images, classifier, split, the concept file and, when known, the BIDS root whose
-    participants.tsv gives the concepts' selector columns (e.g. diagnosis)."""
+    """Images, classifier, split, quality gate, the concept file and, when known, the BIDS root
+    whose participants.tsv gives the concepts' selector columns (e.g. diagnosis)."""
     inputs = {
         "preproc": MRI_INGEST["preproc"],
         "model": CLASSIFIER["model"],
         "split": CLASSIFIER["split"],
+        "quality": CLASSIFIER["quality"],
         "concepts": concepts_file(),
     }
     if mri_bids_root():

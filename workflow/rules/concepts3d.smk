@@ -102,6 +102,7 @@ if (
             preproc=MRI_INGEST["preproc"],
             model=CLASSIFIER["model"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
         output:
             model=XNN["model"],
             metrics=report(
@@ -134,6 +135,7 @@ if (
             preproc=MRI_INGEST["preproc"],
             model=CLASSIFIER["model"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
             srae=XNN["model"],
         output:
             report(

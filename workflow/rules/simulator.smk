@@ -15,6 +15,7 @@ if (
             model=CLASSIFIER["model"],
             logits=CLASSIFIER["logits"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
         output:
             model=SIMULATOR["model"],
             train_log=SIMULATOR["train_log"],
@@ -42,6 +43,7 @@ if (
             simulator=SIMULATOR["model"],
             model=CLASSIFIER["model"],
             split=CLASSIFIER["split"],
+            quality=CLASSIFIER["quality"],
         output:
             report(
                 directory(SIMULATOR["maps"]),

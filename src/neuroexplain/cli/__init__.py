@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "neuroexplain.cli.ingest",
     "neuroexplain.cli.cohort",
     "neuroexplain.cli.classifier",
+    "neuroexplain.cli.quality",
     "neuroexplain.cli.concepts3d",
     "neuroexplain.cli.simulator",
     "neuroexplain.cli.st",

@@ -1,4 +1,5 @@
-"""Evaluation of attribution maps against the planted ground truth of a synthetic cohort."""
+"""Evaluation of attribution maps against the planted ground truth of a synthetic cohort, and of
+the classifier they explain (a linear reference and a quality gate)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ from neuroexplain.evaluate.harness import (
     topk_fraction,
     write_evaluation,
 )
+from neuroexplain.evaluate.quality import (
+    bootstrap_auc,
+    check_classifier_quality,
+    linear_reference,
+)
 
 __all__ = [
+    "bootstrap_auc",
+    "check_classifier_quality",
     "diseased_subjects",
     "evaluate_maps",
     "ground_truth_paths",
+    "linear_reference",
     "markdown_table",
     "ncc",
     "parse_subjects",

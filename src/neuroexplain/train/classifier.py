@@ -488,7 +488,10 @@ def train_classifier(
 
     Returns:
         The ``metrics.json`` content (``{"val": ..., "test": ..., "train": ..., "best_epoch",
-        "epochs_run", "seconds", ...}``).
+        "epochs_run", "seconds", "reference", ...}``): per split the
+        :func:`binary_metrics` plus ``auc_ci`` (95 % stratified bootstrap interval);
+        ``reference`` is the :func:`neuroexplain.evaluate.quality.linear_reference` fitted on
+        the same split (does a linear model find a signal the network should?).
 
     Example:
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
@@ -498,6 +501,7 @@ def train_classifier(
     import torch
     from tqdm.auto import tqdm
 
+    from neuroexplain.evaluate.quality import bootstrap_auc, linear_reference
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.models import build_model, save_classifier
     from neuroexplain.provenance import provenance
@@ -543,6 +547,16 @@ def train_classifier(
                 f"expected both classes in the {s} split, "
                 f"got {len(parts[s])} subjects of one class",
             )
+
+    # what a linear model on the standardised voxels reaches on the same split: tells whether
+    # the data hold a signal the network should find (seconds; see evaluate/quality.py)
+    reference = linear_reference(images, y, parts, seed=cfg.seed)
+    logger.info(
+        "linear reference (L2 logistic regression, C %g): val AUC %s, test AUC %s",
+        reference["C"],
+        _fmt_auc(reference["val"]["auc"]),
+        _fmt_auc(reference.get("test", {}).get("auc")),
+    )
 
     device = resolve_device(cfg.device)
     amp = amp_enabled(device)
@@ -709,6 +723,10 @@ def train_classifier(
     metrics: dict[str, Any] = {
         s: binary_metrics(y[parts[s]], logits[parts[s]]) for s in SPLITS if len(parts[s])
     }
+    for s in metrics:
+        ci = bootstrap_auc(y[parts[s]], logits[parts[s]], seed=cfg.seed)
+        metrics[s]["auc_ci"] = None if ci is None else [float(ci[0]), float(ci[1])]
+    metrics["reference"] = reference
     params = {**asdict(cfg), "split_file": None if split is None else str(split)}
     prov = provenance(
         params,
@@ -734,11 +752,13 @@ def train_classifier(
         }
     )
     logger.info(
-        "best epoch %d of %d; test AUC %s, val AUC %s (%.0f s)",
+        "best epoch %d of %d; test AUC %s, val AUC %s (linear reference: test %s, val %s; %.0f s)",
         best["epoch"],
         len(log_rows),
-        metrics.get("test", {}).get("auc"),
-        metrics["val"]["auc"],
+        _fmt_auc(metrics.get("test", {}).get("auc")),
+        _fmt_auc(metrics["val"]["auc"]),
+        _fmt_auc(reference.get("test", {}).get("auc")),
+        _fmt_auc(reference["val"]["auc"]),
         train_seconds,
     )
 
@@ -780,6 +800,10 @@ def train_classifier(
     write_json(metrics, out / "metrics.json")
     state_path.unlink(missing_ok=True)
     return metrics
+
+
+def _fmt_auc(auc: float | None) -> str:
+    return "n/a" if auc is None else f"{auc:.3f}"
 
 
 def _train_groups(groups: Sequence[str] | None, train: np.ndarray) -> list[np.ndarray] | None:

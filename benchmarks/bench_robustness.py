@@ -1,0 +1,236 @@
+"""Benchmark: does the classifier stage learn whatever the data hold, on cohorts nobody tuned it on?
+
+Every cohort of ``benchmarks/cohorts/*.yaml`` is built from the 100 IXI subjects of the data
+mirror (``../shared/data/ixi``) and the classifier stage runs on it with the *default* settings
+(the same for every cohort: no per-cohort tuning), for each seed. Reported per cohort and seed:
+the CNN's validation / test AUC (with the bootstrap interval when ``train-classifier`` writes
+one), the linear reference's AUC on the same split, the best epoch, epochs run and seconds.
+
+A cohort file holds either a planted effect (``cohort:`` with ``shrink``, ``enlarge``,
+``paired``, ``magnitude`` and optionally ``fraction``, ``label_probability``, ``limit``) or the
+real age task (``age:`` with ``young_below`` and ``old_above``: a sample sheet with label
+``old`` / ``young`` is written from ``participants.tsv``).
+
+Everything is done through the ``neuroexplain`` command (make-cohort, ingest-mri,
+train-classifier); cohorts and ingests are cached under ``--work`` (reused when present).
+
+Usage:
+    python benchmarks/bench_robustness.py                      # every cohort, seeds 0 and 1
+    python benchmarks/bench_robustness.py --cohorts small_paired --seeds 0 --shape 48 \\
+        --set epochs=20                                         # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+COHORTS = ROOT / "benchmarks" / "cohorts"
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).with_name("neuroexplain")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "neuroexplain"]
+
+
+def _run(args: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.run([*_cli(), *args], stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"neuroexplain {args[0]} failed (log {log}): {' | '.join(tail)}")
+
+
+def _age_sheet(ixi: Path, spec: dict, out: Path) -> Path:
+    import pandas as pd
+
+    part = pd.read_csv(ixi / "participants.tsv", sep="\t")
+    rows = []
+    for _, r in part.iterrows():
+        age = float(r["age"]) if str(r["age"]) not in ("", "nan", "n/a") else float("nan")
+        if age < spec["young_below"]:
+            label = "young"
+        elif age > spec["old_above"]:
+            label = "old"
+        else:
+            continue
+        sid = r["participant_id"]
+        rows.append(
+            {
+                "subject": sid,
+                "t1": str(ixi / sid / "anat" / f"{sid}_T1w.nii.gz"),
+                "dseg": str(ixi / "derivatives/dlmuse" / sid / "anat" / f"{sid}_dseg.nii.gz"),
+                "label": label,
+            }
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out, sep="\t", index=False)
+    return out
+
+
+def prepare(name: str, spec: dict, work: Path, ixi: Path, shape: int) -> Path:
+    """Build (or reuse) the cohort's ``preproc.pt`` and return its path."""
+    base = work / name
+    ingest = base / f"ingest_{shape}"
+    preproc = ingest / "preproc.pt"
+    if preproc.exists():
+        return preproc
+    common = [
+        "--shape", str(shape), "--fov-mm", "180", "--norm", "percentile", "--fg-threshold",
+        "0.1", "--align", "labels", "--mask", "brain", "--mask-margin-mm", "5.0",
+        "--workers", "2", "--derivatives", "dlmuse",
+    ]  # fmt: skip
+    if "age" in spec:
+        sheet = _age_sheet(ixi, spec["age"], base / "sheet.tsv")
+        args = ["ingest-mri", "--out", str(ingest), "--sheet", str(sheet)]
+        _run([*args, "--positive-class", "old", *common], base / "ingest.log")
+        return preproc
+    c = spec["cohort"]
+    cohort = base / "cohort"
+    if not (cohort / "participants.tsv").exists():
+        if cohort.exists():
+            shutil.rmtree(cohort)
+        args = [
+            "make-cohort", "--bids", str(ixi), "--out", str(cohort), "--derivatives", "dlmuse",
+            "--shrink", ",".join(map(str, c.get("shrink", []))),
+            "--enlarge", ",".join(map(str, c.get("enlarge", []))),
+            "--fraction", str(c.get("fraction", 0.5)),
+            "--magnitude-min", str(c["magnitude"][0]), "--magnitude-max", str(c["magnitude"][1]),
+            "--label-probability", str(c.get("label_probability", 1.0)),
+            "--seed", str(c.get("seed", 0)), "--workers", "2",
+            "--paired" if c.get("paired", True) else "--unpaired",
+        ]  # fmt: skip
+        if c.get("limit"):
+            args += ["--limit", str(c["limit"])]
+        _run(args, base / "cohort.log")
+    args = ["ingest-mri", "--out", str(ingest), "--bids", str(cohort), "--label-column"]
+    _run([*args, "diagnosis", "--positive-class", "disease", *common], base / "ingest.log")
+    return preproc
+
+
+def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: int) -> dict:
+    """Train with the default settings (plus ``overrides``) and return a result row."""
+    metrics_path = out / "metrics.json"
+    if not metrics_path.exists():
+        args = ["train-classifier", "--preproc", str(preproc), "--out", str(out)]
+        args += ["--seed", str(seed), "--threads", str(threads)]
+        for item in overrides:
+            key, _, value = item.partition("=")
+            flag = "--" + key.replace("_", "-")
+            if value.lower() in ("true", "false"):
+                args.append(flag if value.lower() == "true" else f"--no-{flag[2:]}")
+            else:
+                args += [flag, value]
+        t0 = time.perf_counter()
+        _run(args, out / "train.log")
+        wall = time.perf_counter() - t0
+    else:
+        wall = None
+    m = json.loads(metrics_path.read_text())
+    ref = m.get("reference") or {}
+    row = {
+        "seed": seed,
+        "cnn_val_auc": m["val"].get("auc"),
+        "cnn_test_auc": m.get("test", {}).get("auc"),
+        "cnn_test_auc_ci": m.get("test", {}).get("auc_ci"),
+        "cnn_test_balanced_accuracy": m.get("test", {}).get("balanced_accuracy"),
+        "reference_val_auc": (ref.get("val") or {}).get("auc"),
+        "reference_test_auc": (ref.get("test") or {}).get("auc"),
+        "best_epoch": m.get("best_epoch"),
+        "epochs_run": m.get("epochs_run"),
+        "train_seconds": m.get("train_seconds"),
+        "wall_seconds": None if wall is None else round(wall, 1),
+        "n_train": m.get("train", {}).get("n"),
+        "n_test": m.get("test", {}).get("n"),
+    }
+    return row
+
+
+def _table(results: dict) -> str:
+    lines = [
+        "| cohort | seed | CNN val AUC | CNN test AUC | reference val AUC | reference test AUC "
+        "| best / run epochs | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    for name, res in results.items():
+        for r in res.get("runs", []):
+            lines.append(
+                f"| {name} | {r['seed']} | {f(r['cnn_val_auc'])} | {f(r['cnn_test_auc'])} | "
+                f"{f(r['reference_val_auc'])} | {f(r['reference_test_auc'])} | "
+                f"{r['best_epoch']} / {r['epochs_run']} | {r['train_seconds']:.0f} |"
+            )
+        if "error" in res:
+            lines.append(f"| {name} | – | error: {res['error']} | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cohorts", nargs="*", help="cohort names (default: every file)")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    ap.add_argument("--shape", type=int, default=64, help="model grid (cube) in voxels")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="train-classifier overrides, e.g. epochs=20 (default: none)")  # fmt: skip
+    ap.add_argument("--ixi", type=Path, default=ROOT.parent / "shared" / "data" / "ixi")
+    ap.add_argument("--work", type=Path, default=ROOT / "results" / "robustness")
+    ap.add_argument("--tag", default="", help="suffix of the run folders and the result file")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from neuroexplain.provenance import provenance
+
+    names = args.cohorts or sorted(p.stem for p in COHORTS.glob("*.yaml"))
+    tag = f"_{args.tag}" if args.tag else ""
+    out = args.out or ROOT / "benchmarks" / "results" / f"robustness{tag}.json"
+    results: dict[str, dict] = {}
+    for name in names:
+        spec = yaml.safe_load((COHORTS / f"{name}.yaml").read_text())
+        res: dict = {"description": spec.get("description", ""), "runs": []}
+        results[name] = res
+        try:
+            preproc = prepare(name, spec, args.work, args.ixi, args.shape)
+            for seed in args.seeds:
+                run_dir = args.work / name / f"classifier_{args.shape}{tag}_seed{seed}"
+                res["runs"].append(train(preproc, run_dir, seed, args.set, args.threads))
+                print(f"{name} seed {seed}: {res['runs'][-1]}", flush=True)
+        except RuntimeError as exc:
+            res["error"] = str(exc)
+            print(f"{name}: {exc}", file=sys.stderr, flush=True)
+        doc = {
+            "name": "robustness",
+            "shape": args.shape,
+            "overrides": args.set,
+            "cohorts": results,
+            "machine": platform.platform(),
+            "provenance": provenance(
+                {"cohorts": names, "seeds": args.seeds, "shape": args.shape, "set": args.set},
+                seed=args.seeds[0] if args.seeds else 0,
+                command="bench_robustness",
+            ),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        out.with_suffix(".md").write_text(_table(results))
+    print(_table(results))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

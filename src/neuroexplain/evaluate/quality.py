@@ -1,0 +1,441 @@
+"""Is the classifier good enough to explain? A linear reference and a quality gate.
+
+Every MRI explanation method explains the trained classifier, so a classifier near chance makes
+every map downstream meaningless. Two questions tell a failed training run from data without a
+signal:
+
+- :func:`linear_reference`: an L2 logistic regression on the standardised brain voxels, fitted on
+  the classifier's own split. On aligned brains a planted or real group difference of a few
+  percent in volume is often linearly separable; when this reference separates the classes and
+  the CNN does not, the CNN did not learn a signal the data hold.
+- :func:`bootstrap_auc`: a stratified percentile bootstrap interval of an AUC, so a test AUC of
+  a few dozen subjects is read with its uncertainty.
+
+:func:`check_classifier_quality` turns the classifier's ``metrics.json`` (with the reference and
+intervals once ``train-classifier`` writes them) into a pass / fail decision: the workflow's
+``classifier_quality`` rule runs it before every explanation stage (config ``quality.min_auc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from neuroexplain.errors import InputError
+
+__all__ = [
+    "DEFAULT_CS",
+    "DEFAULT_MIN_AUC",
+    "MAX_REFERENCE_VOXELS",
+    "bootstrap_auc",
+    "check_classifier_quality",
+    "linear_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+#: inverse L2 penalties the linear reference chooses from (on validation AUC)
+DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: the default quality gate (config ``quality.min_auc``; 0 turns the gate off)
+DEFAULT_MIN_AUC = 0.7
+#: volumes with more voxels per channel are average-pooled by 2 per axis until they have fewer
+MAX_REFERENCE_VOXELS = 100_000
+_POOL_CHUNK = 16  # subjects pooled at a time (bounds the temporary copy)
+
+
+# ------------------------------------------------------------------------- linear reference
+
+
+def _as_array(images: Any) -> np.ndarray:
+    """A float32 NumPy view (or copy) of a tensor / array ``(N, C, X, Y, Z)``."""
+    if hasattr(images, "detach"):  # a torch tensor, without importing torch
+        images = images.detach().cpu().float().numpy()
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 5:
+        raise ValueError(f"expected images of shape (N, C, X, Y, Z), got shape {x.shape}")
+    return x
+
+
+def _pool_factor(spatial: Sequence[int]) -> int:
+    """Smallest power of 2 that brings ``prod(spatial // factor)`` to at most the voxel limit."""
+    factor = 1
+    while (
+        math.prod(s // factor for s in spatial) > MAX_REFERENCE_VOXELS
+        and min(spatial) >= 2 * factor
+    ):
+        factor *= 2
+    return factor
+
+
+def _pool(x: np.ndarray, factor: int) -> np.ndarray:
+    """Average-pool ``(n, C, X, Y, Z)`` by ``factor`` per axis (a trailing remainder is dropped)."""
+    if factor == 1:
+        return x
+    n, c, *spatial = x.shape
+    t = [s // factor for s in spatial]
+    out = np.empty((n, c, *t), dtype=np.float32)
+    for i in range(0, n, _POOL_CHUNK):
+        block = x[i : i + _POOL_CHUNK, :, : t[0] * factor, : t[1] * factor, : t[2] * factor]
+        block = block.reshape(len(block), c, t[0], factor, t[1], factor, t[2], factor)
+        out[i : i + _POOL_CHUNK] = block.mean(axis=(3, 5, 7), dtype=np.float32)
+    return out
+
+
+def _mask_features(mask: Any, shape: Sequence[int], factor: int) -> np.ndarray:
+    """A ``(C * X' * Y' * Z',)`` boolean feature mask from a ``(X, Y, Z)`` or ``(C, X, Y, Z)`` mask.
+
+    A pooled voxel is kept when any voxel of its block is in the mask.
+    """
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    m = np.asarray(mask) != 0
+    c, *spatial = shape
+    if m.shape == tuple(spatial):
+        m = np.broadcast_to(m, (c, *spatial))
+    if m.shape not in ((c, *spatial), (1, *spatial)):
+        raise ValueError(
+            f"expected a mask of shape {tuple(spatial)} or {(c, *spatial)}, got shape {m.shape}"
+        )
+    m = np.broadcast_to(m, (c, *spatial)).astype(np.float32)[None]
+    return (_pool(m, factor)[0] > 0).reshape(-1)
+
+
+def _indices(parts: Mapping[str, Any], name: str, n: int) -> np.ndarray:
+    idx = np.asarray(parts.get(name, []), dtype=np.int64).reshape(-1)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"expected {name} indices in [0, {n}), got {idx.min()}..{idx.max()}")
+    return idx
+
+
+def linear_reference(
+    images: Any,
+    y: Sequence[float],
+    parts: Mapping[str, Sequence[int]],
+    *,
+    mask: Any = None,
+    seed: int = 0,
+    Cs: Sequence[float] = DEFAULT_CS,
+) -> dict[str, Any]:
+    """An L2 logistic regression on the standardised voxels, on the classifier's own split.
+
+    The features are the voxels (of every channel) that vary over the training images — or the
+    voxels of ``mask`` that do — each standardised by its training mean and sd, as the
+    classifier's ``standardize`` option does. Volumes with more than
+    :data:`MAX_REFERENCE_VOXELS` voxels per channel (64³ has 262,144) are first average-pooled
+    by 2 per axis, repeatedly if needed (64³ → 32³), dropping a trailing odd voxel: the six fits
+    then take ~4 s on 200 volumes of 64³ (two CPU cores) and ~60 MB beyond the images, and an
+    effect of a few voxels still shows at the coarser grid. One model is fitted per ``C`` on the
+    training subjects (liblinear's dual solver, fast when subjects are far fewer than voxels;
+    classes weighted to balance, like the classifier's ``pos_weight``); the ``C`` with the best
+    validation AUC is reported, ties going to the smaller ``C`` (the stronger penalty). Nothing
+    is refitted on train + val, so the reported model saw exactly the classifier's training
+    subjects. Deterministic for a ``seed``.
+
+    Args:
+        images: float tensor or array ``(N, C, X, Y, Z)`` (``preproc.pt``'s ``images``).
+        y: labels 0/1 ``(N,)``.
+        parts: ``{"train": idx, "val": idx, "test": idx}`` integer index arrays into ``images``;
+            ``test`` may be empty or absent. Train and val need both classes.
+        mask: optional voxels to use, ``(X, Y, Z)`` or ``(C, X, Y, Z)`` (nonzero = used), at the
+            resolution of ``images``; constant voxels are dropped within it too.
+        seed: random state of the solver.
+        Cs: inverse L2 penalties to choose from.
+
+    Returns:
+        ``{"model": "l2_logistic_regression", "C", "n_features", "pool", "seed", "train", "val",
+        "test", "val_auc_by_C", "seconds"}``: ``train`` / ``val`` / ``test`` are
+        :func:`neuroexplain.train.classifier.binary_metrics` of the chosen model's decision
+        function (log-odds, so the 0.5 threshold is 0), ``test`` only when the test split is not
+        empty; ``val_auc_by_C`` maps ``f"{C:g}"`` to the validation AUC; ``pool`` is the
+        pooling factor per axis (1 = none).
+
+    Raises:
+        InputError: the train or val split lacks a class, or no voxel varies.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(40, 1, 8, 8, 8)).astype(np.float32)
+        >>> y = np.arange(40) % 2
+        >>> x[y == 1, :, :2, :2, :2] += 2.0
+        >>> ref = linear_reference(x, y, {"train": range(24), "val": range(24, 40)})
+        >>> ref["val"]["auc"] > 0.9
+        True
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from neuroexplain.train.classifier import binary_metrics
+
+    t0 = time.perf_counter()
+    x = _as_array(images)
+    yy = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(yy) != len(x):
+        raise ValueError(f"expected {len(x)} labels (one per image), got {len(yy)}")
+    if not np.isin(yy, (0.0, 1.0)).all():
+        raise ValueError(f"expected labels 0/1, got values {np.unique(yy).tolist()}")
+    yy = yy.astype(np.int64)
+    idx = {name: _indices(parts, name, len(x)) for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if len(np.unique(yy[idx[name]])) < 2:
+            raise InputError(
+                None,
+                f"expected both classes in the {name} split for the linear reference, "
+                f"got {len(idx[name])} subjects of one class",
+            )
+    if not Cs:
+        raise ValueError("expected at least one C, got none")
+
+    factor = _pool_factor(x.shape[2:])
+    pooled = _pool(x, factor)
+    flat = pooled.reshape(len(pooled), -1)
+    train = flat[idx["train"]]
+    keep = np.ptp(train, axis=0) > 0  # exact: a voxel equal in every training image is dropped
+    if mask is not None:
+        keep &= _mask_features(mask, x.shape[1:], factor)
+    if not keep.any():
+        raise InputError(None, "expected voxels that vary over the training images, got none")
+    kept = train[:, keep]
+    mean, sd = kept.mean(axis=0, dtype=np.float64), kept.std(axis=0, dtype=np.float64)
+    features = ((flat[:, keep] - mean) / sd).astype(np.float32)
+    del pooled, flat, train, kept
+
+    x_train, y_train = features[idx["train"]], yy[idx["train"]]
+    x_val, y_val = features[idx["val"]], yy[idx["val"]]
+    best: tuple[float, float, Any] | None = None  # (val AUC, C, model)
+    by_c: dict[str, float | None] = {}
+    for c in sorted(float(v) for v in Cs):
+        model = LogisticRegression(
+            C=c,
+            solver="liblinear",
+            dual=True,
+            class_weight="balanced",
+            max_iter=1000,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(x_train, y_train)
+        if int(np.max(model.n_iter_)) >= model.max_iter:
+            logger.warning("linear reference: C=%g did not converge in %d iterations", c, 1000)
+        auc = binary_metrics(y_val, model.decision_function(x_val))["auc"]
+        by_c[f"{c:g}"] = auc
+        if best is None or auc > best[0]:  # strict: a tie keeps the smaller C
+            best = (auc, c, model)
+    assert best is not None
+    _, best_c, model = best
+
+    out: dict[str, Any] = {
+        "model": "l2_logistic_regression",
+        "C": best_c,
+        "n_features": int(keep.sum()),
+        "pool": factor,
+        "seed": seed,
+    }
+    for name in ("train", "val", "test"):
+        if len(idx[name]):
+            part = features[idx[name]]
+            out[name] = binary_metrics(yy[idx[name]], model.decision_function(part))
+    out["val_auc_by_C"] = by_c
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    logger.info(
+        "linear reference (L2 logistic regression, C=%g, %d features): val AUC %s, test AUC %s "
+        "(%.1f s)",
+        best_c,
+        out["n_features"],
+        _fmt(out["val"]["auc"]),
+        _fmt(out.get("test", {}).get("auc")),
+        out["seconds"],
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------- bootstrap
+
+
+def _resampled_aucs(
+    pos: np.ndarray, neg: np.ndarray, draw_pos: np.ndarray, draw_neg: np.ndarray
+) -> np.ndarray:
+    """AUC of each resample: ``pos[draw_pos[b]]`` against ``neg[draw_neg[b]]``.
+
+    Args:
+        pos: scores of the positives ``(P,)``.
+        neg: scores of the negatives, sorted ascending ``(M,)``.
+        draw_pos: resampled positive indices ``(B, P)``.
+        draw_neg: resampled negative indices ``(B, M)``.
+
+    Returns:
+        ``(B,)`` AUCs (ties count one half), in ``O(B (P + M))`` time and memory: for every
+        positive, the resampled negatives below it are a difference of cumulative counts.
+    """
+    n_boot, n_pos = draw_pos.shape
+    n_neg = draw_neg.shape[1]
+    rows = np.arange(n_boot)[:, None]
+    counts_neg = np.bincount((draw_neg + rows * n_neg).ravel(), minlength=n_boot * n_neg)
+    cum = np.zeros((n_boot, n_neg + 1))
+    np.cumsum(counts_neg.reshape(n_boot, n_neg), axis=1, out=cum[:, 1:])
+    below = np.searchsorted(neg, pos, side="left")  # negatives strictly below each positive
+    upto = np.searchsorted(neg, pos, side="right")
+    wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])  # (B, P)
+    counts_pos = np.bincount((draw_pos + rows * n_pos).ravel(), minlength=n_boot * n_pos)
+    return (counts_pos.reshape(n_boot, n_pos) * wins).sum(axis=1) / (n_pos * n_neg)
+
+
+def bootstrap_auc(
+    y: Sequence[float],
+    scores: Sequence[float],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the ROC AUC, resampling within each class.
+
+    Positives and negatives are resampled separately, each to its own count, so every resample
+    has both classes and the class balance of the data (the usual stratified bootstrap of a
+    test-set AUC).
+
+    Args:
+        y: labels 0/1 ``(N,)``.
+        scores: higher = more positive ``(N,)`` (logits, probabilities, decision values).
+        n_boot: number of resamples.
+        seed: seed of the resampling; the same seed gives the same interval.
+        level: coverage of the interval, in (0, 1).
+
+    Returns:
+        ``(low, high)``, or ``None`` when ``y`` holds one class only (no AUC).
+
+    Example:
+        >>> lo, hi = bootstrap_auc([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.35, 0.8, 0.3, 0.9])
+        >>> lo <= 8 / 9 <= hi
+        True
+    """
+    yy = np.asarray(y, dtype=np.float64).reshape(-1)
+    ss = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(yy) != len(ss):
+        raise ValueError(f"expected one score per label, got {len(ss)} scores for {len(yy)}")
+    if not np.isin(yy, (0.0, 1.0)).all():
+        raise ValueError(f"expected labels 0/1, got values {np.unique(yy).tolist()}")
+    if not np.isfinite(ss).all():
+        raise ValueError("expected finite scores, got NaN or infinity")
+    if not 0 < level < 1:
+        raise ValueError(f"expected a level in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"expected n_boot >= 1, got {n_boot}")
+    pos, neg = ss[yy == 1], np.sort(ss[yy == 0])
+    if not len(pos) or not len(neg):
+        return None
+    rng = np.random.default_rng(seed)
+    draw_pos = rng.integers(0, len(pos), size=(n_boot, len(pos)))
+    draw_neg = rng.integers(0, len(neg), size=(n_boot, len(neg)))
+    aucs = _resampled_aucs(pos, neg, draw_pos, draw_neg)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(aucs, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+# ------------------------------------------------------------------------------ quality gate
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _auc_ci(split_metrics: Mapping[str, Any]) -> list[float] | None:
+    ci = split_metrics.get("auc_ci")
+    if isinstance(ci, Sequence) and len(ci) == 2 and all(v is not None for v in ci):
+        return [float(ci[0]), float(ci[1])]
+    return None
+
+
+def check_classifier_quality(
+    metrics: Mapping[str, Any],
+    min_auc: float,
+    *,
+    source: str | os.PathLike[str] | None,
+    key: str = "quality.min_auc",
+) -> dict[str, Any]:
+    """Stop when the classifier is too weak to be worth explaining.
+
+    The test split's AUC is judged when ``metrics`` has one, else the validation AUC. When it is
+    below ``min_auc`` (or missing) an :class:`~neuroexplain.errors.InputError` says by how much,
+    and — when ``metrics["reference"]`` holds a :func:`linear_reference` of the same split —
+    whether the data hold a signal the CNN missed (reference above ``min_auc``: a training
+    problem) or may hold none at this resolution (reference low too).
+
+    Args:
+        metrics: ``metrics.json`` of ``train-classifier``: per split ``{"auc": ...}`` under
+            ``"val"`` / ``"test"``, optionally ``"auc_ci": [low, high]`` (a 95 % interval, as
+            :func:`bootstrap_auc` gives) in each split and
+            ``"reference"`` (a :func:`linear_reference` result). Missing parts are skipped.
+        min_auc: the smallest acceptable AUC; ``0`` (or less) turns the gate off.
+        source: the metrics file (named in the error).
+        key: the setting named in the error.
+
+    Returns:
+        ``{"split", "auc", "auc_ci", "reference_auc", "min_auc", "passed"}`` (``auc_ci`` and
+        ``reference_auc`` ``None`` when absent; ``passed`` is ``True``, also when the gate is off).
+
+    Raises:
+        InputError: ``min_auc > 0`` and the AUC is below it or missing; one line.
+
+    Example:
+        >>> check_classifier_quality({"val": {"auc": 0.9}}, 0.7, source="metrics.json")["passed"]
+        True
+    """
+    test = metrics.get("test")
+    split = "test" if isinstance(test, Mapping) and test.get("auc") is not None else "val"
+    part = metrics.get(split)
+    part = part if isinstance(part, Mapping) else {}
+    auc = part.get("auc")
+    auc = None if auc is None else float(auc)
+    ci = _auc_ci(part)
+    reference = metrics.get("reference")
+    ref_part = reference.get(split) if isinstance(reference, Mapping) else None
+    ref_auc = ref_part.get("auc") if isinstance(ref_part, Mapping) else None
+    ref_auc = None if ref_auc is None else float(ref_auc)
+    summary = {
+        "split": split,
+        "auc": auc,
+        "auc_ci": ci,
+        "reference_auc": ref_auc,
+        "min_auc": float(min_auc),
+        "passed": True,
+    }
+    if min_auc <= 0 or (auc is not None and auc >= min_auc):
+        if min_auc <= 0:
+            logger.info("classifier %s AUC %s; quality gate off (%s 0)", split, _fmt(auc), key)
+        else:
+            logger.info("classifier %s AUC %.2f >= %s %.2f", split, auc, key, min_auc)
+        return summary
+
+    if auc is None:
+        what = f"classifier {split} AUC is missing (one class only, or no {split} split)"
+    else:
+        interval = f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+        what = f"classifier {split} AUC {auc:.2f}{interval} is below {key} {min_auc:.2f}"
+    if ref_auc is None:
+        why = (
+            "no linear reference in the metrics to tell a training failure from data without "
+            "a signal — check the labels, then try more epochs or a lower learning rate"
+        )
+    elif ref_auc >= min_auc:
+        why = (
+            f"a linear reference on the same split reaches {ref_auc:.2f}: the data hold a "
+            "signal the CNN did not learn — try more epochs, a lower or scheduled learning "
+            "rate (classifier.lr, classifier.lr_schedule), classifier.standardize: true or "
+            "less augmentation"
+        )
+    else:
+        why = (
+            f"a linear reference on the same split reaches only {ref_auc:.2f}: the data may "
+            "hold no learnable signal at this resolution — check the labels "
+            "(mri.label_column, mri.positive_class), the effect size or use a finer mri.shape"
+        )
+    raise InputError(source, f"{what}; {why} ({key}: 0 turns this check off)")

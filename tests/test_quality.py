@@ -1,0 +1,300 @@
+"""The classifier's quality gate: linear reference, bootstrap AUC interval, check-classifier.
+
+Small synthetic problems only (volumes of 16³ and smaller), so the module runs in seconds. AUCs
+are checked against scikit-learn's ``roc_auc_score`` and pooling against torch's
+``avg_pool3d``, both independent of the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from neuroexplain.cli import main
+from neuroexplain.errors import InputError
+from neuroexplain.evaluate import quality
+from neuroexplain.evaluate.quality import (
+    DEFAULT_MIN_AUC,
+    bootstrap_auc,
+    check_classifier_quality,
+    linear_reference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _planted(n: int = 40, size: int = 16, effect: float = 1.5, seed: int = 0):
+    """``n`` noise volumes ``(n, 1, size, size, size)``; the odd ones brighter in a 4³ cube."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 1, size, size, size)).astype(np.float32)
+    y = np.arange(n) % 2
+    x[y == 1, :, 4:8, 4:8, 4:8] += effect
+    return x, y
+
+
+def _parts(n: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A split stratified by the alternating labels of :func:`_planted`."""
+    rng = np.random.default_rng(seed)
+    pos, neg = rng.permutation(np.arange(1, n, 2)), rng.permutation(np.arange(0, n, 2))
+    cut = [n_val // 2, (n_val + n_test) // 2]
+    return {
+        "val": np.concatenate([pos[: cut[0]], neg[: cut[0]]]),
+        "test": np.concatenate([pos[cut[0] : cut[1]], neg[cut[0] : cut[1]]]),
+        "train": np.concatenate([pos[cut[1] :], neg[cut[1] :]]),
+    }
+
+
+# ------------------------------------------------------------------------- linear reference
+
+
+def test_linear_reference_finds_a_planted_difference() -> None:
+    x, y = _planted()
+    ref = linear_reference(x, y, _parts(40, 8, 8))
+    assert ref["model"] == "l2_logistic_regression"
+    assert ref["n_features"] == 16**3 and ref["pool"] == 1  # every voxel varies; no pooling
+    assert ref["val"]["auc"] >= 0.9 and ref["test"]["auc"] >= 0.9
+    assert ref["train"]["auc"] == 1.0
+    assert ref["val"]["n"] == 8 and ref["test"]["n"] == 8 and ref["train"]["n"] == 24
+    # C is chosen on validation AUC; ties go to the smaller C
+    by_c = ref["val_auc_by_C"]
+    assert list(by_c) == ["0.0001", "0.001", "0.01", "0.1", "1", "10"]
+    best = max(by_c.values())
+    assert ref["C"] == min(float(c) for c, auc in by_c.items() if auc == best)
+    assert ref["val"]["auc"] == by_c[f"{ref['C']:g}"]
+    json.dumps(ref)  # plain JSON, as metrics.json stores it
+    assert ref["seconds"] >= 0
+
+
+def test_linear_reference_on_noise_labels_is_near_chance() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 1, 10, 10, 10)).astype(np.float32)
+    y = rng.permutation(np.arange(120) % 2)
+    idx = rng.permutation(120)
+    ref = linear_reference(x, y, {"train": idx[:60], "val": idx[60:90], "test": idx[90:]})
+    assert ref["train"]["auc"] > 0.99  # 1000 voxels for 60 subjects: it fits the noise ...
+    assert 0.25 < ref["test"]["auc"] < 0.75  # ... and learns nothing that holds on new subjects
+
+
+def test_linear_reference_chooses_c_on_validation(monkeypatch) -> None:
+    """The reported C is the one with the best validation AUC, not the first or the last."""
+    x, y = _planted(effect=0.8)
+    parts = _parts(40, 10, 0)
+    aucs = {1.0: 0.6, 10.0: 0.9, 100.0: 0.9}  # a tie between 10 and 100: the smaller wins
+    from neuroexplain.train import classifier as train_classifier_module
+
+    real = train_classifier_module.binary_metrics
+    calls: list[int] = []
+
+    def fake(y_true, logits):
+        out = real(y_true, logits)
+        if len(y_true) == len(parts["val"]) and len(calls) < len(aucs):
+            out["auc"] = list(aucs.values())[len(calls)]
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(train_classifier_module, "binary_metrics", fake)
+    ref = linear_reference(x, y, parts, Cs=(100.0, 1.0, 10.0))
+    assert ref["val_auc_by_C"] == {"1": 0.6, "10": 0.9, "100": 0.9}
+    assert ref["C"] == 10.0
+    assert "test" not in ref  # an empty test split is left out
+
+
+def test_linear_reference_is_deterministic_and_takes_tensors() -> None:
+    import torch
+
+    x, y = _planted(n=24, size=8)
+    parts = _parts(24, 6, 6)
+    a = linear_reference(x, y, parts, seed=3)
+    b = linear_reference(torch.from_numpy(x), y.astype(np.float32), parts, seed=3)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+def test_linear_reference_mask_and_constant_voxels() -> None:
+    x, y = _planted(n=24, size=8)
+    x[:, :, 0] = 0.0  # a constant slab (background): dropped
+    ref = linear_reference(x, y, _parts(24, 6, 6))
+    assert ref["n_features"] == 8**3 - 8 * 8
+    mask = np.zeros((8, 8, 8), dtype=bool)
+    mask[4:8, 4:8, 4:8] = True  # the planted cube
+    ref = linear_reference(x, y, _parts(24, 6, 6), mask=mask)
+    assert ref["n_features"] == 64
+    assert ref["val"]["auc"] == 1.0
+    with pytest.raises(ValueError, match=r"expected a mask of shape \(8, 8, 8\)"):
+        linear_reference(x, y, _parts(24, 6, 6), mask=np.ones((4, 4, 4)))
+
+
+def test_large_volumes_are_average_pooled(monkeypatch) -> None:
+    import torch
+
+    assert quality._pool_factor((64, 64, 64)) == 2  # 262,144 voxels -> 32³ = 32,768
+    assert quality._pool_factor((40, 40, 40)) == 1  # 64,000: kept
+    assert quality._pool_factor((128, 128, 128)) == 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 2, 9, 8, 7)).astype(np.float32)  # odd sizes: the remainder is dropped
+    want = torch.nn.functional.avg_pool3d(torch.from_numpy(x), 2).numpy()
+    np.testing.assert_allclose(quality._pool(x, 2), want, rtol=1e-6, atol=1e-6)
+    # through linear_reference: with a lower limit, 16³ is pooled to 8³ features
+    monkeypatch.setattr(quality, "MAX_REFERENCE_VOXELS", 1000)
+    xs, ys = _planted(n=24)
+    ref = linear_reference(xs, ys, _parts(24, 6, 6))
+    assert ref["pool"] == 2 and ref["n_features"] == 8**3
+
+
+def test_linear_reference_needs_both_classes() -> None:
+    x, y = _planted(n=24, size=8)
+    parts = _parts(24, 6, 6)
+    parts["val"] = parts["val"][y[parts["val"]] == 1]
+    with pytest.raises(InputError, match="expected both classes in the val split"):
+        linear_reference(x, y, parts)
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, C, X, Y, Z\)"):
+        linear_reference(x[:, 0], y, parts)
+
+
+# --------------------------------------------------------------------------------- bootstrap
+
+
+def test_resampled_aucs_match_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, 5, 7).astype(float)  # few distinct values: many ties
+    neg = np.sort(rng.integers(0, 5, 9).astype(float))
+    draw_pos = rng.integers(0, 7, (20, 7))
+    draw_neg = rng.integers(0, 9, (20, 9))
+    got = quality._resampled_aucs(pos, neg, draw_pos, draw_neg)
+    for b in range(20):
+        p, n = pos[draw_pos[b]], neg[draw_neg[b]]
+        want = roc_auc_score(np.r_[np.ones(7), np.zeros(9)], np.r_[p, n])
+        assert got[b] == pytest.approx(want)
+
+
+def test_bootstrap_interval_contains_the_auc_and_is_deterministic() -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    scores = rng.normal(size=60) + 0.8 * y
+    auc = roc_auc_score(y, scores)
+    lo, hi = bootstrap_auc(y, scores, seed=1)
+    assert 0 <= lo < auc < hi <= 1
+    assert bootstrap_auc(y, scores, seed=1) == (lo, hi)
+    assert bootstrap_auc(y, scores, seed=2) != (lo, hi)
+    lo90, hi90 = bootstrap_auc(y, scores, seed=1, level=0.9)
+    assert lo <= lo90 < hi90 <= hi
+    # stratified: every resample keeps both classes, so a perfect ranking stays perfect
+    assert bootstrap_auc(y, y + 0.0, n_boot=50) == (1.0, 1.0)
+
+
+def test_bootstrap_with_one_class_is_none() -> None:
+    assert bootstrap_auc([1, 1, 1], [0.2, 0.5, 0.9]) is None
+    assert bootstrap_auc([], []) is None
+    with pytest.raises(ValueError, match="expected labels 0/1"):
+        bootstrap_auc([0, 2], [0.1, 0.2])
+
+
+# ------------------------------------------------------------------------------ quality gate
+
+
+def _metrics(test_auc=0.52, ci=(0.40, 0.65), ref_auc=0.93, val_auc=0.6):
+    m = {"val": {"auc": val_auc}, "test": {"auc": test_auc}, "best_epoch": 3}
+    if ci is not None:
+        m["test"]["auc_ci"] = list(ci)
+    if ref_auc is not None:
+        m["reference"] = {"model": "l2_logistic_regression", "test": {"auc": ref_auc}}
+    return m
+
+
+def test_quality_gate_passes() -> None:
+    summary = check_classifier_quality(_metrics(test_auc=0.85), 0.7, source="metrics.json")
+    assert summary == {
+        "split": "test",
+        "auc": 0.85,
+        "auc_ci": [0.40, 0.65],
+        "reference_auc": 0.93,
+        "min_auc": 0.7,
+        "passed": True,
+    }
+    # without test split, reference or interval: the validation AUC, nothing else
+    summary = check_classifier_quality({"val": {"auc": 0.75}}, 0.7, source="metrics.json")
+    assert summary["split"] == "val" and summary["auc"] == 0.75
+    assert summary["auc_ci"] is None and summary["reference_auc"] is None
+
+
+def test_quality_gate_fails_with_one_line_naming_both_aucs() -> None:
+    with pytest.raises(InputError) as err:
+        check_classifier_quality(_metrics(), 0.7, source="results/classifier/metrics.json")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("results/classifier/metrics.json: classifier test AUC 0.52")
+    assert "(95 % CI 0.40-0.65) is below quality.min_auc 0.70" in msg
+    assert "a linear reference on the same split reaches 0.93" in msg
+    assert "signal the CNN did not learn" in msg and "epochs" in msg
+
+
+def test_quality_gate_with_a_weak_reference_blames_the_data() -> None:
+    with pytest.raises(InputError) as err:
+        check_classifier_quality(_metrics(ref_auc=0.55, ci=None), 0.7, source="m.json")
+    msg = str(err.value)
+    assert "classifier test AUC 0.52 is below quality.min_auc 0.70" in msg
+    assert "reaches only 0.55" in msg and "no learnable signal at this resolution" in msg
+    # no reference at all, and no AUC at all
+    with pytest.raises(InputError, match="no linear reference"):
+        check_classifier_quality(_metrics(ref_auc=None), 0.7, source="m.json")
+    with pytest.raises(InputError, match="val AUC is missing"):
+        check_classifier_quality({"val": {"auc": None}}, 0.7, source="m.json")
+
+
+def test_quality_gate_off() -> None:
+    summary = check_classifier_quality(_metrics(test_auc=0.3), 0.0, source="m.json")
+    assert summary["passed"] and summary["auc"] == 0.3 and summary["min_auc"] == 0.0
+    assert check_classifier_quality({}, 0, source="m.json")["auc"] is None
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_check_classifier_command(tmp_path: Path, capsys) -> None:
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(_metrics()))
+    out = tmp_path / "out" / "quality.json"
+    args = ["check-classifier", "--metrics", str(metrics), "--out", str(out)]
+    capsys.readouterr()
+    assert main([*args, "--min-auc", "0.7"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith(f"error: {metrics}: classifier test AUC 0.52")
+    assert "reaches 0.93" in err[-1]
+    assert not out.parent.exists() and sorted(tmp_path.iterdir()) == [metrics]  # nothing written
+
+    assert main([*args, "--min-auc", "0.5"]) == 0
+    assert capsys.readouterr().out.strip() == f"classifier test AUC 0.520 >= 0.5 -> {out}"
+    written = json.loads(out.read_text())
+    assert written["passed"] and written["reference_auc"] == 0.93
+    assert written["provenance"]["command"] == "check-classifier"
+    assert written["provenance"]["params"] == {"min_auc": 0.5}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["quality.json"]  # no temporary left
+
+    assert main([*args, "--min-auc", "1.5"]) == 2
+    assert "--min-auc: expected a number in [0, 1], got 1.5" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = ["check-classifier", "--metrics", str(tmp_path / "bad.json"), "--out", str(out)]
+    assert main(bad) == 2
+    assert "expected JSON" in capsys.readouterr().err
+
+
+def test_default_threshold_is_the_same_everywhere() -> None:
+    """Library, command line, workflow schema and config agree on the default gate."""
+    import typer
+
+    from neuroexplain.cli import _register, app
+
+    _register()
+    cmd = typer.main.get_command(app).commands["check-classifier"]
+    (param,) = [p for p in cmd.params if p.name == "min_auc"]
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    assert param.default == DEFAULT_MIN_AUC
+    assert schema["properties"]["quality"]["properties"]["min_auc"]["default"] == DEFAULT_MIN_AUC
+    assert config["quality"]["min_auc"] == DEFAULT_MIN_AUC
+    assert f"| `quality.min_auc` | `{DEFAULT_MIN_AUC}` |" in (REPO / "config/README.md").read_text()
