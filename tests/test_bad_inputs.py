@@ -238,7 +238,7 @@ def make_bids(
 def ingest_args(root: Path, tmp: Path, *extra: str) -> list[str]:
     return [
         "ingest-mri", "--bids", str(root), "--out", str(tmp / "out"), "--shape", "16",
-        "--fov-mm", "64", *extra,
+        "--fov-mm", "64", "--align", "none", "--mask", "none", *extra,
     ]  # fmt: skip
 
 

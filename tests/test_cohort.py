@@ -44,7 +44,10 @@ def _pullback_vox(root: Path, sub: str, affine: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cohort(ixi_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort") / "cohort"
-    make_cohort(ixi_root, out, shrink=SHRINK, enlarge=ENLARGE, fraction=0.5, seed=3, limit=4)
+    make_cohort(
+        ixi_root, out, shrink=SHRINK, enlarge=ENLARGE, paired=False, fraction=0.5,
+        magnitude_min=0.15, magnitude_max=0.30, seed=3, limit=4,
+    )  # fmt: skip
     return out
 
 
@@ -302,13 +305,16 @@ def test_failure_midway_leaves_no_output(ixi_root, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "plant_subject", flaky)
     out = tmp_path / "c"
     with pytest.raises(InputError, match="boom"):
-        make_cohort(ixi_root, out, fraction=0.0, limit=2)
+        make_cohort(ixi_root, out, paired=False, fraction=0.0, limit=2)
     assert calls["n"] == 2
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_zero_magnitude_keeps_the_assignment(ixi_root, tmp_path):
-    out = make_cohort(ixi_root, tmp_path / "c", magnitude_range=(0.0, 0.0), limit=2, seed=0)
+    out = make_cohort(
+        ixi_root, tmp_path / "c", paired=False, magnitude_min=0.0, magnitude_max=0.0, limit=2,
+        seed=0,
+    )  # fmt: skip
     table = pd.read_csv(out / "participants.tsv", sep="\t")
     assert sorted(table["diagnosis"]) == ["control", "disease"]  # balanced even at magnitude 0
     assert (table["effect_magnitude"] == 0).all()
@@ -317,7 +323,7 @@ def test_zero_magnitude_keeps_the_assignment(ixi_root, tmp_path):
 @pytest.mark.slow
 def test_more_subjects_with_nuisance_and_workers(ixi_root, tmp_path):
     out = tmp_path / "c"
-    make_cohort(ixi_root, out, fraction=0.5, nuisance=2.0, seed=1, limit=4, workers=2)
+    make_cohort(ixi_root, out, paired=False, fraction=0.5, nuisance=2.0, seed=1, limit=4, workers=2)
     prov = json.loads((out / "cohort.json").read_text())
     summary = prov["summary"]
     assert summary["n_disease"] == 2
@@ -335,8 +341,9 @@ def test_more_subjects_with_nuisance_and_workers(ixi_root, tmp_path):
 def test_paired_cohort_shares_anatomy_and_nuisance(ixi_root, tmp_path):
     """--paired: a control and a diseased version of one source, same nuisance field."""
     out = make_cohort(
-        ixi_root, tmp_path / "c", limit=1, paired=True, nuisance=1.5, magnitude_range=(0.2, 0.2)
-    )
+        ixi_root, tmp_path / "c", limit=1, paired=True, nuisance=1.5, magnitude_min=0.2,
+        magnitude_max=0.2,
+    )  # fmt: skip
     table = pd.read_csv(out / "participants.tsv", sep="\t")
     src = sorted(p.name for p in ixi_root.glob("sub-*"))[0]
     assert table["participant_id"].tolist() == [f"{src}ctl", f"{src}dis"]
@@ -364,7 +371,7 @@ def test_label_probability_plants_a_random_subset_of_labels(ixi_root, tmp_path):
     shrink, enlarge = labels[:6], labels[6:]
     out = make_cohort(
         ixi_root, tmp_path / "c", shrink=shrink, enlarge=enlarge, limit=2, paired=True,
-        magnitude_range=(0.3, 0.3), label_probability=0.3, seed=2,
+        magnitude_min=0.3, magnitude_max=0.3, label_probability=0.3, seed=2,
     )  # fmt: skip
     table = pd.read_csv(out / "participants.tsv", sep="\t", keep_default_na=False)
     prov = json.loads((out / "cohort.json").read_text())

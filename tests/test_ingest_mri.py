@@ -57,6 +57,11 @@ def _inside(
 
 # ------------------------------------------------------------------ a small real ingest (CLI)
 
+#: the unaligned, unmasked whole-head grid (224 mm) the mapping tests are written for (the
+#: defaults, the workflow's, align by labels and mask the brain in a 180 mm field of view)
+PLAIN = {"fov_mm": 224.0, "align": "none", "mask": "none"}
+PLAIN_ARGS = ["--fov-mm", "224", "--align", "none", "--mask", "none"]
+
 
 @pytest.fixture(scope="module")
 def ingested(ixi_root: Path, tmp_path_factory) -> Path:
@@ -72,6 +77,7 @@ def ingested(ixi_root: Path, tmp_path_factory) -> Path:
             "3",
             "--label-column",
             "sex",
+            *PLAIN_ARGS,
         ]
     )
     assert code == 0
@@ -134,14 +140,14 @@ def test_model_affines_are_ras_with_fov_spacing(ingested: Path) -> None:
 
 def test_deterministic_and_parallel(ingested: Path, ixi_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "again"
-    ingest_mri(out, bids=ixi_root, label_column="sex", limit=3, workers=2, progress=False)
+    ingest_mri(out, bids=ixi_root, label_column="sex", limit=3, workers=2, progress=False, **PLAIN)
     a, b = load_preproc(ingested), load_preproc(out)
     for key in ("images", "dseg", "y", "model_affines", "native_affines", "native_shapes"):
         assert torch.equal(a[key], b[key]), key
     assert a["subjects"] == b["subjects"] and a["label"] == b["label"]
     # same options (the fixture's CLI run used one worker): byte-identical outputs
     same = tmp_path / "same"
-    ingest_mri(same, bids=ixi_root, label_column="sex", limit=3, progress=False)
+    ingest_mri(same, bids=ixi_root, label_column="sex", limit=3, progress=False, **PLAIN)
     for name in ("preproc.pt", "subjects.tsv", "ingest.json"):
         assert (same / name).read_bytes() == (ingested / name).read_bytes(), name
 
@@ -232,7 +238,7 @@ def test_round_trip_on_aligned_grid_is_identity(ixi_root: Path) -> None:
 def test_round_trip_96_and_dseg(ixi_root: Path, tmp_path: Path) -> None:
     """T1 -> 96³ model grid -> native reproduces the T1 and the dseg inside the brain."""
     out = tmp_path / "o96"
-    ingest_mri(out, bids=ixi_root, subjects=[FIRST[2]], shape=(96, 96, 96), progress=False)
+    ingest_mri(out, bids=ixi_root, subjects=[FIRST[2]], shape=(96, 96, 96), progress=False, **PLAIN)
     pre = load_preproc(out)
     assert tuple(pre["images"].shape) == (1, 1, 96, 96, 96)
     np.testing.assert_allclose(pre["model_affines"][0, 0, 0].item(), 224.0 / 96)
@@ -267,6 +273,7 @@ def test_sample_sheet(ixi_root: Path, tmp_path: Path) -> None:
         label_column="diagnosis",
         positive_class="disease",
         progress=False,
+        **PLAIN,
     )
     pre = load_preproc(out / "preproc.pt")
     assert pre["dseg"] is None and pre["dseg_paths"] == ["", ""]
@@ -394,6 +401,7 @@ def test_bad_input_raises_input_error(case: str, ixi_root: Path, tmp_path: Path)
             label_column=label,
             positive_class=positive,
             progress=False,
+            **PLAIN,
         )
     assert fname in str(info.value)
     assert not out.exists() or not any(out.iterdir())
@@ -466,7 +474,7 @@ def test_grid_argument_forms(ingested: Path) -> None:
 @pytest.mark.slow
 def test_all_ixi_subjects_fit(ixi_root: Path, tmp_path: Path) -> None:
     """All 100 subjects: the whole labelled brain lies inside the 224 mm model grid."""
-    summary = ingest_mri(tmp_path / "all", bids=ixi_root, workers=2, progress=False)
+    summary = ingest_mri(tmp_path / "all", bids=ixi_root, workers=2, progress=False, **PLAIN)
     assert summary["n_subjects"] == 100 and summary["n_brain_cropped"] == 0
     table = pd.read_csv(tmp_path / "all" / "subjects.tsv", sep="\t")
     assert (table["brain_kept"] == 1.0).all()
@@ -481,7 +489,10 @@ def test_align_labels_puts_anatomy_at_the_same_voxels(ixi_root: Path, tmp_path: 
     spread = {}
     for align in ("none", "labels"):
         out = tmp_path / align
-        ingest_mri(out, bids=ixi_root, limit=4, shape=(32, 32, 32), align=align, progress=False)
+        ingest_mri(
+            out, bids=ixi_root, limit=4, shape=(32, 32, 32), align=align, mask="none",
+            fov_mm=224.0, progress=False,
+        )  # fmt: skip
         d = load_preproc(out / "preproc.pt")
         cents = np.array([ndimage.center_of_mass(d["dseg"][i, 0].numpy() == 47) for i in range(4)])
         spread[align] = float(np.linalg.norm(cents - cents.mean(0), axis=1).mean())
@@ -516,7 +527,9 @@ def test_align_labels_puts_anatomy_at_the_same_voxels(ixi_root: Path, tmp_path: 
 
 def test_align_labels_needs_dseg(ixi_root: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--align"):
-        ingest_mri(tmp_path / "o", bids=ixi_root, derivatives=None, limit=2, align="labels")
+        ingest_mri(
+            tmp_path / "o", bids=ixi_root, derivatives=None, limit=2, align="labels", mask="none"
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -530,8 +543,9 @@ def test_brain_mask_and_groups(ixi_root: Path, tmp_path: Path) -> None:
     table = pd.read_csv(root / "participants.tsv", sep="\t")
     table["source_subject"] = ["a", "a", "b"]  # as a paired make-cohort output has it
     table.to_csv(root / "participants.tsv", sep="\t", index=False)
-    common = dict(bids=root, shape=(32, 32, 32), fov_mm=192.0, progress=False)
-    plain = load_preproc(ingest_mri(tmp_path / "plain", **common) and tmp_path / "plain")
+    common = dict(bids=root, shape=(32, 32, 32), fov_mm=192.0, align="none", progress=False)
+    plain = ingest_mri(tmp_path / "plain", mask="none", **common) and tmp_path / "plain"
+    plain = load_preproc(plain)
     masked = load_preproc(
         ingest_mri(tmp_path / "m", mask="brain", mask_margin_mm=6.0, **common) and tmp_path / "m"
     )

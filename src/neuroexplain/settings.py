@@ -3,8 +3,10 @@
 Each stage's options are one dataclass here; each field carries its default and a one-line help.
 Everything else is derived from or checked against these classes:
 
-- the library: the stage functions take these dataclasses (``train_classifier(..., config)``),
-  so a library call without options uses these defaults;
+- the library: the stage functions take these dataclasses (``train_classifier(..., config)``,
+  ``run_saliency(..., config)``, ``make_cohort(..., config)``), keyword arguments replacing
+  single fields (:meth:`resolve`: ``run_tcav(..., layers="features.0")``), so a library call
+  without options uses these defaults;
 - the command line: :func:`neuroexplain.cli._settings.settings_options` turns the fields into
   the command's options (name, default, help), so ``neuroexplain <command> --help`` lists them;
 - the workflow: ``workflow/schemas/config.schema.yaml`` (section ``SECTION``, key ``config`` of
@@ -15,7 +17,12 @@ The module imports nothing heavy (no torch), so ``--help`` stays instant.
 
 Field metadata (see :func:`setting`): ``help`` (one line), ``flag`` (the CLI option, default
 ``--<name-with-dashes>``), ``config`` (the workflow config key in ``SECTION``; ``None`` = not a
-workflow option), ``cli`` (``False`` = library-only, no command-line option).
+workflow option), ``cli`` (``False`` = library-only, no command-line option), ``multiple`` (a
+repeated option instead of a comma-separated list).
+
+What a run is applied to (input files, which subjects, the explained logit, the device, worker
+processes) is not a setting: those stay arguments of the functions and options of the commands
+(shared ones declared once in :mod:`neuroexplain.cli._common`).
 
 Example:
     >>> from neuroexplain.settings import ClassifierConfig
@@ -28,19 +35,46 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from neuroexplain.errors import InputError
 
 __all__ = [
+    "CAV_CLASSIFIERS",
     "HINGES",
+    "LABEL_INTERPOLATIONS",
     "LR_SCHEDULES",
+    "MAX_MAGNITUDE",
+    "NORM_METHODS",
+    "OCCLUSION_MODES",
+    "SACV_NEGATIVES",
+    "SACV_RELEVANCE",
+    "SACV_TRANSFORMS",
+    "SALIENCY_METHODS",
     "SETTINGS",
     "SMOOTHNESS",
+    "ST_CONCEPT_METHODS",
+    "ST_LIKELIHOODS",
+    "ST_SALIENCY_METHODS",
+    "XNN_METHODS",
+    "XNN_POOLING",
     "ClassifierConfig",
+    "CohortConfig",
+    "MRIIngestConfig",
+    "SACVConfig",
+    "SRAEConfig",
+    "STConceptsConfig",
+    "SaliencyConfig",
     "SimulatorConfig",
     "SimulatorTrainConfig",
+    "TCAVConfig",
+    "XNNExplainConfig",
+    "XNNTrainConfig",
+    "cli_flag",
+    "config_key",
+    "config_value",
     "field_default",
     "setting",
 ]
@@ -48,27 +82,48 @@ __all__ = [
 LR_SCHEDULES = ("constant", "cosine")
 HINGES = ("relative", "flip")
 SMOOTHNESS = ("bending", "diffusion")
+SALIENCY_METHODS = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion")
+OCCLUSION_MODES = ("gaussian", "mean_patch", "mean_img")
+CAV_CLASSIFIERS = ("logistic", "sgd")
+SACV_TRANSFORMS = ("mask", "box", "none")
+SACV_NEGATIVES = ("brain", "region", "all")
+SACV_RELEVANCE = ("positive", "signed", "raw")
+XNN_POOLING = ("auto", "none", "avg", "max", "flatten")
+XNN_METHODS = ("ig", "gradxinput")
+ST_LIKELIHOODS = ("nb", "gaussian")
+ST_CONCEPT_METHODS = ("attribute", "probe")
+ST_SALIENCY_METHODS = ("gradient", "grad_x_input", "smoothgrad", "ig")
+LABEL_INTERPOLATIONS = ("linear", "nearest")
+NORM_METHODS = ("percentile", "zscore", "none")
+#: largest fractional volume change a planted effect may have
+MAX_MAGNITUDE = 0.9
 
 
 def setting(
     default: Any,
     help: str,
     *,
-    flag: str | None = None,
+    flag: str | tuple[str, ...] | None = None,
     config: str | bool | None = True,
     cli: bool = True,
+    multiple: bool = False,
 ) -> Any:
     """A dataclass field with its one-line help and where it appears outside the library.
 
     Args:
         default: the default (tuples for sequences, so the dataclass stays hashable-safe).
         help: one line, shown by ``--help`` and checked against nothing else.
-        flag: command-line option name (default ``--<field-name-with-dashes>``).
+        flag: command-line option name (default ``--<field-name-with-dashes>``); a tuple adds
+            aliases (``("--n-features", "-k")``); a boolean's ``"--on/--off"`` names both
+            switches (default ``--<name>/--no-<name>``).
         config: the workflow config key in the class's ``SECTION`` (``True``: the field's
-            name; ``None`` / ``False``: not a workflow option).
+            name; ``None`` / ``False``: not a workflow option; ``"key[i]"``: item ``i`` of the
+            list ``key``).
         cli: ``False`` for a library-only field (no command-line option).
+        multiple: a tuple of integers given by repeating the option (``--shape 64 --shape 64
+            --shape 64``) instead of one comma-separated value.
     """
-    meta = {"help": help, "flag": flag, "config": config, "cli": cli}
+    meta = {"help": help, "flag": flag, "config": config, "cli": cli, "multiple": multiple}
     return field(default=default, metadata=meta)
 
 
@@ -84,10 +139,32 @@ def _check(checks: dict[str, tuple[bool, str]], cfg: Any) -> None:
             raise InputError(cli_flag(type(cfg), name), f"{expected}, got {getattr(cfg, name)!r}")
 
 
+def _as_tuple(value: Any, item: type = str) -> tuple[Any, ...]:
+    """A tuple from a tuple, list or comma-separated string (``None`` / ``""``: empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, int | float):
+        return (item(value),)
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    return tuple(item(v) for v in value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def cli_flag(cls: type, name: str) -> str:
-    """The command-line option of field ``name`` of settings class ``cls``."""
+    """The command-line option of field ``name`` of settings class ``cls`` (its main name)."""
     f = next(f for f in fields(cls) if f.name == name)
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+    flag = f.metadata.get("flag")
+    if isinstance(flag, tuple):
+        flag = flag[0]
+    return flag.split("/")[0] if flag else "--" + name.replace("_", "-")
 
 
 def config_key(f: Any) -> str | None:
@@ -96,6 +173,17 @@ def config_key(f: Any) -> str | None:
     if key is True:
         return f.name
     return key or None
+
+
+def config_value(section: dict[str, Any], key: str) -> Any:
+    """The value of config ``key`` (``"name"`` or ``"name[i]"``) in a config section.
+
+    Raises:
+        KeyError: the section has no such key.
+    """
+    name, _, index = key.partition("[")
+    value = section[name]
+    return value[int(index.rstrip("]"))] if index else value
 
 
 def field_default(f: Any) -> Any:
@@ -114,6 +202,22 @@ class _Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def resolve(cls, config: Any = None, /, **overrides: Any) -> Any:
+        """``config`` (default: the defaults) with the fields in ``overrides`` replaced.
+
+        Raises:
+            TypeError: an override that is not a field of the class.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} options {unknown}")
+        if config is None and not overrides:
+            return cls()
+        base = {n: getattr(config, n) for n in names} if config is not None else {}
+        return cls(**{**base, **overrides})
 
 
 # ------------------------------------------------------------------------------ classifier
@@ -377,5 +481,696 @@ class SimulatorConfig(_Settings):
         return d
 
 
+# -------------------------------------------------------------------------------- saliency
+
+
+@dataclass
+class SaliencyConfig(_Settings):
+    """Options of :func:`neuroexplain.attribution.saliency.run_saliency` (recorded in sidecars).
+
+    The per-method parameters of :class:`neuroexplain.attribution.BaselineExplainer`
+    (:data:`neuroexplain.attribution.DEFAULT_PARAMS`) are :meth:`method_params` of the defaults.
+
+    Attributes:
+        methods: names from :data:`SALIENCY_METHODS`.
+        layer: Grad-CAM layer, a dotted name from ``model.named_modules()`` (``""``: the
+            architecture's, ``features.3`` of the small network).
+        ig_steps: Integrated Gradients interpolation steps.
+        smoothgrad_samples: SmoothGrad noisy samples per subject.
+        smoothgrad_noise: SmoothGrad noise sd as a fraction of each volume's intensity range
+            (Smilkov et al.: 10-20 %).
+        occlusion_mask: occlusion patch size in model voxels.
+        occlusion_overlap: occlusion patch overlap in ``[0, 1)``.
+        occlusion_mode: occluder as MONAI: ``"gaussian"``, ``"mean_patch"``, ``"mean_img"`` or a
+            constant fill value.
+        batch_size: internal batch size (IG steps, SmoothGrad samples, occlusion patches).
+        seed: SmoothGrad noise seed.
+    """
+
+    SECTION: ClassVar[str] = "saliency"
+
+    methods: tuple[str, ...] = setting(
+        SALIENCY_METHODS,
+        "Comma-separated: gradient, gradxinput, smoothgrad, ig, gradcam, occlusion.",
+    )
+    layer: str = setting(
+        "", "Grad-CAM layer, a dotted name (default: features.3 for the small network)."
+    )
+    ig_steps: int = setting(16, "Integrated gradients: interpolation steps.")
+    smoothgrad_samples: int = setting(10, "SmoothGrad: noisy samples.")
+    smoothgrad_noise: float = setting(
+        0.1, "SmoothGrad: noise sd as a fraction of the intensity range.", config=None
+    )
+    occlusion_mask: int = setting(16, "Occlusion: patch size in model voxels.")
+    occlusion_overlap: float = setting(0.25, "Occlusion: patch overlap in [0, 1).")
+    occlusion_mode: str = setting(
+        "gaussian", "Occlusion fill: gaussian, mean_patch, mean_img or a number.", config=None
+    )
+    batch_size: int = setting(
+        8, "Internal batch size (IG steps, SmoothGrad samples, occlusion patches).", config=None
+    )
+    seed: int = setting(0, "SmoothGrad noise seed.", config=None)
+
+    def __post_init__(self) -> None:
+        self.methods = _as_tuple(self.methods)
+        self.layer = self.layer or ""
+        self.occlusion_mode = str(self.occlusion_mode)
+        bad = [m for m in self.methods if m not in SALIENCY_METHODS]
+        _check(
+            {
+                "methods": (
+                    bool(self.methods) and not bad,
+                    f"expected methods from {list(SALIENCY_METHODS)} (unknown: {bad})",
+                ),
+                **{
+                    n: (getattr(self, n) >= 1, "expected >= 1")
+                    for n in ("ig_steps", "smoothgrad_samples", "occlusion_mask", "batch_size")
+                },
+                "smoothgrad_noise": (self.smoothgrad_noise >= 0, "expected >= 0"),
+                "occlusion_overlap": (
+                    0 <= self.occlusion_overlap < 1,
+                    "expected a value in [0, 1)",
+                ),
+                "occlusion_mode": (
+                    self.occlusion_mode in OCCLUSION_MODES or _is_number(self.occlusion_mode),
+                    "expected gaussian, mean_patch, mean_img or a number",
+                ),
+            },
+            self,
+        )
+
+    def method_params(self) -> dict[str, dict[str, Any]]:
+        """``{method: parameters}`` of :class:`~neuroexplain.attribution.BaselineExplainer`."""
+        mode = self.occlusion_mode
+        return {
+            "gradient": {"abs": False},
+            "gradxinput": {},
+            "smoothgrad": {
+                "nt_samples": self.smoothgrad_samples,
+                "noise_level": self.smoothgrad_noise,
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+            },
+            "ig": {"n_steps": self.ig_steps, "baseline": 0.0, "batch_size": self.batch_size},
+            "gradcam": {"layer": self.layer or None},
+            "occlusion": {
+                "mask_size": self.occlusion_mask,
+                "overlap": self.occlusion_overlap,
+                "mode": mode if mode in OCCLUSION_MODES else float(mode),
+                "batch_size": self.batch_size,
+            },
+        }
+
+
+# ------------------------------------------------------------------------------ concepts3d
+
+
+@dataclass
+class _CAVSettings(_Settings):
+    """The linear classifier of a concept vector (shared by TCAV and SACV)."""
+
+    classifier: str = setting("logistic", "CAV classifier: logistic or sgd.", config=None)
+    C: float = setting(1.0, "Inverse regularisation of the CAV classifier.", config=None)
+    test_fraction: float = setting(
+        0.33, "Held-out fraction of volumes for the CAV accuracy.", config=None
+    )
+    seed: int = setting(0, "Seed of the random sets and CAV classifiers.", config=None)
+
+    def _cav_checks(self) -> dict[str, tuple[bool, str]]:
+        return {
+            "classifier": (self.classifier in CAV_CLASSIFIERS, "expected logistic or sgd"),
+            "C": (self.C > 0, "expected > 0"),
+            "test_fraction": (0 <= self.test_fraction < 1, "expected a fraction in [0, 1)"),
+            "batch_size": (getattr(self, "batch_size", 1) >= 1, "expected >= 1"),
+        }
+
+
+@dataclass
+class TCAVConfig(_CAVSettings):
+    """Options of :func:`neuroexplain.concepts3d.run.run_tcav` (Kim et al. 2018).
+
+    Attributes:
+        layers: dotted layer names (``()``: the architecture's concept layer).
+        n_random: random sets per concept (``None``: ``n_random`` of the concept file).
+        random_size: examples per random set (``None``: the concept file's, else
+            ``min(concept, pool // 3)``).
+        alpha: significance level of the two-sided t-test against random-vs-random scores.
+        min_accuracy: mean held-out CAV accuracy a concept needs to be called significant
+            (0 disables; see :func:`neuroexplain.concepts3d.tcav.summarize_experiment`).
+        batch_size: volumes per forward / backward pass.
+        classifier: ``"logistic"`` or ``"sgd"``.
+        C: inverse regularisation strength of the CAV classifier.
+        test_fraction: held-out fraction for the CAV accuracy.
+        seed: seed of the random sets and CAV classifiers.
+    """
+
+    SECTION: ClassVar[str] = "concepts3d"
+
+    layers: tuple[str, ...] = setting(
+        (),
+        "Comma-separated layer names (default: the concept layer, features.3).",
+        config="tcav_layers",
+    )
+    n_random: int | None = setting(
+        None, "Random sets per concept (default: the concept file's, else 10)."
+    )
+    random_size: int | None = setting(None, "Examples per random set.", config=None)
+    alpha: float = setting(0.01, "Significance level.")
+    min_accuracy: float = setting(
+        0.6, "Mean held-out CAV accuracy a concept needs to be significant (0 = off)."
+    )
+    batch_size: int = setting(8, "Volumes per pass.", config=None)
+
+    def __post_init__(self) -> None:
+        self.layers = _as_tuple(self.layers)
+        _check(
+            {
+                **self._cav_checks(),
+                "n_random": (self.n_random is None or self.n_random >= 2, "expected >= 2"),
+                "random_size": (
+                    self.random_size is None or self.random_size >= 1,
+                    "expected >= 1",
+                ),
+                "alpha": (0 < self.alpha < 1, "expected a value in (0, 1)"),
+                "min_accuracy": (0 <= self.min_accuracy <= 1, "expected a value in [0, 1]"),
+            },
+            self,
+        )
+
+
+@dataclass
+class SACVConfig(_CAVSettings):
+    """Options of :func:`neuroexplain.concepts3d.run.run_sacv` (Wang et al. 2022).
+
+    Attributes:
+        layer: spatial layer (``""``: the architecture's concept layer).
+        transform: training examples: ``"none"`` (whole images, positions restricted to the
+            concept's region), ``"mask"`` or ``"box"`` (as TCAV).
+        negatives: positions the SACV is contrasted with: ``"brain"`` (every position inside
+            ``dseg > 0``), ``"region"`` (the concept's region in random subjects) or ``"all"``.
+        relevance: relevance map: ``"positive"`` (distance from the SACV boundary along ``v``,
+            negative part dropped), ``"signed"`` or ``"raw"`` (``<v, a(p)>``).
+        min_overlap: region fraction of a layer cell for its position to count as inside.
+        max_samples: most training positions.
+        batch_size: volumes per pass.
+        classifier: ``"logistic"`` or ``"sgd"``.
+        C: inverse regularisation strength.
+        test_fraction: held-out fraction of volumes for the accuracy.
+        seed: seed of the random positions and the classifier.
+    """
+
+    SECTION: ClassVar[str] = "concepts3d"
+
+    layer: str = setting(
+        "", "Spatial layer (default: the concept layer, features.3).", config="sacv_layer"
+    )
+    transform: str = setting(
+        "none",
+        "Training examples: none (whole images, region positions), mask or box.",
+        config="sacv_transform",
+    )
+    negatives: str = setting(
+        "brain",
+        "Random positions: brain (dseg > 0), region (same region) or all.",
+        config="sacv_negatives",
+    )
+    relevance: str = setting(
+        "positive",
+        "Relevance map: positive (<v,a>+b/|w|, clipped at 0), signed or raw (<v,a>).",
+        config="sacv_relevance",
+    )
+    min_overlap: float = setting(
+        0.2, "Region fraction of a layer cell to count as inside.", config=None
+    )
+    max_samples: int = setting(50000, "Most training positions.", config=None)
+    batch_size: int = setting(4, "Volumes per pass.", config=None)
+
+    def __post_init__(self) -> None:
+        self.layer = self.layer or ""
+        _check(
+            {
+                **self._cav_checks(),
+                "transform": (
+                    self.transform in SACV_TRANSFORMS,
+                    f"expected one of {SACV_TRANSFORMS}",
+                ),
+                "negatives": (
+                    self.negatives in SACV_NEGATIVES,
+                    f"expected one of {SACV_NEGATIVES}",
+                ),
+                "relevance": (
+                    self.relevance in SACV_RELEVANCE,
+                    f"expected one of {SACV_RELEVANCE}",
+                ),
+                "min_overlap": (0 <= self.min_overlap <= 1, "expected a fraction in [0, 1]"),
+                "max_samples": (self.max_samples >= 2, "expected >= 2"),
+            },
+            self,
+        )
+
+
+# ------------------------------------------------------------------------------------- xnn
+
+
+@dataclass
+class SRAEConfig(_Settings):
+    """Options of :func:`neuroexplain.xnn.srae.train_srae` (recorded in the SRAE checkpoint).
+
+    Attributes:
+        n_features: explanation features ``k``.
+        hidden: hidden width of encoder / decoder (0 = linear).
+        alpha_pred: weight of the faithfulness loss.
+        alpha_rec: weight of the sparse reconstruction loss.
+        alpha_pt: weight of the pull-away term.
+        q: sensitivity of the sparse reconstruction loss.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        epochs: training epochs.
+        batch_size: samples per step (0 = full batch).
+        seed: seed of the initial weights and batch order.
+        coverage: fraction of the predicted logit the significant features must cover.
+        min_features: retry (re-weighted) when fewer features than this carry the prediction.
+        min_usage: a feature "carries the prediction" when significant for at least this
+            fraction of the training samples.
+        max_retries: re-weighting attempts (each multiplies ``alpha_pt`` by ``retry_factor`` and
+            uses the next seed).
+        retry_factor: multiplier of ``alpha_pt`` per retry.
+    """
+
+    SECTION: ClassVar[str] = "xnn"
+
+    n_features: int = setting(5, "Explanation features k.", flag=("--n-features", "-k"))
+    hidden: int = setting(0, "Hidden width of encoder/decoder (0 = linear).")
+    alpha_pred: float = setting(1.0, "Weight of the faithfulness loss.", config=None)
+    alpha_rec: float = setting(0.1, "Weight of the sparse reconstruction loss.", config=None)
+    alpha_pt: float = setting(0.1, "Weight of the pull-away term.", config=None)
+    q: float = setting(1.0, "Sparse reconstruction sensitivity q.", config=None)
+    lr: float = setting(1e-2, "Adam learning rate.")
+    weight_decay: float = setting(1e-4, "Adam weight decay.", config=None)
+    epochs: int = setting(2000, "Training epochs.")
+    batch_size: int = setting(0, "SRAE samples per step (0 = full batch).", config=None, cli=False)
+    seed: int = setting(0, "Random seed.", config=None)
+    coverage: float = setting(0.9, "Logit fraction significant features cover.")
+    min_features: int = setting(
+        2, "Fewest features that must carry the prediction.", config=None, cli=False
+    )
+    min_usage: float = setting(
+        0.05, "Sample fraction a feature must be significant for.", config=None, cli=False
+    )
+    max_retries: int = setting(3, "Re-weighting retries when < 2 features carry.", config=None)
+    retry_factor: float = setting(10.0, "Multiplier of alpha_pt per retry.", config=None, cli=False)
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "n_features": (self.n_features >= 1, "expected >= 1"),
+                "hidden": (self.hidden >= 0, "expected >= 0"),
+                "alpha_pred": (self.alpha_pred >= 0, "expected >= 0"),
+                "alpha_rec": (self.alpha_rec >= 0, "expected >= 0"),
+                "alpha_pt": (self.alpha_pt >= 0, "expected >= 0"),
+                "q": (self.q > 0, "expected > 0"),
+                "lr": (self.lr > 0, "expected a positive learning rate"),
+                "epochs": (self.epochs >= 1, "expected >= 1"),
+                "batch_size": (self.batch_size >= 0, "expected >= 0"),
+                "coverage": (0 < self.coverage <= 1, "expected a fraction in (0, 1]"),
+                "max_retries": (self.max_retries >= 0, "expected >= 0"),
+            },
+            self,
+        )
+
+
+@dataclass
+class XNNTrainConfig(_Settings):
+    """Options of :func:`neuroexplain.xnn.run.run_xnn_train` besides the SRAE's.
+
+    Attributes:
+        layer: explained layer (``""``: the input of the last dense layer).
+        pool: pooling of a spatial layer's activations (:data:`XNN_POOLING`).
+        batch_size: volumes per forward pass for the activations.
+    """
+
+    SECTION: ClassVar[str] = "xnn"
+
+    layer: str = setting("", "Layer (default: the input of the last dense layer).")
+    pool: str = setting("auto", "Pooling of spatial layers: auto, none, avg, max, flatten.")
+    batch_size: int = setting(8, "Volumes per pass.", config=None)
+
+    def __post_init__(self) -> None:
+        self.layer = self.layer or ""
+        _check(
+            {
+                "pool": (self.pool in XNN_POOLING, f"expected one of {XNN_POOLING}"),
+                "batch_size": (self.batch_size >= 1, "expected >= 1"),
+            },
+            self,
+        )
+
+
+@dataclass
+class XNNExplainConfig(_Settings):
+    """Options of :func:`neuroexplain.xnn.run.run_xnn_explain`.
+
+    Attributes:
+        method: feature attribution of the maps, ``"gradxinput"`` or ``"ig"``.
+        ig_steps: Integrated Gradients interpolation steps.
+        coverage: fraction of the logit the significant features cover (``None``: the SRAE's).
+        batch_size: volumes per forward pass (and the IG internal batch size).
+    """
+
+    SECTION: ClassVar[str] = "xnn"
+
+    method: str = setting("gradxinput", "Feature attribution: ig or gradxinput.")
+    ig_steps: int = setting(16, "IG interpolation steps.")
+    coverage: float | None = setting(
+        None, "Logit fraction significant features cover (default: the SRAE's).", config=None
+    )
+    batch_size: int = setting(8, "Volumes per pass.", config=None)
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "method": (self.method in XNN_METHODS, "expected ig or gradxinput"),
+                "ig_steps": (self.ig_steps >= 1, "expected >= 1"),
+                "coverage": (
+                    self.coverage is None or 0 < self.coverage <= 1,
+                    "expected a fraction in (0, 1]",
+                ),
+                "batch_size": (self.batch_size >= 1, "expected >= 1"),
+            },
+            self,
+        )
+
+
+# ---------------------------------------------------------------------------- st_concepts
+
+
+@dataclass
+class STConceptsConfig(_Settings):
+    """Options of ``neuroexplain st-concepts`` (spot VAE, concept saliency, gene-as-image mode).
+
+    The library functions it drives take the same defaults: :class:`neuroexplain.st.SpotVAE`
+    (``n_latent``, ``likelihood``, ``n_top_genes``; ``SpotVAE.train(max_epochs=epochs)``),
+    :func:`neuroexplain.st.concept_saliency` (``method``, ``saliency``, ``min_spots``) and
+    :func:`neuroexplain.st.genemode` (``n_top_genes=genemode_n_genes``,
+    ``max_epochs=genemode_epochs``).
+
+    Attributes:
+        n_latent: latent dimensions of the spot VAE.
+        n_top_genes: highly variable genes used as model input (0 = all genes).
+        likelihood: ``"nb"`` (raw counts) or ``"gaussian"`` (log1p).
+        method: concept vectors: ``"attribute"`` (difference of mean latents) or ``"probe"``.
+        saliency: saliency variant of the concept score w.r.t. the genes.
+        epochs: maximum training epochs of the spot VAE (early stopping on held-out spots).
+        genemode_epochs: maximum epochs of the gene-image VAE.
+        genemode_n_genes: highly variable genes used as images (0 = all).
+        min_spots: fewest labelled spots a layer may have.
+        seed: random seed (same seed -> identical outputs on CPU).
+    """
+
+    SECTION: ClassVar[str] = "st_concepts"
+
+    n_latent: int = setting(16, "Latent dimensions of the spot VAE.")
+    n_top_genes: int = setting(2000, "Highly variable genes as model input (0 = all genes).")
+    likelihood: str = setting("nb", "Spot-VAE likelihood: nb (raw counts) or gaussian (log1p).")
+    method: str = setting(
+        "attribute",
+        "Concept vectors: attribute (mean-latent difference) or probe (logistic regression).",
+    )
+    saliency: str = setting("grad_x_input", "gradient, grad_x_input, smoothgrad or ig.")
+    epochs: int = setting(
+        300, "Maximum training epochs of the spot VAE (early stopping on held-out spots)."
+    )
+    genemode_epochs: int = setting(40, "Maximum epochs of the gene-image VAE.")
+    genemode_n_genes: int = setting(
+        1000, "Highly variable genes used as images (0 = all).", config=None
+    )
+    min_spots: int = setting(5, "Fewest labelled spots a layer may have.", config=None)
+    seed: int = setting(0, "Random seed (same seed -> identical outputs on CPU).", config=None)
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "n_latent": (self.n_latent >= 1, "expected >= 1"),
+                "n_top_genes": (self.n_top_genes >= 0, "expected >= 0"),
+                "likelihood": (self.likelihood in ST_LIKELIHOODS, "expected nb or gaussian"),
+                "method": (self.method in ST_CONCEPT_METHODS, "expected attribute or probe"),
+                "saliency": (
+                    self.saliency in ST_SALIENCY_METHODS,
+                    f"expected one of {ST_SALIENCY_METHODS}",
+                ),
+                "epochs": (self.epochs >= 1, "expected >= 1"),
+                "genemode_epochs": (self.genemode_epochs >= 1, "expected >= 1"),
+                "genemode_n_genes": (self.genemode_n_genes >= 0, "expected >= 0"),
+                "min_spots": (self.min_spots >= 1, "expected >= 1"),
+            },
+            self,
+        )
+
+
+# ---------------------------------------------------------------------------------- cohort
+
+
+@dataclass
+class CohortConfig(_Settings):
+    """The planted effect of :func:`neuroexplain.synth.make_cohort` (recorded in cohort.json).
+
+    Attributes:
+        shrink: label indices shrunk by the effect (DL-MUSE hippocampus, thalamus, putamen).
+        enlarge: label indices enlarged by the effect (DL-MUSE lateral ventricles).
+        paired: two subjects per source subject, ``sub-<id>ctl`` (control) and ``sub-<id>dis``
+            (diseased, same anatomy and nuisance field), instead of planting the effect in a
+            ``fraction`` of them (``fraction`` is then not used).
+        fraction: fraction of subjects with the effect (``floor(fraction * N + 0.5)`` of them,
+            chosen by ``seed``; only without ``paired``).
+        magnitude_min: smallest per-subject fractional volume change of the planted regions.
+        magnitude_max: largest one (each diseased subject draws one uniformly).
+        nuisance: largest nuisance displacement in mm, applied to every subject (0 = none).
+        label_probability: probability that each planted label is affected in a diseased
+            subject, independently of the others (at least one always is; 1 = all of them).
+        sigma: smoothness of the disease field in mm.
+        nuisance_sigma: smoothness of the nuisance field in mm.
+        label_interpolation: ``"linear"`` (one-hot argmax) or ``"nearest"``.
+        seed: random seed (which subjects, magnitudes, nuisance fields).
+    """
+
+    SECTION: ClassVar[str] = "cohort"
+
+    shrink: tuple[int, ...] = setting(
+        (47, 48, 59, 60, 57, 58), "Label indices of regions to shrink (comma-separated)."
+    )
+    enlarge: tuple[int, ...] = setting(
+        (51, 52), "Label indices of regions to enlarge (comma-separated)."
+    )
+    paired: bool = setting(
+        True,
+        "Two subjects per source: sub-<id>ctl (control) and sub-<id>dis (diseased, same "
+        "anatomy); --fraction is then not used.",
+        flag="--paired/--unpaired",
+    )
+    fraction: float = setting(
+        0.5, "Fraction of subjects that get the disease effect (only with --unpaired)."
+    )
+    magnitude_min: float = setting(
+        0.30,
+        "Smallest effect magnitude (fractional volume change of the planted regions).",
+        config="magnitude[0]",
+    )
+    magnitude_max: float = setting(0.40, "Largest effect magnitude.", config="magnitude[1]")
+    nuisance: float = setting(
+        0.0, "Amplitude (mm) of a mild random smooth deformation of every subject; 0 = off."
+    )
+    label_probability: float = setting(
+        1.0,
+        "Probability that each planted label is affected in a diseased subject "
+        "(independently; at least one is). Below 1 the disease is heterogeneous, so a "
+        "classifier has to use every planted region.",
+    )
+    sigma: float = setting(
+        4.0,
+        "Smoothness (mm) of the disease deformation (sigma of the smoothed indicators).",
+        config=None,
+    )
+    nuisance_sigma: float = setting(
+        12.0, "Smoothness (mm) of the nuisance deformation.", config=None
+    )
+    label_interpolation: str = setting(
+        "linear",
+        "Hard label sampling: linear (one-hot argmax) or nearest; planted regions "
+        "keep their partial volume either way.",
+        config=None,
+    )
+    seed: int = setting(0, "Random seed (which subjects, magnitudes, nuisance).", config=None)
+
+    def __post_init__(self) -> None:
+        self.shrink = _as_tuple(self.shrink, int)
+        self.enlarge = _as_tuple(self.enlarge, int)
+        shrink, enlarge = list(self.shrink), list(self.enlarge)
+        for name, lst in (("shrink", shrink), ("enlarge", enlarge)):
+            dup = sorted({r for r in lst if lst.count(r) > 1})
+            _check(
+                {
+                    name: (
+                        all(r >= 1 for r in lst),
+                        "expected label indices >= 1 (0 is background)",
+                    )
+                },
+                self,
+            )
+            if dup:
+                raise InputError(
+                    cli_flag(type(self), name),
+                    f"expected each label once, got {dup} more than once",
+                )
+        both = sorted(set(shrink) & set(enlarge))
+        if both:
+            raise InputError("--shrink/--enlarge", f"labels {both} are both shrunk and enlarged")
+        fraction = self.fraction
+        _check(
+            {
+                "fraction": (
+                    isinstance(fraction, int | float)
+                    and math.isfinite(fraction)
+                    and 0 <= fraction <= 1,
+                    "expected a fraction in [0, 1]",
+                )
+            },
+            self,
+        )
+        if fraction > 0 and not (shrink or enlarge):
+            raise InputError(
+                "--shrink/--enlarge", "expected at least one label to shrink or enlarge"
+            )
+        lo, hi = float(self.magnitude_min), float(self.magnitude_max)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi < MAX_MAGNITUDE):
+            raise InputError(
+                "--magnitude-min/--magnitude-max",
+                f"expected 0 <= min <= max < {MAX_MAGNITUDE}, got min={lo}, max={hi}",
+            )
+        finite = math.isfinite
+        _check(
+            {
+                "label_probability": (
+                    finite(self.label_probability) and 0 < self.label_probability <= 1,
+                    "expected a probability in (0, 1]",
+                ),
+                "nuisance": (
+                    finite(self.nuisance) and self.nuisance >= 0,
+                    "expected an amplitude >= 0 mm",
+                ),
+                "sigma": (finite(self.sigma) and self.sigma > 0, "expected a smoothing > 0 mm"),
+                "nuisance_sigma": (
+                    finite(self.nuisance_sigma) and self.nuisance_sigma > 0,
+                    "expected a smoothing > 0 mm",
+                ),
+                "label_interpolation": (
+                    self.label_interpolation in LABEL_INTERPOLATIONS,
+                    "expected 'linear' or 'nearest'",
+                ),
+            },
+            self,
+        )
+
+    @property
+    def magnitude_range(self) -> tuple[float, float]:
+        """``(magnitude_min, magnitude_max)``."""
+        return (float(self.magnitude_min), float(self.magnitude_max))
+
+
+# ------------------------------------------------------------------------------------- mri
+
+
+@dataclass
+class MRIIngestConfig(_Settings):
+    """Preprocessing of :func:`neuroexplain.mri.ingest_mri` (recorded in ingest.json).
+
+    The defaults are the workflow's: a 180 mm field of view (every IXI brain fits), subjects
+    affinely aligned by their label centroids and the head outside the dilated brain zeroed;
+    both need dseg label maps (``align="none"``, ``mask="none"`` without them).
+
+    Attributes:
+        shape: model grid shape ``(X, Y, Z)`` (one value: a cube).
+        fov_mm: extent of the longest model axis in mm; spacing ``fov_mm / max(shape)``.
+        norm: intensity normalisation inside the head mask (:data:`NORM_METHODS`).
+        fg_threshold: head-mask threshold as a fraction of the robust maximum intensity.
+        align: ``"labels"`` (every subject affinely aligned to one reference subject's grid by
+            least squares between label centroids; needs dseg maps) or ``"none"`` (each subject
+            on its own RAS grid centred on its head).
+        align_reference: participant id of the reference (``None``: the first subject).
+        mask: ``"brain"`` (zero every voxel farther than ``mask_margin_mm`` from the labelled
+            brain, dseg > 0; needs dseg maps) or ``"none"``.
+        mask_margin_mm: dilation of the brain mask in mm.
+    """
+
+    SECTION: ClassVar[str] = "mri"
+
+    shape: tuple[int, ...] = setting(
+        (64, 64, 64),
+        "Model grid shape, e.g. --shape 64 --shape 64 --shape 64 (or once for a cube).",
+        multiple=True,
+    )
+    fov_mm: float = setting(
+        180.0, "Field of view of the model grid in mm (isotropic spacing = fov / shape)."
+    )
+    norm: str = setting(
+        "percentile",
+        "Normalisation inside the head mask: percentile (0.5-99.5% -> 0-1), zscore or none.",
+    )
+    fg_threshold: float = setting(
+        0.1, "Head mask threshold as a fraction of the robust max (99th percentile) intensity."
+    )
+    align: str = setting(
+        "labels",
+        "labels: affine-align every subject to a reference (label centroids; needs dseg), or none.",
+    )
+    align_reference: str | None = setting(
+        None, "Reference subject of --align labels (default: first).", config=None
+    )
+    mask: str = setting(
+        "brain",
+        "brain: zero voxels farther than --mask-margin-mm from the dseg > 0 brain; or none.",
+    )
+    mask_margin_mm: float = setting(5.0, "Dilation (mm) of the brain mask of --mask brain.")
+
+    def __post_init__(self) -> None:
+        shape = _as_tuple(self.shape, int)
+        self.shape = shape * 3 if len(shape) == 1 else shape
+        _check(
+            {
+                "shape": (
+                    len(self.shape) == 3 and min(self.shape) >= 8,
+                    "expected 1 or 3 integers >= 8",
+                ),
+                "fov_mm": (self.fov_mm > 0, "expected a positive field of view"),
+                "norm": (self.norm in NORM_METHODS, f"expected one of {', '.join(NORM_METHODS)}"),
+                "fg_threshold": (0 < self.fg_threshold < 1, "expected a fraction in (0, 1)"),
+                "align": (self.align in ("none", "labels"), "expected none or labels"),
+                "mask": (self.mask in ("none", "brain"), "expected none or brain"),
+                "mask_margin_mm": (
+                    math.isfinite(self.mask_margin_mm) and self.mask_margin_mm >= 0,
+                    "expected a margin >= 0 mm",
+                ),
+            },
+            self,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
 #: every settings class, for the CLI, the config schema check and the docs
-SETTINGS: tuple[type, ...] = (ClassifierConfig, SimulatorTrainConfig, SimulatorConfig)
+SETTINGS: tuple[type, ...] = (
+    ClassifierConfig,
+    SimulatorTrainConfig,
+    SimulatorConfig,
+    SaliencyConfig,
+    TCAVConfig,
+    SACVConfig,
+    SRAEConfig,
+    XNNTrainConfig,
+    XNNExplainConfig,
+    STConceptsConfig,
+    CohortConfig,
+    MRIIngestConfig,
+)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroexplain.settings import SALIENCY_METHODS, SaliencyConfig
+
 __all__ = [
     "DEFAULT_PARAMS",
     "METHODS",
@@ -43,19 +45,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion")
+METHODS: tuple[str, ...] = SALIENCY_METHODS
 
-#: default parameters of every method (recorded in the sidecars)
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "gradient": {"abs": False},
-    "gradxinput": {},
-    # noise sd = noise_level * (max - min) of each input volume (Smilkov et al.: 10-20 %)
-    "smoothgrad": {"nt_samples": 10, "noise_level": 0.1, "batch_size": 5, "seed": 0},
-    "ig": {"n_steps": 16, "baseline": 0.0, "batch_size": 8},
-    "gradcam": {"layer": None},
-    # occluder as MONAI: "gaussian", "mean_patch", "mean_img" or a constant fill value
-    "occlusion": {"mask_size": 16, "overlap": 0.25, "mode": "gaussian", "batch_size": 16},
-}
+#: default parameters of every method (recorded in the sidecars): those of the default
+#: :class:`~neuroexplain.settings.SaliencyConfig` (SmoothGrad noise sd = noise_level * (max - min)
+#: of each input volume; occluder as MONAI: "gaussian", "mean_patch", "mean_img" or a number)
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = SaliencyConfig().method_params()
 
 
 class _Logit(nn.Module):

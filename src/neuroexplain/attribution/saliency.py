@@ -4,7 +4,13 @@ For each selected subject, every requested baseline method (:mod:`.baselines`) e
 classifier's positive-class logit on the model grid; the maps are mapped to the subject's native
 T1w grid and written as ``<out>/sub-X/sub-X_desc-<method>_saliency.nii.gz`` + JSON sidecar
 (:func:`.export.write_subject_maps`). ``<out>/saliency.json`` lists the maps, the parameters,
-the checkpoint hash, timings and provenance.
+the checkpoint hash, timings and provenance. The methods and their parameters are a
+:class:`~neuroexplain.settings.SaliencyConfig` (the command's options and the workflow's
+``saliency`` section).
+
+Example:
+    >>> run_saliency("preproc.pt", "model.pt", "results/saliency",
+    ...              methods=["ig", "gradcam"], ig_steps=32)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import SaliencyConfig
 
 __all__ = ["run_saliency", "select_subjects"]
 
@@ -73,15 +80,14 @@ def run_saliency(
     preproc: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: SaliencyConfig | None = None,
     *,
-    methods: Sequence[str] = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion"),
     subjects: str | Sequence[str] = "test",
     split: str | os.PathLike[str] | None = None,
-    layer: str | None = None,
     target: int = 0,
-    params: Mapping[str, Mapping[str, Any]] | None = None,
     device: str = "auto",
     progress: bool | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Compute and write baseline attribution maps in native space.
 
@@ -89,22 +95,25 @@ def run_saliency(
         preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
         checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
         out: output folder (``results/saliency``).
-        methods: names from :data:`neuroexplain.attribution.METHODS`.
+        config: the methods and their parameters (:class:`~neuroexplain.settings.SaliencyConfig`;
+            default: its defaults, the workflow's); keyword ``overrides`` replace its fields
+            (``methods=["ig"], ig_steps=32``).
         subjects: ``"test"`` (default; uses ``split`` or ``split.tsv`` next to the checkpoint),
             ``"all"`` or subject ids.
         split: the ``split.tsv`` for split names (default: next to the checkpoint).
-        layer: Grad-CAM layer (default: the architecture's, e.g. ``features.3``).
         target: logit index to explain.
-        params: per-method parameter overrides (``{"ig": {"n_steps": 32}}``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: progress bar (``None``: only on a terminal).
 
     Returns:
         The ``saliency.json`` content (maps written per subject and method, timings, provenance).
+
+    Raises:
+        InputError: an unknown method or Grad-CAM layer, unreadable inputs or a bad selection.
     """
     from tqdm.auto import tqdm
 
-    from neuroexplain.attribution.baselines import METHODS, BaselineExplainer
+    from neuroexplain.attribution.baselines import BaselineExplainer
     from neuroexplain.attribution.export import write_subject_maps
     from neuroexplain.io.atomic import write_json
     from neuroexplain.models import default_target_layer, load_classifier
@@ -112,19 +121,17 @@ def run_saliency(
     from neuroexplain.train.classifier import load_preproc_dict
     from neuroexplain.utils import resolve_device
 
-    methods = list(methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise InputError(
-            "--methods", f"expected methods from {list(METHODS)}, got {bad or methods}"
-        )
-    params = {m: dict((params or {}).get(m, {})) for m in methods}
+    cfg = SaliencyConfig.resolve(config, **overrides)
+    methods = list(cfg.methods)
+    all_params = cfg.method_params()
+    params = {m: {} if m == "gradcam" else all_params[m] for m in methods}
     data = load_preproc_dict(preproc)
     images = data["images"]
     dev = resolve_device(device)
     model, ckpt = load_classifier(checkpoint, input_shape=list(images.shape[1:]), map_location=dev)
+    layer = None
     if "gradcam" in methods:
-        layer = layer or params["gradcam"].pop("layer", None) or default_target_layer(ckpt["arch"])
+        layer = cfg.layer or default_target_layer(ckpt["arch"])
         names = set(ckpt.get("layer_names", []))
         if names and layer not in names:
             top = sorted(n for n in names if n.count(".") <= 1)[:20]
@@ -151,7 +158,7 @@ def run_saliency(
     }
     prov = provenance(
         run_params,
-        seed=int(params.get("smoothgrad", {}).get("seed", 0)),
+        seed=cfg.seed,
         inputs=[checkpoint, preproc],
         command="saliency",
     )

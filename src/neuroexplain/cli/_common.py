@@ -1,14 +1,35 @@
-"""Shared option parsing for the subcommands."""
+"""Options shared by several subcommands (declared once, used as annotations) and their parsing.
+
+A command takes a shared option as ``preproc: PreprocOption`` (required) or
+``split: SplitOption = None`` (with its default); the settings of a stage come from
+:mod:`neuroexplain.settings` through :func:`neuroexplain.cli._settings.settings_options`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from neuroexplain.errors import InputError
 
-__all__ = ["DeviceOption", "ThreadsOption", "parse_int_list", "parse_shape", "set_threads"]
+__all__ = [
+    "CheckpointOption",
+    "CohortOption",
+    "DerivativesOption",
+    "DeviceOption",
+    "PreprocOption",
+    "RegionLabelsOption",
+    "RegionsOption",
+    "SplitOption",
+    "SubjectsOption",
+    "TargetOption",
+    "ThreadsOption",
+    "WorkersOption",
+    "parse_int_list",
+    "set_threads",
+]
 
 #: ``--device`` of every command that runs a network
 DeviceOption = Annotated[
@@ -18,16 +39,49 @@ DeviceOption = Annotated[
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")
 ]
-
-
-def parse_shape(values: list[int] | None, option: str = "--shape") -> tuple[int, int, int]:
-    """Validate a 3-int shape option (``--shape 64 64 64`` or one value for a cube)."""
-    vals = list(values or [])
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3 or any(v < 8 for v in vals):
-        raise InputError(option, f"expected 1 or 3 integers >= 8, got {vals}")
-    return (vals[0], vals[1], vals[2])
+#: ``--preproc`` of every command that reads the ingested MRI
+PreprocOption = Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")]
+#: ``--checkpoint`` of the commands that explain the classifier
+CheckpointOption = Annotated[
+    Path, typer.Option("--checkpoint", help="Classifier model.pt from train-classifier.")
+]
+#: ``--split`` of the commands that select subjects by the classifier's split
+SplitOption = Annotated[
+    Path | None,
+    typer.Option("--split", help="split.tsv (default: next to the classifier checkpoint)."),
+]
+#: ``--subjects`` of the commands that write per-subject maps or tables
+SubjectsOption = Annotated[
+    str, typer.Option("--subjects", help="test, val, train, all, or comma-separated ids.")
+]
+#: ``--target`` of the commands that explain one logit
+TargetOption = Annotated[
+    int, typer.Option("--target", help="Logit index to explain (0 = positive class).")
+]
+#: ``--cohort`` of the commands that score their maps with the evaluation harness
+CohortOption = Annotated[
+    Path | None,
+    typer.Option("--cohort", help="Synthetic cohort: score the maps with the harness."),
+]
+#: ``--regions`` (dseg labels) of the harness
+RegionLabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--regions",
+        help="Harness regions as dseg labels, e.g. 47,48,51,52 (default: the planted masks).",
+    ),
+]
+#: ``--regions`` (named label groups) of the commands that tabulate or plot regions
+RegionsOption = Annotated[
+    list[str] | None,
+    typer.Option("--regions", help="Region as NAME=LABEL[,LABEL] of the dseg; repeat per region."),
+]
+#: ``--workers`` of the commands that process subjects in parallel processes
+WorkersOption = Annotated[int, typer.Option("--workers", help="Parallel worker processes.")]
+#: ``--derivatives`` of the commands that read a cohort's label maps
+DerivativesOption = Annotated[
+    str, typer.Option("--derivatives", help="Cohort derivatives folder with the dseg.")
+]
 
 
 def parse_int_list(text: str, option: str) -> list[int]:

@@ -32,29 +32,41 @@ __all__ = ["SETTINGS_ATTR", "settings_options"]
 SETTINGS_ATTR = "__neuroexplain_settings__"
 
 
-def _is_int_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (int,)
+def _tuple_item(tp: Any) -> type | None:
+    """``int`` / ``str`` for a ``tuple[int, ...]`` / ``tuple[str, ...]`` field, else ``None``."""
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] in ((int,), (str,)):
+        return typing.get_args(tp)[0]
+    return None
 
 
 def _option(cls: type, f: Any, tp: Any) -> tuple[Any, Any]:
     """``(annotation, default)`` of the generated option of field ``f``."""
-    flag = cli_flag(cls, f.name)
+    meta = f.metadata
+    names = meta.get("flag") or cli_flag(cls, f.name)
+    names = names if isinstance(names, tuple) else (names,)
     default = field_default(f)
     if tp is bool:
-        name = flag[2:]
-        return Annotated[
-            bool, typer.Option(f"--{name}/--no-{name}", help=f.metadata["help"])
-        ], default
-    if _is_int_tuple(tp):  # a comma-separated list on the command line
+        if "/" not in names[0]:  # --name/--no-name
+            names = (f"{names[0]}/--no-{names[0][2:]}", *names[1:])
+        return Annotated[bool, typer.Option(*names, help=meta["help"])], default
+    item = _tuple_item(tp)
+    if item is not None and meta.get("multiple"):  # the option repeated, one value each
+        return Annotated[list[item], typer.Option(*names, help=meta["help"])], list(default)
+    if item is not None:  # a comma-separated list on the command line
         text = ",".join(str(v) for v in default)
-        return Annotated[str, typer.Option(flag, help=f.metadata["help"])], text
-    return Annotated[tp, typer.Option(flag, help=f.metadata["help"])], default
+        return Annotated[str, typer.Option(*names, help=meta["help"])], text
+    return Annotated[tp, typer.Option(*names, help=meta["help"])], default
 
 
 def _parse_value(cls: type, name: str, tp: Any, value: Any) -> Any:
-    if _is_int_tuple(tp) and isinstance(value, str):
+    """The field value of an option's parsed value (lists and comma-separated text: tuples)."""
+    item = _tuple_item(tp)
+    if item is not None and isinstance(value, list | tuple):
+        return tuple(value)
+    if item is not None and isinstance(value, str):
+        parts = [t for t in value.replace(" ", "").split(",") if t]
         try:
-            return tuple(int(t) for t in value.replace(" ", "").split(",") if t)
+            return tuple(item(t) for t in parts)
         except ValueError as exc:
             raise InputError(
                 cli_flag(cls, name), f"expected comma-separated integers, got {value!r}"

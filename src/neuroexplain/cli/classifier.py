@@ -8,16 +8,29 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DeviceOption, ThreadsOption, parse_int_list, set_threads
+from neuroexplain.cli._common import (
+    CheckpointOption,
+    DerivativesOption,
+    DeviceOption,
+    PreprocOption,
+    RegionLabelsOption,
+    RegionsOption,
+    SplitOption,
+    SubjectsOption,
+    TargetOption,
+    ThreadsOption,
+    parse_int_list,
+    set_threads,
+)
 from neuroexplain.cli._settings import settings_options
 from neuroexplain.errors import InputError
-from neuroexplain.settings import ClassifierConfig
+from neuroexplain.settings import ClassifierConfig, SaliencyConfig
 
 
 @app.command("train-classifier")
 @settings_options(config=ClassifierConfig)
 def train_classifier_cmd(
-    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
+    preproc: PreprocOption,
     out: Annotated[
         Path,
         typer.Option(
@@ -49,71 +62,24 @@ def train_classifier_cmd(
         raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {config.arch!r}")
     metrics = train_classifier(preproc, out, config, split=split, resume=resume)
     test = metrics.get("test", {})
+    ref = metrics["reference"].get("test", metrics["reference"]["val"])
     typer.echo(
         f"test AUC {test.get('auc')}, balanced accuracy {test.get('balanced_accuracy')} "
-        f"(best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s) -> {out}"
+        f"(best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s; linear "
+        f"reference AUC {ref['auc']}) -> {out}"
     )
 
 
 @app.command("saliency")
+@settings_options(config=SaliencyConfig)
 def saliency_cmd(
-    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
-    checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", help="model.pt from train-classifier.")
-    ],
+    preproc: PreprocOption,
+    checkpoint: CheckpointOption,
     out: Annotated[Path, typer.Option("--out", help="Output folder, e.g. results/saliency.")],
-    methods: Annotated[
-        str,
-        typer.Option(
-            "--methods",
-            help="Comma-separated: gradient, gradxinput, smoothgrad, ig, gradcam, occlusion.",
-        ),
-    ] = "gradient,gradxinput,smoothgrad,ig,gradcam,occlusion",
-    layer: Annotated[
-        str | None,
-        typer.Option("--layer", help="Grad-CAM layer (default: features.3 for the small network)."),
-    ] = None,
-    subjects: Annotated[
-        str, typer.Option("--subjects", help="test, val, train, all, or comma-separated ids.")
-    ] = "test",
-    split: Annotated[
-        Path | None, typer.Option("--split", help="split.tsv (default: next to the checkpoint).")
-    ] = None,
-    target: Annotated[
-        int, typer.Option("--target", help="Logit index to explain (0 = positive class).")
-    ] = 0,
-    ig_steps: Annotated[
-        int, typer.Option("--ig-steps", help="Integrated gradients: interpolation steps.")
-    ] = 16,
-    smoothgrad_samples: Annotated[
-        int, typer.Option("--smoothgrad-samples", help="SmoothGrad: noisy samples.")
-    ] = 10,
-    smoothgrad_noise: Annotated[
-        float,
-        typer.Option(
-            "--smoothgrad-noise", help="SmoothGrad: noise sd as a fraction of the intensity range."
-        ),
-    ] = 0.1,
-    occlusion_mask: Annotated[
-        int, typer.Option("--occlusion-mask", help="Occlusion: patch size in model voxels.")
-    ] = 16,
-    occlusion_overlap: Annotated[
-        float, typer.Option("--occlusion-overlap", help="Occlusion: patch overlap in [0, 1).")
-    ] = 0.25,
-    occlusion_mode: Annotated[
-        str,
-        typer.Option(
-            "--occlusion-mode", help="Occlusion fill: gaussian, mean_patch, mean_img or a number."
-        ),
-    ] = "gaussian",
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size",
-            help="Internal batch size (IG steps, SmoothGrad samples, occlusion patches).",
-        ),
-    ] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="SmoothGrad noise seed.")] = 0,
+    config: SaliencyConfig,
+    subjects: SubjectsOption = "test",
+    split: SplitOption = None,
+    target: TargetOption = 0,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
@@ -121,44 +87,14 @@ def saliency_cmd(
     from neuroexplain.attribution.saliency import run_saliency
 
     set_threads(threads)
-    if not 0 <= occlusion_overlap < 1:
-        raise InputError(
-            "--occlusion-overlap", f"expected a value in [0, 1), got {occlusion_overlap}"
-        )
-    mode: str | float = occlusion_mode
-    if occlusion_mode not in ("gaussian", "mean_patch", "mean_img"):
-        try:
-            mode = float(occlusion_mode)
-        except ValueError as exc:
-            raise InputError(
-                "--occlusion-mode",
-                f"expected gaussian, mean_patch, mean_img or a number, got {occlusion_mode!r}",
-            ) from exc
-    params = {
-        "smoothgrad": {
-            "nt_samples": smoothgrad_samples,
-            "noise_level": smoothgrad_noise,
-            "batch_size": batch_size,
-            "seed": seed,
-        },
-        "ig": {"n_steps": ig_steps, "batch_size": batch_size},
-        "occlusion": {
-            "mask_size": occlusion_mask,
-            "overlap": occlusion_overlap,
-            "mode": mode,
-            "batch_size": batch_size,
-        },
-    }
     run_saliency(
         preproc,
         checkpoint,
         out,
-        methods=[m for m in methods.replace(" ", "").split(",") if m],
+        config,
         subjects=subjects,
         split=split,
-        layer=layer,
         target=target,
-        params=params,
         device=device,
     )
 
@@ -190,14 +126,7 @@ def evaluate_maps_cmd(
     split_name: Annotated[
         str, typer.Option("--split-name", help="Which split of a split.tsv to evaluate.")
     ] = "test",
-    regions: Annotated[
-        str | None,
-        typer.Option(
-            "--regions",
-            help="Planted regions as dseg labels, e.g. 47,48,51,52 "
-            "(default: the cohort's planted masks).",
-        ),
-    ] = None,
+    regions: RegionLabelsOption = None,
     topk: Annotated[
         str, typer.Option("--topk", help="Top-k percentages for the in-region fractions.")
     ] = "1,5",
@@ -207,9 +136,7 @@ def evaluate_maps_cmd(
     positive_class: Annotated[
         str, typer.Option("--positive-class", help="Diagnosis value of diseased subjects.")
     ] = "disease",
-    derivatives: Annotated[
-        str, typer.Option("--derivatives", help="Cohort derivatives folder with the dseg.")
-    ] = "dlmuse",
+    derivatives: DerivativesOption = "dlmuse",
 ) -> None:
     """Score attribution maps against the planted ground truth (NCC, top-k % in regions)."""
     from neuroexplain.evaluate import (
@@ -263,32 +190,21 @@ def evaluate_maps_cmd(
 
 @app.command("region-reliance")
 def region_reliance_cmd(
-    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
-    checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", help="model.pt from train-classifier.")
-    ],
+    preproc: PreprocOption,
+    checkpoint: CheckpointOption,
     out: Annotated[
         Path,
         typer.Option(
             "--out", help="Output stem: writes <stem>.tsv, <stem>_summary.tsv and <stem>.json."
         ),
     ],
-    regions: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--regions", help="Region as NAME=LABEL[,LABEL] of the dseg; repeat per region."
-        ),
-    ] = None,
-    subjects: Annotated[
-        str, typer.Option("--subjects", help="test, val, train, all, or comma-separated ids.")
-    ] = "test",
-    split: Annotated[
-        Path | None, typer.Option("--split", help="split.tsv (default: next to the checkpoint).")
-    ] = None,
+    regions: RegionsOption = None,
+    subjects: SubjectsOption = "test",
+    split: SplitOption = None,
     dilate: Annotated[
         int, typer.Option("--dilate", help="Dilation of each region mask in model voxels.")
     ] = 2,
-    target: Annotated[int, typer.Option("--target", help="Logit index (0 = positive class).")] = 0,
+    target: TargetOption = 0,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:

@@ -7,11 +7,15 @@ from pathlib import Path
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import parse_shape
+from neuroexplain.cli._common import WorkersOption
+from neuroexplain.cli._settings import settings_options
+from neuroexplain.settings import MRIIngestConfig
 
 
 @app.command("ingest-mri")
+@settings_options(config=MRIIngestConfig)
 def ingest_mri_cmd(
+    config: MRIIngestConfig,
     out: Path = typer.Option(
         ..., "--out", help="Output folder (preproc.pt, subjects.tsv, ingest.json)."
     ),
@@ -36,76 +40,37 @@ def ingest_mri_cmd(
         "--positive-class",
         help="Value of the label column that is the positive class (binary tasks).",
     ),
-    shape: list[int] = typer.Option(
-        [64, 64, 64],
-        "--shape",
-        help="Model grid shape, e.g. --shape 64 --shape 64 --shape 64 (or once for a cube).",
-    ),
-    fov_mm: float = typer.Option(
-        224.0,
-        "--fov-mm",
-        help="Field of view of the model grid in mm (isotropic spacing = fov / shape).",
-    ),
     subjects: str | None = typer.Option(
         None, "--subjects", help="Comma-separated subset of participant ids."
     ),
     limit: int | None = typer.Option(
         None, "--limit", help="Only the first N subjects (sorted by id)."
     ),
-    workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
-    norm: str = typer.Option(
-        "percentile",
-        "--norm",
-        help="Normalisation inside the head mask: percentile (0.5-99.5% -> 0-1), zscore or none.",
-    ),
-    fg_threshold: float = typer.Option(
-        0.1,
-        "--fg-threshold",
-        help="Head mask threshold as a fraction of the robust max (99th percentile) intensity.",
-    ),
-    align: str = typer.Option(
-        "none",
-        "--align",
-        help="none, or labels: affine-align every subject to a reference (label centroids).",
-    ),
-    align_reference: str | None = typer.Option(
-        None, "--align-reference", help="Reference subject of --align labels (default: first)."
-    ),
-    mask: str = typer.Option(
-        "none",
-        "--mask",
-        help="none, or brain: zero voxels farther than --mask-margin-mm from the dseg > 0 brain.",
-    ),
-    mask_margin_mm: float = typer.Option(
-        5.0, "--mask-margin-mm", help="Dilation (mm) of the brain mask of --mask brain."
-    ),
+    workers: WorkersOption = 1,
     group_column: str | None = typer.Option(
         None,
         "--group-column",
         help="Column of subjects that must share a split (default: source_subject if present).",
     ),
 ) -> None:
-    """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping."""
+    """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping.
+
+    The defaults align subjects by their label centroids and mask the brain, which needs dseg
+    label maps; without them, add --align none --mask none.
+    """
     from neuroexplain.mri.ingest import ingest_mri
 
     ingest_mri(
-        out=out,
+        out,
         bids=bids,
         sheet=sheet,
         derivatives=derivatives or None,
         label_column=label_column,
         positive_class=positive_class,
-        shape=parse_shape(shape),
-        fov_mm=fov_mm,
+        config=config,
         subjects=[s for s in (subjects or "").split(",") if s] or None,
         limit=limit,
         workers=workers,
-        norm=norm,
-        fg_threshold=fg_threshold,
-        align=align,
-        align_reference=align_reference,
-        mask=mask,
-        mask_margin_mm=mask_margin_mm,
         group_column=group_column,
     )
 

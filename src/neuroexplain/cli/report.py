@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
+from neuroexplain.cli._common import DerivativesOption, RegionsOption
 from neuroexplain.errors import InputError
 
 
@@ -48,13 +49,7 @@ def figures_cmd(
     n_subjects: Annotated[
         int, typer.Option("--n-subjects", help="Diseased subjects shown per method.")
     ] = 3,
-    regions: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--regions",
-            help="Region of the bar figure as NAME=LABEL[,LABEL] of the dseg; repeat per region.",
-        ),
-    ] = None,
+    regions: RegionsOption = None,
     regions_figure: Annotated[
         Path | None,
         typer.Option(
@@ -62,9 +57,7 @@ def figures_cmd(
             help="PNG of mean log-Jacobian per region (+ .tsv beside it); default: none.",
         ),
     ] = None,
-    derivatives: Annotated[
-        str, typer.Option("--derivatives", help="Cohort derivatives folder with the dseg.")
-    ] = "dlmuse",
+    derivatives: DerivativesOption = "dlmuse",
     threshold: Annotated[
         float,
         typer.Option("--threshold", help="Hide |map| below this fraction of the colour limit."),

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DeviceOption, ThreadsOption, set_threads
+from neuroexplain.cli._common import (
+    DeviceOption,
+    PreprocOption,
+    RegionsOption,
+    SplitOption,
+    SubjectsOption,
+    ThreadsOption,
+    set_threads,
+)
 from neuroexplain.cli._settings import settings_options
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SimulatorConfig, SimulatorTrainConfig
@@ -17,7 +25,7 @@ from neuroexplain.settings import SimulatorConfig, SimulatorTrainConfig
 @app.command("train-simulator")
 @settings_options(config=SimulatorTrainConfig, net_config=SimulatorConfig)
 def train_simulator_cmd(
-    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
+    preproc: PreprocOption,
     classifier: Annotated[
         Path, typer.Option("--classifier", help="model.pt from train-classifier (kept frozen).")
     ],
@@ -79,26 +87,15 @@ def train_simulator_cmd(
 
 @app.command("simulate")
 def simulate_cmd(
-    preproc: Annotated[Path, typer.Option("--preproc", help="preproc.pt from ingest-mri.")],
+    preproc: PreprocOption,
     simulator: Annotated[Path, typer.Option("--simulator", help="model.pt from train-simulator.")],
     classifier: Annotated[
         Path, typer.Option("--classifier", help="model.pt from train-classifier.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Output folder, e.g. results/simulator.")],
-    subjects: Annotated[
-        str, typer.Option("--subjects", help="test, val, train, all, or comma-separated ids.")
-    ] = "test",
-    split: Annotated[
-        Path | None,
-        typer.Option("--split", help="split.tsv (default: next to the classifier checkpoint)."),
-    ] = None,
-    regions: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--regions",
-            help="Region for the tables as NAME=LABEL[,LABEL] of the dseg; repeat per region.",
-        ),
-    ] = None,
+    subjects: SubjectsOption = "test",
+    split: SplitOption = None,
+    regions: RegionsOption = None,
     all_labels: Annotated[
         bool,
         typer.Option("--all-labels/--no-all-labels", help="Also tabulate every dseg label."),

@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 
 from neuroexplain.cli import app
+from neuroexplain.cli._common import DeviceOption
+from neuroexplain.cli._settings import settings_options
+from neuroexplain.settings import STConceptsConfig
 
 
 def _read_h5ad(path: Path):
@@ -63,7 +66,9 @@ def _read_spot_concepts(path: Path) -> dict[str, list[str]]:
 
 
 @app.command("st-concepts")
+@settings_options(config=STConceptsConfig)
 def st_concepts_cmd(
+    config: STConceptsConfig,
     adata_path: Path = typer.Option(
         ..., "--adata", help="Input .h5ad (ingest-st layout: raw counts layer, .obsm['spatial'])."
     ),
@@ -78,31 +83,7 @@ def st_concepts_cmd(
     figures: Path | None = typer.Option(
         None, "--figures", help="Folder for PNG figures (scores, top-gene heatmap, gene-mode maps)."
     ),
-    seed: int = typer.Option(
-        0, "--seed", help="Random seed (same seed -> identical outputs on CPU)."
-    ),
-    n_latent: int = typer.Option(16, "--n-latent", help="Latent dimensions of the spot VAE."),
-    n_top_genes: int = typer.Option(
-        2000, "--n-top-genes", help="Highly variable genes as model input (0 = all genes)."
-    ),
-    likelihood: str = typer.Option(
-        "nb", "--likelihood", help="Spot-VAE likelihood: nb (raw counts) or gaussian (log1p)."
-    ),
-    method: str = typer.Option(
-        "attribute",
-        "--method",
-        help="Concept vectors: attribute (mean-latent difference) or probe (logistic regression).",
-    ),
-    saliency: str = typer.Option(
-        "grad_x_input", "--saliency", help="gradient, grad_x_input, smoothgrad or ig."
-    ),
-    epochs: int = typer.Option(
-        300,
-        "--epochs",
-        help="Maximum training epochs of the spot VAE (early stopping on held-out spots).",
-    ),
     layer: str = typer.Option("counts", "--layer", help="Layer with raw counts ('X' for .X)."),
-    min_spots: int = typer.Option(5, "--min-spots", help="Fewest labelled spots a layer may have."),
     gene_concepts: str = typer.Option(
         "", "--gene-concepts", help="Extra concepts from gene sets: 'name:G1,G2;name2:G3,G4'."
     ),
@@ -116,12 +97,6 @@ def st_concepts_cmd(
         "--genemode-seeds",
         help="Seed genes of the gene-as-image mode, e.g. Penk,Doc2g,Kctd12 ('' = skip).",
     ),
-    genemode_epochs: int = typer.Option(
-        40, "--genemode-epochs", help="Maximum epochs of the gene-image VAE."
-    ),
-    genemode_n_genes: int = typer.Option(
-        1000, "--genemode-n-genes", help="Highly variable genes used as images (0 = all)."
-    ),
     spot_gene_out: Path | None = typer.Option(
         None,
         "--spot-gene-out",
@@ -133,7 +108,7 @@ def st_concepts_cmd(
     key: str = typer.Option(
         "concept_saliency", "--key", help="key_added: prefix of every AnnData key written."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: DeviceOption = "auto",
     threads: int = typer.Option(
         1, "--threads", help="CPU threads for torch (0 = torch default; small models: 1 is best)."
     ),
@@ -146,7 +121,6 @@ def st_concepts_cmd(
     from neuroexplain.errors import InputError
     from neuroexplain.st import concept_keys as K
     from neuroexplain.st.concepts import (
-        SALIENCY_METHODS,
         concept_saliency,
         genemode,
         spot_gene_saliency,
@@ -157,12 +131,7 @@ def st_concepts_cmd(
     log = logging.getLogger("neuroexplain.cli.st")
     if threads > 0:
         torch.set_num_threads(threads)
-    if saliency not in SALIENCY_METHODS:
-        raise InputError("--saliency", f"expected one of {SALIENCY_METHODS}, got {saliency!r}")
-    if method not in ("attribute", "probe"):
-        raise InputError("--method", f"expected attribute or probe, got {method!r}")
-    if likelihood not in ("nb", "gaussian"):
-        raise InputError("--likelihood", f"expected nb or gaussian, got {likelihood!r}")
+    cfg, min_spots, seed = config, config.min_spots, config.seed
     layer_arg = None if layer == "X" else layer
     seeds = [s.strip() for s in genemode_seeds.split(",") if s.strip()]
     genes_c = _parse_named_lists(gene_concepts, "--gene-concepts")
@@ -194,21 +163,21 @@ def st_concepts_cmd(
 
     model = SpotVAE(
         adata,
-        n_latent=n_latent,
-        likelihood=likelihood,  # type: ignore[arg-type]
+        n_latent=cfg.n_latent,
+        likelihood=cfg.likelihood,  # type: ignore[arg-type]
         layer=layer_arg,
-        n_top_genes=n_top_genes or None,
+        n_top_genes=cfg.n_top_genes or None,
         seed=seed,
         device=device,
     )
-    model.train(max_epochs=epochs)
+    model.train(max_epochs=cfg.epochs)
     try:
         concept_saliency(
             adata,
             model,
             label_key=label_key,
-            method=method,  # type: ignore[arg-type]
-            saliency=saliency,  # type: ignore[arg-type]
+            method=cfg.method,  # type: ignore[arg-type]
+            saliency=cfg.saliency,  # type: ignore[arg-type]
             spot_concepts=spots_c,
             gene_concepts=genes_c or None,
             min_spots=min_spots,
@@ -222,9 +191,9 @@ def st_concepts_cmd(
                 adata,
                 seeds,
                 layer=layer_arg,
-                n_top_genes=genemode_n_genes or None,
-                max_epochs=genemode_epochs,
-                saliency=saliency,  # type: ignore[arg-type]
+                n_top_genes=cfg.genemode_n_genes or None,
+                max_epochs=cfg.genemode_epochs,
+                saliency=cfg.saliency,  # type: ignore[arg-type]
                 seed=seed,
                 device=device,
                 inputs=[adata_path],

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import SACV_NEGATIVES, SACV_TRANSFORMS
 
 __all__ = [
     "POSITIONS",
@@ -69,7 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRANSFORMS = ("mask", "box", "none")
+TRANSFORMS = SACV_TRANSFORMS
 
 
 @dataclass
@@ -517,7 +518,7 @@ def build_concept(
     return Concept(name or spec.name, out, ids, torch.from_numpy(masks))
 
 
-POSITIONS = ("region", "brain", "all")
+POSITIONS = SACV_NEGATIVES
 
 
 def with_positions(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import SACVConfig, TCAVConfig
 
 __all__ = [
     "Context",
@@ -186,26 +187,18 @@ def run_tcav(
     checkpoint: str | os.PathLike[str],
     concepts: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: TCAVConfig | None = None,
     *,
-    layers: str | Sequence[str] | None = None,
     split: str | os.PathLike[str] | None = None,
     participants: str | os.PathLike[str] | None = None,
     class_split: str = "test",
     target_class: int = 1,
     target: int = 0,
-    n_random: int | None = None,
-    random_size: int | None = None,
-    alpha: float = 0.01,
-    min_accuracy: float = 0.6,
-    seed: int = 0,
-    classifier: str = "logistic",
-    C: float = 1.0,
-    test_fraction: float = 0.33,
-    batch_size: int = 8,
     device: str = "auto",
     cache: str | os.PathLike[str] | None = None,
     plot: bool = True,
     progress: bool | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """TCAV of every configured concept at every layer, with random-vs-random t-tests.
 
@@ -214,22 +207,15 @@ def run_tcav(
         checkpoint: classifier ``model.pt``.
         concepts: concept configuration (YAML / JSON).
         out: output folder.
-        layers: dotted layer names (default: the architecture's concept layer).
+        config: layers, random sets, significance and CAV classifier
+            (:class:`~neuroexplain.settings.TCAVConfig`; ``n_random`` / ``random_size``
+            ``None``: the concept file's); keyword ``overrides`` replace its fields
+            (``layers="features.0"``).
         split: ``split.tsv`` (default: next to the checkpoint).
         participants: table of selector columns (default: the config's ``participants``).
         class_split: split(s) whose subjects of ``target_class`` are the class inputs.
         target_class: 1 (positive class, e.g. disease) or 0.
         target: logit index of the network.
-        n_random: random sets per concept (default: the config's ``n_random``).
-        random_size: examples per random set (default: config, else min(concept, pool // 3)).
-        alpha: significance level of the t-test.
-        min_accuracy: mean held-out CAV accuracy a concept needs to be called significant
-            (see :func:`~neuroexplain.concepts3d.tcav.summarize_experiment`; 0 disables).
-        seed: seed of the random sets and CAV classifiers.
-        classifier: ``"logistic"`` or ``"sgd"``.
-        C: inverse regularisation strength of the CAV classifier.
-        test_fraction: held-out fraction for the CAV accuracy.
-        batch_size: volumes per pass.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cache: CAV cache file (default ``out/cavs.pt``).
         plot: write ``tcav.png``.
@@ -251,17 +237,21 @@ def run_tcav(
     from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
 
+    tc = TCAVConfig.resolve(config, **overrides)
+    n_random, random_size, alpha, min_accuracy = (
+        tc.n_random,
+        tc.random_size,
+        tc.alpha,
+        tc.min_accuracy,
+    )
+    seed, classifier, C, test_fraction = tc.seed, tc.classifier, tc.C, tc.test_fraction
     seed_everything(seed)
     out_dir = Path(out)
     ctx = load_context(preproc, checkpoint, split=split, device=device)
     cfg = load_concept_config(concepts)
     table = ctx.table(participants or cfg.participants)
     sign = _class_sign(target_class)
-    layer_list = (
-        [s.strip() for s in layers.split(",") if s.strip()]
-        if isinstance(layers, str)
-        else list(layers or [default_target_layer(ctx.arch)])
-    )
+    layer_list = list(tc.layers or [default_target_layer(ctx.arch)])
     n_sets = int(n_random or cfg.n_random)
     if n_sets < 2:
         raise InputError("--n-random", f"expected >= 2 random sets, got {n_sets}")
@@ -270,7 +260,7 @@ def run_tcav(
         tcav = TCAV(
             ctx.model,
             layer_list,
-            batch_size=batch_size,
+            batch_size=tc.batch_size,
             device=ctx.device,
             seed=seed,
             classifier=classifier,
@@ -485,24 +475,14 @@ def run_sacv(
     checkpoint: str | os.PathLike[str],
     concepts: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: SACVConfig | None = None,
     *,
     concept: str | None = None,
-    layer: str | None = None,
     split: str | os.PathLike[str] | None = None,
     participants: str | os.PathLike[str] | None = None,
     subjects: str | Sequence[str] | None = "test",
     target_class: int = 1,
     target: int = 0,
-    transform: str = "none",
-    negatives: str = "brain",
-    relevance: str = "positive",
-    min_overlap: float = 0.2,
-    max_samples: int = 50000,
-    seed: int = 0,
-    classifier: str = "logistic",
-    C: float = 1.0,
-    test_fraction: float = 0.33,
-    batch_size: int = 4,
     device: str = "auto",
     cache: str | os.PathLike[str] | None = None,
     desc_label: str = "",
@@ -511,6 +491,7 @@ def run_sacv(
     derivatives: str = "dlmuse",
     plot: bool = True,
     progress: bool | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Train a SACV for one concept at one layer and write per-subject maps and scores.
 
@@ -519,28 +500,15 @@ def run_sacv(
         checkpoint: classifier ``model.pt``.
         concepts: concept configuration.
         out: output folder (maps under ``out/sub-X/``).
+        config: layer, training examples, relevance map and classifier
+            (:class:`~neuroexplain.settings.SACVConfig`); keyword ``overrides`` replace its
+            fields (``layer="features.1"``).
         concept: concept name (default: the first in the configuration).
-        layer: spatial layer (default: the architecture's concept layer).
         split: ``split.tsv`` (default: next to the checkpoint).
         participants: selector table (default: the config's).
         subjects: whose maps to write: split names, ids or ``"all"``.
         target_class: the class whose logit the contribution maps explain (1 or 0).
         target: logit index.
-        transform: how concept / random examples are made for training (``"none"``: whole
-            images, positions restricted to the region; ``"mask"`` / ``"box"``: as TCAV).
-        negatives: positions of the random examples the SACV is contrasted with: ``"brain"``
-            (every position inside ``dseg > 0``: where is the concept, as random images in
-            Wang et al.), ``"region"`` (the concept's region in random subjects: what sets the
-            concept apart from the same region) or ``"all"``.
-        relevance: relevance map: ``"positive"`` (distance from the SACV decision boundary
-            along ``v``, negative part dropped), ``"signed"`` or ``"raw"`` (``<v, a(p)>``).
-        min_overlap: region fraction of a layer cell for its position to count as in the region.
-        max_samples: most training positions.
-        seed: seed.
-        classifier: ``"logistic"`` or ``"sgd"``.
-        C: inverse regularisation strength.
-        test_fraction: held-out fraction of volumes for the accuracy.
-        batch_size: volumes per pass.
         device: device.
         cache: CAV cache file (default ``out/cavs.pt``).
         desc_label: appended to the ``desc`` entity (``desc-sacvrelevance<label>``) so several
@@ -559,7 +527,6 @@ def run_sacv(
 
     from neuroexplain.attribution.export import write_subject_maps
     from neuroexplain.concepts3d.concepts import (
-        TRANSFORMS,
         build_concept,
         concept_pool,
         load_concept_config,
@@ -572,8 +539,10 @@ def run_sacv(
     from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
 
-    if transform not in TRANSFORMS:
-        raise InputError("--transform", f"expected one of {TRANSFORMS}, got {transform!r}")
+    sc = SACVConfig.resolve(config, **overrides)
+    transform, negatives, relevance = sc.transform, sc.negatives, sc.relevance
+    min_overlap, max_samples, seed = sc.min_overlap, sc.max_samples, sc.seed
+    classifier, C, test_fraction, batch_size = sc.classifier, sc.C, sc.test_fraction, sc.batch_size
     if desc_label and not desc_label.isalnum():
         raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
     seed_everything(seed)
@@ -583,7 +552,7 @@ def run_sacv(
     spec = cfg.get(concept) if concept else cfg.concepts[0]
     table = ctx.table(participants or cfg.participants)
     sign = _class_sign(target_class)
-    layer = layer or default_target_layer(ctx.arch)
+    layer = sc.layer or default_target_layer(ctx.arch)
     store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
 
     conc_idx, pool_idx = concept_pool(table, spec, cfg.split)

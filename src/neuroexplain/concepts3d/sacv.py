@@ -43,6 +43,7 @@ from neuroexplain.concepts3d.activations import get_module, layer_activations, l
 from neuroexplain.concepts3d.concepts import Concept
 from neuroexplain.concepts3d.store import CAVStore
 from neuroexplain.concepts3d.tcav import CAV, _seed_of, train_cav
+from neuroexplain.settings import SACV_RELEVANCE
 
 __all__ = [
     "RELEVANCE_MODES",
@@ -56,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RELEVANCE_MODES = ("positive", "signed", "raw")
+RELEVANCE_MODES = SACV_RELEVANCE
 
 
 def spatial_vectors(acts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

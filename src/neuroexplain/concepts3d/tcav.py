@@ -51,6 +51,7 @@ from torch import nn
 from neuroexplain.concepts3d.activations import layer_activations, layer_gradients, resolve_layers
 from neuroexplain.concepts3d.concepts import Concept
 from neuroexplain.concepts3d.store import CAVStore
+from neuroexplain.settings import CAV_CLASSIFIERS
 
 __all__ = [
     "CAV",
@@ -65,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIERS = ("logistic", "sgd")
+CLASSIFIERS = CAV_CLASSIFIERS
 
 
 @dataclass

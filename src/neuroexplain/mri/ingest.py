@@ -45,7 +45,8 @@ import numpy as np
 
 from neuroexplain.errors import InputError
 from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, read_sample_sheet
-from neuroexplain.mri.preprocess import NORM_METHODS, Grid, Preprocessed, model_spacing
+from neuroexplain.mri.preprocess import Grid, Preprocessed, model_spacing
+from neuroexplain.settings import MRIIngestConfig
 
 __all__ = ["PREPROC_KEYS", "brain_mask", "ingest_mri", "load_preproc", "native_grid"]
 
@@ -153,7 +154,10 @@ def _reference(
     from neuroexplain.mri.preprocess import label_centroids, preprocess_subject
 
     if recs[0].dseg is None:
-        raise InputError("--align", "alignment by labels needs dseg label maps (--derivatives)")
+        raise InputError(
+            "--align",
+            "alignment by labels needs dseg label maps (--derivatives; without: --align none)",
+        )
     ids = [r.subject for r in recs]
     if reference is not None and reference not in ids:
         raise InputError("--align-reference", f"subject {reference!r} is not among the subjects")
@@ -175,20 +179,14 @@ def ingest_mri(
     derivatives: str | None = "dlmuse",
     label_column: str | None = None,
     positive_class: str | None = None,
-    shape: Sequence[int] = (64, 64, 64),
-    fov_mm: float = 224.0,
+    config: MRIIngestConfig | None = None,
+    *,
     subjects: Sequence[str] | None = None,
     limit: int | None = None,
     workers: int = 1,
-    *,
-    norm: str = "percentile",
-    fg_threshold: float = 0.1,
-    align: str = "none",
-    align_reference: str | None = None,
-    mask: str = "none",
-    mask_margin_mm: float = 5.0,
     group_column: str | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Preprocess T1w images (and dseg maps) to the model grid and cache them in ``out/``.
 
@@ -199,23 +197,16 @@ def ingest_mri(
         derivatives: BIDS derivatives folder with ``*_dseg`` maps (``None``: no dseg).
         label_column: label column of ``participants.tsv`` / the sheet (sheet default ``label``).
         positive_class: label value encoded as ``y = 1`` (default: second of two sorted values).
-        shape: model grid shape ``(X, Y, Z)``.
-        fov_mm: extent of the longest model axis in mm; spacing ``fov_mm / max(shape)``.
+        config: the model grid and the preprocessing
+            (:class:`~neuroexplain.settings.MRIIngestConfig`: shape, field of view, intensity
+            normalisation, head-mask threshold, alignment and brain mask; default: its
+            defaults, the workflow's, which align by labels and mask the brain and therefore
+            need dseg maps); keyword ``overrides`` replace its fields
+            (``shape=(96, 96, 96), align="none", mask="none"``). ``model_affines`` map each
+            subject's model grid to its own native space exactly, aligned or not.
         subjects: subset of participant ids.
         limit: only the first ``limit`` subjects (sorted by id).
         workers: parallel worker processes (results do not depend on it).
-        norm: intensity normalisation (``percentile``, ``zscore`` or ``none``).
-        fg_threshold: head-mask threshold as a fraction of the robust maximum intensity.
-        align: ``"none"`` (each subject on its own RAS grid centred on its head) or
-            ``"labels"``: every subject affinely aligned (label-centroid least squares, needs a
-            dseg) to one reference subject's grid, as a template registration would, so that
-            anatomy sits at the same model voxels across subjects. ``model_affines`` still map
-            each subject's model grid to its own native space exactly.
-        align_reference: participant id of the reference (default: the first subject).
-        mask: ``"none"`` or ``"brain"``: zero every voxel farther than ``mask_margin_mm`` from
-            the labelled brain (dseg > 0) on the model grid, so that scalp, neck and face --
-            which vary a lot between people and carry no brain signal -- are not learned.
-        mask_margin_mm: dilation of the brain mask in mm (keeps the brain's border and CSF).
         group_column: ``participants.tsv`` / sheet column of split groups (default:
             ``source_subject`` when present); stored as ``groups``.
         progress: show a progress bar (only on a terminal).
@@ -228,29 +219,20 @@ def ingest_mri(
 
     Example:
         >>> ingest_mri("results/ingest", bids="../shared/data/ixi", limit=4)  # doctest: +SKIP
+        >>> ingest_mri("results/plain", sheet="sheet.tsv", align="none", mask="none",
+        ...            fov_mm=224)  # doctest: +SKIP
     """
     import torch
 
     from neuroexplain.io.atomic import atomic_output, write_json, write_table
     from neuroexplain.provenance import provenance
 
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise InputError("--shape", f"expected 3 integers >= 8, got {list(shape)}")
-    if not fov_mm > 0:
-        raise InputError("--fov-mm", f"expected a positive field of view, got {fov_mm}")
-    if norm not in NORM_METHODS:
-        raise InputError("--norm", f"expected one of {', '.join(NORM_METHODS)}, got {norm!r}")
-    if not 0 < fg_threshold < 1:
-        raise InputError("--fg-threshold", f"expected a fraction in (0, 1), got {fg_threshold}")
+    cfg = MRIIngestConfig.resolve(config, **overrides)
+    shape, fov_mm, norm, fg_threshold = cfg.shape, cfg.fov_mm, cfg.norm, cfg.fg_threshold
+    align, align_reference = cfg.align, cfg.align_reference
+    mask, mask_margin_mm = cfg.mask, cfg.mask_margin_mm
     if workers < 1:
         raise InputError("--workers", f"expected >= 1, got {workers}")
-    if align not in ("none", "labels"):
-        raise InputError("--align", f"expected none or labels, got {align!r}")
-    if mask not in ("none", "brain"):
-        raise InputError("--mask", f"expected none or brain, got {mask!r}")
-    if not (np.isfinite(mask_margin_mm) and mask_margin_mm >= 0):
-        raise InputError("--mask-margin-mm", f"expected a margin >= 0 mm, got {mask_margin_mm}")
     spacing = model_spacing(shape, fov_mm)
 
     bids_p = Path(bids).resolve() if bids is not None else None
@@ -260,7 +242,9 @@ def ingest_mri(
     recs = cohort.records
     has_dseg = recs[0].dseg is not None
     if mask == "brain" and not has_dseg:
-        raise InputError("--mask", "a brain mask needs dseg label maps (--derivatives)")
+        raise InputError(
+            "--mask", "a brain mask needs dseg label maps (--derivatives; without: --mask none)"
+        )
     logger.info(
         "ingesting %d subject(s) to %s voxels of %.3g mm (dseg: %s, workers: %d)",
         len(recs),

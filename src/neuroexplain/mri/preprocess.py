@@ -38,6 +38,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from neuroexplain.settings import NORM_METHODS
+
 __all__ = [
     "KEEP_WHEN_TOO_LONG",
     "NORM_METHODS",
@@ -58,7 +60,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NORM_METHODS = ("percentile", "zscore", "none")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 

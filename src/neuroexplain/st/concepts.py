@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import ST_SALIENCY_METHODS
 from neuroexplain.st import concept_keys as K
 from neuroexplain.st.vae import (
     GeneImageVAE,
@@ -66,7 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SaliencyMethod = Literal["gradient", "grad_x_input", "smoothgrad", "ig"]
-SALIENCY_METHODS: tuple[str, ...] = ("gradient", "grad_x_input", "smoothgrad", "ig")
+SALIENCY_METHODS: tuple[str, ...] = ST_SALIENCY_METHODS
 ConceptMethod = Literal["attribute", "probe"]
 
 

@@ -46,8 +46,8 @@ warping does not register at all.
 Reference: the synthetic-atrophy experiments of Liu et al., "Simulator networks", IPMI 2021.
 
 Example:
-    >>> make_cohort("ixi", "cohort", shrink=[47, 48], enlarge=[51, 52], fraction=0.5,
-    ...             limit=4)  # doctest: +SKIP
+    >>> make_cohort("ixi", "cohort", shrink=[47, 48], enlarge=[51, 52], paired=False,
+    ...             fraction=0.5, limit=4)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from neuroexplain.errors import InputError, NeuroexplainError
+from neuroexplain.settings import CohortConfig
 
 __all__ = ["SubjectEffect", "make_cohort", "plant_subject"]
 
@@ -80,7 +81,6 @@ CONVENTION = (
     "image relative to its healthy original (det of the healthy->diseased map at the tissue's "
     "position); logjacobian > 0: expanded, < 0: shrunk; controls: exactly 1 / 0."
 )
-MAX_MAGNITUDE = 0.9
 
 
 # ------------------------------------------------------------------------------- one subject
@@ -282,65 +282,6 @@ def plant_subject(
 
 
 # ---------------------------------------------------------------------------------- validation
-def _check_params(
-    shrink: Sequence[int],
-    enlarge: Sequence[int],
-    fraction: float,
-    magnitude_range: Sequence[float],
-    nuisance: float,
-    limit: int | None,
-    workers: int,
-    sigma: float,
-    nuisance_sigma: float,
-    label_interpolation: str,
-    label_probability: float = 1.0,
-) -> tuple[list[int], list[int], tuple[float, float]]:
-    shrink_l = [int(r) for r in shrink]
-    enlarge_l = [int(r) for r in enlarge]
-    for option, lst in (("--shrink", shrink_l), ("--enlarge", enlarge_l)):
-        if any(r < 1 for r in lst):
-            raise InputError(option, f"expected label indices >= 1 (0 is background), got {lst}")
-        dup = sorted({r for r in lst if lst.count(r) > 1})
-        if dup:
-            raise InputError(option, f"expected each label once, got {dup} more than once")
-    both = sorted(set(shrink_l) & set(enlarge_l))
-    if both:
-        raise InputError("--shrink/--enlarge", f"labels {both} are both shrunk and enlarged")
-    if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 <= fraction <= 1):
-        raise InputError("--fraction", f"expected a fraction in [0, 1], got {fraction}")
-    if fraction > 0 and not (shrink_l or enlarge_l):
-        raise InputError("--shrink/--enlarge", "expected at least one label to shrink or enlarge")
-    try:
-        lo, hi = (float(v) for v in magnitude_range)
-    except (TypeError, ValueError) as exc:
-        raise InputError(
-            "--magnitude-min/--magnitude-max", f"expected two numbers, got {magnitude_range!r}"
-        ) from exc
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi < MAX_MAGNITUDE):
-        raise InputError(
-            "--magnitude-min/--magnitude-max",
-            f"expected 0 <= min <= max < {MAX_MAGNITUDE}, got min={lo}, max={hi}",
-        )
-    if not (math.isfinite(label_probability) and 0 < label_probability <= 1):
-        raise InputError(
-            "--label-probability", f"expected a probability in (0, 1], got {label_probability}"
-        )
-    if not (math.isfinite(nuisance) and nuisance >= 0):
-        raise InputError("--nuisance", f"expected an amplitude >= 0 mm, got {nuisance}")
-    for option, val in (("--sigma", sigma), ("--nuisance-sigma", nuisance_sigma)):
-        if not (math.isfinite(val) and val > 0):
-            raise InputError(option, f"expected a smoothing > 0 mm, got {val}")
-    if limit is not None and limit < 1:
-        raise InputError("--limit", f"expected at least 1 subject, got {limit}")
-    if workers < 1:
-        raise InputError("--workers", f"expected at least 1 worker, got {workers}")
-    if label_interpolation not in ("linear", "nearest"):
-        raise InputError(
-            "--label-interpolation", f"expected 'linear' or 'nearest', got {label_interpolation!r}"
-        )
-    return shrink_l, enlarge_l, (lo, hi)
-
-
 def _find_subjects(bids: Path, derivatives: str) -> list[tuple[str, Path, Path]]:
     if not bids.is_dir():
         raise InputError(bids, "expected a BIDS dataset folder, got no such folder")
@@ -628,54 +569,35 @@ Source images: IXI (CC BY-SA 3.0) and DL-MUSE labels (NiChart) where applicable.
 def make_cohort(
     bids: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: CohortConfig | None = None,
+    *,
     derivatives: str = "dlmuse",
-    shrink: Sequence[int] = (47, 48),
-    enlarge: Sequence[int] = (51, 52),
-    fraction: float = 0.5,
-    magnitude_range: Sequence[float] = (0.15, 0.30),
-    nuisance: float = 0.0,
-    seed: int = 0,
     limit: int | None = None,
     workers: int = 1,
-    *,
-    sigma: float = 4.0,
-    nuisance_sigma: float = 12.0,
-    label_interpolation: str = "linear",
-    paired: bool = False,
-    label_probability: float = 1.0,
+    **overrides: Any,
 ) -> Path:
     """Write a BIDS cohort with a planted disease effect and its exact Jacobian ground truth.
 
     Args:
         bids: source BIDS dataset (``sub-*/anat/sub-*_T1w.nii.gz``, ``participants.tsv``).
         out: output folder (written atomically: complete, or not at all).
+        config: the planted effect (:class:`~neuroexplain.settings.CohortConfig`: labels,
+            pairing or fraction, magnitude range, nuisance, smoothness, label interpolation,
+            label probability, seed; default: its defaults, the workflow's); keyword
+            ``overrides`` replace its fields (``shrink=[47, 48], paired=False``). With
+            ``paired``, every source subject gives ``sub-<id>ctl`` (control) and
+            ``sub-<id>dis`` (diseased, same anatomy and nuisance field): with the anatomy
+            identical across classes, a classifier must learn the disease itself rather than
+            anatomical differences between the two groups; split such a cohort by
+            ``source_subject`` (``neuroexplain train-classifier`` does) so that no anatomy is in
+            two splits. With ``label_probability`` < 1 the disease is heterogeneous: the
+            unaffected labels of a diseased subject are still measured (their
+            ``volume_change`` shows what the neighbouring fields do to them) but are not in its
+            planted mask.
         derivatives: name of the label derivatives folder (``derivatives/<name>/sub-*/anat/
             sub-*_dseg.nii.gz``, ``dseg.tsv``).
-        shrink: label indices shrunk by the effect.
-        enlarge: label indices enlarged by the effect.
-        fraction: fraction of subjects with the effect (``floor(fraction * N + 0.5)`` of them,
-            chosen by ``seed``).
-        magnitude_range: ``(min, max)`` of the per-subject fractional volume change.
-        nuisance: largest nuisance displacement in mm, applied to every subject (0 = none).
-        seed: random seed (which subjects, magnitudes, nuisance fields).
         limit: use only the first ``limit`` subjects (sorted by id).
-        workers: worker processes.
-        sigma: smoothness of the disease field in mm.
-        nuisance_sigma: smoothness of the nuisance field in mm.
-        label_interpolation: ``"linear"`` (one-hot argmax) or ``"nearest"``.
-        paired: write two subjects per source subject, ``sub-<id>ctl`` (control) and
-            ``sub-<id>dis`` (diseased, same anatomy and nuisance field), instead of planting
-            the effect in a ``fraction`` of them (``fraction`` is then not used). With the
-            anatomy identical across classes, a classifier must learn the disease itself rather
-            than anatomical differences between the two groups; split such a cohort by
-            ``source_subject`` (``neuroexplain train-classifier`` does) so that no anatomy is in
-            two splits.
-        label_probability: probability that each planted label is affected in a diseased
-            subject, independently of the others (at least one always is; 1 = all of them).
-            Below 1 the disease is heterogeneous: no single region tells every diseased subject
-            from the controls, so a classifier has to use each planted region. The unaffected
-            labels of a diseased subject are still measured (their ``volume_change`` shows what
-            the neighbouring fields do to them) but are not in its planted mask.
+        workers: worker processes (results do not depend on it).
 
     Returns:
         ``out``. The folder holds ``dataset_description.json``, ``README``,
@@ -695,10 +617,16 @@ def make_cohort(
     from neuroexplain.io.atomic import atomic_output, write_json, write_table
     from neuroexplain.provenance import provenance
 
-    shrink_l, enlarge_l, (mag_lo, mag_hi) = _check_params(
-        shrink, enlarge, fraction, magnitude_range, nuisance, limit, workers, sigma,
-        nuisance_sigma, label_interpolation, label_probability,
-    )  # fmt: skip
+    cfg = CohortConfig.resolve(config, **overrides)
+    shrink_l, enlarge_l = list(cfg.shrink), list(cfg.enlarge)
+    mag_lo, mag_hi = cfg.magnitude_range
+    fraction, nuisance, seed, paired = cfg.fraction, cfg.nuisance, cfg.seed, cfg.paired
+    sigma, nuisance_sigma, label_probability = cfg.sigma, cfg.nuisance_sigma, cfg.label_probability
+    label_interpolation = cfg.label_interpolation
+    if limit is not None and limit < 1:
+        raise InputError("--limit", f"expected at least 1 subject, got {limit}")
+    if workers < 1:
+        raise InputError("--workers", f"expected at least 1 worker, got {workers}")
     bids_p, out_p = Path(bids), Path(out)
     subjects = _find_subjects(bids_p, derivatives)
     if limit is not None:

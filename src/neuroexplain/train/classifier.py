@@ -551,12 +551,6 @@ def train_classifier(
     # what a linear model on the standardised voxels reaches on the same split: tells whether
     # the data hold a signal the network should find (seconds; see evaluate/quality.py)
     reference = linear_reference(images, y, parts, seed=cfg.seed)
-    logger.info(
-        "linear reference (L2 logistic regression, C %g): val AUC %s, test AUC %s",
-        reference["C"],
-        _fmt_auc(reference["val"]["auc"]),
-        _fmt_auc(reference.get("test", {}).get("auc")),
-    )
 
     device = resolve_device(cfg.device)
     amp = amp_enabled(device)

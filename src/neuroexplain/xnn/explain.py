@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from neuroexplain.concepts3d.activations import LayerHooks, get_module
+from neuroexplain.settings import XNN_METHODS, XNN_POOLING
 from neuroexplain.xnn.srae import SRAE, r2_score, significant_features, sparse_reconstruction_loss
 
 __all__ = [
@@ -43,8 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POOLING = ("auto", "none", "avg", "max", "flatten")
-ATTRIBUTION_METHODS = ("ig", "gradxinput")
+POOLING = XNN_POOLING
+ATTRIBUTION_METHODS = XNN_METHODS
 
 
 def default_layer(model: nn.Module) -> str:

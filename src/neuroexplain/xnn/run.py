@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import SRAEConfig, XNNExplainConfig, XNNTrainConfig
 
 __all__ = ["run_xnn_explain", "run_xnn_train"]
 
@@ -53,13 +54,11 @@ def run_xnn_train(
     preproc: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: SRAEConfig | None = None,
     *,
-    layer: str | None = None,
-    pool: str = "auto",
+    train_config: XNNTrainConfig | None = None,
     split: str | os.PathLike[str] | None = None,
     train_split: str = "train",
-    config: Any = None,
-    batch_size: int = 8,
     device: str = "auto",
     progress: bool | None = None,
 ) -> dict[str, Any]:
@@ -69,12 +68,11 @@ def run_xnn_train(
         preproc: ``preproc.pt`` (or its folder).
         checkpoint: classifier ``model.pt``.
         out: output folder.
-        layer: dotted layer name (default: the input of the last dense layer).
-        pool: pooling of spatial layers (``auto``, ``none``, ``avg``, ``max``, ``flatten``).
+        config: the SRAE's options (:class:`~neuroexplain.settings.SRAEConfig`).
+        train_config: the explained layer, its pooling and the batch size of the activation
+            pass (:class:`~neuroexplain.settings.XNNTrainConfig`).
         split: ``split.tsv`` (default: next to the checkpoint).
         train_split: split(s) the SRAE is fitted on (comma-separated).
-        config: :class:`~neuroexplain.xnn.srae.SRAEConfig`.
-        batch_size: volumes per forward pass for the activations.
         device: device of the classifier (the SRAE trains on the CPU).
         progress: progress bars.
 
@@ -87,21 +85,23 @@ def run_xnn_train(
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.utils import seed_everything
     from neuroexplain.xnn.explain import default_layer, extract_activations
-    from neuroexplain.xnn.srae import SRAEConfig, save_srae, train_srae
+    from neuroexplain.xnn.srae import save_srae, train_srae
 
     cfg = config or SRAEConfig()
+    tcfg = train_config or XNNTrainConfig()
+    pool = tcfg.pool
     seed_everything(cfg.seed)
     out_dir = Path(out)
     ctx = load_context(preproc, checkpoint, split=split, device=device)
     table = ctx.table()
     try:
-        layer = layer or default_layer(ctx.model)
+        layer = tcfg.layer or default_layer(ctx.model)
         acts, logits = extract_activations(
             ctx.model,
             ctx.preproc["images"],
             layer,
             pool=pool,
-            batch_size=batch_size,
+            batch_size=tcfg.batch_size,
             device=ctx.device,
             progress=progress,
         )
@@ -182,20 +182,17 @@ def run_xnn_explain(
     checkpoint: str | os.PathLike[str],
     srae_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: XNNExplainConfig | None = None,
     *,
     split: str | os.PathLike[str] | None = None,
     subjects: str | Sequence[str] | None = "test",
-    method: str = "gradxinput",
-    n_steps: int = 16,
-    internal_batch_size: int = 8,
-    coverage: float | None = None,
     cohort: str | os.PathLike[str] | None = None,
     regions: Sequence[int] | None = None,
     derivatives: str = "dlmuse",
-    batch_size: int = 8,
     device: str = "auto",
     plot: bool = True,
     progress: bool | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Feature maps, per-subject significant features and metrics of a trained SRAE.
 
@@ -205,15 +202,13 @@ def run_xnn_explain(
         srae_path: ``srae.pt`` of :func:`run_xnn_train`.
         out: output folder (maps under ``out/sub-X/``).
         split: ``split.tsv`` (default: next to the checkpoint).
+        config: attribution method, IG steps, coverage and batch size
+            (:class:`~neuroexplain.settings.XNNExplainConfig`); keyword ``overrides`` replace its
+            fields (``method="ig"``).
         subjects: whose maps to write (split names, ids or ``"all"``).
-        method: ``"ig"`` or ``"gradxinput"``.
-        n_steps: IG steps.
-        internal_batch_size: IG batch size.
-        coverage: significance coverage (default: the SRAE's).
         cohort: synthetic cohort to score the maps with the evaluation harness.
         regions: planted-region labels for the harness (default: planted masks).
         derivatives: dseg derivatives folder of the cohort.
-        batch_size: volumes per forward pass.
         device: device.
         plot: write ``xnn.png``.
         progress: progress bars.
@@ -234,6 +229,9 @@ def run_xnn_explain(
     from neuroexplain.xnn.explain import XNNExplainer, extract_activations, feature_names
     from neuroexplain.xnn.srae import load_srae, significant_features
 
+    cfg = XNNExplainConfig.resolve(config, **overrides)
+    method, n_steps, coverage = cfg.method, cfg.ig_steps, cfg.coverage
+    batch_size = internal_batch_size = cfg.batch_size
     srae, sckpt = load_srae(srae_path)
     seed = int(sckpt["config"].get("seed", 0))
     seed_everything(seed)

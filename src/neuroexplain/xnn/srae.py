@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import SRAEConfig
 
 __all__ = [
     "SRAE",
@@ -232,68 +233,7 @@ class SRAE(nn.Module):
 
 # ------------------------------------------------------------------------------ training
 
-
-@dataclass
-class SRAEConfig:
-    """Options of :func:`train_srae` (recorded in the SRAE checkpoint).
-
-    Attributes:
-        n_features: explanation features ``k``.
-        hidden: hidden width of encoder / decoder (0 = linear).
-        alpha_pred: weight of the faithfulness loss.
-        alpha_rec: weight of the sparse reconstruction loss.
-        alpha_pt: weight of the pull-away term.
-        q: sensitivity of the sparse reconstruction loss.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        epochs: training epochs.
-        batch_size: samples per step (0 = full batch).
-        seed: seed of the initial weights and batch order.
-        coverage: fraction of the predicted logit the significant features must cover.
-        min_features: retry (re-weighted) when fewer features than this carry the prediction.
-        min_usage: a feature "carries the prediction" when significant for at least this
-            fraction of the training samples.
-        max_retries: re-weighting attempts (each multiplies ``alpha_pt`` by ``retry_factor`` and
-            uses the next seed).
-        retry_factor: multiplier of ``alpha_pt`` per retry.
-    """
-
-    n_features: int = 5
-    hidden: int = 0
-    alpha_pred: float = 1.0
-    alpha_rec: float = 0.1
-    alpha_pt: float = 0.1
-    q: float = 1.0
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    epochs: int = 2000
-    batch_size: int = 0
-    seed: int = 0
-    coverage: float = 0.9
-    min_features: int = 2
-    min_usage: float = 0.05
-    max_retries: int = 3
-    retry_factor: float = 10.0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "n_features": self.n_features >= 1,
-            "hidden": self.hidden >= 0,
-            "alpha_pred": self.alpha_pred >= 0,
-            "alpha_rec": self.alpha_rec >= 0,
-            "alpha_pt": self.alpha_pt >= 0,
-            "q": self.q > 0,
-            "lr": self.lr > 0,
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 0,
-            "coverage": 0 < self.coverage <= 1,
-            "max_retries": self.max_retries >= 0,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise InputError(
-                    f"--{key.replace('_', '-')}", f"invalid value {getattr(self, key)!r}"
-                )
+# SRAEConfig (the options of train_srae) is defined in neuroexplain.settings and re-exported here
 
 
 def r2_score(y_true: Any, y_pred: Any) -> float:
