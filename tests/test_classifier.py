@@ -487,3 +487,43 @@ def test_cosine_schedule_warms_up_decays_and_is_logged(tmp_path):
     log = pd.read_csv(tmp_path / "train_log.tsv", sep="\t")
     # the rate of each epoch's last step: full after the warm-up epoch, then decaying
     assert log["lr"].iloc[0] < 1e-2 and log["lr"].iloc[1] > log["lr"].iloc[2]
+
+
+def _weak_linear_preproc(n: int = 48, size: int = 16, seed: int = 3) -> dict:
+    """A distributed, weak voxel-wise signal: easy for a linear model, not for 1 tiny step."""
+    pre = _toy_preproc(n=n, size=size, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    y = pre["y"].numpy()
+    images = rng.normal(0.3, 0.1, size=(n, 1, size, size, size)).astype(np.float32)
+    pattern = (rng.random((size, size, size)) < 0.15).astype(np.float32) * 0.06
+    images[y == 1, 0] += pattern
+    pre["images"] = torch.tensor(images)
+    return pre
+
+
+def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tmp_path):
+    pre = _weak_linear_preproc()
+    common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
+    metrics = train_classifier(pre, tmp_path / "fb", reference_fallback=True, **common)
+    ref_val = metrics["reference"]["val"]["auc"]
+    assert ref_val >= 0.9  # the data hold a linear signal
+    cnn, linear = metrics["phases"]
+    assert cnn["name"] == "cnn" and cnn["val_auc"] < ref_val - 0.03  # a CNN that learned nothing
+    assert linear["name"] == "cnn+linear" and linear["linear_init"]["val_auc"] >= 0.9
+    assert metrics["model"] == "cnn+linear"
+    assert metrics["val"]["auc"] >= ref_val - 0.1
+    # the checkpoint rebuilds the model with its linear path and gives the logits written
+    model, ckpt = load_classifier(tmp_path / "fb" / "model.pt")
+    assert ckpt["model_kwargs"]["linear_pool"] == 2 and model.linear_path is not None
+    logits = pd.read_csv(tmp_path / "fb" / "logits.tsv", sep="\t")["logit"].to_numpy()
+    with torch.no_grad():
+        again = model(pre["images"])[:, 0].numpy()
+    np.testing.assert_allclose(again, logits, rtol=1e-4, atol=1e-4)
+    assert set(pd.read_csv(tmp_path / "fb" / "train_log.tsv", sep="\t")["phase"]) == {
+        "cnn",
+        "cnn+linear",
+    }
+    # off: the CNN alone, whatever its AUC
+    off = train_classifier(pre, tmp_path / "off", reference_fallback=False, **common)
+    assert [p["name"] for p in off["phases"]] == ["cnn"] and off["model"] == "cnn"
+    assert not (tmp_path / "fb" / "train_state_linear.pt").exists()

@@ -63,6 +63,7 @@ __all__ = [
     "ClassifierConfig",
     "CohortConfig",
     "MRIIngestConfig",
+    "QualityConfig",
     "SACVConfig",
     "SRAEConfig",
     "STConceptsConfig",
@@ -262,6 +263,14 @@ class ClassifierConfig(_Settings):
             that loads the checkpoint sees the same function of the ingested image.
         standardize_eps: added to the voxel standard deviation (image units) so that constant
             background is not amplified.
+        reference_fallback: when the small network's best validation AUC is more than
+            ``REFERENCE_MARGIN`` (0.03) below the linear reference's (an L2 logistic regression
+            on the standardised voxels, same split), train it a second time with a
+            :class:`~neuroexplain.models.classifier.LinearPath` (a logistic-regression term on
+            the 2x-pooled standardised input) initialised from a logistic regression fitted on
+            the model's own input, and keep whichever model is better on validation. A CNN
+            that learns the data's signal (the demo) never triggers it; one stuck at chance on
+            small effects gets at least the linear signal. ``metrics.json`` records both phases.
     """
 
     SECTION: ClassVar[str] = "classifier"
@@ -301,6 +310,11 @@ class ClassifierConfig(_Settings):
     standardize_eps: float = setting(
         0.05, "Added to the voxel sd before standardising (image units).", config=None
     )
+    reference_fallback: bool = setting(
+        True,
+        "Small network below the linear reference's val AUC: train it again with a linear "
+        "path initialised from a logistic regression; keep the better on validation.",
+    )
 
     def __post_init__(self) -> None:
         both = self.val_fraction + self.test_fraction
@@ -326,6 +340,40 @@ class ClassifierConfig(_Settings):
                 ),
                 "standardize_eps": (self.standardize_eps > 0, "expected > 0"),
                 "elastic_vox": (self.elastic_vox >= 0, "expected >= 0"),
+            },
+            self,
+        )
+
+
+# --------------------------------------------------------------------------------- quality
+
+
+@dataclass
+class QualityConfig(_Settings):
+    """Options of the classifier's quality gate (``neuroexplain check-classifier``).
+
+    See :func:`neuroexplain.evaluate.quality.check_classifier_quality`.
+
+    Attributes:
+        min_auc: smallest acceptable AUC of the classifier on the test split (the validation
+            split without a test split); ``0`` turns the gate off.
+    """
+
+    SECTION: ClassVar[str] = "quality"
+
+    min_auc: float = setting(
+        0.7, "Smallest acceptable test AUC (validation AUC without a test split); 0 = off."
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "min_auc": (
+                    isinstance(self.min_auc, int | float)
+                    and math.isfinite(self.min_auc)
+                    and 0 <= self.min_auc <= 1,
+                    "expected a number in [0, 1]",
+                )
             },
             self,
         )
@@ -1162,6 +1210,7 @@ class MRIIngestConfig(_Settings):
 #: every settings class, for the CLI, the config schema check and the docs
 SETTINGS: tuple[type, ...] = (
     ClassifierConfig,
+    QualityConfig,
     SimulatorTrainConfig,
     SimulatorConfig,
     SaliencyConfig,

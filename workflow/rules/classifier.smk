@@ -1,6 +1,6 @@
 # The 3D MRI classifier every MRI explanation method explains, its quality gate (every stage that
 # explains it waits for results/classifier/quality.json, which is only written when the test AUC
-# reaches quality.min_auc), its baseline attribution maps (gradient, gradient x input,
+# reaches quality.min_auc; quality.html, the same decision as a table, opens the report), its baseline attribution maps (gradient, gradient x input,
 # SmoothGrad, Integrated Gradients, Grad-CAM, occlusion) in each subject's native space, the
 # classifier's reliance on each region (region transplants in a paired cohort), and the
 # ground-truth evaluation of all maps of the synthetic cohort.
@@ -42,10 +42,12 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
         input:
             CLASSIFIER["metrics"],
         output:
-            report(
-                CLASSIFIER["quality"],
+            json=CLASSIFIER["quality"],
+            # the report lists categories in lexicographic order: "1. ..." comes first
+            table=report(
+                CLASSIFIER["quality_table"],
                 caption="../report/quality.rst",
-                category="MRI classifier",
+                category="1. Classifier quality",
             ),
         log:
             "logs/classifier/classifier_quality.log",
@@ -59,10 +61,15 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
             min_auc=config["quality"]["min_auc"],
         shell:
             "neuroexplain check-classifier --metrics {input:q} --min-auc {params.min_auc}"
-            " --out {output:q} > {log} 2>&1"
+            " --out {output.json:q} --table {output.table:q} > {log} 2>&1"
 
     ALL_TARGETS.extend(
-        [CLASSIFIER["model"], CLASSIFIER["metrics"], CLASSIFIER["quality"]]
+        [
+            CLASSIFIER["model"],
+            CLASSIFIER["metrics"],
+            CLASSIFIER["quality"],
+            CLASSIFIER["quality_table"],
+        ]
     )
 
 

@@ -48,6 +48,7 @@ CLASSIFIER = {
     "logits": "results/classifier/logits.tsv",
     "split": "results/classifier/split.tsv",
     "quality": "results/classifier/quality.json",
+    "quality_table": "results/classifier/quality.html",
 }
 RELIANCE = {
     "table": "results/classifier/reliance.tsv",
@@ -398,6 +399,11 @@ def train_classifier_args(wildcards):
         + (" --augment" if clf["augment"] else " --no-augment")
         + (" --flip" if clf["flip"] else " --no-flip")
         + (" --standardize" if clf["standardize"] else " --no-standardize")
+        + (
+            " --reference-fallback"
+            if clf["reference_fallback"]
+            else " --no-reference-fallback"
+        )
     )
 
 

@@ -65,8 +65,8 @@ def train_classifier_cmd(
     ref = metrics["reference"].get("test", metrics["reference"]["val"])
     typer.echo(
         f"test AUC {test.get('auc')}, balanced accuracy {test.get('balanced_accuracy')} "
-        f"(best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s; linear "
-        f"reference AUC {ref['auc']}) -> {out}"
+        f"(best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s, model "
+        f"{metrics['model']}; linear reference AUC {ref['auc']}) -> {out}"
     )
 
 

@@ -20,6 +20,8 @@ from neuroexplain.evaluate.quality import (
     bootstrap_auc,
     check_classifier_quality,
     linear_reference,
+    quality_table,
+    write_quality_table,
 )
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "markdown_table",
     "ncc",
     "parse_subjects",
+    "quality_table",
     "resolve_map",
     "score_map",
     "summarize",
     "topk_fraction",
     "write_evaluation",
+    "write_quality_table",
 ]

@@ -13,7 +13,9 @@ signal:
 
 :func:`check_classifier_quality` turns the classifier's ``metrics.json`` (with the reference and
 intervals once ``train-classifier`` writes them) into a pass / fail decision: the workflow's
-``classifier_quality`` rule runs it before every explanation stage (config ``quality.min_auc``).
+``classifier_quality`` rule runs it before every explanation stage (config ``quality.min_auc``,
+default :class:`neuroexplain.settings.QualityConfig`). :func:`quality_table` and
+:func:`write_quality_table` give the decision as the small table that opens the workflow's report.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,19 +35,21 @@ from neuroexplain.errors import InputError
 
 __all__ = [
     "DEFAULT_CS",
-    "DEFAULT_MIN_AUC",
     "MAX_REFERENCE_VOXELS",
+    "TABLE_SUFFIXES",
     "bootstrap_auc",
     "check_classifier_quality",
     "linear_reference",
+    "quality_table",
+    "write_quality_table",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: inverse L2 penalties the linear reference chooses from (on validation AUC)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-#: the default quality gate (config ``quality.min_auc``; 0 turns the gate off)
-DEFAULT_MIN_AUC = 0.7
+#: formats of :func:`write_quality_table`, by file suffix
+TABLE_SUFFIXES = (".html", ".md", ".tsv")
 #: volumes with more voxels per channel are average-pooled by 2 per axis until they have fewer
 MAX_REFERENCE_VOXELS = 100_000
 _POOL_CHUNK = 16  # subjects pooled at a time (bounds the temporary copy)
@@ -377,7 +382,8 @@ def check_classifier_quality(
             ``"val"`` / ``"test"``, optionally ``"auc_ci": [low, high]`` (a 95 % interval, as
             :func:`bootstrap_auc` gives) in each split and
             ``"reference"`` (a :func:`linear_reference` result). Missing parts are skipped.
-        min_auc: the smallest acceptable AUC; ``0`` (or less) turns the gate off.
+        min_auc: the smallest acceptable AUC; ``0`` (or less) turns the gate off (the
+            workflow's default: :class:`neuroexplain.settings.QualityConfig`).
         source: the metrics file (named in the error).
         key: the setting named in the error.
 
@@ -442,3 +448,154 @@ def check_classifier_quality(
             "(mri.label_column, mri.positive_class), the effect size or use a finer mri.shape"
         )
     raise InputError(source, f"{what}; {why} ({key}: 0 turns this check off)")
+
+
+# ------------------------------------------------------------------------------ quality table
+
+
+def _fmt3(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def _split_auc(part: Any) -> str:
+    """``"0.850 (95 % CI 0.720-0.950)"`` of one split's metrics (the interval when recorded)."""
+    if not isinstance(part, Mapping):
+        return "n/a"
+    ci = _auc_ci(part)
+    interval = f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return _fmt3(part.get("auc")) + interval
+
+
+def quality_table(
+    metrics: Mapping[str, Any], summary: Mapping[str, Any], *, key: str = "quality.min_auc"
+) -> list[tuple[str, str]]:
+    """The quality gate's decision as ``(item, value)`` rows, for people.
+
+    Args:
+        metrics: ``metrics.json`` of ``train-classifier`` (as for
+            :func:`check_classifier_quality`).
+        summary: what :func:`check_classifier_quality` returned for it.
+        key: the setting that holds the threshold.
+
+    Returns:
+        Rows, in order: the split judged (subjects, positives), the CNN's AUC with its 95 %
+        interval, the linear reference's AUC on that split (and its ``C``), the threshold, whether
+        the classifier passed, the CNN's confusion matrix and balanced accuracy on that split (at
+        probability 0.5), and the validation / test AUCs of both models. Missing values read
+        ``n/a``.
+
+    Example:
+        >>> m = {"val": {"auc": 0.8}, "test": {"auc": 0.9, "confusion_matrix": [[9, 1], [2, 8]]}}
+        >>> rows = quality_table(m, check_classifier_quality(m, 0.7, source=None))
+        >>> dict(rows)["CNN confusion matrix (test)"]
+        'TN 9, FP 1 / FN 2, TP 8'
+    """
+    split = summary["split"]
+    part = metrics.get(split)
+    part = part if isinstance(part, Mapping) else {}
+    reference = metrics.get("reference")
+    reference = reference if isinstance(reference, Mapping) else {}
+    subjects = "n/a"
+    if part.get("n") is not None:
+        subjects = f"{int(part['n'])} subjects"
+        if part.get("n_positive") is not None:
+            subjects += f", {int(part['n_positive'])} positive"
+    ref_auc = _fmt3(summary.get("reference_auc"))
+    if summary.get("reference_auc") is not None and reference.get("C") is not None:
+        ref_auc += f" (L2 logistic regression, C = {float(reference['C']):g})"
+    min_auc = float(summary["min_auc"])
+    off = min_auc <= 0
+    cm = part.get("confusion_matrix")
+    if isinstance(cm, Sequence) and len(cm) == 2 and all(len(row) == 2 for row in cm):
+        (tn, fp), (fn, tp) = cm
+        confusion = f"TN {tn}, FP {fp} / FN {fn}, TP {tp}"
+    else:
+        confusion = "n/a"
+
+    def both(model: Mapping[str, Any]) -> str:
+        return " / ".join(_split_auc(model.get(s)) for s in ("val", "test"))
+
+    return [
+        ("split judged", f"{split} ({subjects})"),
+        (f"CNN AUC ({split})", _split_auc(part)),
+        (f"linear reference AUC ({split})", ref_auc),
+        (key, f"{min_auc:g}" + (" (gate off)" if off else "")),
+        ("passed", ("yes" if summary.get("passed") else "no") + (" (gate off)" if off else "")),
+        (f"CNN confusion matrix ({split})", confusion),
+        (f"CNN balanced accuracy ({split})", _fmt3(part.get("balanced_accuracy"))),
+        ("CNN AUC val / test", both(metrics)),
+        ("linear reference AUC val / test", both(reference)),
+    ]
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 12px; text-align: left; }}
+th {{ background: #f3f3f3; }}
+</style>
+</head>
+<body>
+<h3>{title}</h3>
+<table>
+<thead><tr><th>item</th><th>value</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<p>{note}</p>
+</body>
+</html>
+"""
+
+_NOTE = (
+    "AUCs with their 95 % stratified bootstrap interval. Confusion matrix at probability 0.5 "
+    "(rows: true class, columns: predicted). The linear reference is an L2 logistic regression "
+    "on the standardised voxels fitted on the same training subjects."
+)
+
+
+def write_quality_table(
+    rows: Sequence[tuple[str, str]], path: str | os.PathLike[str], *, title: str
+) -> Path:
+    """Write ``(item, value)`` rows as a small table, atomically; the format from the suffix.
+
+    Args:
+        rows: from :func:`quality_table`.
+        path: ``.html`` (a standalone page, as the Snakemake report shows it), ``.md``
+            (Markdown, the title as a heading) or ``.tsv`` (``item``, ``value`` columns).
+        title: one line above the table (not in the TSV).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: another suffix.
+    """
+    import html
+
+    from neuroexplain.io.atomic import atomic_output
+
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix == ".html":
+        body = "\n".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows
+        )
+        text = _HTML.format(title=html.escape(title), rows=body, note=html.escape(_NOTE))
+    elif suffix == ".md":
+        lines = [f"## {title}", "", "| item | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+        text = "\n".join([*lines, "", _NOTE]) + "\n"
+    elif suffix == ".tsv":
+        text = "item\tvalue\n" + "".join(f"{k}\t{v}\n" for k, v in rows)
+    else:
+        raise ValueError(f"expected a table path ending in {', '.join(TABLE_SUFFIXES)}, got {out}")
+    with atomic_output(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return out

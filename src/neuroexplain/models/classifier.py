@@ -17,7 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import ADN
 from monai.networks.layers import Conv, Pool
 from torch import nn
@@ -72,6 +74,7 @@ class SmallCNN3D(nn.Module):
         dropout: float = 0.0,
         norm: str | tuple = "batch",
         act: str | tuple = "relu",
+        linear_pool: int = 0,
     ) -> None:
         super().__init__()
         spatial = tuple(int(s) for s in spatial_size)
@@ -115,6 +118,11 @@ class SmallCNN3D(nn.Module):
             width = h
         head += [nn.Dropout(dropout), nn.Linear(width, out_channels)]
         self.classifier = nn.Sequential(*head)
+        self.linear_path = (
+            LinearPath(spatial, in_channels, out_channels, pool=linear_pool)
+            if linear_pool
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, X, Y, Z)`` images -> ``(B, out_channels)`` logits."""
@@ -122,7 +130,42 @@ class SmallCNN3D(nn.Module):
             raise ValueError(
                 f"expected input of spatial shape {self.spatial_size}, got {tuple(x.shape[2:])}"
             )
-        return self.classifier(torch.flatten(self.features(x), 1))
+        out = self.classifier(torch.flatten(self.features(x), 1))
+        if self.linear_path is not None:
+            out = out + self.linear_path(x)
+        return out
+
+
+class LinearPath(nn.Module):
+    """A logistic-regression term on the input: ``Linear(flatten(avg_pool(x, pool)))``.
+
+    Added to a CNN's logit (a "wide and deep" model), it lets the classifier use a voxel-wise
+    linear signal from the first step, at the resolution of ``pool``-voxel blocks, while the
+    convolutional path learns; zero-initialised, so it starts as no change.
+
+    Shapes:
+        ``forward(x)``: ``(B, C, X, Y, Z) -> (B, out_channels)``.
+    """
+
+    def __init__(
+        self, spatial_size: Sequence[int], in_channels: int, out_channels: int, *, pool: int = 2
+    ) -> None:
+        super().__init__()
+        if pool < 1:
+            raise ValueError(f"expected pool >= 1, got {pool}")
+        self.pool = int(pool)
+        n = int(in_channels) * int(np.prod([int(s) // self.pool for s in spatial_size]))
+        self.linear = nn.Linear(n, out_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        # a sum over ~1e4-1e5 standardised voxels: scaled by 1 / sqrt(n) so that an optimiser
+        # step of the CNN's size moves the logit by O(1), not O(sqrt(n))
+        self.scale = float(n) ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = F.avg_pool3d(x, self.pool)
+        return self.linear(x.reshape(x.shape[0], -1)) * self.scale
 
 
 class InputStandardize(nn.Module):

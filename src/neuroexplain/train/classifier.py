@@ -25,8 +25,9 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -499,11 +500,10 @@ def train_classifier(
     """
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
 
     from neuroexplain.evaluate.quality import bootstrap_auc, linear_reference
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import build_model, save_classifier
+    from neuroexplain.models import save_classifier
     from neuroexplain.provenance import provenance
     from neuroexplain.utils import (
         amp_enabled,
@@ -559,15 +559,7 @@ def train_classifier(
     model_kwargs: dict[str, Any] = {"dropout": cfg.dropout} if cfg.arch == "small" else {}
     if cfg.standardize:
         model_kwargs["standardize"] = True
-    model = build_model(
-        cfg.arch, spatial_size=in_shape[1:], in_channels=in_shape[0], out_channels=1, **model_kwargs
-    )
-    if cfg.standardize:
-        fit_on = images[parts["train"]]
-        if cfg.flip:
-            fit_on = torch.cat([fit_on, fit_on.flip(2 + _lr_axis(data))])
-        model.input_norm.fit(fit_on, eps=cfg.standardize_eps)
-        del fit_on
+    model = _build(cfg, data, images, parts, model_kwargs)
     model = model.to(device)
     need = estimate_training_memory(model, in_shape, cfg.batch_size, amp)
     need += int(images.element_size() * images.nelement())  # the cached volumes
@@ -580,138 +572,46 @@ def train_classifier(
         hint="use a smaller --batch-size or ingest at a smaller --shape",
     )
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and resources are checked
-    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem_format)
-    n_pos = float(y[parts["train"]].sum())
-    n_neg = float(len(parts["train"]) - n_pos)
-    pos_weight = torch.tensor([n_neg / max(n_pos, 1.0)], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    aug = _augmenter(cfg, _lr_axis(data), cfg.seed) if cfg.augment else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    x_val, y_val = images[parts["val"]], y[parts["val"]]
-    best: dict[str, Any] = {"key": (float("inf"),), "loss": float("inf"), "epoch": -1}
-    log_rows: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    stale = 0
-    start = 1
-    state_path = out / STATE_FILE
-    run_key = _run_key(cfg, images, y, split_df, subjects)
-    if resume and state_path.is_file():
-        state = _load_state(state_path, run_key)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            gen.set_state(state["rng"]["order"])
-            if aug is not None:
-                aug.gen.set_state(state["rng"]["augment"])
-            best = {**state["best"], "key": tuple(state["best"]["key"])}
-            stale = int(state["stale"])
-            log_rows = [dict(r) for r in state["log"]]
-            start = int(state["epoch"]) + 1
-            logger.info(
-                "resuming classifier training from %s after epoch %d", state_path, start - 1
-            )
-    disable = None if progress is None else not progress  # None: only on a terminal
-    bar = tqdm(
-        range(start, cfg.epochs + 1),
-        desc="train",
-        unit="epoch",
-        disable=disable,
-        initial=start - 1,
-        total=cfg.epochs,
+    run = _Run(
+        cfg=cfg,
+        images=images,
+        y=y,
+        parts=parts,
+        groups=data.get("groups"),
+        lr_axis=_lr_axis(data),
+        device=device,
+        amp=amp,
+        resume=resume,
+        progress=progress,
     )
-    stopped = cfg.patience and stale >= cfg.patience
-    train_groups = _train_groups(data.get("groups"), parts["train"])
-    for epoch in [] if stopped else bar:
-        t0 = time.perf_counter()
-        model.train()
-        if train_groups is None:
-            order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
-        else:  # whole groups in random order: a paired control and diseased share a batch
-            perm = torch.randperm(len(train_groups), generator=gen).numpy()
-            order = np.concatenate([train_groups[j] for j in perm])
-        total, count = 0.0, 0
-        steps_per_epoch = -(-len(order) // cfg.batch_size)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, steps_per_epoch)
-            xb = images[idx].to(device, non_blocking=True)
-            if aug is not None:
-                xb = aug(xb)
-            xb = xb.contiguous(memory_format=mem_format)
-            yb = torch.as_tensor(y[idx], device=device)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
-                loss = loss_fn(model(xb)[:, 0].float(), yb)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.item()) * len(idx)
-            count += len(idx)
-        train_loss = total / max(count, 1)
-        val_loss, val_logits = _evaluate_loss(
-            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
+    run_key = _run_key(cfg, images, y, split_df, subjects)
+    phases = [_fit_phase(run, "cnn", model, out / STATE_FILE, run_key, model_kwargs)]
+    ref_auc = reference["val"]["auc"]
+    if (
+        cfg.reference_fallback
+        and cfg.arch == "small"
+        and ref_auc is not None
+        and phases[0].val_auc < ref_auc - REFERENCE_MARGIN
+    ):
+        logger.warning(
+            "the CNN reached val AUC %.3f, below the linear reference's %.3f: training it again "
+            "with a linear path initialised from a logistic regression on its own input",
+            phases[0].val_auc,
+            ref_auc,
         )
-        vm = binary_metrics(y_val, val_logits)
-        seconds = time.perf_counter() - t0
-        log_rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_auc": vm["auc"],
-                "val_balanced_accuracy": vm["balanced_accuracy"],
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(seconds, 3),
-            }
-        )
-        auc = vm["auc"] if vm["auc"] is not None else 0.5
-        key = (
-            (round(val_loss, 6),) if cfg.monitor == "loss" else (-round(auc, 6), round(val_loss, 6))
-        )
-        improved = key < best["key"]
-        if improved:
-            best = {
-                "key": key,
-                "auc": auc,
-                "loss": val_loss,
-                "epoch": epoch,
-                "state": copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                ),
-            }
-            stale = 0
-        else:
-            stale += 1
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
-        logger.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
-            epoch,
-            train_loss,
-            val_loss,
-            "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
-            " *" if improved else "",
-            seconds,
-        )
-        _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
-        if cfg.patience and stale >= cfg.patience:
-            logger.info(
-                "early stop: no better validation %s for %d epochs", cfg.monitor, cfg.patience
+        kwargs = {**model_kwargs, "linear_pool": LINEAR_POOL}
+        model = _build(cfg, data, images, parts, kwargs)
+        init = _init_linear_path(model, run)
+        phases.append(
+            _fit_phase(
+                run, "cnn+linear", model.to(device), out / STATE_FILE_LINEAR,
+                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init,
             )
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - t_start
-
-    model.load_state_dict(best["state"])
+        )  # fmt: skip
+    chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))  # tie: the first
+    model, best, model_kwargs = chosen.model, chosen.best, chosen.model_kwargs
+    log_rows = [row for ph in phases for row in ph.log_rows]
+    train_seconds = sum(ph.seconds for ph in phases)
     model = model.to(memory_format=torch.contiguous_format)
     logits = predict_logits(model, images, batch_size=cfg.batch_size, device=device)
     metrics: dict[str, Any] = {
@@ -734,13 +634,25 @@ def train_classifier(
             "best_val_loss": best["loss"],
             "best_val_auc": best["auc"],
             "epochs_run": len(log_rows),
+            "model": chosen.name,
+            "phases": [
+                {
+                    "name": ph.name,
+                    "val_auc": ph.val_auc,
+                    "best_epoch": ph.best["epoch"],
+                    "epochs_run": len(ph.log_rows),
+                    "seconds": round(ph.seconds, 2),
+                    "linear_init": ph.linear_init,
+                }
+                for ph in phases
+            ],
             "train_seconds": round(train_seconds, 2),
             "train_volumes_per_second": round(
                 sum(len(parts["train"]) for _ in log_rows) / max(train_seconds, 1e-9), 3
             ),
             "device": str(device),
             "input_shape": in_shape,
-            "pos_weight": float(pos_weight.item()),
+            "pos_weight": _pos_weight(y[parts["train"]]),
             "positive_class": data.get("positive_class"),
             "provenance": prov,
         }
@@ -792,8 +704,318 @@ def train_classifier(
     write_table(logit_df, out / "logits.tsv")
     write_table(pd.DataFrame(log_rows), out / "train_log.tsv")
     write_json(metrics, out / "metrics.json")
-    state_path.unlink(missing_ok=True)
+    for name in (STATE_FILE, STATE_FILE_LINEAR):
+        (out / name).unlink(missing_ok=True)
     return metrics
+
+
+def _monitor_key(cfg: ClassifierConfig, val_loss: float, auc: float) -> tuple[float, ...]:
+    """Sort key of an epoch (smaller is better): validation loss, or AUC then loss."""
+    if cfg.monitor == "loss":
+        return (round(val_loss, 6),)
+    return (-round(auc, 6), round(val_loss, 6))
+
+
+def _pos_weight(y_train: np.ndarray) -> float:
+    """BCE weight of the positive class: negatives / positives of the training split."""
+    n_pos = float(np.sum(y_train))
+    return (len(y_train) - n_pos) / max(n_pos, 1.0)
+
+
+@dataclass
+class _Run:
+    """What every training phase of one ``train_classifier`` call shares."""
+
+    cfg: ClassifierConfig
+    images: Any
+    y: np.ndarray
+    parts: dict[str, np.ndarray]
+    groups: Any
+    lr_axis: int
+    device: Any
+    amp: bool
+    resume: bool
+    progress: bool | None
+
+
+@dataclass
+class _Phase:
+    """One trained model: its best validation state, log and time."""
+
+    name: str
+    model: Any
+    best: dict[str, Any]
+    log_rows: list[dict[str, Any]]
+    seconds: float
+    model_kwargs: dict[str, Any]
+    linear_init: dict[str, Any] | None = None
+
+    @property
+    def val_auc(self) -> float:
+        return float(self.best.get("auc", 0.5))
+
+
+def _build(
+    cfg: ClassifierConfig,
+    data: Mapping[str, Any],
+    images: Any,
+    parts: Mapping[str, np.ndarray],
+    model_kwargs: dict[str, Any],
+) -> Any:
+    """The network of ``cfg`` with its input standardisation fitted on the training images."""
+    import torch
+
+    from neuroexplain.models import build_model
+
+    in_shape = list(images.shape[1:])
+    model = build_model(
+        cfg.arch, spatial_size=in_shape[1:], in_channels=in_shape[0], out_channels=1, **model_kwargs
+    )
+    if cfg.standardize:
+        fit_on = images[parts["train"]]
+        if cfg.flip:
+            fit_on = torch.cat([fit_on, fit_on.flip(2 + _lr_axis(data))])
+        model.input_norm.fit(fit_on, eps=cfg.standardize_eps)
+    return model
+
+
+def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
+    """Set ``model.linear_path`` to an L2 logistic regression on the model's own input.
+
+    The features are what the linear path sees: the (standardised) training images,
+    average-pooled by the path's factor; flipped copies join when the training flips. The
+    inverse penalty ``C`` is chosen on validation AUC (ties: the stronger penalty). The CNN path
+    is freshly initialised with a zero logit layer, so the model starts as this regression
+    (epoch 0 of the phase, a candidate for the best state) and training refines it.
+
+    Returns:
+        ``{"C", "val_auc", "val_auc_by_C"}``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    path = model.linear_path
+
+    def features(x: Any) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), 16):
+                xb = x[i : i + 16].float()
+                if hasattr(model, "input_norm"):
+                    xb = model.input_norm(xb)
+                if path.pool > 1:
+                    xb = F.avg_pool3d(xb, path.pool)
+                out.append(xb.reshape(len(xb), -1).numpy())
+        return np.concatenate(out)
+
+    tr, va = run.parts["train"], run.parts["val"]
+    x_tr, y_tr = run.images[tr], run.y[tr]
+    if run.cfg.flip and run.cfg.augment:
+        x_tr, y_tr = torch.cat([x_tr, x_tr.flip(2 + run.lr_axis)]), np.concatenate([y_tr, y_tr])
+    f_tr, f_va = features(x_tr), features(run.images[va])
+    best: tuple[float, float, Any] | None = None
+    by_c: dict[str, float] = {}
+    for c in LINEAR_CS:
+        reg = LogisticRegression(
+            C=c, solver="liblinear", dual=True, class_weight="balanced", max_iter=1000,
+            random_state=run.cfg.seed,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            reg.fit(f_tr, y_tr.astype(int))
+        auc = binary_metrics(run.y[va], reg.decision_function(f_va))["auc"] or 0.5
+        by_c[f"{c:g}"] = auc
+        if best is None or auc > best[0]:
+            best = (auc, c, reg)
+    assert best is not None
+    auc, c, reg = best
+    with torch.no_grad():
+        path.linear.weight.copy_(torch.as_tensor(reg.coef_, dtype=torch.float32) / path.scale)
+        path.linear.bias.copy_(torch.as_tensor(reg.intercept_, dtype=torch.float32) / path.scale)
+        # the CNN path's logit layer starts at zero: the model starts as the regression itself
+        last = model.classifier[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    logger.info("linear path initialised: C %g, val AUC %.3f", c, auc)
+    return {"C": c, "val_auc": auc, "val_auc_by_C": by_c}
+
+
+def _fit_phase(
+    run: _Run,
+    name: str,
+    model: Any,
+    state_path: Path,
+    run_key: dict[str, Any],
+    model_kwargs: dict[str, Any],
+    *,
+    linear_init: dict[str, Any] | None = None,
+) -> _Phase:
+    """Train ``model`` (early stopping, best validation state, resumable) and return the phase."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg, images, y, parts, device, amp = run.cfg, run.images, run.y, run.parts, run.device, run.amp
+    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    pos_weight = torch.tensor([_pos_weight(y[parts["train"]])], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    x_val, y_val = images[parts["val"]], y[parts["val"]]
+    best: dict[str, Any] = {"key": (float("inf"),), "loss": float("inf"), "epoch": -1}
+    log_rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    stale = 0
+    start = 1
+    if linear_init is not None:  # the initial model (the regression alone) is a candidate too
+        val_loss, val_logits = _evaluate_loss(
+            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
+        )
+        vm = binary_metrics(y_val, val_logits)
+        auc = vm["auc"] if vm["auc"] is not None else 0.5
+        best = {
+            "key": _monitor_key(cfg, val_loss, auc),
+            "auc": auc,
+            "loss": val_loss,
+            "epoch": 0,
+            "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        }
+        log_rows.append(
+            {
+                "phase": name,
+                "epoch": 0,
+                "train_loss": None,
+                "val_loss": val_loss,
+                "val_auc": vm["auc"],
+                "val_balanced_accuracy": vm["balanced_accuracy"],
+                "lr": None,
+                "seconds": 0.0,
+            }
+        )
+    if run.resume and state_path.is_file():
+        state = _load_state(state_path, run_key)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            gen.set_state(state["rng"]["order"])
+            if aug is not None:
+                aug.gen.set_state(state["rng"]["augment"])
+            best = {**state["best"], "key": tuple(state["best"]["key"])}
+            stale = int(state["stale"])
+            log_rows = [dict(r) for r in state["log"]]
+            start = int(state["epoch"]) + 1
+            logger.info(
+                "resuming classifier training from %s after epoch %d", state_path, start - 1
+            )
+    disable = None if run.progress is None else not run.progress  # None: only on a terminal
+    bar = tqdm(
+        range(start, cfg.epochs + 1),
+        desc=f"train {name}",
+        unit="epoch",
+        disable=disable,
+        initial=start - 1,
+        total=cfg.epochs,
+    )
+    stopped = cfg.patience and stale >= cfg.patience
+    train_groups = _train_groups(run.groups, parts["train"])
+    for epoch in [] if stopped else bar:
+        t0 = time.perf_counter()
+        model.train()
+        if train_groups is None:
+            order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
+        else:  # whole groups in random order: a paired control and diseased share a batch
+            perm = torch.randperm(len(train_groups), generator=gen).numpy()
+            order = np.concatenate([train_groups[j] for j in perm])
+        total, count = 0.0, 0
+        steps_per_epoch = -(-len(order) // cfg.batch_size)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, steps_per_epoch)
+            xb = images[idx].to(device, non_blocking=True)
+            if aug is not None:
+                xb = aug(xb)
+            xb = xb.contiguous(memory_format=mem_format)
+            yb = torch.as_tensor(y[idx], device=device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(model(xb)[:, 0].float(), yb)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.item()) * len(idx)
+            count += len(idx)
+        train_loss = total / max(count, 1)
+        val_loss, val_logits = _evaluate_loss(
+            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
+        )
+        vm = binary_metrics(y_val, val_logits)
+        seconds = time.perf_counter() - t0
+        log_rows.append(
+            {
+                "phase": name,
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_auc": vm["auc"],
+                "val_balanced_accuracy": vm["balanced_accuracy"],
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(seconds, 3),
+            }
+        )
+        auc = vm["auc"] if vm["auc"] is not None else 0.5
+        key = _monitor_key(cfg, val_loss, auc)
+        improved = key < best["key"]
+        if improved:
+            best = {
+                "key": key,
+                "auc": auc,
+                "loss": val_loss,
+                "epoch": epoch,
+                "state": copy.deepcopy(
+                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                ),
+            }
+            stale = 0
+        else:
+            stale += 1
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
+        logger.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
+            epoch,
+            train_loss,
+            val_loss,
+            "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
+            " *" if improved else "",
+            seconds,
+        )
+        _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
+        if cfg.patience and stale >= cfg.patience:
+            logger.info(
+                "early stop: no better validation %s for %d epochs", cfg.monitor, cfg.patience
+            )
+            break
+    bar.close()
+    model.load_state_dict(best["state"])
+    return _Phase(
+        name=name,
+        model=model,
+        best=best,
+        log_rows=log_rows,
+        seconds=time.perf_counter() - t_start,
+        model_kwargs=model_kwargs,
+        linear_init=linear_init,
+    )
 
 
 def _fmt_auc(auc: float | None) -> str:
@@ -813,6 +1035,13 @@ def _train_groups(groups: Sequence[str] | None, train: np.ndarray) -> list[np.nd
 
 
 STATE_FILE = "train_state.pt"
+STATE_FILE_LINEAR = "train_state_linear.pt"
+#: a CNN this far below the linear reference's validation AUC is trained again with a linear path
+REFERENCE_MARGIN = 0.03
+#: average-pooling factor of the linear path's input
+LINEAR_POOL = 2
+#: inverse L2 penalties of the linear path's initialisation (chosen on validation AUC)
+LINEAR_CS = (1e-3, 1e-2, 1e-1, 1.0)
 STATE_FORMAT = "neuroexplain-classifier-state/1"
 
 
