@@ -17,7 +17,9 @@ when the run
 errors, 0 tracebacks, 0 partial outputs`` in pytest's terminal summary and asserts the last two.
 The existing per-stage bad-input tests (``test_ingest_mri.py``, ``test_ingest_st.py``,
 ``test_cohort.py``, ...) stay where they are; this corpus covers the same ground on synthetic data
-through the CLI, plus checkpoints, layers, config and resource limits.
+through the CLI, plus checkpoints, layers, config (duplicate keys, YAML syntax), resource limits,
+doubtful inputs that would otherwise pass silently (a reference subject that empties the cohort,
+labels or genes that differ only by case), output paths of the wrong kind and a full disk.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _fulldisk import fill_disk
 from conftest import SUMMARY_LINES
 
 from neuroexplain.cli import main
@@ -60,6 +63,8 @@ class Case:
         canary: a file that must NOT exist afterwards (a tampered pickle's payload target).
         runner: ``"inprocess"`` (``main(argv)``), ``"subprocess"`` (a real process) or
             ``"snakemake"`` (a dry run of the workflow against the config schema).
+        setup: called with pytest's ``monkeypatch`` just before an in-process run (e.g. to
+            simulate a full disk with :func:`_fulldisk.fill_disk`).
     """
 
     argv: list[str]
@@ -69,6 +74,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     canary: Path | None = None
     runner: str = "inprocess"
+    setup: Callable[[pytest.MonkeyPatch], object] | None = None
 
 
 @dataclass
@@ -135,8 +141,11 @@ def run_case(c: Case, tmp: Path, capsys, monkeypatch) -> Outcome:
     if c.runner == "inprocess":
         for k, v in c.env.items():
             monkeypatch.setenv(k, v)
+        if c.setup is not None:
+            c.setup(monkeypatch)
         capsys.readouterr()
         code = main(c.argv)
+        monkeypatch.undo()  # a simulated full disk ends with the run
         captured = capsys.readouterr()
         out, err = captured.out, captured.err
     else:
@@ -240,6 +249,28 @@ def ingest_args(root: Path, tmp: Path, *extra: str) -> list[str]:
         "ingest-mri", "--bids", str(root), "--out", str(tmp / "out"), "--shape", "16",
         "--fov-mm", "64", "--align", "none", "--mask", "none", *extra,
     ]  # fmt: skip
+
+
+def _parcels(dseg: np.ndarray) -> np.ndarray:
+    """The labelled ball of :func:`_head` cut into 3x3x3 parcels (labels 1-27): enough label
+    centroids (>= 12) for ``--align labels``."""
+    cell = np.stack(np.meshgrid(*[np.arange(SIZE) // 7] * 3, indexing="ij"))
+    return np.where(dseg > 0, 1 + cell[0] * 9 + cell[1] * 3 + cell[2], 0).astype(np.int16)
+
+
+def make_parcellated_bids(root: Path, subjects: list[str] = GOOD_SUBJECTS) -> Path:
+    """:func:`make_bids` with 27-parcel dseg maps, which ``--align labels`` can align."""
+    make_bids(root, subjects)
+    for sid in subjects:
+        _save(_parcels(np.asarray(nib.load(dseg_path(root, sid)).dataobj)), dseg_path(root, sid))
+    names = "".join(f"{i}\tparcel{i}\n" for i in range(1, 28))
+    (root / "derivatives" / "dlmuse" / "dseg.tsv").write_text("index\tname\n" + names)
+    return root
+
+
+def align_args(root: Path, tmp: Path, *extra: str) -> list[str]:
+    """:func:`ingest_args` aligning by labels to the first subject (the reference)."""
+    return _replace(ingest_args(root, tmp, *extra), "--align", "labels")
 
 
 def bids_with_bad_subject(tmp: Path) -> tuple[Path, Path, Path]:
@@ -595,6 +626,78 @@ def _(tmp: Path, k: Kit) -> Case:
     return Case(args, ("sheet.csv",), r"missing \['t1'\]")
 
 
+@case("mri-align-reference-wrong-unit")
+def _(tmp: Path, k: Kit) -> Case:
+    """The --align labels reference with its voxel size in the wrong unit (affine / 100): its
+    brain shrinks to a voxel of the model grid, and every subject would follow it."""
+    root = make_parcellated_bids(tmp / "bids", [BAD, *GOOD_SUBJECTS])
+    t1, dseg = t1_path(root, BAD), dseg_path(root, BAD)
+    tiny = AFFINE.copy()
+    tiny[:3] /= 100.0
+    for p in (t1, dseg):
+        _save(np.asarray(nib.load(p).dataobj), p, tiny)
+    return Case(align_args(root, tmp), (t1.name,), r"reference.*covering only \d+ of 4096")
+
+
+@case("mri-align-reference-constant")
+def _(tmp: Path, k: Kit) -> Case:
+    """A constant (not all-zero) T1w, which as the reference would shift every subject's grid."""
+    root = make_parcellated_bids(tmp / "bids", [BAD, *GOOD_SUBJECTS])
+    t1 = t1_path(root, BAD)
+    _save(np.full((SIZE,) * 3, 7.0, np.float32), t1)
+    return Case(align_args(root, tmp), (t1.name,), r"constant volume \(every voxel 7\)")
+
+
+@case("mri-subject-wrong-unit")
+def _(tmp: Path, k: Kit) -> Case:
+    """Without alignment, a subject whose voxel size is in the wrong unit becomes (nearly) empty
+    on the model grid."""
+    root, t1, dseg = bids_with_bad_subject(tmp)
+    tiny = AFFINE.copy()
+    tiny[:3] /= 100.0
+    for p in (t1, dseg):
+        _save(np.asarray(nib.load(p).dataobj), p, tiny)
+    return Case(ingest_args(root, tmp), (t1.name,), r"sub-00 has a labelled brain .*covering only")
+
+
+@case("mri-brain-outside-grid")
+def _(tmp: Path, k: Kit) -> Case:
+    """The labelled brain far from the head the model grid is centred on: it would be cut off."""
+    root, t1, dseg = bids_with_bad_subject(tmp)
+    big = 48
+    head = np.zeros((big,) * 3, np.float32)
+    brain = np.zeros((big,) * 3, np.int16)
+    head[:SIZE, :SIZE, :SIZE], lab = _head()
+    brain[-SIZE:, -SIZE:, -SIZE:] = lab
+    _save(head, t1)
+    _save(brain, dseg)
+    return Case(ingest_args(root, tmp), (t1.name,), r"sub-00 keeps only 0\.00 % of its labelled")
+
+
+@case("mri-label-case-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    """``Disease`` beside ``disease``: a typo that would silently become a third class."""
+    root = make_bids(tmp / "bids", labels=["control", "disease", "Disease", "control"])
+    args = ingest_args(root, tmp, "--label-column", "diagnosis", "--positive-class", "disease")
+    return Case(
+        args, ("participants.tsv",), r"'diagnosis'.*differ only by case.*'Disease'.*'disease'"
+    )
+
+
+@case("mri-sheet-label-whitespace-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    """Sheet labels ``mild AD`` / ``mild  AD`` (two spaces): one class written two ways."""
+    root = make_bids(tmp / "bids", dseg=False)
+    sheet = tmp / "sheet.tsv"
+    rows = [f"{s}\t{t1_path(root, s)}\t{lab}" for s, lab in zip(
+        GOOD_SUBJECTS, ["control", "mild AD", "control", "mild  AD"], strict=True
+    )]  # fmt: skip
+    sheet.write_text("subject\tt1\tlabel\n" + "\n".join(rows) + "\n")
+    args = ["ingest-mri", "--sheet", str(sheet), "--out", str(tmp / "out"), "--shape", "16",
+            "--fov-mm", "64", "--align", "none", "--mask", "none"]  # fmt: skip
+    return Case(args, ("sheet.tsv",), r"'label'.*whitespace: 'mild  AD' .* vs 'mild AD'")
+
+
 # ============================================================================== ST: ingest-st
 
 
@@ -688,6 +791,57 @@ def _(tmp: Path, k: Kit) -> Case:
     return Case(st_args(tmp, "--counts", str(gz), *args[2:]), ("counts.csv.gz",), r"cannot")
 
 
+@case("st-label-case-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    """``gcl`` beside ``GCL`` would become a layer of its own."""
+    spots = st_spots()
+    spots.loc[SPOTS[6], "layer"] = "gcl"
+    return Case(
+        st_args(tmp, *st_tables(tmp, spots=spots)),
+        ("spots.csv",),
+        r"'layer'.*differ only by case.*'GCL' \(2 spot\(s\)\) vs 'gcl' \(1 spot\(s\)\)",
+    )
+
+
+@case("st-gene-case-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    """``Penk`` and ``PENK``: the same gene twice (e.g. two references merged)."""
+    c = st_counts()
+    c.columns = [*GENES[:-2], "Penk", "PENK"]
+    return Case(
+        st_args(tmp, *st_tables(tmp, counts=c)),
+        ("counts.csv",),
+        r"gene names that differ only by case.*'PENK' vs 'Penk'",
+    )
+
+
+@case("st-h5ad-label-whitespace-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    """An .h5ad whose categorical label has both ``MCL`` and ``MCL `` (trailing space)."""
+    a = st_adata()
+    layer = a.obs["layer"].astype(str).to_numpy()
+    layer[:3] = "MCL "
+    a.obs["layer"] = pd.Categorical(layer)
+    a.write_h5ad(tmp / "labels.h5ad")
+    return Case(
+        st_args(tmp, "--h5ad", str(tmp / "labels.h5ad")),
+        ("labels.h5ad",),
+        r"'layer'.*differ only by case or whitespace.*'MCL'.*'MCL '",
+    )
+
+
+@case("st-h5ad-gene-case-clash")
+def _(tmp: Path, k: Kit) -> Case:
+    a = st_adata()
+    a.var_names = [*a.var_names[:-1], a.var_names[0].upper()]
+    a.write_h5ad(tmp / "genes.h5ad")
+    return Case(
+        st_args(tmp, "--h5ad", str(tmp / "genes.h5ad")),
+        ("genes.h5ad",),
+        r"gene names \(var_names\) that differ only by case.*'GENE0' vs 'Gene0'",
+    )
+
+
 # ============================================================================== ST: st-concepts
 
 
@@ -729,6 +883,130 @@ def _(tmp: Path, k: Kit) -> Case:
     return Case(args, ("in.h5ad", "--gene-concepts"), r"NotAGene")
 
 
+# ============================================================================== output paths
+
+
+@case("out-st-concepts-char-device")
+def _(tmp: Path, k: Kit) -> Case:
+    """--out names a character device (a symlink to /dev/null here, so that even a failing check
+    would only replace the link): refused before training, never renamed over."""
+    dev = tmp / "out.h5ad"
+    dev.symlink_to(os.devnull)
+    args = _replace(_concepts_args(tmp, st_adata()), "--out", str(dev))
+    return Case(args, ("out.h5ad",), r"expected a regular file .*got an existing character device")
+
+
+@case("out-ingest-st-named-pipe")
+def _(tmp: Path, k: Kit) -> Case:
+    fifo = tmp / "st.h5ad"
+    os.mkfifo(fifo)
+    args = _replace(st_args(tmp, *st_tables(tmp)), "--out", str(fifo))
+    return Case(args, ("st.h5ad",), r"expected a regular file .*got an existing named pipe")
+
+
+@case("out-ingest-st-is-folder")
+def _(tmp: Path, k: Kit) -> Case:
+    (tmp / "out" / "st.h5ad").mkdir(parents=True)
+    return Case(
+        st_args(tmp, *st_tables(tmp)), ("st.h5ad",), r"expected a regular file .*existing folder"
+    )
+
+
+@case("out-ingest-mri-is-file")
+def _(tmp: Path, k: Kit) -> Case:
+    root = make_bids(tmp / "bids")
+    (tmp / "out").write_text("not a folder\n")
+    return Case(ingest_args(root, tmp), (str(tmp / "out"),), r"expected a folder .*existing file")
+
+
+@case("out-st-concepts-figures-is-file")
+def _(tmp: Path, k: Kit) -> Case:
+    args = _concepts_args(tmp, st_adata())
+    (tmp / "out").mkdir()
+    (tmp / "out" / "figures").write_text("not a folder\n")
+    return Case(args, ("figures", "--figures"), r"expected a folder .*\(--figures\).*existing file")
+
+
+@case("out-train-classifier-is-file")
+def _(tmp: Path, k: Kit) -> Case:
+    (tmp / "model_out").write_text("not a folder\n")
+    args = ["train-classifier", "--preproc", str(k.preproc), "--out", str(tmp / "model_out")]
+    return Case(
+        [*args, "--device", "cpu"], ("model_out",), r"expected a folder .*existing file",
+        watch=[k.root],
+    )  # fmt: skip
+
+
+@case("out-saliency-parent-is-file")
+def _(tmp: Path, k: Kit) -> Case:
+    (tmp / "results").write_text("a file where a folder should be\n")
+    args = _replace(_kit_args(k, "saliency", tmp), "--out", str(tmp / "results" / "saliency"))
+    return Case(
+        args, ("saliency",), r"cannot create the output .*results is an existing file",
+        watch=[k.root],
+    )  # fmt: skip
+
+
+# ============================================================================== a full disk
+# Writes to the temporary output files fail with ENOSPC (tests/_fulldisk.py); a real tmpfs run is
+# in test_write_safety.py. The run must end with one line naming the output, and leave nothing.
+
+
+@case("full-disk-ingest-mri")
+def _(tmp: Path, k: Kit) -> Case:
+    root = make_bids(tmp / "bids")
+    return Case(
+        ingest_args(root, tmp), ("preproc.pt",), r"no space left on device while writing it",
+        setup=lambda mp: fill_disk(mp),
+    )  # fmt: skip
+
+
+@case("full-disk-ingest-mri-last-file")
+def _(tmp: Path, k: Kit) -> Case:
+    """The disk fills up at the last of the three outputs: the other two go again."""
+    root = make_bids(tmp / "bids")
+    return Case(
+        ingest_args(root, tmp), ("ingest.json",), r"no space left on device",
+        setup=lambda mp: fill_disk(mp, room=0, only=r"^ingest\.json$"),
+    )  # fmt: skip
+
+
+@case("full-disk-ingest-st")
+def _(tmp: Path, k: Kit) -> Case:
+    return Case(
+        st_args(tmp, *st_tables(tmp)), ("st.h5ad",), r"no space left on device",
+        setup=lambda mp: fill_disk(mp),
+    )  # fmt: skip
+
+
+@case("full-disk-st-concepts")
+def _(tmp: Path, k: Kit) -> Case:
+    """Model and figures are written, then the .h5ad hits the full disk: all of them go."""
+    args = _concepts_args(tmp, st_adata())
+    return Case(
+        args, ("c.h5ad",), r"no space left on device",
+        setup=lambda mp: fill_disk(mp, room=0, only=r"^c\.h5ad$"),
+    )  # fmt: skip
+
+
+@case("full-disk-saliency")
+def _(tmp: Path, k: Kit) -> Case:
+    args = _kit_args(k, "saliency", tmp, "--methods", "gradient", "--layer", "features.1")
+    return Case(
+        args, (".nii.gz", ".json", ".tsv"), r"no space left on device", watch=[k.root],
+        setup=lambda mp: fill_disk(mp, room=0, only=r"\.nii\.gz$|summary|\.tsv$"),
+    )  # fmt: skip
+
+
+@case("full-disk-tcav")
+def _(tmp: Path, k: Kit) -> Case:
+    return Case(
+        _kit_args(k, "tcav", tmp, "--layers", "features.1"), ("tcav.json", "tcav.tsv", "tcav.png"),
+        r"no space left",
+        watch=[k.root], setup=lambda mp: fill_disk(mp, room=0, only=r"^tcav\."),
+    )  # fmt: skip
+
+
 # ============================================================================== config / options
 
 
@@ -760,6 +1038,44 @@ def _(tmp: Path, k: Kit) -> Case:
         "mri.fov_mm",
         r"bad_config\.yaml\): mri\.fov_mm: -5 is less than",
     )
+
+
+@case("config-duplicate-key")
+def _(tmp: Path, k: Kit) -> Case:
+    """``mri:`` twice: Snakemake's reader would keep the second block only (a 2-subject test
+    silently becoming a run over every subject)."""
+    return _snakemake_case(
+        tmp,
+        "mri:\n  limit: 2\nseed: 1\nmri:\n  fov_mm: 200\n",
+        "mri",
+        r"bad_config\.yaml:4\): duplicate key 'mri' \(first on line 1\)",
+    )
+
+
+@case("config-nested-duplicate-key")
+def _(tmp: Path, k: Kit) -> Case:
+    return _snakemake_case(
+        tmp,
+        "classifier:\n  epochs: 5\n  lr: 0.001\n  epochs: 50\n",
+        "epochs",
+        r"bad_config\.yaml:4\): duplicate key 'epochs' \(first on line 2\)",
+    )
+
+
+@case("config-syntax-error")
+def _(tmp: Path, k: Kit) -> Case:
+    """A YAML syntax error in the workflow's own config/config.yaml (the one ``configfile:``
+    reads): the error names the file and the line."""
+    work = tmp / "work"
+    (work / "config").mkdir(parents=True)
+    good = (REPO / "config" / "config.yaml").read_text()
+    (work / "config" / "config.yaml").write_text("seed: 0\n\tlimit: 2\n" + good)  # a tab
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(work), "-n", "--quiet",
+    ]  # fmt: skip
+    problem = r"config\.yaml:2\): YAML syntax error: found character '\\t'"
+    return Case(cmd, ("config.yaml",), problem, runner="snakemake")
 
 
 @case("option-wrong-type")
@@ -929,6 +1245,18 @@ def _(tmp: Path, k: Kit) -> Case:
     return Case(args, ("concepts.yaml",), r"yaml|parse|read", watch=[k.root])
 
 
+@case("concepts-config-duplicate-concept")
+def _(tmp: Path, k: Kit) -> Case:
+    """The same concept name twice: YAML would keep the second definition only."""
+    from _toy3d import CONCEPTS_YAML
+
+    bad = tmp / "concepts.yaml"
+    body = CONCEPTS_YAML.split("concepts:", 1)[1]
+    bad.write_text(CONCEPTS_YAML + body)
+    args = _replace(_kit_args(k, "tcav", tmp), "--concepts", str(bad))
+    return Case(args, ("concepts.yaml",), r"concepts\.yaml:\d+: duplicate key", watch=[k.root])
+
+
 @case("classifier-preproc-unlabelled")
 def _(tmp: Path, k: Kit) -> Case:
     pre = torch.load(k.preproc, weights_only=True)
@@ -1029,6 +1357,10 @@ def test_good_inputs_pass(kit: Kit, tmp_path: Path, capsys) -> None:
     root = make_bids(tmp_path / "bids")
     assert main(ingest_args(root, tmp_path, "--label-column", "diagnosis")) == 0
     assert (tmp_path / "out" / "preproc.pt").is_file()
+    aligned = make_parcellated_bids(tmp_path / "parcels", [BAD, *GOOD_SUBJECTS])
+    assert main(align_args(aligned, tmp_path / "aligned")) == 0
+    pre = torch.load(tmp_path / "aligned" / "out" / "preproc.pt", weights_only=True)
+    assert all(bool(im.any()) for im in pre["images"])
     st = tmp_path / "st"
     st.mkdir()
     assert main(st_args(st, *st_tables(st))) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ __all__ = [
     "MEMORY_LIMIT_ENV",
     "amp_enabled",
     "available_memory",
+    "case_clashes",
     "check_memory_fits",
     "estimate_activation_memory",
     "estimate_training_memory",
@@ -23,6 +24,31 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def case_clashes(values: Iterable[Any]) -> list[tuple[str, ...]]:
+    """Groups of distinct values that are equal once case and whitespace are ignored.
+
+    Used to refuse label sets such as ``control / disease / Disease`` or gene names such as
+    ``Penk / PENK``, where a typo would otherwise become a class (or a gene) of its own.
+
+    Args:
+        values: label values or names (anything; compared as ``str``).
+
+    Returns:
+        One sorted tuple per clash, in order of first appearance; empty when there is none.
+
+    Example:
+        >>> case_clashes(["control", "disease", "Disease", " control ", "other"])
+        [(' control ', 'control'), ('Disease', 'disease')]
+    """
+    groups: dict[str, list[str]] = {}
+    for v in values:
+        text = str(v)
+        group = groups.setdefault(" ".join(text.split()).casefold(), [])
+        if text not in group:
+            group.append(text)
+    return [tuple(sorted(g)) for g in groups.values() if len(g) > 1]
 
 
 def resolve_device(device: str = "auto"):

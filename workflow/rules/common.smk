@@ -5,8 +5,6 @@ import itertools
 import shlex
 from pathlib import Path
 
-import yaml
-
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -224,7 +222,7 @@ def concepts_file():
 
 
 if config["concepts3d"]["activate"] and Path(concepts_file()).is_file():
-    _concepts = yaml.safe_load(Path(concepts_file()).read_text()) or {}
+    _concepts = strict_yaml(concepts_file()) or {}  # rules/config_files.smk
     _defined = _concepts.get("concepts") or {}
     _undefined = [c for c in config["concepts3d"]["sacv_concepts"] if c not in _defined]
     if _undefined:

@@ -89,8 +89,11 @@ def _register() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (a library's multi-line text joined with spaces)."""
-    return " ".join(str(exc).split())
+    """The message of ``exc`` on one line (a library's multi-line text joined with spaces).
+
+    Spacing inside a line is kept: a message may quote values that differ only in whitespace.
+    """
+    return " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

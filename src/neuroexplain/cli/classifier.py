@@ -54,9 +54,11 @@ def train_classifier_cmd(
     ] = True,
 ) -> None:
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
+    from neuroexplain.io.paths import check_output
     from neuroexplain.models import ARCHITECTURES
     from neuroexplain.train import train_classifier
 
+    check_output(out, "folder")
     set_threads(threads)
     if config.arch not in ARCHITECTURES:
         raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {config.arch!r}")
@@ -85,18 +87,22 @@ def saliency_cmd(
 ) -> None:
     """Baseline attribution maps of the classifier logit, written in each subject's native space."""
     from neuroexplain.attribution.saliency import run_saliency
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
 
+    check_output(out, "folder")
     set_threads(threads)
-    run_saliency(
-        preproc,
-        checkpoint,
-        out,
-        config,
-        subjects=subjects,
-        split=split,
-        target=target,
-        device=device,
-    )
+    with output_group(out):  # all or nothing
+        run_saliency(
+            preproc,
+            checkpoint,
+            out,
+            config,
+            subjects=subjects,
+            split=split,
+            target=target,
+            device=device,
+        )
 
 
 @app.command("evaluate-maps")
@@ -145,8 +151,13 @@ def evaluate_maps_cmd(
         parse_subjects,
         write_evaluation,
     )
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_outputs
     from neuroexplain.provenance import provenance
 
+    stem = out.with_suffix("") if out.suffix in (".json", ".md", ".tsv") else out
+    names = (".json", ".md", "_subjects.tsv")
+    check_outputs((stem.with_name(stem.name + n), "file", "--out") for n in names)
     spec: dict[str, str] = {}
     for item in maps:
         name, sep, path = item.partition("=")
@@ -184,7 +195,8 @@ def evaluate_maps_cmd(
         "positive_class": positive_class,
         "derivatives": derivatives,
     }
-    write_evaluation(df, out, provenance=provenance(params, command="evaluate-maps"))
+    with output_group():  # all three files or none
+        write_evaluation(df, out, provenance=provenance(params, command="evaluate-maps"))
     typer.echo(markdown_table(df), nl=False)
 
 
@@ -215,17 +227,23 @@ def region_reliance_cmd(
     the region's share of the decision.
     """
     from neuroexplain.evaluate.reliance import run_region_reliance
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_outputs
     from neuroexplain.simulator import parse_regions
 
+    stem = out.with_suffix("") if out.suffix in (".json", ".tsv") else out
+    names = (".tsv", "_summary.tsv", ".json")
+    check_outputs((stem.with_name(stem.name + n), "file", "--out") for n in names)
     set_threads(threads)
-    run_region_reliance(
-        preproc,
-        checkpoint,
-        out,
-        parse_regions(regions),
-        subjects=subjects,
-        split=split,
-        dilate=dilate,
-        target=target,
-        device=device,
-    )
+    with output_group():  # all or nothing
+        run_region_reliance(
+            preproc,
+            checkpoint,
+            out,
+            parse_regions(regions),
+            subjects=subjects,
+            split=split,
+            dilate=dilate,
+            target=target,
+            device=device,
+        )

@@ -25,6 +25,8 @@ def make_cohort_cmd(
     workers: WorkersOption = 1,
 ) -> None:
     """Write a BIDS cohort: deformed T1w, carried labels, exact Jacobian ground truth."""
+    from neuroexplain.io.paths import check_output
     from neuroexplain.synth.cohort import make_cohort
 
+    check_output(out, "folder")
     make_cohort(bids, out, config, derivatives=derivatives, limit=limit, workers=workers)

@@ -69,22 +69,26 @@ def tcav_cmd(
 ) -> None:
     """TCAV scores of user-defined concepts with random-vs-random t-tests (Kim et al. 2018)."""
     from neuroexplain.concepts3d.run import run_tcav
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
 
+    check_output(out, "folder")
     set_threads(threads)
-    res = run_tcav(
-        preproc,
-        checkpoint,
-        concepts,
-        out,
-        config,
-        split=split,
-        participants=participants,
-        class_split=class_split,
-        target_class=target_class,
-        target=target,
-        device=device,
-        cache=cache,
-    )
+    with output_group(out):  # all or nothing
+        res = run_tcav(
+            preproc,
+            checkpoint,
+            concepts,
+            out,
+            config,
+            split=split,
+            participants=participants,
+            class_split=class_split,
+            target_class=target_class,
+            target=target,
+            device=device,
+            cache=cache,
+        )
     for r in res["results"]:
         typer.echo(
             f"{r['concept']} @ {r['layer']}: TCAV {r['tcav_score']:.2f} vs random "
@@ -125,27 +129,31 @@ def sacv_cmd(
 ) -> None:
     """Spatial concept vector: native-space relevance / contribution maps (Wang et al. 2022)."""
     from neuroexplain.concepts3d.run import run_sacv
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
 
+    check_output(out, "folder")
     set_threads(threads)
-    res = run_sacv(
-        preproc,
-        checkpoint,
-        concepts,
-        out,
-        config,
-        concept=concept,
-        split=split,
-        participants=participants,
-        subjects=subjects,
-        target_class=target_class,
-        target=target,
-        device=device,
-        cache=cache,
-        desc_label=desc_label,
-        cohort=cohort,
-        regions=parse_int_list(regions, "--regions") if regions else None,
-        derivatives=derivatives,
-    )
+    with output_group(out):  # all or nothing
+        res = run_sacv(
+            preproc,
+            checkpoint,
+            concepts,
+            out,
+            config,
+            concept=concept,
+            split=split,
+            participants=participants,
+            subjects=subjects,
+            target_class=target_class,
+            target=target,
+            device=device,
+            cache=cache,
+            desc_label=desc_label,
+            cohort=cohort,
+            regions=parse_int_list(regions, "--regions") if regions else None,
+            derivatives=derivatives,
+        )
     typer.echo(
         f"SACV {res['concept']} @ {res['layer']}: held-out accuracy {res['sacv_accuracy']:.3f}, "
         f"{res['n_subjects']} subjects -> {out}"
@@ -173,19 +181,23 @@ def xnn_train_cmd(
     threads: ThreadsOption = None,
 ) -> None:
     """Train an SRAE explanation space of a classifier layer (Qi, Khorram & Li 2017)."""
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
     from neuroexplain.xnn.run import run_xnn_train
 
+    check_output(out, "folder")
     set_threads(threads)
-    res = run_xnn_train(
-        preproc,
-        checkpoint,
-        out,
-        config,
-        train_config=train_config,
-        split=split,
-        train_split=train_split,
-        device=device,
-    )
+    with output_group(out):  # all or nothing
+        res = run_xnn_train(
+            preproc,
+            checkpoint,
+            out,
+            config,
+            train_config=train_config,
+            split=split,
+            train_split=train_split,
+            device=device,
+        )
     for s, m in res["metrics"].items():
         typer.echo(
             f"{s}: R2 {m['r2']:.3f}, agreement {m['decision_agreement']:.3f}, "
@@ -211,22 +223,26 @@ def xnn_explain_cmd(
     threads: ThreadsOption = None,
 ) -> None:
     """XNN feature maps (native space), significant features and explanation-space metrics."""
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
     from neuroexplain.xnn.run import run_xnn_explain
 
+    check_output(out, "folder")
     set_threads(threads)
-    res = run_xnn_explain(
-        preproc,
-        checkpoint,
-        srae,
-        out,
-        config,
-        split=split,
-        subjects=subjects,
-        cohort=cohort,
-        regions=parse_int_list(regions, "--regions") if regions else None,
-        derivatives=derivatives,
-        device=device,
-    )
+    with output_group(out):  # all or nothing
+        res = run_xnn_explain(
+            preproc,
+            checkpoint,
+            srae,
+            out,
+            config,
+            split=split,
+            subjects=subjects,
+            cohort=cohort,
+            regions=parse_int_list(regions, "--regions") if regions else None,
+            derivatives=derivatives,
+            device=device,
+        )
     for s, m in res["metrics"].items():
         typer.echo(
             f"{s}: R2 {m['r2']:.3f}, RMSE {m['rmse']:.3f}, agreement "

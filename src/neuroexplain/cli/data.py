@@ -22,5 +22,7 @@ def fetch_data(
 ) -> None:
     """Fetch a demo dataset from its public source into OUT (no network use anywhere else)."""
     from neuroexplain.datasets import fetch
+    from neuroexplain.io.paths import check_output
 
+    check_output(out, "folder")
     fetch(dataset, out, mirror=mirror, limit=limit)

@@ -58,8 +58,10 @@ def ingest_mri_cmd(
     The defaults align subjects by their label centroids and mask the brain, which needs dseg
     label maps; without them, add --align none --mask none.
     """
+    from neuroexplain.io.paths import check_output
     from neuroexplain.mri.ingest import ingest_mri
 
+    check_output(out, "folder")
     ingest_mri(
         out,
         bids=bids,
@@ -109,8 +111,10 @@ def ingest_st_cmd(
     ),
 ) -> None:
     """Read counts + spots, .h5ad or Visium into one standard .h5ad (counts, spatial, label)."""
+    from neuroexplain.io.paths import check_output
     from neuroexplain.st.ingest import ingest_st
 
+    check_output(out, "file")
     ingest_st(
         out=out,
         counts=counts,

@@ -64,9 +64,13 @@ def figures_cmd(
     ] = 0.1,
 ) -> None:
     """Map overlays on the native T1w per method and region bars of the log-Jacobian."""
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
     from neuroexplain.report import make_figures
     from neuroexplain.simulator import parse_regions
 
+    check_output(out, "folder")
+    check_output(regions_figure, "file", option="--regions-figure")
     spec: dict[str, str] = {}
     for item in maps or []:
         name, sep, path = item.partition("=")
@@ -77,20 +81,21 @@ def figures_cmd(
         spec[name] = path
     if split_name not in ("test", "val", "train", "all"):
         raise InputError("--split-name", f"expected test, val, train or all, got {split_name!r}")
-    summary = make_figures(
-        subjects,
-        out,
-        cohort=cohort,
-        maps=spec,
-        logjacobian_maps=[m.strip() for m in logjacobian_maps.split(",") if m.strip()],
-        split=split,
-        split_name=split_name,
-        n_subjects=n_subjects,
-        regions=parse_regions(regions),
-        regions_figure=regions_figure,
-        derivatives=derivatives,
-        threshold_fraction=threshold,
-    )
+    with output_group(out):  # all or nothing
+        summary = make_figures(
+            subjects,
+            out,
+            cohort=cohort,
+            maps=spec,
+            logjacobian_maps=[m.strip() for m in logjacobian_maps.split(",") if m.strip()],
+            split=split,
+            split_name=split_name,
+            n_subjects=n_subjects,
+            regions=parse_regions(regions),
+            regions_figure=regions_figure,
+            derivatives=derivatives,
+            threshold_fraction=threshold,
+        )
     typer.echo(
         f"{len(summary['figures'])} map figures of {len(summary['subjects'])} subjects -> {out}"
         + (f", {regions_figure}" if regions_figure is not None else "")

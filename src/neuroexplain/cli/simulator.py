@@ -64,8 +64,10 @@ def train_simulator_cmd(
     Before training, the memory of one step is estimated; a run that would not fit in the
     available memory stops with an error (NEUROEXPLAIN_MEMORY_LIMIT_MB sets the limit in MiB).
     """
+    from neuroexplain.io.paths import check_output
     from neuroexplain.simulator import run_train_simulator
 
+    check_output(out, "file")
     set_threads(threads)
     summary = run_train_simulator(
         preproc,
@@ -119,25 +121,29 @@ def simulate_cmd(
     threads: ThreadsOption = None,
 ) -> None:
     """Simulated images, displacement fields, Jacobian disease maps and region tables."""
+    from neuroexplain.io.atomic import output_group
+    from neuroexplain.io.paths import check_output
     from neuroexplain.simulator import parse_regions, run_simulate
 
+    check_output(out, "folder")
     set_threads(threads)
     if batch_size < 1:
         raise InputError("--batch-size", f"expected >= 1, got {batch_size}")
-    summary = run_simulate(
-        preproc,
-        simulator,
-        classifier,
-        out,
-        subjects=subjects,
-        split=split,
-        regions=parse_regions(regions),
-        all_labels=all_labels,
-        map_direction=map_direction,
-        write_images=images,
-        batch_size=batch_size,
-        device=device,
-    )
+    with output_group(out):  # all or nothing
+        summary = run_simulate(
+            preproc,
+            simulator,
+            classifier,
+            out,
+            subjects=subjects,
+            split=split,
+            regions=parse_regions(regions),
+            all_labels=all_labels,
+            map_direction=map_direction,
+            write_images=images,
+            batch_size=batch_size,
+            device=device,
+        )
     fr = summary["flip_rate"]
     typer.echo(
         f"{summary['n_subjects']} subjects: flip rate inject {fr['inject']}, remove "

@@ -119,6 +119,8 @@ def st_concepts_cmd(
     import torch
 
     from neuroexplain.errors import InputError
+    from neuroexplain.io.atomic import output_group, write_h5ad
+    from neuroexplain.io.paths import check_outputs
     from neuroexplain.st import concept_keys as K
     from neuroexplain.st.concepts import (
         concept_saliency,
@@ -129,6 +131,14 @@ def st_concepts_cmd(
     from neuroexplain.st.vae import SpotVAE, get_counts
 
     log = logging.getLogger("neuroexplain.cli.st")
+    check_outputs(
+        [
+            (out, "file", "--out"),
+            (figures, "folder", "--figures"),
+            (model_dir, "folder", "--model-dir"),
+            (spot_gene_out, "file", "--spot-gene-out"),
+        ]
+    )
     if threads > 0:
         torch.set_num_threads(threads)
     cfg, min_spots, seed = config, config.min_spots, config.seed
@@ -202,28 +212,22 @@ def st_concepts_cmd(
     except InputError as exc:
         raise InputError(adata_path, str(exc)) from exc
 
-    if model_dir is not None:  # only once every check passed: no partial outputs
-        model.save(model_dir)
-    if figures is not None:
-        from neuroexplain.st.plotting import save_figures
+    # only once every check passed; all or nothing (a full disk half-way removes them again)
+    with output_group(model_dir, figures):
+        if model_dir is not None:
+            model.save(model_dir)
+        if figures is not None:
+            from neuroexplain.st.plotting import save_figures
 
-        save_figures(adata, figures, label_key=label_key, key=key)
-    if spot_gene_out is not None:
-        sg = spot_gene_saliency(adata, key=key)
-        with _atomic(spot_gene_out) as tmp:
-            sg.write_h5ad(tmp, compression="gzip")
-        for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
-            del adata.layers[lk]
-        log.info("wrote spots x genes saliency to %s", spot_gene_out)
-    with _atomic(out) as tmp:
-        adata.write_h5ad(tmp, compression="gzip")
+            save_figures(adata, figures, label_key=label_key, key=key)
+        if spot_gene_out is not None:
+            sg = spot_gene_saliency(adata, key=key)
+            write_h5ad(sg, spot_gene_out)
+            for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
+                del adata.layers[lk]
+            log.info("wrote spots x genes saliency to %s", spot_gene_out)
+        write_h5ad(adata, out)
     log.info("wrote %s", out)
-
-
-def _atomic(path: Path):
-    from neuroexplain.io.atomic import atomic_output
-
-    return atomic_output(path)
 
 
 @app.command("st-evaluate")
@@ -252,9 +256,11 @@ def st_evaluate_cmd(
 
     from neuroexplain.errors import InputError
     from neuroexplain.io.atomic import write_json
+    from neuroexplain.io.paths import check_output
     from neuroexplain.provenance import provenance
     from neuroexplain.st.evaluate import evaluate_concepts, parse_markers
 
+    check_output(out, "file")
     adata = _read_h5ad(adata_path)
     params = {
         "label_key": label_key,

@@ -180,17 +180,14 @@ def load_concept_config(path: str | os.PathLike[str]) -> ConceptConfig:
         The :class:`ConceptConfig`.
 
     Raises:
-        InputError: missing / unreadable file, unknown keys, bad values (naming the concept).
+        InputError: missing / unreadable file, a YAML syntax error or duplicate key (with its
+            line), unknown keys, bad values (naming the concept).
     """
-    import yaml
+    from neuroexplain.io.config import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "concept configuration not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(p, f"not valid YAML/JSON ({str(exc).splitlines()[0]})") from exc
+    # a duplicate concept name or a syntax error: one line with the file and the line number
+    raw = read_yaml(p, what="concept configuration")
     if (
         not isinstance(raw, dict)
         or not isinstance(raw.get("concepts"), dict)

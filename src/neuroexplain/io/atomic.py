@@ -1,11 +1,16 @@
 """Crash-safe outputs: write to a temporary sibling, then rename into place.
 
 A reader (or Snakemake) never sees a half-written file: either the old state or the complete new
-file. If the body raises, the temporary file or folder is removed and nothing is left behind.
+file. If the body raises, the temporary file or folder is removed and nothing is left behind. An
+existing destination of the wrong kind (a folder for a file, a device, a pipe) is refused, never
+renamed over (:func:`neuroexplain.io.paths.check_output`). A full disk (``ENOSPC``, ``EDQUOT``)
+ends with one :class:`~neuroexplain.errors.InputError` naming the output; :func:`output_group`
+removes a command's earlier outputs too when a later one fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +22,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "save_torch", "write_json", "write_table"]
+from neuroexplain.io.paths import check_output
+
+__all__ = [
+    "atomic_output",
+    "output_group",
+    "save_torch",
+    "write_failure",
+    "write_h5ad",
+    "write_json",
+    "write_table",
+]
+
+
+#: errno values of a write that failed for lack of room, and the words used for them
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+#: errno values of a write the file system refused, and the words used for them
+_REFUSED = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+#: the outputs created inside each open :func:`output_group` (innermost last)
+_GROUPS: list[list[tuple[Path, bool]]] = []
 
 
 def _suffixes(path: Path) -> str:
@@ -25,9 +53,63 @@ def _suffixes(path: Path) -> str:
     return "".join(path.suffixes)
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when the disk or file system is to blame (else ``None``).
+
+    Looks through the exception chain (``torch.save`` wraps the ``OSError`` of its file object
+    in a ``RuntimeError``; HDF5 reports ``errno = 28`` in its message).
+
+    Example:
+        >>> write_failure(OSError(28, "No space left on device"))
+        'no space left on device'
+        >>> write_failure(ValueError("bad value")) is None
+        True
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None)
+        if code in _NO_ROOM:
+            return _NO_ROOM[code]
+        if code in _REFUSED and isinstance(e, OSError):
+            return _REFUSED[code]
+        text = str(e)
+        if "No space left on device" in text or "errno = 28" in text:
+            return _NO_ROOM[errno.ENOSPC]
+        if "Disk quota exceeded" in text:
+            return _NO_ROOM[errno.EDQUOT]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, outermost first."""
+    missing = []
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()  # only if empty: something else may have been put there meanwhile
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds.
+
+    If the block (or the rename) fails, the temporary file or folder and the parent folders made
+    for it are removed. A write that fails for lack of space (``ENOSPC``, ``EDQUOT``) or on a
+    read-only file system becomes one :class:`~neuroexplain.errors.InputError` naming ``path``.
+    Inside an :func:`output_group`, the finished output is recorded so that the group can remove
+    it if a later step fails.
 
     Args:
         path: final destination (a file, or a folder with ``directory=True``).
@@ -37,23 +119,35 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> I
         The temporary path to write to (same folder, same suffix, so it is on the same file system
         and format detection by suffix still works).
 
+    Raises:
+        InputError: ``path`` exists and is not a regular file (a folder with ``directory=True``),
+            or the disk is full / the quota exceeded / the file system read-only.
+
     Example:
         >>> with atomic_output("out/table.tsv") as tmp:  # doctest: +SKIP
         ...     df.to_csv(tmp, sep="\\t")
     """
+    from neuroexplain.errors import InputError
+
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(
-            prefix=f".{final.name}.", suffix=f".tmp{_suffixes(final)}", dir=final.parent
-        )
-        os.close(fd)
-        tmp = Path(name)
-        tmp.unlink()  # writers create it themselves; an empty file would be a partial output
+    kind = "folder" if directory else "file"
+    check_output(final, kind, option="output")  # never rename over a device, pipe, ...
+    made = _missing_parents(final)
+    existed = final.exists()
+    tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        else:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{final.name}.", suffix=f".tmp{_suffixes(final)}", dir=final.parent
+            )
+            os.close(fd)
+            tmp = Path(name)
+            tmp.unlink()  # writers create it themselves; an empty file would be a partial output
         yield tmp
+        check_output(final, kind, option="output")  # it may have appeared meanwhile
         if directory:
             if final.exists():
                 shutil.rmtree(final)
@@ -62,12 +156,84 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> I
             if not tmp.exists():
                 raise FileNotFoundError(f"nothing was written to the temporary file for {final}")
             os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        _remove_empty(made)
+        why = write_failure(exc)
+        if why is not None and not isinstance(exc, InputError):
+            problem = f"{why} while writing it; nothing was written (free space or write elsewhere)"
+            raise InputError(final, problem) from exc
         raise
+    if _GROUPS:
+        _GROUPS[-1].extend([*((d, True) for d in made), *([] if existed else [(final, False)])])
+
+
+@contextmanager
+def output_group(*folders: str | os.PathLike[str] | None) -> Iterator[None]:
+    """All or nothing for the outputs of one command: if the block raises, every output that
+    :func:`atomic_output` created inside it (and the folders made for them) is removed again.
+
+    Outputs that existed before the block are left as they are (replaced or not). Not for
+    resumable state (a training checkpoint meant to survive an interruption).
+
+    Args:
+        folders: the command's output folders (``None`` skipped); one that did not exist before
+            the block is removed as a whole, with whatever was put in it (e.g. by ``mkdir``).
+
+    Example:
+        >>> with output_group("out"):  # doctest: +SKIP
+        ...     write_table(df, "out/subjects.tsv")
+        ...     save_torch(data, "out/preproc.pt")  # fails: subjects.tsv and out/ go again
+    """
+    fresh = [Path(f) for f in folders if f is not None and not Path(f).exists()]
+    created: list[tuple[Path, bool]] = []
+    _GROUPS.append(created)
+    try:
+        yield
+    except BaseException:
+        for p, is_folder in reversed(created):
+            if is_folder:
+                _remove_empty([p])
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for folder in fresh:
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        _GROUPS.pop()
+    if _GROUPS:  # a nested group that succeeded: its outputs belong to the outer one too
+        _GROUPS[-1].extend(created)
+
+
+def write_h5ad(adata: Any, path: str | os.PathLike[str], *, compression: str = "gzip") -> Path:
+    """``adata.write_h5ad`` atomically, with a clean error when the disk is full.
+
+    HDF5 that runs out of space mid-write prints hundreds of lines of tracebacks and may crash
+    the interpreter at exit, so the file is built in memory (``anndata.io.write_elem`` into an
+    in-memory ``h5py.File``) and then written with ordinary Python I/O. Read it back with
+    ``anndata.read_h5ad``.
+    """
+    import io
+
+    import h5py
+    from anndata.io import write_elem
+
+    adata.strings_to_categoricals()  # as AnnData.write_h5ad does
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        write_elem(f, "/", adata, dataset_kwargs={"compression": compression})
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -90,7 +90,7 @@ def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarr
 
     Raises:
         InputError: missing, corrupt or truncated file; not 3D (a 4D image with one volume is
-            accepted); NaN / Inf values; an all-zero volume; a singular affine.
+            accepted); NaN / Inf values; an all-zero or constant volume; a singular affine.
     """
     p = Path(path)
     img = _squeeze_3d(_read(p), p)
@@ -100,6 +100,12 @@ def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarr
         raise InputError(p, f"expected finite intensities, got {n} NaN/Inf voxels")
     if not np.any(data):
         raise InputError(p, "expected an image with signal, got an all-zero volume")
+    if float(data.min()) == float(data.max()):
+        raise InputError(
+            p,
+            f"expected an image with contrast, got a constant volume "
+            f"(every voxel {data.flat[0]:g})",
+        )
     if abs(np.linalg.det(img.affine[:3, :3])) < 1e-8:
         raise InputError(p, "expected an invertible voxel-to-world affine, got a singular one")
     return img, data

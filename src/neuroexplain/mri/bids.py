@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from neuroexplain.errors import InputError
+from neuroexplain.utils import case_clashes
 
 __all__ = [
     "MISSING_LABELS",
@@ -363,8 +364,9 @@ def encode_labels(
         label column), the positive class (``None`` without labels), and counts per raw value.
 
     Raises:
-        InputError: (naming the label file) missing / unknown values, fewer than two classes,
-            a positive class that is not a label value, or several classes and no positive class.
+        InputError: (naming the label file) missing / unknown values, values that differ only
+            by case or whitespace (``disease`` / ``Disease``), fewer than two classes, a positive
+            class that is not a label value, or several classes and no positive class.
     """
     n = len(cohort.records)
     src = cohort.label_source
@@ -381,6 +383,16 @@ def encode_labels(
             f"column {col!r} has missing/unknown values for {len(bad)} subject(s): "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
             "(fill them in, or leave these subjects out with --subjects)",
+        )
+    clashes = case_clashes(values)
+    if clashes:
+        group = clashes[0]
+        more = f" (and {len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
+        raise InputError(
+            src,
+            f"column {col!r} has values that differ only by case or whitespace: "
+            + " vs ".join(f"{v!r} ({values.count(v)} subject(s))" for v in group)
+            + f"{more}; write each class one way (or as clearly different classes)",
         )
     classes = sorted(set(values))
     counts = {c: values.count(c) for c in classes}

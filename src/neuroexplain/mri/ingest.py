@@ -48,7 +48,16 @@ from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, rea
 from neuroexplain.mri.preprocess import Grid, Preprocessed, model_spacing
 from neuroexplain.settings import MRIIngestConfig
 
-__all__ = ["PREPROC_KEYS", "brain_mask", "ingest_mri", "load_preproc", "native_grid"]
+__all__ = [
+    "MIN_BRAIN_FILL",
+    "MIN_BRAIN_KEPT",
+    "PREPROC_KEYS",
+    "brain_mask",
+    "check_on_grid",
+    "ingest_mri",
+    "load_preproc",
+    "native_grid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +155,62 @@ def _cohort(
     return read_sample_sheet(sheet, **common)
 
 
+#: a subject fails when less than this fraction of its labelled brain lands on the model grid
+MIN_BRAIN_KEPT = 0.5
+#: ... or when its labelled brain covers less than this fraction of the model grid's voxels (a
+#: human brain fills ~10 % of the default 180-224 mm field of view; a voxel size in the wrong
+#: unit shrinks it to a voxel or two)
+MIN_BRAIN_FILL = 0.005
+
+
+def _voxel_mm(affine: np.ndarray) -> str:
+    sizes = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
+    return "x".join(f"{v:.3g}" for v in sizes)
+
+
+def check_on_grid(result: Preprocessed, t1: Path, subject: str, *, reference: bool = False) -> None:
+    """Refuse a subject whose image or labelled brain is (nearly) lost on the model grid.
+
+    Args:
+        result: the subject on the model grid.
+        t1: its T1w file (named in the error).
+        subject: its participant id.
+        reference: whether it is the ``--align labels`` reference (whose grid every subject gets).
+
+    Raises:
+        InputError: less than :data:`MIN_BRAIN_KEPT` of the labelled (dseg > 0) voxels inside the
+            grid, a labelled brain covering less than :data:`MIN_BRAIN_FILL` of the grid, or an
+            all-zero image on the grid.
+    """
+    role = (
+        f"{subject}, the --align labels reference (whose grid every subject gets),"
+        if reference
+        else subject
+    )
+    fix = "choose another --align-reference or fix its affine" if reference else "fix its affine"
+    vox = f"voxel size {_voxel_mm(result.native_affine)} mm"
+    if result.dseg is not None:
+        kept = 1.0 if result.brain_kept is None else result.brain_kept
+        if kept < MIN_BRAIN_KEPT:
+            raise InputError(
+                t1,
+                f"{role} keeps only {100 * kept:.2f} % of its labelled brain (dseg > 0) on the "
+                f"model grid (expected >= {100 * MIN_BRAIN_KEPT:.0f} %; {vox}); {fix} or use a "
+                "larger --fov-mm",
+            )
+        n = int((result.dseg > 0).sum())
+        fill = n / result.dseg.size
+        if fill < MIN_BRAIN_FILL:
+            raise InputError(
+                t1,
+                f"{role} has a labelled brain (dseg > 0) covering only {n} of {result.dseg.size} "
+                f"model voxels ({100 * fill:.2f} %, expected >= {100 * MIN_BRAIN_FILL:.1f} %; "
+                f"{vox}: is it in mm?); {fix}",
+            )
+    if not np.any(result.image):
+        raise InputError(t1, f"{role} is all-zero on the model grid ({vox}); {fix}")
+
+
 def _reference(
     recs: Sequence[Any], reference: str | None, kwargs: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
@@ -163,6 +228,7 @@ def _reference(
         raise InputError("--align-reference", f"subject {reference!r} is not among the subjects")
     rec = recs[ids.index(reference)] if reference is not None else recs[0]
     ref = preprocess_subject(rec.t1, rec.dseg, **kwargs)  # its own RAS grid centred on its head
+    check_on_grid(ref, rec.t1, rec.subject, reference=True)
     img, _ = load_volume(rec.t1)
     _, dseg = load_labels(rec.dseg, img, like_path=rec.t1)
     logger.info("aligning every subject to the grid of %s (label centroids)", rec.subject)
@@ -224,7 +290,7 @@ def ingest_mri(
     """
     import torch
 
-    from neuroexplain.io.atomic import atomic_output, write_json, write_table
+    from neuroexplain.io.atomic import output_group, save_torch, write_json, write_table
     from neuroexplain.provenance import provenance
 
     cfg = MRIIngestConfig.resolve(config, **overrides)
@@ -262,6 +328,8 @@ def ingest_mri(
         reference_id, kwargs["reference"] = _reference(recs, align_reference, kwargs)
     tasks = [(str(r.t1), str(r.dseg) if r.dseg else None, kwargs) for r in recs]
     results = _run(tasks, workers, progress)
+    for rec, r in zip(recs, results, strict=True):
+        check_on_grid(r, rec.t1, rec.subject)
 
     # ---- checks on the head fit ------------------------------------------------------------
     extents = np.stack([r.fg_extent_mm for r in results])
@@ -389,12 +457,10 @@ def ingest_mri(
     }
 
     out_dir = Path(out)
-    write_table(pd.DataFrame(rows), out_dir / "subjects.tsv")
-    write_json(summary, out_dir / "ingest.json")
-    with atomic_output(out_dir / "preproc.pt") as tmp, open(tmp, "wb") as fh:
-        # a file object, not a path: torch.save names the zip's root folder after a path
-        # (the random temp name), which would make identical runs differ byte-wise
-        torch.save(data, fh)
+    with output_group(out_dir):  # all three or none (e.g. on a full disk)
+        save_torch(data, out_dir / "preproc.pt")  # the big one first
+        write_table(pd.DataFrame(rows), out_dir / "subjects.tsv")
+        write_json(summary, out_dir / "ingest.json")
     logger.info("wrote %s (%d subjects)", out_dir / "preproc.pt", len(recs))
     return summary
 

@@ -45,6 +45,7 @@ __all__ = [
     "NORM_METHODS",
     "Grid",
     "Preprocessed",
+    "brain_inside",
     "fit_affine",
     "head_mask",
     "label_centroids",
@@ -94,8 +95,9 @@ class Preprocessed:
         native_shape: native grid shape ``(X, Y, Z)``.
         fg_extent_mm: ``(3,)`` extent of the head bounding box along R, A, S in mm.
         crop_mm: ``(3, 2)`` mm of the head box cut off at the low / high end of each RAS axis.
-        brain_kept: fraction of dseg > 0 voxels that are inside the model grid (``None`` without
-            a dseg); 1.0 means no brain tissue was cropped.
+        brain_kept: fraction of the native dseg > 0 voxels that are inside the model grid
+            (:func:`brain_inside`; ``None`` without a dseg); 1.0 means no brain tissue was
+            cropped.
     """
 
     image: np.ndarray
@@ -238,6 +240,40 @@ def fit_affine(
     return a
 
 
+def brain_inside(
+    dseg: np.ndarray,
+    native_affine: np.ndarray,
+    model_affine: np.ndarray,
+    shape: tuple[int, int, int],
+) -> float:
+    """Fraction of the labelled (``dseg > 0``) native voxels whose centre falls on the model grid.
+
+    Geometric, so it does not depend on the resampling: each native voxel centre goes to world
+    and then to a model voxel index, and counts as kept when it is within half a voxel of the grid.
+
+    Args:
+        dseg: ``(X, Y, Z)`` native label map.
+        native_affine: ``(4, 4)`` native voxel -> world.
+        model_affine: ``(4, 4)`` model voxel -> world.
+        shape: model grid shape ``(X', Y', Z')``.
+
+    Returns:
+        A fraction in ``[0, 1]`` (1.0 when there is no labelled voxel).
+
+    Example:
+        >>> d = np.zeros((4, 4, 4), int); d[1:3, 1:3, 1:3] = 1
+        >>> brain_inside(d, np.eye(4), np.eye(4), (2, 4, 4))
+        0.5
+    """
+    idx = np.argwhere(np.asarray(dseg) > 0)
+    if idx.size == 0:
+        return 1.0
+    m = np.linalg.inv(np.asarray(model_affine, np.float64)) @ np.asarray(native_affine, np.float64)
+    v = idx @ m[:3, :3].T + m[:3, 3]
+    hi = np.asarray(shape, np.float64) - 0.5
+    return float(np.all((v >= -0.5) & (v <= hi), axis=1).mean())
+
+
 def preprocess_aligned(
     t1: np.ndarray,
     affine: np.ndarray,
@@ -278,9 +314,6 @@ def preprocess_aligned(
     mask = head_mask(t1m, fg_threshold)
     if not mask.any():
         mask = np.ones_like(mask)
-    brain_total = int((np.asarray(dseg) > 0).sum())
-    kept_mm3 = float((dm > 0).sum()) * abs(np.linalg.det(model_affine[:3, :3]))
-    total_mm3 = brain_total * abs(np.linalg.det(native_affine[:3, :3]))
     idx = np.argwhere(mask)
     spacing = np.sqrt((model_affine[:3, :3] ** 2).sum(0))
     return Preprocessed(
@@ -291,7 +324,7 @@ def preprocess_aligned(
         native_shape=tuple(int(v) for v in np.shape(t1)[:3]),
         fg_extent_mm=(idx.max(0) - idx.min(0) + 1).astype(np.float64) * spacing,
         crop_mm=np.zeros((3, 2)),
-        brain_kept=min(kept_mm3 / total_mm3, 1.0) if total_mm3 else 1.0,
+        brain_kept=brain_inside(dseg, native_affine, model_affine, shape),
     )
 
 
@@ -368,7 +401,6 @@ def preprocess_arrays(
     crop_mm = np.stack([np.maximum(starts - lo, 0), np.maximum(hi + 1 - ends, 0)], 1) * spacing
     fg_extent_mm = (hi - lo + 1).astype(np.float64) * spacing
 
-    brain_total = int((data["dseg"] > 0).sum()) if dseg is not None else 0
     data["mask"] = MetaTensor(
         torch.as_tensor(mask[None].astype(np.float32)), affine=data["t1"].affine.clone()
     )
@@ -390,7 +422,7 @@ def preprocess_arrays(
     if dseg is not None:
         d = data["dseg"][0].numpy()
         dseg_out = np.rint(d).astype(np.int16)
-        brain_kept = float((dseg_out > 0).sum()) / brain_total if brain_total else 1.0
+        brain_kept = brain_inside(dseg, native_affine, model_affine, shape)
     return Preprocessed(
         image=np.ascontiguousarray(image, dtype=np.float32),
         dseg=dseg_out,

@@ -30,6 +30,8 @@ was dropped.
 
 Unlabelled spots (empty, ``NA``, ``NaN``, ``None`` or ``null`` label) are kept, with a missing
 label and ``.obs["labelled"] == False``. ``label_key=""`` (or ``None``) ingests without labels.
+Label values, and gene names, that differ only by case or whitespace (``GCL`` / ``gcl``,
+``Penk`` / ``PENK``) are refused: a typo would otherwise become a layer (or a gene) of its own.
 
 Every problem with the inputs raises :class:`~neuroexplain.errors.InputError` naming the file and
 the problem, before anything is written; the output is written atomically.
@@ -66,7 +68,7 @@ import pandas as pd
 from scipy import sparse
 
 from neuroexplain.errors import InputError
-from neuroexplain.io.atomic import atomic_output
+from neuroexplain.io.atomic import write_h5ad
 from neuroexplain.st._keys import (
     COUNTS_LAYER,
     DEFAULT_LABEL_KEY,
@@ -74,6 +76,7 @@ from neuroexplain.st._keys import (
     LABELLED_KEY,
     SPATIAL_KEY,
 )
+from neuroexplain.utils import case_clashes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -268,6 +271,34 @@ def _check_names(path: PathArg, names: pd.Index, what: str, *, where: str = "") 
         raise InputError(path, f"{prefix}duplicated {what}: {_examples(dup)}")
 
 
+def _check_gene_case(path: PathArg, names: pd.Index, what: str) -> None:
+    """Refuse gene names that differ only by case or whitespace (``Penk`` / ``PENK``)."""
+    clashes = case_clashes(names)
+    if clashes:
+        more = f" (and {len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
+        raise InputError(
+            path,
+            f"{what} that differ only by case or whitespace: "
+            f"{' vs '.join(map(repr, clashes[0]))}{more}; keep one spelling (sum or drop the "
+            "others) before ingesting",
+        )
+
+
+def _check_label_case(labels: pd.Series, path: PathArg, key: str) -> None:
+    """Refuse label values that differ only by case or whitespace (``GCL`` / ``gcl``)."""
+    present = labels[~_is_missing_label(labels)].astype(str)
+    clashes = case_clashes(present.unique())
+    if clashes:
+        counts = present.value_counts()
+        more = f" (and {len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
+        raise InputError(
+            path,
+            f"label column {key!r} has values that differ only by case or whitespace: "
+            + " vs ".join(f"{v!r} ({int(counts[v])} spot(s))" for v in clashes[0])
+            + f"{more}; write each label one way (or as clearly different labels)",
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # readers
 # --------------------------------------------------------------------------------------------
@@ -375,6 +406,7 @@ def _read_counts_table(path: PathArg, spot_ids: pd.Index, orientation: str) -> _
     spot_word = "row ids" if resolved == "spots-by-genes" else "column names"
     _check_names(path, spots, f"spot ids ({spot_word})")
     _check_names(path, genes, "gene names")
+    _check_gene_case(path, genes, "gene names")
     _check_counts(values, path, spots, genes)
     log.info("%s: %d spots x %d genes (%s)", path, len(spots), len(genes), resolved)
     return _Parts(
@@ -494,6 +526,7 @@ def _read_h5ad(path: PathArg, x_col: str, y_col: str) -> _Parts:
     var_names = pd.Index(var.index.astype(str), dtype=object)
     _check_names(path, obs_names, "spot ids (obs_names)")
     _check_names(path, var_names, "gene names (var_names)")
+    _check_gene_case(path, var_names, "gene names (var_names)")
     hint = "" if where != ".X" else " (no .layers['counts'] or .raw holding raw counts)"
     _check_counts(matrix, path, obs_names, var_names, where=where + hint)
     log.info(
@@ -773,6 +806,8 @@ def ingest_st(
         table = _read_spot_table(spots_path, spot_col)
         # checked before the (slow) counts read; coordinates are only required for counts tables
         labels = _labels_from_table(table, spots_path, label_key) if label_key else None
+        if labels is not None:
+            _check_label_case(labels, spots_path, label_key)
         if counts is not None:
             coords_df = _coords_from_table(table, spots_path, x_col, y_col)
 
@@ -810,6 +845,7 @@ def ingest_st(
                     "set --label-key, or --label-key '' for no labels",
                 )
             parts.labels = parts.obs.pop(label_key)
+            _check_label_case(parts.labels, h5ad, label_key)
         else:
             log.warning("%s: no spot table with labels given; every spot is unlabelled", visium)
 
@@ -893,7 +929,6 @@ def ingest_st(
     else:
         log.info("%d spots x %d genes; no labels", adata.n_obs, adata.n_vars)
     if out is not None:
-        with atomic_output(out) as tmp:
-            adata.write_h5ad(tmp, compression="gzip")
+        write_h5ad(adata, out)  # a full disk: one line, nothing left behind
         log.info("wrote %s", out)
     return adata

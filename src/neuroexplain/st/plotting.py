@@ -175,8 +175,7 @@ def save_figures(
         Paths of ``<key>_scores.png``, ``<key>_top_genes.png`` (with a label key and layer
         concepts) and ``<key>_genemode.png`` (if gene-mode maps exist).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first figure's (atomic) write
     paths = [plot_concept_scores(adata, out / f"{key}_scores.png", key=key)]
     sources = [str(s) for s in np.asarray(adata.uns[key].get("concept_source", []))]
     if label_key and "layer" in sources:
