@@ -605,7 +605,7 @@ def train_classifier(
         phases.append(
             _fit_phase(
                 run, "cnn+linear", model.to(device), out / STATE_FILE_LINEAR,
-                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init,
+                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init, monitor="auc",
             )
         )  # fmt: skip
     chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))  # tie: the first
@@ -643,6 +643,7 @@ def train_classifier(
                     "epochs_run": len(ph.log_rows),
                     "seconds": round(ph.seconds, 2),
                     "linear_init": ph.linear_init,
+                    "monitor": ph.monitor,
                 }
                 for ph in phases
             ],
@@ -688,8 +689,8 @@ def train_classifier(
         epoch=best["epoch"],
         seed=cfg.seed,
         best_metric={
-            "name": f"val_{cfg.monitor}",
-            "value": best["loss"] if cfg.monitor == "loss" else best["auc"],
+            "name": f"val_{chosen.monitor}",
+            "value": best["loss"] if chosen.monitor == "loss" else best["auc"],
         },
         extra={
             "out_channels": 1,
@@ -709,9 +710,9 @@ def train_classifier(
     return metrics
 
 
-def _monitor_key(cfg: ClassifierConfig, val_loss: float, auc: float) -> tuple[float, ...]:
+def _monitor_key(monitor: str, val_loss: float, auc: float) -> tuple[float, ...]:
     """Sort key of an epoch (smaller is better): validation loss, or AUC then loss."""
-    if cfg.monitor == "loss":
+    if monitor == "loss":
         return (round(val_loss, 6),)
     return (-round(auc, 6), round(val_loss, 6))
 
@@ -749,6 +750,7 @@ class _Phase:
     seconds: float
     model_kwargs: dict[str, Any]
     linear_init: dict[str, Any] | None = None
+    monitor: str = "loss"
 
     @property
     def val_auc(self) -> float:
@@ -851,10 +853,17 @@ def _fit_phase(
     model_kwargs: dict[str, Any],
     *,
     linear_init: dict[str, Any] | None = None,
+    monitor: str | None = None,
 ) -> _Phase:
-    """Train ``model`` (early stopping, best validation state, resumable) and return the phase."""
+    """Train ``model`` (early stopping, best validation state, resumable) and return the phase.
+
+    ``monitor`` overrides ``cfg.monitor`` (the linear phase selects on validation AUC: it
+    exists to reach the reference's AUC, and its epoch 0 is the regression itself).
+    """
     import torch
     from tqdm.auto import tqdm
+
+    monitor = monitor or run.cfg.monitor
 
     cfg, images, y, parts, device, amp = run.cfg, run.images, run.y, run.parts, run.device, run.amp
     mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
@@ -880,7 +889,7 @@ def _fit_phase(
         vm = binary_metrics(y_val, val_logits)
         auc = vm["auc"] if vm["auc"] is not None else 0.5
         best = {
-            "key": _monitor_key(cfg, val_loss, auc),
+            "key": _monitor_key(monitor, val_loss, auc),
             "auc": auc,
             "loss": val_loss,
             "epoch": 0,
@@ -974,7 +983,7 @@ def _fit_phase(
             }
         )
         auc = vm["auc"] if vm["auc"] is not None else 0.5
-        key = _monitor_key(cfg, val_loss, auc)
+        key = _monitor_key(monitor, val_loss, auc)
         improved = key < best["key"]
         if improved:
             best = {
@@ -1001,9 +1010,7 @@ def _fit_phase(
         )
         _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
         if cfg.patience and stale >= cfg.patience:
-            logger.info(
-                "early stop: no better validation %s for %d epochs", cfg.monitor, cfg.patience
-            )
+            logger.info("early stop: no better validation %s for %d epochs", monitor, cfg.patience)
             break
     bar.close()
     model.load_state_dict(best["state"])
@@ -1015,6 +1022,7 @@ def _fit_phase(
         seconds=time.perf_counter() - t_start,
         model_kwargs=model_kwargs,
         linear_init=linear_init,
+        monitor=monitor,
     )
 
 
