@@ -41,6 +41,7 @@ __all__ = [
     "check_classifier_quality",
     "linear_reference",
     "quality_table",
+    "select_logistic",
     "write_quality_table",
 ]
 
@@ -173,8 +174,6 @@ def linear_reference(
         >>> ref["val"]["auc"] > 0.9
         True
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
     from neuroexplain.train.classifier import binary_metrics
 
@@ -213,30 +212,9 @@ def linear_reference(
 
     x_train, y_train = features[idx["train"]], yy[idx["train"]]
     x_val, y_val = features[idx["val"]], yy[idx["val"]]
-    best: tuple[float, float, Any] | None = None  # (val AUC, C, model)
-    by_c: dict[str, float | None] = {}
-    converged: dict[str, bool] = {}
-    for c in sorted(float(v) for v in Cs):
-        model = LogisticRegression(
-            C=c,
-            solver="liblinear",
-            dual=True,
-            class_weight="balanced",
-            max_iter=1000,
-            random_state=seed,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(x_train, y_train)
-        converged[f"{c:g}"] = int(np.max(model.n_iter_)) < model.max_iter
-        if not converged[f"{c:g}"]:  # weak penalties rarely converge; the AUC is still valid
-            logger.debug("linear reference: C=%g did not converge in %d iterations", c, 1000)
-        auc = binary_metrics(y_val, model.decision_function(x_val))["auc"]
-        by_c[f"{c:g}"] = auc
-        if best is None or auc > best[0]:  # strict: a tie keeps the smaller C
-            best = (auc, c, model)
-    assert best is not None
-    _, best_c, model = best
+    model, best_c, by_c, converged = select_logistic(
+        x_train, y_train, x_val, y_val, Cs=Cs, seed=seed
+    )
 
     out: dict[str, Any] = {
         "model": "l2_logistic_regression",
@@ -262,6 +240,61 @@ def linear_reference(
         out["seconds"],
     )
     return out
+
+
+def select_logistic(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+) -> tuple[Any, float, dict[str, float | None], dict[str, bool]]:
+    """Fit one L2 logistic regression per ``C`` and keep the best on validation AUC.
+
+    liblinear's dual solver (fast when subjects are far fewer than features), classes weighted
+    to balance; a tie keeps the smaller ``C`` (the stronger penalty). Deterministic for a seed.
+
+    Args:
+        x_train: ``(n_train, n_features)``; y_train: ``(n_train,)`` 0/1.
+        x_val: ``(n_val, n_features)``; y_val: ``(n_val,)`` 0/1.
+        Cs: inverse L2 penalties to choose from.
+        seed: random state of the solver.
+
+    Returns:
+        ``(model, C, val_auc_by_C, converged_by_C)``, the dicts keyed by ``f"{C:g}"``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from neuroexplain.train.classifier import binary_metrics
+
+    best: tuple[float, float, Any] | None = None  # (val AUC, C, model)
+    by_c: dict[str, float | None] = {}
+    converged: dict[str, bool] = {}
+    for c in sorted(float(v) for v in Cs):
+        model = LogisticRegression(
+            C=c,
+            solver="liblinear",
+            dual=True,
+            class_weight="balanced",
+            max_iter=1000,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(x_train, np.asarray(y_train).astype(int))
+        converged[f"{c:g}"] = int(np.max(model.n_iter_)) < model.max_iter
+        if not converged[f"{c:g}"]:  # weak penalties rarely converge; the AUC is still valid
+            logger.debug("logistic regression: C=%g did not converge in %d iterations", c, 1000)
+        auc = binary_metrics(y_val, model.decision_function(x_val))["auc"]
+        by_c[f"{c:g}"] = auc
+        score = auc if auc is not None else 0.5
+        if best is None or score > best[0]:  # strict: a tie keeps the smaller C
+            best = (score, c, model)
+    assert best is not None
+    return best[2], best[1], by_c, converged
 
 
 # --------------------------------------------------------------------------------- bootstrap

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -795,8 +794,8 @@ def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
     """
     import torch
     import torch.nn.functional as F
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+
+    from neuroexplain.evaluate.quality import select_logistic
 
     path = model.linear_path
 
@@ -817,22 +816,8 @@ def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
     if run.cfg.flip and run.cfg.augment:
         x_tr, y_tr = torch.cat([x_tr, x_tr.flip(2 + run.lr_axis)]), np.concatenate([y_tr, y_tr])
     f_tr, f_va = features(x_tr), features(run.images[va])
-    best: tuple[float, float, Any] | None = None
-    by_c: dict[str, float] = {}
-    for c in LINEAR_CS:
-        reg = LogisticRegression(
-            C=c, solver="liblinear", dual=True, class_weight="balanced", max_iter=1000,
-            random_state=run.cfg.seed,
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            reg.fit(f_tr, y_tr.astype(int))
-        auc = binary_metrics(run.y[va], reg.decision_function(f_va))["auc"] or 0.5
-        by_c[f"{c:g}"] = auc
-        if best is None or auc > best[0]:
-            best = (auc, c, reg)
-    assert best is not None
-    auc, c, reg = best
+    reg, c, by_c, _ = select_logistic(f_tr, y_tr, f_va, run.y[va], Cs=LINEAR_CS, seed=run.cfg.seed)
+    auc = by_c[f"{c:g}"] or 0.5
     with torch.no_grad():
         path.linear.weight.copy_(torch.as_tensor(reg.coef_, dtype=torch.float32) / path.scale)
         path.linear.bias.copy_(torch.as_tensor(reg.intercept_, dtype=torch.float32) / path.scale)
