@@ -417,6 +417,7 @@ def _kit_args(k: Kit, cmd: str, tmp: Path, *extra: str) -> list[str]:
         "train-simulator": [
             "--preproc", str(k.preproc), "--classifier", str(k.model), "--logits", str(k.logits),
             "--channels", "4,8", "--experts", "2", "--downsample", "1", "--epochs", "1",
+            "--max-epochs", "1",
         ],
     }[cmd]  # fmt: skip
     out = tmp / "out" / "model.pt" if cmd == "train-simulator" else tmp / "out"

@@ -182,8 +182,8 @@ def test_saliency_and_simulator_maps_are_bitwise_reproducible(tmp_path: Path) ->
             [
                 "train-simulator", *common, "--classifier", str(clf / "model.pt"),
                 "--logits", str(clf / "logits.tsv"), "--out", str(sim / "model.pt"),
-                "--epochs", "2", "--batch-size", "2", "--channels", "4,8", "--experts", "2",
-                "--downsample", "1", "--all-subjects",
+                "--epochs", "2", "--max-epochs", "3", "--batch-size", "2", "--channels", "4,8",
+                "--experts", "2", "--downsample", "1", "--all-subjects",
             ]
         )  # fmt: skip
         assert code == 0

@@ -121,7 +121,9 @@ def test_simulator_training_refuses_before_anything_is_written(tmp_path, monkeyp
     clf = nn.Sequential(nn.Flatten(), nn.Linear(16**3, 1))
     state = tmp_path / "model.state.pt"
     kw = {
-        "config": TrainConfig(epochs=1, batch_size=2, device="cpu", checkpoint_every=1),
+        "config": TrainConfig(
+            epochs=1, objective=0, batch_size=2, device="cpu", checkpoint_every=1
+        ),
         "net_config": SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1),
         "state_path": state,
         "source": tmp_path / "preproc.pt",

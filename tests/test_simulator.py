@@ -36,7 +36,14 @@ from neuroexplain.simulator import (
     train_simulator,
     warp_native,
 )
-from neuroexplain.simulator.train import volume_change_loss
+from neuroexplain.simulator.train import (
+    class_targets,
+    cls_weight,
+    epoch_objective,
+    hinge_values,
+    objective_met,
+    volume_change_loss,
+)
 
 TINY = SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1)
 
@@ -306,7 +313,7 @@ def test_training_leaves_the_classifier_untouched() -> None:
         x,
         torch.where(y == 1, 1.0, -1.0),
         clf,
-        config=TrainConfig(epochs=1, batch_size=2, device="cpu", checkpoint_every=0),
+        config=TrainConfig(epochs=1, objective=0, batch_size=2, device="cpu", checkpoint_every=0),
         net_config=TINY,
         progress=False,
     )
@@ -362,6 +369,8 @@ def test_simulator_learns_to_move_the_toy_logit() -> None:
         clf,
         config=TrainConfig(  # the paper's loss: bending energy, no volume prior
             epochs=10,
+            objective=0,
+            hinge="flip",
             batch_size=4,
             lr=1e-3,
             margin=1.0,
@@ -385,6 +394,80 @@ def test_simulator_learns_to_move_the_toy_logit() -> None:
     m = disease_log_jacobian(ddf[cond < 0], "inject")
     blob = x[cond < 0] > 0.9
     assert float(m[blob].mean()) > 0
+
+
+def test_target_hinge_aims_at_the_other_class_median_logit() -> None:
+    logits = torch.tensor([-6.0, -4.0, -2.0, 1.0, 3.0, 9.0])
+    cond = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])  # healthy inject, diseased remove
+    t_inject, t_remove, scale = class_targets(logits, cond, 1.0)
+    assert (t_inject, t_remove, scale) == (3.0, -4.0, 3.5)
+    # a weak classifier's medians near the boundary: the target keeps the margin
+    assert class_targets(torch.tensor([-0.2, 0.1]), torch.tensor([-1.0, 1.0]), 1.0)[:2] == (
+        1.0,
+        -1.0,
+    )
+    targets = (t_inject, t_remove, scale)
+    o = torch.tensor([-1.0, 1.0])
+    # flipped by the margin is not enough: satisfied only at the other class's median
+    h = hinge_values(o, torch.tensor([1.5, -1.5]), o, 1.0, hinge="target", targets=targets)
+    assert torch.all(h > 0)
+    h = hinge_values(o, torch.tensor([3.0, -4.0]), o, 1.0, hinge="target", targets=targets)
+    assert torch.allclose(h, torch.zeros(2))
+    # scaled by the logit spread: the same relative distance costs the same on any scale
+    h10 = hinge_values(
+        o, 10 * torch.tensor([1.5, -1.5]), o, 1.0, hinge="target", targets=(30.0, -40.0, 35.0)
+    )
+    h1 = hinge_values(o, torch.tensor([1.5, -1.5]), o, 0.1, hinge="target", targets=targets)
+    assert torch.allclose(h10, h1)
+    # the gradient pushes the logit the asked way
+    l_sim = torch.tensor([0.0, 0.0], requires_grad=True)
+    logit_shift_loss(o, l_sim, o, 1.0, hinge="target", targets=targets).backward()
+    assert l_sim.grad[0] < 0 and l_sim.grad[1] > 0
+    with pytest.raises(ValueError, match="targets"):
+        hinge_values(o, l_sim, o, 1.0, hinge="target")
+
+
+def test_objective_bookkeeping_and_weight_schedule() -> None:
+    hist = [
+        {"epoch": 0, "n_inject": 2, "n_remove": 2, "reached_inject": 2, "reached_remove": 1,
+         "flipped_inject": 2, "flipped_remove": 2},
+        {"epoch": 0, "n_inject": 2, "n_remove": 0, "reached_inject": 2, "reached_remove": 0,
+         "flipped_inject": 2, "flipped_remove": 0},
+    ]  # fmt: skip
+    st = epoch_objective(hist, 0)
+    assert st["reached_inject"] == 1.0 and st["reached_remove"] == 0.5
+    assert st["flipped_remove"] == 1.0 and st["n_inject"] == 4
+    assert objective_met(st, 0.5) and not objective_met(st, 0.95)
+    cfg = TrainConfig(epochs=3, w_cls=2.0, w_cls_growth=2.0)
+    assert [cls_weight(cfg, e) for e in range(5)] == [2.0, 2.0, 2.0, 4.0, 8.0]
+    assert cls_weight(cfg, 30) == 200.0  # at most 100 x w_cls
+    assert cls_weight(TrainConfig(epochs=3, objective=0, w_cls_growth=2.0), 9) == 1.0
+
+
+def test_training_goes_on_until_the_objective_and_says_when_it_is_not_met() -> None:
+    x, y = toy_images(8, size=12, seed=1)
+    clf = toy_classifier(12)
+    cond = torch.where(y == 1, 1.0, -1.0)
+    net_cfg = SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1)
+
+    def run(**kw):
+        cfg = TrainConfig(
+            batch_size=4, lr=3e-3, device="cpu", checkpoint_every=0, **{"epochs": 1, **kw}
+        )
+        return train_simulator(x, cond, clf, config=cfg, net_config=net_cfg, progress=False)[1]
+
+    # objective off: exactly `epochs` passes
+    assert max(h["epoch"] for h in run(epochs=2, objective=0)) == 1
+    # an easy objective is met before max_epochs, and training stops at the first pass meeting it
+    hist = run(objective=0.5, max_epochs=30)
+    last = int(hist[-1]["epoch"])
+    assert last < 29
+    assert objective_met(epoch_objective(hist, last), 0.5)
+    assert all(not objective_met(epoch_objective(hist, e), 0.5) for e in range(last))
+    # an unreachable one runs to max_epochs, the hinge's weight growing after `epochs`
+    hist = run(objective=1.0, max_epochs=3, w_cls_growth=2.0, w_smooth=1e6)
+    assert max(h["epoch"] for h in hist) == 2
+    assert [h["w_cls"] for h in hist if h["step"] % 2 == 0] == [1.0, 2.0, 4.0]
 
 
 def test_volume_change_loss_counts_volume_change_not_motion() -> None:
@@ -572,8 +655,8 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
             "--classifier", str(p["model"]),
             "--logits", str(p["logits"]),
             "--out", str(out / "model.pt"),
-            "--epochs", "1", "--batch-size", "2", "--channels", "4,8", "--experts", "2",
-            "--downsample", "1", "--device", "cpu",
+            "--epochs", "1", "--max-epochs", "1", "--batch-size", "2", "--channels", "4,8",
+            "--experts", "2", "--downsample", "1", "--device", "cpu",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -582,6 +665,10 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     assert ckpt["train_conditions"] == [1.0, -1.0, 1.0]
     assert not (out / "model.state.pt").exists()
     assert len(pd.read_csv(out / "train_log.tsv", sep="\t")) == 2
+    objective = ckpt["summary"]["objective"]
+    assert objective["epochs"] == 1 and objective["hinge"] == "target"
+    assert objective["n_inject"] == 1 and objective["n_remove"] == 2
+    assert isinstance(objective["met"], bool)
     rc = main(
         [
             "simulate",

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("constant", "cosine")
-HINGES = ("relative", "flip")
+HINGES = ("relative", "flip", "target")
 SMOOTHNESS = ("bending", "diffusion")
 SALIENCY_METHODS = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion")
 OCCLUSION_MODES = ("gaussian", "mean_patch", "mean_img")
@@ -387,14 +387,31 @@ class SimulatorTrainConfig(_Settings):
     """Options of :func:`neuroexplain.simulator.train_simulator` (recorded in the checkpoint).
 
     Attributes:
-        epochs: passes over the training subjects.
+        epochs: passes over the training subjects at least; training goes on, up to
+            ``max_epochs``, while the objective is not met.
+        max_epochs: passes at most (``objective`` unmet by then: a warning and
+            ``objective_met: false`` in the checkpoint's summary).
+        objective: fraction of the training subjects of *each* direction whose hinge must be
+            satisfied (their simulated logit at the target) at the end of a pass for training to
+            stop (``0``: exactly ``epochs`` passes).
+        w_cls_growth: after ``epochs`` passes, ``w_cls`` is multiplied by this factor at the end
+            of every pass that leaves the objective unmet (at most ``100 * w_cls``): the hinge
+            gains weight over the regularisers until the simulator does what it is asked
+            (``1``: a fixed weight).
         batch_size: subjects per step.
         lr: Adam learning rate.
-        margin: hinge margin on the logit.
-        hinge: ``"flip"`` (the decision flipped by at least ``margin``) or ``"relative"`` (a
-            logit shift of at least ``margin``, the paper's loss); with ``"relative"``, subjects
-            whose ``|l(x)|`` exceeds ``margin`` are not pushed across the decision boundary.
-        w_cls: weight of the logit hinge.
+        margin: hinge margin on the logit (``"flip"``, ``"relative"``); with ``"target"``, the
+            least distance past the decision boundary that the target keeps.
+        hinge: ``"target"`` (the default: the simulated logit must reach the other class's
+            typical logit, the median logit of the training subjects of that class, and at least
+            ``margin`` past the boundary; the hinge is divided by half the distance between the
+            two medians, so its weight does not depend on the classifier's logit scale),
+            ``"flip"`` (the decision flipped by at least ``margin``: the smallest change that
+            crosses the boundary, a map of where the classifier is most sensitive) or
+            ``"relative"`` (a logit shift of at least ``margin``, the paper's loss); with
+            ``"relative"``, subjects whose ``|l(x)|`` exceeds ``margin`` are not pushed across
+            the decision boundary.
+        w_cls: weight of the logit hinge (initial weight with ``w_cls_growth``).
         w_cycle: weight of the cycle-consistency L1 loss.
         w_smooth: weight of the smoothness loss of the fields (on the toy problem of the tests,
             weights below ~10 let the field fold, 30 does not).
@@ -418,12 +435,21 @@ class SimulatorTrainConfig(_Settings):
 
     SECTION: ClassVar[str] = "simulator"
 
-    epochs: int = setting(10, "Passes over the training subjects.")
+    epochs: int = setting(10, "Passes at least (more, up to max_epochs, until the objective).")
+    max_epochs: int = setting(40, "Passes at most while the objective is not met.")
+    objective: float = setting(
+        0.95, "Fraction of each direction's subjects that must reach the target (0 = off)."
+    )
+    w_cls_growth: float = setting(
+        1.5, "After epochs, w_cls grows by this factor per pass with the objective unmet."
+    )
     batch_size: int = setting(4, "Subjects per step.")
     lr: float = setting(1e-3, "Adam learning rate.")
-    margin: float = setting(1.0, "Hinge margin on the logit.")
+    margin: float = setting(1.0, "Hinge margin on the logit (least distance past the boundary).")
     hinge: str = setting(
-        "flip", "flip: decision flipped by >= margin; relative: logit moves by >= margin."
+        "target",
+        "target: other class's median logit; flip: decision flipped by >= margin; "
+        "relative: logit moves by >= margin.",
     )
     w_cls: float = setting(1.0, "Weight of the logit hinge.")
     w_cycle: float = setting(1.0, "Weight of the cycle loss.")
@@ -444,6 +470,9 @@ class SimulatorTrainConfig(_Settings):
                 "hinge": (self.hinge in HINGES, f"expected one of {HINGES}"),
                 "smoothness": (self.smoothness in SMOOTHNESS, f"expected one of {SMOOTHNESS}"),
                 "epochs": (int(self.epochs) >= 1, "expected >= 1"),
+                "max_epochs": (int(self.max_epochs) >= 1, "expected >= 1"),
+                "objective": (0 <= self.objective <= 1, "expected a fraction in [0, 1]"),
+                "w_cls_growth": (self.w_cls_growth >= 1, "expected >= 1"),
                 "batch_size": (int(self.batch_size) >= 1, "expected >= 1"),
                 "lr": (self.lr > 0, "expected a positive learning rate"),
                 **{
@@ -460,7 +489,7 @@ class SimulatorTrainConfig(_Settings):
         d = self.to_dict()
         # the batch order of an epoch does not depend on the number of epochs, so a run may be
         # resumed with a longer schedule; where checkpoints go and the device do not matter
-        for k in ("checkpoint_every", "device", "epochs", "max_steps"):
+        for k in ("checkpoint_every", "device", "epochs", "max_epochs", "max_steps"):
             d.pop(k)
         return d
 

@@ -470,6 +470,9 @@ def train_simulator_args(wildcards):
     return (
         _args(
             ("--epochs", sim["epochs"]),
+            ("--max-epochs", sim["max_epochs"]),
+            ("--objective", sim["objective"]),
+            ("--w-cls-growth", sim["w_cls_growth"]),
             ("--batch-size", sim["batch_size"]),
             ("--lr", sim["lr"]),
             ("--experts", sim["experts"]),

@@ -59,7 +59,9 @@ from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
 __all__ = [
     "CHECKPOINT_FORMAT",
     "TrainConfig",
+    "class_targets",
     "freeze",
+    "hinge_values",
     "load_simulator",
     "logit_of",
     "logit_shift_loss",
@@ -107,6 +109,67 @@ def logit_of(output: torch.Tensor) -> torch.Tensor:
     )
 
 
+def class_targets(
+    logits: torch.Tensor, condition: torch.Tensor, margin: float
+) -> tuple[float, float, float]:
+    """Targets of the ``"target"`` hinge from the training subjects' input logits.
+
+    Injecting aims at the diseased subjects' median logit, removing at the healthy subjects'
+    (each at least ``margin`` past the decision boundary); the scale is half the distance
+    between the two targets (at least ``margin``, and ``1`` when ``margin`` is ``0`` and the
+    targets coincide).
+
+    Args:
+        logits: ``(N,)`` input logits of the training subjects.
+        condition: ``(N,)`` directions: ``-1`` inject (healthy), ``+1`` remove (diseased).
+        margin: the least distance past the boundary.
+
+    Returns:
+        ``(inject_target, remove_target, scale)``.
+
+    Example:
+        >>> class_targets(torch.tensor([-4.0, -2.0, 3.0, 5.0]), torch.tensor([-1, -1, 1, 1.0]), 1)
+        (4.0, -3.0, 3.5)
+    """
+    lg = torch.as_tensor(logits, dtype=torch.float64).reshape(-1)
+    o = torch.as_tensor(condition, dtype=torch.float64).reshape(-1)
+    pos, neg = lg[o > 0], lg[o < 0]
+    med_pos = float(pos.quantile(0.5)) if pos.numel() else float(margin)
+    med_neg = float(neg.quantile(0.5)) if neg.numel() else -float(margin)
+    t_inject = max(med_pos, float(margin))
+    t_remove = min(med_neg, -float(margin))
+    scale = max(0.5 * (t_inject - t_remove), float(margin)) or 1.0
+    return t_inject, t_remove, scale
+
+
+def hinge_values(
+    logit_input: torch.Tensor,
+    logit_simulated: torch.Tensor,
+    condition: torch.Tensor,
+    margin: float,
+    *,
+    hinge: str = "relative",
+    targets: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
+    """Per-subject hinge ``(B,)`` before the ``relu`` (satisfied where ``<= 0``).
+
+    See :func:`logit_shift_loss`; ``targets`` (``"target"`` hinge) is
+    ``(inject_target, remove_target, scale)`` from :func:`class_targets`.
+    """
+    o = condition.reshape(-1).to(logit_simulated.dtype)
+    if hinge == "relative":
+        return (logit_simulated - logit_input.detach()) * o + margin
+    if hinge == "flip":
+        return o * logit_simulated + margin
+    if hinge == "target":
+        if targets is None:
+            raise ValueError("the 'target' hinge needs targets (class_targets)")
+        t_inject, t_remove, scale = targets
+        t = torch.where(o < 0, torch.full_like(o, t_inject), torch.full_like(o, t_remove))
+        return o * (logit_simulated - t) / scale
+    raise ValueError(f"expected hinge in {HINGES}, got {hinge!r}")
+
+
 def logit_shift_loss(
     logit_input: torch.Tensor,
     logit_simulated: torch.Tensor,
@@ -114,6 +177,7 @@ def logit_shift_loss(
     margin: float,
     *,
     hinge: str = "relative",
+    targets: tuple[float, float, float] | None = None,
 ) -> torch.Tensor:
     """Hinge on the classifier logit of the simulated image (positive class = disease).
 
@@ -126,7 +190,10 @@ def logit_shift_loss(
         hinge: ``"relative"``: ``relu((l(x~) - l(x)) * o + margin)``, zero iff ``l(x~) >=
             l(x) + margin`` when injecting and ``l(x~) <= l(x) - margin`` when removing;
             ``"flip"``: ``relu(o * l(x~) + margin)``, zero iff ``l(x~) >= margin`` (inject) or
-            ``l(x~) <= -margin`` (remove).
+            ``l(x~) <= -margin`` (remove); ``"target"``: ``relu(o * (l(x~) - t_o) / s)`` with
+            ``t_o`` the inject / remove target and ``s`` the scale of ``targets``.
+        targets: ``(inject_target, remove_target, scale)`` (:func:`class_targets`), for
+            ``"target"``.
 
     Returns:
         The mean hinge (scalar).
@@ -136,13 +203,7 @@ def logit_shift_loss(
         >>> float(logit_shift_loss(torch.tensor([0.0]), torch.tensor([2.0]), o, 1.0))
         0.0
     """
-    o = condition.reshape(-1).to(logit_simulated.dtype)
-    if hinge == "relative":
-        v = (logit_simulated - logit_input.detach()) * o + margin
-    elif hinge == "flip":
-        v = o * logit_simulated + margin
-    else:
-        raise ValueError(f"expected hinge in {HINGES}, got {hinge!r}")
+    v = hinge_values(logit_input, logit_simulated, condition, margin, hinge=hinge, targets=targets)
     return torch.relu(v).mean()
 
 
@@ -445,8 +506,14 @@ def train_simulator(
             ]
         )
 
+    targets = class_targets(logit_in, cond, cfg.margin) if cfg.hinge == "target" else None
+    if targets is not None:
+        logger.info(
+            "simulator targets: inject -> logit %.3g, remove -> logit %.3g (scale %.3g)", *targets
+        )
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    max_epochs = max(cfg.epochs, cfg.max_epochs) if cfg.objective > 0 else cfg.epochs
+    total = max_epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, int(cfg.max_steps))
     key = {
@@ -477,6 +544,9 @@ def train_simulator(
     t0 = time.perf_counter()
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
+        if pos == 0 and epoch > 0 and _objective_done(history, epoch, cfg):
+            break
+        w_cls = cls_weight(cfg, epoch)
         order = _epoch_order(n, cfg.seed, epoch)
         idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
         x = images[idx].to(device, torch.float32)
@@ -487,8 +557,9 @@ def train_simulator(
         with torch.autocast(device.type, enabled=use_amp):
             sim, ddf, low = model(x, o, return_lowres=True)
             l_sim = logit_of(classifier(sim)).float()
-            loss_cls = logit_shift_loss(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge)
-            loss = cfg.w_cls * loss_cls
+            h = hinge_values(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge, targets=targets)
+            loss_cls = torch.relu(h).mean()
+            loss = w_cls * loss_cls
             loss_cycle = torch.zeros((), device=device)
             loss_smooth = smooth(low.float())
             fields = [low]
@@ -516,7 +587,10 @@ def train_simulator(
         if any(p.grad is not None for p in clf_params):  # pragma: no cover - defensive
             raise RuntimeError("gradients reached the frozen classifier's parameters")
         step += 1
-        flipped = ((l_sim.detach() > 0).float() == (o < 0).float()).float().mean()
+        flips = (l_sim.detach() > 0) == (o < 0)
+        reached = h.detach() <= 0
+        inj = o < 0
+        flipped = flips.float().mean()
         rec = {
             "step": step,
             "epoch": epoch,
@@ -527,6 +601,13 @@ def train_simulator(
             "magnitude": float(loss_mag.detach()),
             "volume": float(loss_volume.detach()),
             "flipped": float(flipped),
+            "w_cls": float(w_cls),
+            "n_inject": int(inj.sum()),
+            "n_remove": int((~inj).sum()),
+            "flipped_inject": int((flips & inj).sum()),
+            "flipped_remove": int((flips & ~inj).sum()),
+            "reached_inject": int((reached & inj).sum()),
+            "reached_remove": int((reached & ~inj).sum()),
         }
         history.append(rec)
         bar.update(1)
@@ -534,7 +615,11 @@ def train_simulator(
         if (
             sp is not None
             and cfg.checkpoint_every > 0
-            and (step % cfg.checkpoint_every == 0 or step == total)
+            and (
+                step % cfg.checkpoint_every == 0
+                or step == total
+                or (step % steps_per_epoch == 0 and _objective_done(history, epoch + 1, cfg))
+            )
         ):
             _save_state(sp, model, opt, scaler, step, key, history)
     bar.close()
@@ -544,7 +629,47 @@ def train_simulator(
     return model.cpu(), history
 
 
+def cls_weight(cfg: TrainConfig, epoch: int) -> float:
+    """Weight of the hinge in pass ``epoch`` (0-based): ``w_cls``, grown by ``w_cls_growth``
+    for every pass from ``epochs`` on (training only gets there while the objective is unmet),
+    at most ``100 * w_cls``."""
+    k = max(0, epoch - cfg.epochs + 1) if cfg.objective > 0 else 0
+    return float(cfg.w_cls * min(cfg.w_cls_growth**k, 100.0))
+
+
+def epoch_objective(history: Sequence[dict[str, float]], epoch: int) -> dict[str, Any]:
+    """Training subjects of pass ``epoch`` (0-based) that reached the target / flipped, per
+    direction (counted on the batches as they were simulated during the pass)."""
+    rows = [h for h in history if int(h["epoch"]) == epoch and "n_inject" in h]
+    out: dict[str, Any] = {"epoch": epoch}
+    for d in ("inject", "remove"):
+        n = sum(int(h[f"n_{d}"]) for h in rows)
+        out[f"n_{d}"] = n
+        for what in ("reached", "flipped"):
+            k = sum(int(h[f"{what}_{d}"]) for h in rows)
+            out[f"{what}_{d}"] = k / n if n else None
+    return out
+
+
+def objective_met(stats: dict[str, Any], objective: float) -> bool:
+    """Every direction that has subjects reached the target in at least ``objective`` of them."""
+    rates = [stats[f"reached_{d}"] for d in ("inject", "remove") if stats[f"n_{d}"]]
+    return bool(rates) and all(r >= objective for r in rates)
+
+
+def _objective_done(history: Sequence[dict[str, float]], done: int, cfg: TrainConfig) -> bool:
+    """Stop after ``done`` complete passes? Only from ``epochs`` passes on, when the objective
+    is off or met by the last pass."""
+    if done < cfg.epochs:
+        return False
+    return cfg.objective <= 0 or objective_met(epoch_objective(history, done - 1), cfg.objective)
+
+
 # ----------------------------------------------------------------------------- from files
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f} %"
 
 
 def read_logits(path: str | os.PathLike[str]) -> Any:
@@ -659,14 +784,40 @@ def run_train_simulator(
         params, seed=cfg.seed, inputs=[preproc, classifier, logits], command="train-simulator"
     )
     last = history[-min(len(history), 10) :]
+    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
+    final = epoch_objective(history, n_epochs - 1) if history else {}
+    met = bool(history) and objective_met(final, cfg.objective or 1.0)
+    objective = {
+        "hinge": cfg.hinge,
+        "objective": cfg.objective,
+        "met": met,
+        "epochs": n_epochs,
+        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
+        **{k: v for k, v in final.items() if k != "epoch"},
+    }
+    if cfg.objective > 0 and not met:
+        logger.warning(
+            "simulator objective not met after %d passes: %s of the inject and %s of the remove "
+            "training subjects reached the target (flipped: %s / %s; objective %.2f); the maps "
+            "show less than the classes' difference: try a larger --max-epochs or --w-cls-growth",
+            n_epochs,
+            _pct(final.get("reached_inject")),
+            _pct(final.get("reached_remove")),
+            _pct(final.get("flipped_inject")),
+            _pct(final.get("flipped_remove")),
+            cfg.objective,
+        )
     summary = {
+        "objective": objective,
         "n_subjects": len(train_subjects),
         "n_inject": int((cond < 0).sum()),
         "n_remove": int((cond > 0).sum()),
         "steps": len(history),
         "seconds": round(seconds, 2),
         "final": {
-            k: float(np.mean([h[k] for h in last])) for k in last[0] if k not in ("step", "epoch")
+            k: float(np.mean([h[k] for h in last]))
+            for k in ("loss", "cls", "cycle", "smooth", "magnitude", "volume", "flipped")
+            if k in last[0]
         }
         if last
         else {},
