@@ -22,7 +22,7 @@ from neuroexplain.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["describe_load_error", "load_torch", "load_training_state"]
+__all__ = ["describe_load_error", "load_torch", "load_training_state", "to_plain"]
 
 #: what ``torch.load`` raises for unreadable, truncated, foreign or refused files
 LOAD_ERRORS = (
@@ -38,6 +38,38 @@ LOAD_ERRORS = (
     pickle.UnpicklingError,
     zipfile.BadZipFile,
 )
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` as the types ``torch.load(weights_only=True)`` accepts, for checkpoints and states.
+
+    Dicts (keys as ``str``) and lists (tuples become lists) are converted item by item; tensors
+    and ``None`` are kept; NumPy arrays become tensors and NumPy scalars Python numbers; ``bool``,
+    ``int``, ``float`` and ``str`` (subclasses such as ``torch.__version__`` included) become the
+    plain type; anything else its ``str``.
+
+    Example:
+        >>> import numpy as np
+        >>> to_plain({1: (np.float32(0.5), "a", None)})
+        {'1': [0.5, 'a', None]}
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    for kind in (bool, int, float, str):  # bool first: it is an int
+        if isinstance(obj, kind):
+            return kind(obj)
+    return str(obj)
 
 
 def describe_load_error(exc: BaseException) -> str:

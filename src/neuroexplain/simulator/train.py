@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from neuroexplain.errors import InputError
+from neuroexplain.io.checkpoint import to_plain as _plain
 from neuroexplain.jacobian import jacobian_determinant
 from neuroexplain.settings import HINGES, SimulatorTrainConfig
 from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
@@ -168,27 +169,6 @@ def select_training_subjects(
     if correct_only:
         ok &= (lg > 0) == (yy == 1)
     return np.flatnonzero(ok)
-
-
-def _plain(obj: Any) -> Any:
-    """Types ``torch.load(weights_only=True)`` accepts (dicts, lists, str, numbers, tensors)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor) or obj is None:
-        return obj
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bool):
-        return bool(obj)
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
-    return str(obj)
 
 
 def _rng_state() -> dict[str, Any]:
