@@ -22,7 +22,13 @@ from neuroexplain.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["describe_load_error", "load_torch", "load_training_state", "to_plain"]
+__all__ = [
+    "describe_load_error",
+    "load_checkpoint",
+    "load_torch",
+    "load_training_state",
+    "to_plain",
+]
 
 #: what ``torch.load`` raises for unreadable, truncated, foreign or refused files
 LOAD_ERRORS = (
@@ -126,6 +132,30 @@ def load_torch(
             return torch.load(p, map_location=map_location, weights_only=True)
     except LOAD_ERRORS as exc:
         raise InputError(p, f"not a readable {what}: {describe_load_error(exc)}") from exc
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], fmt: str, *, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """:func:`load_torch` of a checkpoint dict whose ``format`` must be ``fmt``.
+
+    Args:
+        path: the ``.pt`` file.
+        fmt: the expected ``format`` entry (e.g. ``"neuroexplain-classifier/1"``).
+        map_location: device the tensors are loaded to.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        InputError: the file cannot be read (see :func:`load_torch`), or holds no dict of
+            format ``fmt`` (the message names the format found).
+    """
+    ckpt = load_torch(path, what="torch checkpoint", map_location=map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(Path(path), f"expected a {fmt} checkpoint, got {got!r}")
+    return ckpt
 
 
 def load_training_state(

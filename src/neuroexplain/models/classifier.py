@@ -390,15 +390,12 @@ def load_classifier(
     from pathlib import Path
 
     from neuroexplain.errors import InputError
-    from neuroexplain.io.checkpoint import load_torch
+    from neuroexplain.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "checkpoint file not found")
-    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    ckpt = load_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
     if arch is not None and ckpt["arch"] != arch:
         raise InputError(p, f"expected a {arch!r} classifier, got a {ckpt['arch']!r} checkpoint")
     shape = [int(s) for s in ckpt["input_shape"]]

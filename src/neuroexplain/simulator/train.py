@@ -265,15 +265,12 @@ def load_simulator(
     Raises:
         InputError: missing or unreadable file, or not a simulator checkpoint.
     """
-    from neuroexplain.io.checkpoint import load_torch
+    from neuroexplain.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "simulator checkpoint not found (run neuroexplain train-simulator)")
-    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    ckpt = load_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
     try:
         model = SimulatorNet(SimulatorConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)
