@@ -7,6 +7,7 @@ A command takes a shared option as ``preproc: PreprocOption`` (required) or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,7 @@ __all__ = [
     "ThreadsOption",
     "WorkersOption",
     "parse_int_list",
+    "parse_maps",
     "set_threads",
 ]
 
@@ -91,6 +93,23 @@ def parse_int_list(text: str, option: str) -> list[int]:
     except ValueError as exc:
         raise InputError(option, f"expected comma-separated integers, got {text!r}") from exc
     return out
+
+
+def parse_maps(items: Sequence[str] | None) -> dict[str, str]:
+    """``--maps`` options ``["ig=results/saliency", ...]`` -> ``{"ig": "results/saliency"}``.
+
+    Raises:
+        InputError: an item that is not ``METHOD=PATH``, or a method given twice.
+    """
+    spec: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError("--maps", f"expected METHOD=PATH, got {item!r}")
+        if name in spec:
+            raise InputError("--maps", f"method {name!r} given twice")
+        spec[name] = path
+    return spec
 
 
 def set_threads(threads: int | None) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DerivativesOption, RegionsOption
+from neuroexplain.cli._common import DerivativesOption, RegionsOption, parse_maps
 from neuroexplain.errors import InputError
 
 
@@ -71,14 +71,7 @@ def figures_cmd(
 
     check_output(out, "folder")
     check_output(regions_figure, "file", option="--regions-figure")
-    spec: dict[str, str] = {}
-    for item in maps or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError("--maps", f"expected METHOD=PATH, got {item!r}")
-        if name in spec:
-            raise InputError("--maps", f"method {name!r} given twice")
-        spec[name] = path
+    spec = parse_maps(maps)
     if split_name not in ("test", "val", "train", "all"):
         raise InputError("--split-name", f"expected test, val, train or all, got {split_name!r}")
     with output_group(out):  # all or nothing
