@@ -21,6 +21,7 @@ from neuroexplain.cli._common import (
     ThreadsOption,
     parse_int_list,
     parse_maps,
+    parse_regions,
     set_threads,
 )
 from neuroexplain.cli._settings import settings_options
@@ -223,7 +224,6 @@ def region_reliance_cmd(
     from neuroexplain.evaluate.reliance import run_region_reliance
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_outputs
-    from neuroexplain.simulator import parse_regions
 
     stem = out.with_suffix("") if out.suffix in (".json", ".tsv") else out
     names = (".tsv", "_summary.tsv", ".json")

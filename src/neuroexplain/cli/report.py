@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DerivativesOption, RegionsOption, parse_maps
+from neuroexplain.cli._common import DerivativesOption, RegionsOption, parse_maps, parse_regions
 from neuroexplain.errors import InputError
 
 
@@ -67,7 +67,6 @@ def figures_cmd(
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
     from neuroexplain.report import make_figures
-    from neuroexplain.simulator import parse_regions
 
     check_output(out, "folder")
     check_output(regions_figure, "file", option="--regions-figure")
