@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroexplain.cli._common import parse_regions
 from neuroexplain.errors import InputError
 from neuroexplain.simulator import (
     CondConv3d,
@@ -29,7 +30,6 @@ from neuroexplain.simulator import (
     invert_displacement,
     load_simulator,
     logit_shift_loss,
-    parse_regions,
     region_means,
     save_simulator,
     select_training_subjects,

@@ -7,6 +7,7 @@ A command takes a shared option as ``preproc: PreprocOption`` (required) or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,9 @@ __all__ = [
     "ThreadsOption",
     "WorkersOption",
     "parse_int_list",
+    "parse_maps",
+    "parse_named_lists",
+    "parse_regions",
     "set_threads",
 ]
 
@@ -90,6 +94,75 @@ def parse_int_list(text: str, option: str) -> list[int]:
         out = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError as exc:
         raise InputError(option, f"expected comma-separated integers, got {text!r}") from exc
+    return out
+
+
+def parse_maps(items: Sequence[str] | None) -> dict[str, str]:
+    """``--maps`` options ``["ig=results/saliency", ...]`` -> ``{"ig": "results/saliency"}``.
+
+    Raises:
+        InputError: an item that is not ``METHOD=PATH``, or a method given twice.
+    """
+    spec: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError("--maps", f"expected METHOD=PATH, got {item!r}")
+        if name in spec:
+            raise InputError("--maps", f"method {name!r} given twice")
+        spec[name] = path
+    return spec
+
+
+def parse_named_lists(
+    text: str, option: str, *, name: str = "NAME", item: str = "ITEM", allow_empty: bool = False
+) -> dict[str, list[str]]:
+    """``"a:G1,G2;b:G3"`` -> ``{"a": ["G1", "G2"], "b": ["G3"]}`` (``""``: none).
+
+    Args:
+        text: the option's value.
+        option: the option, for the error message (e.g. ``"--gene-concepts"``).
+        name: what a name is, for the error message (``NAME:ITEM,ITEM;...``).
+        item: what an item is, for the error message.
+        allow_empty: accept an empty name or an empty list (``"a:"`` -> ``{"a": []}``).
+
+    Raises:
+        InputError: a part without ``:``, or (unless ``allow_empty``) an empty name or list.
+    """
+    expected = f"expected {name}:{item},{item};..."
+    out: dict[str, list[str]] = {}
+    for part in [p for p in text.split(";") if p.strip()]:
+        if ":" not in part:
+            raise InputError(option, f"{expected}, got {part!r}")
+        key, items = part.split(":", 1)
+        vals = [v.strip() for v in items.split(",") if v.strip()]
+        if not allow_empty and (not key.strip() or not vals):
+            raise InputError(option, f"{expected}, got {part!r}")
+        out[key.strip()] = vals
+    return out
+
+
+def parse_regions(specs: Sequence[str] | None) -> dict[str, list[int]]:
+    """``["hippocampus=47,48", "lateral_ventricles=51,52"]`` -> ``{name: [labels]}``.
+
+    Raises:
+        InputError: a spec without ``=``, an empty or repeated name, or non-integer labels.
+    """
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, labels = str(spec).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError("--regions", f"expected NAME=LABEL[,LABEL...], got {spec!r}")
+        if name in out:
+            raise InputError("--regions", f"region {name!r} given twice")
+        try:
+            ids = [int(t) for t in labels.replace(" ", "").split(",") if t]
+        except ValueError as exc:
+            raise InputError("--regions", f"expected integer labels in {spec!r}") from exc
+        if not ids:
+            raise InputError("--regions", f"no labels given for region {name!r}")
+        out[name] = ids
     return out
 
 

@@ -20,6 +20,8 @@ from neuroexplain.cli._common import (
     TargetOption,
     ThreadsOption,
     parse_int_list,
+    parse_maps,
+    parse_regions,
     set_threads,
 )
 from neuroexplain.cli._settings import settings_options
@@ -158,14 +160,7 @@ def evaluate_maps_cmd(
     stem = out.with_suffix("") if out.suffix in (".json", ".md", ".tsv") else out
     names = (".json", ".md", "_subjects.tsv")
     check_outputs((stem.with_name(stem.name + n), "file", "--out") for n in names)
-    spec: dict[str, str] = {}
-    for item in maps:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError("--maps", f"expected METHOD=PATH, got {item!r}")
-        if name in spec:
-            raise InputError("--maps", f"method {name!r} given twice")
-        spec[name] = path
+    spec = parse_maps(maps)
     try:
         ks = [float(k) for k in topk.split(",") if k.strip()]
     except ValueError as exc:
@@ -229,7 +224,6 @@ def region_reliance_cmd(
     from neuroexplain.evaluate.reliance import run_region_reliance
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_outputs
-    from neuroexplain.simulator import parse_regions
 
     stem = out.with_suffix("") if out.suffix in (".json", ".tsv") else out
     names = (".tsv", "_summary.tsv", ".json")

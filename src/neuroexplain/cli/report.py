@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DerivativesOption, RegionsOption
+from neuroexplain.cli._common import DerivativesOption, RegionsOption, parse_maps, parse_regions
 from neuroexplain.errors import InputError
 
 
@@ -67,18 +67,10 @@ def figures_cmd(
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
     from neuroexplain.report import make_figures
-    from neuroexplain.simulator import parse_regions
 
     check_output(out, "folder")
     check_output(regions_figure, "file", option="--regions-figure")
-    spec: dict[str, str] = {}
-    for item in maps or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError("--maps", f"expected METHOD=PATH, got {item!r}")
-        if name in spec:
-            raise InputError("--maps", f"method {name!r} given twice")
-        spec[name] = path
+    spec = parse_maps(maps)
     if split_name not in ("test", "val", "train", "all"):
         raise InputError("--split-name", f"expected test, val, train or all, got {split_name!r}")
     with output_group(out):  # all or nothing

@@ -15,6 +15,7 @@ from neuroexplain.cli._common import (
     SplitOption,
     SubjectsOption,
     ThreadsOption,
+    parse_regions,
     set_threads,
 )
 from neuroexplain.cli._settings import settings_options
@@ -123,7 +124,7 @@ def simulate_cmd(
     """Simulated images, displacement fields, Jacobian disease maps and region tables."""
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
-    from neuroexplain.simulator import parse_regions, run_simulate
+    from neuroexplain.simulator import run_simulate
 
     check_output(out, "folder")
     set_threads(threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DeviceOption
+from neuroexplain.cli._common import DeviceOption, parse_named_lists
 from neuroexplain.cli._settings import settings_options
 from neuroexplain.settings import STConceptsConfig
 
@@ -31,22 +31,6 @@ def _read_h5ad(path: Path):
             return ad.read_h5ad(path)
     except Exception as exc:  # h5py / anndata raise many types for a bad file
         raise InputError(path, f"cannot read as .h5ad: {type(exc).__name__}: {exc}") from exc
-
-
-def _parse_named_lists(text: str, option: str) -> dict[str, list[str]]:
-    """``"a:G1,G2;b:G3"`` -> ``{"a": ["G1", "G2"], "b": ["G3"]}``."""
-    from neuroexplain.errors import InputError
-
-    out: dict[str, list[str]] = {}
-    for part in [p for p in text.split(";") if p.strip()]:
-        if ":" not in part:
-            raise InputError(option, f"expected NAME:ITEM,ITEM;..., got {part!r}")
-        name, items = part.split(":", 1)
-        vals = [v.strip() for v in items.split(",") if v.strip()]
-        if not name.strip() or not vals:
-            raise InputError(option, f"expected NAME:ITEM,ITEM;..., got {part!r}")
-        out[name.strip()] = vals
-    return out
 
 
 def _read_spot_concepts(path: Path) -> dict[str, list[str]]:
@@ -144,7 +128,7 @@ def st_concepts_cmd(
     cfg, min_spots, seed = config, config.min_spots, config.seed
     layer_arg = None if layer == "X" else layer
     seeds = [s.strip() for s in genemode_seeds.split(",") if s.strip()]
-    genes_c = _parse_named_lists(gene_concepts, "--gene-concepts")
+    genes_c = parse_named_lists(gene_concepts, "--gene-concepts")
     spots_c = _read_spot_concepts(spot_concepts) if spot_concepts else None
 
     adata = _read_h5ad(adata_path)
@@ -258,7 +242,7 @@ def st_evaluate_cmd(
     from neuroexplain.io.atomic import write_json
     from neuroexplain.io.paths import check_output
     from neuroexplain.provenance import provenance
-    from neuroexplain.st.evaluate import evaluate_concepts, parse_markers
+    from neuroexplain.st.evaluate import evaluate_concepts
 
     check_output(out, "file")
     adata = _read_h5ad(adata_path)
@@ -277,7 +261,9 @@ def st_evaluate_cmd(
             label_key=label_key,
             key=key,
             n_top=n_top,
-            markers=parse_markers(markers),
+            markers=parse_named_lists(
+                markers, "--markers", name="LAYER", item="GENE", allow_empty=True
+            ),
             top_percent=top_percent,
             cv_folds=cv_folds,
             min_spots=min_spots,

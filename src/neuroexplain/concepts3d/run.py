@@ -31,6 +31,7 @@ import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SACVConfig, TCAVConfig
+from neuroexplain.stage import harness_means, stage_provenance
 
 __all__ = [
     "Context",
@@ -171,12 +172,6 @@ def _class_sign(target_class: int) -> float:
     if target_class not in (0, 1):
         raise InputError("--target-class", f"expected 0 or 1, got {target_class}")
     return 1.0 if target_class == 1 else -1.0
-
-
-def _provenance(params: dict[str, Any], seed: int, inputs: Sequence[Any], command: str) -> dict:
-    from neuroexplain.provenance import provenance
-
-    return provenance(params, seed=seed, inputs=[str(p) for p in inputs if p], command=command)
 
 
 # ----------------------------------------------------------------------------------- TCAV
@@ -350,7 +345,7 @@ def run_tcav(
         "C": C,
         "test_fraction": test_fraction,
     }
-    prov = _provenance(params, seed, [concepts, ctx.split_path], "tcav")
+    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "tcav")
     result = {
         "method": "TCAV (Kim et al. 2018, arXiv:1711.11279)",
         "checkpoint_sha256": ctx.checkpoint_sha256,
@@ -606,7 +601,7 @@ def run_sacv(
         "C": C,
         "test_fraction": test_fraction,
     }
-    prov = _provenance(params, seed, [concepts, ctx.split_path], "sacv")
+    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "sacv")
     side = {
         "Method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
         "Concept": spec.name,
@@ -708,7 +703,7 @@ def run_sacv(
         "provenance": prov,
     }
     if cohort is not None:
-        result["evaluation"] = _harness(
+        result["evaluation"] = harness_means(
             cohort,
             {m_rel: out_dir, m_con: out_dir},
             list(df["subject"]),
@@ -723,33 +718,6 @@ def run_sacv(
     if plot and examples:
         plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=f"SACV {spec.name} @ {layer}")
     return result
-
-
-def _harness(
-    cohort: Any,
-    maps: dict[str, Any],
-    subjects: list[str],
-    stem: Path,
-    *,
-    regions: Sequence[int] | None,
-    derivatives: str,
-    prov: dict,
-) -> dict[str, Any]:
-    """Score maps with :mod:`neuroexplain.evaluate.harness`; returns method -> metric means."""
-    from neuroexplain.evaluate.harness import evaluate_maps, summarize, write_evaluation
-
-    df = evaluate_maps(
-        cohort, maps, subjects, regions=regions, derivatives=derivatives, progress=False
-    )
-    write_evaluation(df, stem, provenance=prov)
-    table = summarize(df)
-    out: dict[str, Any] = {}
-    for m in table.index:
-        out[m] = {
-            met: float(table.loc[m, (met, "mean")])
-            for met in sorted({c[0] for c in table.columns if c[0] != "n_subjects"})
-        }
-    return out
 
 
 def plot_maps(

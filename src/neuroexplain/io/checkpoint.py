@@ -22,7 +22,13 @@ from neuroexplain.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["describe_load_error", "load_torch", "load_training_state"]
+__all__ = [
+    "describe_load_error",
+    "load_checkpoint",
+    "load_torch",
+    "load_training_state",
+    "to_plain",
+]
 
 #: what ``torch.load`` raises for unreadable, truncated, foreign or refused files
 LOAD_ERRORS = (
@@ -38,6 +44,38 @@ LOAD_ERRORS = (
     pickle.UnpicklingError,
     zipfile.BadZipFile,
 )
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` as the types ``torch.load(weights_only=True)`` accepts, for checkpoints and states.
+
+    Dicts (keys as ``str``) and lists (tuples become lists) are converted item by item; tensors
+    and ``None`` are kept; NumPy arrays become tensors and NumPy scalars Python numbers; ``bool``,
+    ``int``, ``float`` and ``str`` (subclasses such as ``torch.__version__`` included) become the
+    plain type; anything else its ``str``.
+
+    Example:
+        >>> import numpy as np
+        >>> to_plain({1: (np.float32(0.5), "a", None)})
+        {'1': [0.5, 'a', None]}
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    for kind in (bool, int, float, str):  # bool first: it is an int
+        if isinstance(obj, kind):
+            return kind(obj)
+    return str(obj)
 
 
 def describe_load_error(exc: BaseException) -> str:
@@ -94,6 +132,30 @@ def load_torch(
             return torch.load(p, map_location=map_location, weights_only=True)
     except LOAD_ERRORS as exc:
         raise InputError(p, f"not a readable {what}: {describe_load_error(exc)}") from exc
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], fmt: str, *, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """:func:`load_torch` of a checkpoint dict whose ``format`` must be ``fmt``.
+
+    Args:
+        path: the ``.pt`` file.
+        fmt: the expected ``format`` entry (e.g. ``"neuroexplain-classifier/1"``).
+        map_location: device the tensors are loaded to.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        InputError: the file cannot be read (see :func:`load_torch`), or holds no dict of
+            format ``fmt`` (the message names the format found).
+    """
+    ckpt = load_torch(path, what="torch checkpoint", map_location=map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(Path(path), f"expected a {fmt} checkpoint, got {got!r}")
+    return ckpt
 
 
 def load_training_state(

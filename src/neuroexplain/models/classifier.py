@@ -319,23 +319,6 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 CHECKPOINT_FORMAT = "neuroexplain-classifier/1"
 
 
-def _plain(obj: Any) -> Any:
-    """Convert to types ``torch.load(weights_only=True)`` accepts (no NumPy scalars, tuples ok)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, torch.Tensor):  # NumPy scalar
-        return obj.item()
-    if isinstance(obj, bool | int | float):
-        return type(obj)(obj) if type(obj) in (bool, int, float) else float(obj)
-    if isinstance(obj, str):
-        return str(obj)  # also plain-ifies str subclasses such as torch.__version__
-    if obj is None or isinstance(obj, torch.Tensor):
-        return obj
-    return str(obj)
-
-
 def save_classifier(
     path: Any,
     model: nn.Module,
@@ -362,20 +345,21 @@ def save_classifier(
     """
     import neuroexplain
     from neuroexplain.io.atomic import save_torch
+    from neuroexplain.io.checkpoint import to_plain
 
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
-        "model_kwargs": _plain(model_kwargs),
+        "model_kwargs": to_plain(model_kwargs),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "epoch": int(epoch),
         "version": neuroexplain.__version__,
         "input_shape": [int(s) for s in input_shape],
         "seed": int(seed),
-        "best_metric": _plain(best_metric),
+        "best_metric": to_plain(best_metric),
         "layer_names": layer_names(model),
-        "config": _plain(config),
-        **_plain(extra or {}),
+        "config": to_plain(config),
+        **to_plain(extra or {}),
     }
     save_torch(ckpt, path)  # fixed archive name: same bytes
     return path
@@ -406,15 +390,12 @@ def load_classifier(
     from pathlib import Path
 
     from neuroexplain.errors import InputError
-    from neuroexplain.io.checkpoint import load_torch
+    from neuroexplain.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "checkpoint file not found")
-    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    ckpt = load_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
     if arch is not None and ckpt["arch"] != arch:
         raise InputError(p, f"expected a {arch!r} classifier, got a {ckpt['arch']!r} checkpoint")
     shape = [int(s) for s in ckpt["input_shape"]]

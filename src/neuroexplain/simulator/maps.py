@@ -56,7 +56,6 @@ __all__ = [
     "disease_log_jacobian",
     "group_stats",
     "invert_displacement",
-    "parse_regions",
     "region_means",
     "run_simulate",
     "simulate",
@@ -253,30 +252,6 @@ def warp_native(
 
 
 # ------------------------------------------------------------------------------ region tables
-
-
-def parse_regions(specs: Sequence[str] | None) -> dict[str, list[int]]:
-    """``["hippocampus=47,48", "lateral_ventricles=51,52"]`` -> ``{name: [labels]}``.
-
-    Raises:
-        InputError: a spec without ``=``, an empty or repeated name, or non-integer labels.
-    """
-    out: dict[str, list[int]] = {}
-    for spec in specs or []:
-        name, sep, labels = str(spec).partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise InputError("--regions", f"expected NAME=LABEL[,LABEL...], got {spec!r}")
-        if name in out:
-            raise InputError("--regions", f"region {name!r} given twice")
-        try:
-            ids = [int(t) for t in labels.replace(" ", "").split(",") if t]
-        except ValueError as exc:
-            raise InputError("--regions", f"expected integer labels in {spec!r}") from exc
-        if not ids:
-            raise InputError("--regions", f"no labels given for region {name!r}")
-        out[name] = ids
-    return out
 
 
 def region_means(

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from neuroexplain.errors import InputError
+from neuroexplain.io.checkpoint import to_plain as _plain
 from neuroexplain.jacobian import jacobian_determinant
 from neuroexplain.settings import HINGES, SimulatorTrainConfig
 from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
@@ -231,27 +232,6 @@ def select_training_subjects(
     return np.flatnonzero(ok)
 
 
-def _plain(obj: Any) -> Any:
-    """Types ``torch.load(weights_only=True)`` accepts (dicts, lists, str, numbers, tensors)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor) or obj is None:
-        return obj
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bool):
-        return bool(obj)
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
-    return str(obj)
-
-
 def _rng_state() -> dict[str, Any]:
     """torch RNG states (the only generators training draws from)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -346,15 +326,12 @@ def load_simulator(
     Raises:
         InputError: missing or unreadable file, or not a simulator checkpoint.
     """
-    from neuroexplain.io.checkpoint import load_torch
+    from neuroexplain.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "simulator checkpoint not found (run neuroexplain train-simulator)")
-    ckpt = load_torch(p, what="torch checkpoint", map_location=map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(p, f"expected a {CHECKPOINT_FORMAT} checkpoint, got {got!r}")
+    ckpt = load_checkpoint(p, CHECKPOINT_FORMAT, map_location=map_location)
     try:
         model = SimulatorNet(SimulatorConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)

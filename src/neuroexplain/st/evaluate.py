@@ -27,23 +27,12 @@ from neuroexplain.st import concept_keys as K
 from neuroexplain.st.concepts import layer_concepts, spot_labels
 from neuroexplain.st.vae import get_counts, log_normalise
 
-__all__ = ["DEFAULT_MARKERS", "evaluate_concepts", "parse_markers", "wilcoxon_ranking"]
+__all__ = ["DEFAULT_MARKERS", "evaluate_concepts", "wilcoxon_ranking"]
 
 logger = logging.getLogger(__name__)
 
 #: Known layer markers of the mouse olfactory bulb (Stahl et al. 2016 data, checked there).
 DEFAULT_MARKERS: dict[str, list[str]] = {"GCL": ["Penk", "Nrgn"], "MCL": ["Doc2g", "Cdhr1"]}
-
-
-def parse_markers(text: str) -> dict[str, list[str]]:
-    """``"GCL:Penk,Nrgn;MCL:Doc2g,Cdhr1"`` -> ``{"GCL": ["Penk", "Nrgn"], ...}`` (``""``: none)."""
-    out: dict[str, list[str]] = {}
-    for part in [p for p in text.split(";") if p.strip()]:
-        if ":" not in part:
-            raise InputError("--markers", f"expected LAYER:GENE,GENE;..., got {part!r}")
-        layer, genes = part.split(":", 1)
-        out[layer.strip()] = [g.strip() for g in genes.split(",") if g.strip()]
-    return out
 
 
 def _uns(adata: Any, key: str) -> Mapping[str, Any]:

@@ -1085,7 +1085,7 @@ def _save_state(
     import torch
 
     from neuroexplain.io.atomic import save_torch
-    from neuroexplain.models.classifier import _plain
+    from neuroexplain.io.checkpoint import to_plain as _plain
 
     rng = {"torch": torch.get_rng_state(), "order": gen.get_state()}
     if aug is not None:
@@ -1108,7 +1108,7 @@ def _save_state(
 def _load_state(path: Path, key: dict) -> dict | None:
     """The training state at ``path`` if it belongs to this run, else ``None`` (start over)."""
     from neuroexplain.io.checkpoint import load_training_state
-    from neuroexplain.models.classifier import _plain
+    from neuroexplain.io.checkpoint import to_plain as _plain
 
     return load_training_state(
         path, fmt=STATE_FORMAT, key=_plain(key), what="classifier training state"

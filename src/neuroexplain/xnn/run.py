@@ -31,6 +31,7 @@ import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SRAEConfig, XNNExplainConfig, XNNTrainConfig
+from neuroexplain.stage import harness_means, stage_provenance
 
 __all__ = ["run_xnn_explain", "run_xnn_train"]
 
@@ -81,7 +82,7 @@ def run_xnn_train(
     """
     import pandas as pd
 
-    from neuroexplain.concepts3d.run import _provenance, load_context, subject_indices
+    from neuroexplain.concepts3d.run import load_context, subject_indices
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.utils import seed_everything
     from neuroexplain.xnn.explain import default_layer, extract_activations
@@ -126,7 +127,7 @@ def run_xnn_train(
         "train_split": train_split,
         "config": cfg.__dict__,
     }
-    prov = _provenance(params, cfg.seed, [ctx.split_path], "xnn-train")
+    prov = stage_provenance(params, cfg.seed, [ctx.split_path], "xnn-train")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_srae(
         out_dir / "srae.pt",
@@ -223,7 +224,7 @@ def run_xnn_explain(
     from tqdm.auto import tqdm
 
     from neuroexplain.attribution.export import write_subject_maps
-    from neuroexplain.concepts3d.run import _harness, _provenance, load_context, subject_indices
+    from neuroexplain.concepts3d.run import load_context, subject_indices
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.utils import seed_everything
     from neuroexplain.xnn.explain import XNNExplainer, extract_activations, feature_names
@@ -306,7 +307,7 @@ def run_xnn_explain(
         "n_steps": n_steps,
         "coverage": cov,
     }
-    prov = _provenance(params, seed, [srae_path, ctx.split_path], "xnn-explain")
+    prov = stage_provenance(params, seed, [srae_path, ctx.split_path], "xnn-explain")
     side = {
         "Method": "XNN feature attribution (Qi, Khorram & Li 2017, arXiv:1709.05360)",
         "Layer": layer,
@@ -373,7 +374,7 @@ def run_xnn_explain(
         "provenance": prov,
     }
     if cohort is not None:
-        ev = _harness(
+        ev = harness_means(
             cohort,
             dict.fromkeys(names, out_dir),
             [table["subject"][i] for i in idx],

@@ -444,15 +444,12 @@ def load_srae(path: str | os.PathLike[str]) -> tuple[SRAE, dict[str, Any]]:
     Raises:
         InputError: unreadable file or not an SRAE checkpoint.
     """
-    from neuroexplain.io.checkpoint import load_torch
+    from neuroexplain.io.checkpoint import load_checkpoint
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "SRAE checkpoint not found (run neuroexplain xnn-train first)")
-    ckpt = load_torch(p, what="torch checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != SRAE_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(p, f"expected a {SRAE_FORMAT} checkpoint, got {got!r}")
+    ckpt = load_checkpoint(p, SRAE_FORMAT)
     known = {f.name for f in fields(SRAEConfig)}
     cfg = SRAEConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     srae = SRAE(int(ckpt["in_features"]), cfg.n_features, cfg.hidden)
