@@ -847,6 +847,9 @@ class SRAEConfig(_Settings):
         alpha_pred: weight of the faithfulness loss.
         alpha_rec: weight of the sparse reconstruction loss.
         alpha_pt: weight of the pull-away term.
+        alpha_use: weight of the usage-balance term (features with less than a quarter of the
+            even share of the logit contributions are penalised, dead ReLUs revived; 0 = off, as Qi
+            et al., whose pull-away term lets redundant features drop out with a zero weight).
         q: sensitivity of the sparse reconstruction loss.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
@@ -869,6 +872,9 @@ class SRAEConfig(_Settings):
     alpha_pred: float = setting(1.0, "Weight of the faithfulness loss.", config=None)
     alpha_rec: float = setting(0.1, "Weight of the sparse reconstruction loss.", config=None)
     alpha_pt: float = setting(0.1, "Weight of the pull-away term.", config=None)
+    alpha_use: float = setting(
+        0.3, "Weight of the usage-balance term (0 = off: dead features possible).", config=None
+    )
     q: float = setting(1.0, "Sparse reconstruction sensitivity q.", config=None)
     lr: float = setting(1e-2, "Adam learning rate.")
     weight_decay: float = setting(1e-4, "Adam weight decay.", config=None)
