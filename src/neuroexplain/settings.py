@@ -694,7 +694,7 @@ class TCAVConfig(_CAVSettings):
 
     Attributes:
         layers: dotted layer names (``()``: the architecture's concept layer).
-        n_random: random sets per concept (``None``: ``n_random`` of the concept file, 30 by
+        n_random: random sets per concept (``None``: ``n_random`` of the concept file, 50 by
             default).
         random_size: examples per random set (``None``: the concept file's, else
             ``min(concept, pool // 3)``).
@@ -724,7 +724,7 @@ class TCAVConfig(_CAVSettings):
         config="tcav_layers",
     )
     n_random: int | None = setting(
-        None, "Random sets per concept (default: the concept file's, else 30)."
+        None, "Random sets per concept (default: the concept file's, else 50)."
     )
     random_size: int | None = setting(None, "Examples per random set.", config=None)
     alpha: float = setting(0.01, "Significance level (after the correction).")
