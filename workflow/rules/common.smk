@@ -533,6 +533,7 @@ def tcav_args(wildcards):
         ("--class-split", config["evaluation"]["subjects"]),
         ("--n-random", c3d["n_random"]),
         ("--alpha", c3d["alpha"]),
+        ("--correction", c3d["correction"]),
         ("--min-accuracy", c3d["min_accuracy"]),
         ("--seed", config["seed"]),
     )

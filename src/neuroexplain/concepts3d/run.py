@@ -8,8 +8,10 @@ whose gradients are tested, and the subjects whose maps are written, from the te
 
 Outputs (``out`` = e.g. ``results/concepts3d``):
 
-- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV score (mean, sd, per run),
-  random-vs-random scores, two-sided t-test p-value, CAV held-out accuracy; ``tcav.png``;
+- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV sign-count and magnitude
+  scores (mean, sd, per run), random-vs-random scores, two-sided test p-value (raw and corrected
+  for the concept x layer tests), effect sizes, CAV held-out accuracy and the verdict
+  (significant / not significant / inconclusive, with its reason); ``tcav.png``;
 - ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
   the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
   ``sacv.png``;
@@ -195,7 +197,7 @@ def run_tcav(
     progress: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """TCAV of every configured concept at every layer, with random-vs-random t-tests.
+    """TCAV of every configured concept at every layer, tested against random-vs-random CAVs.
 
     Args:
         preproc: ``preproc.pt`` (or its folder).
@@ -227,7 +229,7 @@ def run_tcav(
         spec_dict,
     )
     from neuroexplain.concepts3d.store import CAVStore
-    from neuroexplain.concepts3d.tcav import TCAV, _seed_of, summarize_experiment
+    from neuroexplain.concepts3d.tcav import TCAV, _seed_of, apply_correction, summarize_experiment
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
@@ -320,7 +322,13 @@ def run_tcav(
     for name, plan in plans.items():
         for layer in layer_list:
             row = summarize_experiment(
-                scores, name, plan["randoms"], layer, alpha=alpha, min_accuracy=min_accuracy
+                scores,
+                name,
+                plan["randoms"],
+                layer,
+                alpha=alpha,
+                min_accuracy=min_accuracy,
+                test=tc.test,
             )
             row.update(
                 n_examples=len(plan["examples"]),
@@ -329,6 +337,7 @@ def run_tcav(
                 n_random_sets=n_sets,
             )
             rows.append(row)
+    apply_correction(rows, method=tc.correction, alpha=alpha)
     params = {
         "preproc": str(ctx.preproc_path),
         "checkpoint": str(ctx.checkpoint_path),
@@ -340,6 +349,8 @@ def run_tcav(
         "target": target,
         "n_random": n_sets,
         "alpha": alpha,
+        "test": tc.test,
+        "correction": tc.correction,
         "min_accuracy": min_accuracy,
         "classifier": classifier,
         "C": C,
@@ -370,18 +381,25 @@ def run_tcav(
     write_table(flat, out_dir / "tcav.tsv")
     store.save(provenance=prov)
     if plot:
-        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha)
+        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha, correction=tc.correction)
     for r in rows:
         logger.info(
-            "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  p=%.3g  acc %.2f",
+            "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  magnitude %.2f vs %.2f  "
+            "p=%.3g (%s %.3g)  acc %.2f: %s (%s)",
             r["concept"],
             r["layer"],
             r["tcav_score"],
             _z(r["tcav_score_sd"]),
             r["random_score"],
             _z(r["random_score_sd"]),
+            r["tcav_magnitude"],
+            r["random_magnitude"],
             r["p_value"],
+            r["correction"],
+            r["p_adjusted"],
             r["cav_accuracy"],
+            r["verdict"],
+            r["verdict_reason"],
         )
     return result
 
@@ -413,9 +431,16 @@ def _z(v: float) -> float:
 
 
 def plot_tcav(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, alpha: float = 0.01
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    alpha: float = 0.01,
+    correction: str = "none",
 ) -> Path:
-    """Bar plot of TCAV scores (concept x layer) against random-vs-random scores."""
+    """Bar plot of TCAV scores (concept x layer) against random-vs-random scores.
+
+    ``*`` marks a significant verdict, ``?`` an inconclusive one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,17 +468,21 @@ def plot_tcav(
         color="0.7",
     )
     for i, r in enumerate(rows):
-        if r["significant"]:
+        mark = {"significant": "*", "inconclusive": "?"}.get(
+            r.get("verdict", "significant" if r["significant"] else "")
+        )
+        if mark:
             ax.text(
                 i - 0.18,
                 min(1.02, r["tcav_score"] + _z(r["tcav_score_sd"]) + 0.03),
-                "*",
+                mark,
                 ha="center",
             )
     ax.set_xticks(x, [f"{r['concept']}\n{r['layer']}" for r in rows], fontsize=7)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("TCAV score")
-    ax.set_title(f"TCAV (* p < {alpha:g}, two-sided t-test vs random)", fontsize=9)
+    adj = "" if correction == "none" else f", {correction}-adjusted"
+    ax.set_title(f"TCAV (* p{adj} < {alpha:g} vs random; ? inconclusive)", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     with atomic_output(path) as tmp:
