@@ -62,6 +62,7 @@ EVALUATION = {
 SIMULATOR = {
     "model": "results/simulator_model/model.pt",
     "train_log": "results/simulator_model/train_log.tsv",
+    "train_summary": "results/simulator_model/train_summary.json",
     "maps": "results/simulator",
     # the disease map of each subject (remove for diseased, inject for healthy subjects)
     "map": "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz",
