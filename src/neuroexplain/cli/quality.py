@@ -47,7 +47,6 @@ def check_classifier_cmd(
     its 95 % interval, linear reference AUC, threshold, confusion matrix, val / test AUCs), and
     the warnings of the earlier stages (--warnings) so that the report's first page shows them.
     """
-    import json
 
     from neuroexplain.evaluate.quality import (
         TABLE_SUFFIXES,
@@ -63,12 +62,7 @@ def check_classifier_cmd(
         raise InputError("--table", f"expected a path ending in {', '.join(TABLE_SUFFIXES)}")
     if table.resolve() == out.resolve():
         raise InputError("--table", f"expected a path other than --out, got {table}")
-    if not metrics.is_file():
-        raise InputError(metrics, "expected the metrics.json of train-classifier, no such file")
-    try:
-        data = json.loads(metrics.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(metrics, f"expected JSON, got a parse error: {exc}") from exc
+    data = _read_json(metrics, "the metrics.json of train-classifier")
     if not isinstance(data, dict):
         raise InputError(metrics, f"expected a JSON object, got {type(data).__name__}")
     warnings = _stage_warnings(warnings_from or [])
@@ -96,18 +90,23 @@ def check_classifier_cmd(
     typer.echo(f"classifier {summary['split']} AUC {auc} {gate} -> {out}, {table}{note}")
 
 
-def _stage_warnings(paths: list[Path]) -> list[dict[str, str]]:
-    """``{"source", "message"}`` of every entry of the ``warnings`` list of each JSON file."""
+def _read_json(path: Path, what: str) -> object:
+    """The parsed JSON file, or one clear :class:`InputError` (missing file, parse error)."""
     import json
 
+    if not path.is_file():
+        raise InputError(path, f"expected {what}, no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"expected JSON, got a parse error: {exc}") from exc
+
+
+def _stage_warnings(paths: list[Path]) -> list[dict[str, str]]:
+    """``{"source", "message"}`` of every entry of the ``warnings`` list of each JSON file."""
     found: list[dict[str, str]] = []
     for path in paths:
-        if not path.is_file():
-            raise InputError(path, "expected a JSON output of an earlier stage, no such file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(path, f"expected JSON, got a parse error: {exc}") from exc
+        data = _read_json(path, "a JSON output of an earlier stage")
         items = data.get("warnings") if isinstance(data, dict) else None
         for item in items if isinstance(items, list) else []:
             found.append({"source": path.name, "message": str(item)})
