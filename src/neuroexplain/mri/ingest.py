@@ -37,14 +37,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuroexplain.errors import InputError
-from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, read_sample_sheet
+from neuroexplain.mri.bids import (
+    Cohort,
+    apply_label_groups,
+    encode_labels,
+    find_bids_subjects,
+    parse_label_groups,
+    read_sample_sheet,
+)
 from neuroexplain.mri.preprocess import Grid, Preprocessed, model_spacing
 from neuroexplain.settings import MRIIngestConfig
 
@@ -251,6 +258,7 @@ def ingest_mri(
     limit: int | None = None,
     workers: int = 1,
     group_column: str | None = None,
+    label_groups: Sequence[str] | Mapping[str, str] | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -275,6 +283,10 @@ def ingest_mri(
         workers: parallel worker processes (results do not depend on it).
         group_column: ``participants.tsv`` / sheet column of split groups (default:
             ``source_subject`` when present); stored as ``groups``.
+        label_groups: classes from a numeric label column, ``NAME=CONDITION`` (or a mapping),
+            e.g. ``["young=<40", "old=>60"]`` on ``age``
+            (:func:`~neuroexplain.mri.bids.parse_label_groups`); subjects in no group, or with
+            no value, are left out.
         progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -304,6 +316,9 @@ def ingest_mri(
     bids_p = Path(bids).resolve() if bids is not None else None
     sheet_p = Path(sheet).resolve() if sheet is not None else None
     cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit, group_column)
+    groups = parse_label_groups(label_groups) if label_groups else None
+    if groups:
+        cohort = apply_label_groups(cohort, groups)
     y, positive, counts = encode_labels(cohort, positive_class)
     recs = cohort.records
     has_dseg = recs[0].dseg is not None
@@ -377,6 +392,11 @@ def ingest_mri(
         "derivatives": derivatives if has_dseg else None,
         "label_column": cohort.label_column,
         "positive_class": positive,
+        "label_groups": (
+            {k: " ".join(str(v) for v in c if v is not None) for k, c in groups.items()}
+            if groups
+            else None
+        ),
         "shape": list(shape),
         "fov_mm": float(fov_mm),
         "spacing_mm": spacing,
