@@ -326,7 +326,10 @@ def ingest_mri_args(wildcards, input):
         ]
         if label_column:
             source += [
-                ("--label-group", [f"{k}={v}" for k, v in mri["label_groups"].items()] or None)
+                (
+                    "--label-group",
+                    [f"{k}={v}" for k, v in mri["label_groups"].items()] or None,
+                )
             ]
         positive_class = positive_class if label_column else None
     return _args(
