@@ -19,12 +19,16 @@ The existing per-stage bad-input tests (``test_ingest_mri.py``, ``test_ingest_st
 ``test_cohort.py``, ...) stay where they are; this corpus covers the same ground on synthetic data
 through the CLI, plus checkpoints, layers, config (duplicate keys, YAML syntax), resource limits,
 doubtful inputs that would otherwise pass silently (a reference subject that empties the cohort,
-labels or genes that differ only by case), output paths of the wrong kind and a full disk.
+labels or genes that differ only by case, region labels that no subject has, a label column of
+too many concepts), output paths of the wrong kind and a full disk (training commands included).
+Doubtful inputs that are legitimate (sform and qform that disagree, no orientation codes, a region
+label some subjects lack) run on with a warning naming the file; tests after the corpus.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import subprocess
@@ -884,6 +888,48 @@ def _(tmp: Path, k: Kit) -> Case:
     return Case(args, ("in.h5ad", "--gene-concepts"), r"NotAGene")
 
 
+@case("stc-too-many-concepts")
+def _(tmp: Path, k: Kit) -> Case:
+    """A label column of 60 categories (a cluster id, say) with --min-spots 1: 60 concepts, each a
+    spots x genes layer; refused before training (244 categories grew to 21.6 GB)."""
+    layers = tuple(f"cluster{i:02d}" for i in range(60))
+    args = _concepts_args(tmp, st_adata(n_per_layer=1, layers=layers), "--min-spots", "1")
+    return Case(
+        args,
+        ("in.h5ad", "adata.obs['layer']"),
+        r"60 categories make 60 concepts, more than --max-concepts 50 .*raise --max-concepts or "
+        r"choose a --label-key",
+    )
+
+
+# ============================================================================== regions
+
+
+@case("region-simulate-label-in-no-subject")
+def _(tmp: Path, k: Kit) -> Case:
+    """--regions naming a label no subject has (1047 for 47): it would be an empty row."""
+    args = _kit_args(k, "simulate", tmp, "--regions", "blob=1047", "--no-images")
+    return Case(
+        args,
+        ("--regions",),
+        r"label 1047 \(region 'blob'\): nearest present \d+",
+        watch=[k.root],
+    )
+
+
+@case("region-simulate-typo-beside-a-good-label")
+def _(tmp: Path, k: Kit) -> Case:
+    """A region of a good and a mistyped label (its row would be the good label's alone)."""
+    args = _kit_args(k, "simulate", tmp, "--regions", "a=10,11", "--regions", "b=20")
+    return Case(
+        args,
+        ("--regions",),
+        r"1 label\(s\) in none of the \d+ subjects' label maps \(preproc\.pt, model grid\): "
+        r"label 11 \(region 'a'\)",
+        watch=[k.root],
+    )
+
+
 # ============================================================================== output paths
 
 
@@ -1005,6 +1051,52 @@ def _(tmp: Path, k: Kit) -> Case:
         _kit_args(k, "tcav", tmp, "--layers", "features.1"), ("tcav.json", "tcav.tsv", "tcav.png"),
         r"no space left",
         watch=[k.root], setup=lambda mp: fill_disk(mp, room=0, only=r"^tcav\."),
+    )  # fmt: skip
+
+
+@case("full-disk-train-classifier")
+def _(tmp: Path, k: Kit) -> Case:
+    """The last of the five outputs hits the full disk: the model and the tables go again, and
+    the run's resume state with them (an interruption would keep it)."""
+    args = [
+        "train-classifier", "--preproc", str(k.preproc), "--out", str(tmp / "out"),
+        "--epochs", "1", "--no-augment", "--device", "cpu",
+    ]  # fmt: skip
+    return Case(
+        args, ("metrics.json",), r"no space left on device while writing it", watch=[k.root],
+        setup=lambda mp: fill_disk(mp, room=0, only=r"^metrics\.json$"),
+    )  # fmt: skip
+
+
+@case("full-disk-train-classifier-state")
+def _(tmp: Path, k: Kit) -> Case:
+    """The resume state after the first epoch does not fit: nothing is left, not even OUT/."""
+    args = [
+        "train-classifier", "--preproc", str(k.preproc), "--out", str(tmp / "out"),
+        "--epochs", "2", "--no-augment", "--device", "cpu",
+    ]  # fmt: skip
+    return Case(
+        args, ("train_state.pt",), r"no space left on device", watch=[k.root],
+        setup=lambda mp: fill_disk(mp, room=100, only=r"^train_state\.pt$"),
+    )  # fmt: skip
+
+
+@case("full-disk-train-simulator")
+def _(tmp: Path, k: Kit) -> Case:
+    """model.pt is written, then train_log.tsv hits the full disk: model.pt goes again."""
+    return Case(
+        _kit_args(k, "train-simulator", tmp), ("train_log.tsv",), r"no space left on device",
+        watch=[k.root], setup=lambda mp: fill_disk(mp, room=0, only=r"^train_log\.tsv$"),
+    )  # fmt: skip
+
+
+@case("full-disk-xnn-train")
+def _(tmp: Path, k: Kit) -> Case:
+    """srae.pt and the log are written, then srae_train.json hits the full disk."""
+    args = _kit_args(k, "xnn-train", tmp, "--epochs", "2")
+    return Case(
+        args, ("srae_train.json",), r"no space left on device", watch=[k.root],
+        setup=lambda mp: fill_disk(mp, room=0, only=r"^srae_train\.json$"),
     )  # fmt: skip
 
 
@@ -1300,6 +1392,86 @@ def _(tmp: Path, k: Kit) -> Case:
         args, (k.preproc.name,), r"needs about .* of memory, but only .* available", env=env,
         watch=[k.root],
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ doubtful inputs
+# Legitimate but doubtful: the run goes on (exit 0) with a warning naming the file and what is
+# done about it, also kept in the stage's summary file.
+
+
+def _recode(path: Path, *, sform_code: int, qform_code: int, qform_shift: float = 0.0) -> None:
+    img = nib.load(path)
+    new = nib.Nifti1Image(np.asarray(img.dataobj), AFFINE)
+    moved = AFFINE.copy()
+    moved[:3, 3] += qform_shift
+    new.set_sform(AFFINE, code=sform_code)
+    new.set_qform(moved, code=qform_code)
+    nib.save(new, str(path))
+
+
+@pytest.mark.parametrize(
+    ("kind", "warning"),
+    [
+        (
+            "disagree",
+            r"sform and qform disagree \(codes 1 and 2, largest difference 5 mm\); using the "
+            r"sform, as nibabel does \(ITK-based tools such as ANTs use the qform\)",
+        ),
+        (
+            "no-codes",
+            r"no orientation codes \(sform_code = qform_code = 0\); using a default LAS affine "
+            r"from the voxel sizes \(2x2x2 mm, centred on the volume\)",
+        ),
+    ],
+)
+def test_doubtful_orientation_warns(
+    kind: str, warning: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one log record, one line
+    root = make_bids(tmp_path / "bids")
+    t1 = t1_path(root, "sub-02")
+    if kind == "disagree":
+        _recode(t1, sform_code=1, qform_code=2, qform_shift=5.0)
+    else:
+        for p in (t1, dseg_path(root, "sub-02")):  # the dseg must stay on the T1w's grid
+            _recode(p, sform_code=0, qform_code=0)
+    assert main(ingest_args(root, tmp_path)) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "WARNING" in ln and str(t1) in ln]
+    assert len(lines) == 1 and re.search(warning, lines[0]), err  # once, though read twice
+    notes = json.loads((tmp_path / "out" / "ingest.json").read_text())["warnings"]
+    assert any(n.startswith(f"{t1}: ") and re.search(warning, n) for n in notes), notes
+    assert all("sub-01" not in n for n in notes)
+
+
+def test_consistent_orientation_is_quiet(tmp_path: Path) -> None:
+    from neuroexplain.io.nifti import orientation_warning
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), AFFINE)
+    assert orientation_warning(img, "a") is None  # sform only (nibabel's default)
+    img.set_qform(AFFINE, code=1)
+    assert orientation_warning(img, "a") is None  # both, equal
+    img.set_sform(None, code=0)
+    assert orientation_warning(img, "a") is None  # qform only
+
+
+def test_region_label_some_subjects_lack_warns(caplog) -> None:
+    from neuroexplain.errors import InputError
+    from neuroexplain.utils import check_region_labels
+
+    present = [{0, 1, 47, 48}, {0, 1, 47}, {0, 1, 47, 48}]
+    with caplog.at_level("WARNING"):
+        notes = check_region_labels(
+            {"hippocampus": [47, 48]}, present, where="preproc.pt", subjects=["a", "b", "c"]
+        )
+    assert notes == [
+        "--regions: label 48 (region 'hippocampus') is missing from 1 of 3 subjects' label maps "
+        "(preproc.pt), e.g. b"
+    ]
+    assert notes[0] in caplog.text
+    with pytest.raises(InputError, match=r"\(cohort\): label 49: nearest present 1, 47, 48; "):
+        check_region_labels([47, 49], present, where="cohort")
+    assert check_region_labels({"all": [1]}, present, where="x") == []
 
 
 # ------------------------------------------------------------------------------ the tests

@@ -99,6 +99,11 @@ def test_cli_refuses_an_unpaired_cohort_and_empty_regions(tmp_path, capsys):
     torch.save(pre, paths["root"] / "preproc.pt")
     assert main([*base, "--regions", "X=99"]) != 0
     assert "empty in every" in capsys.readouterr().err
+    # a label no subject has, in a region that is not empty (a typo beside a good label)
+    assert main([*base, "--regions", "A=10,11"]) != 0
+    err = capsys.readouterr().err
+    assert "error: --regions: 1 label(s) in none of the 8 subjects' label maps" in err
+    assert "label 11 (region 'A'): nearest present 1, 10, 20" in err
     assert main(base) != 0
     assert "--regions" in capsys.readouterr().err
     assert not list(tmp_path.glob("r*"))

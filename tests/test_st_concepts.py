@@ -182,6 +182,27 @@ def test_concept_saliency_outputs(mob_small: ad.AnnData, tiny_model: SpotVAE, tm
     assert compact.shape == (n, 200) and "GCL" in compact.layers
 
 
+def test_top_gene_heatmap_is_capped(
+    mob_small: ad.AnnData, tiny_model: SpotVAE, tmp_path, caplog
+) -> None:
+    """The heatmap grows with concepts x layers: past its cap it shows the first ones, loudly."""
+    from PIL import Image
+
+    from neuroexplain.st.plotting import plot_top_gene_heatmap
+
+    adata = mob_small.copy()
+    concept_saliency(adata, tiny_model, label_key=LABEL, key_added="cs")
+    full = plot_top_gene_heatmap(adata, tmp_path / "full.png", label_key=LABEL, key="cs")
+    with caplog.at_level("WARNING"):
+        capped = plot_top_gene_heatmap(
+            adata, tmp_path / "capped.png", label_key=LABEL, key="cs", max_concepts=2
+        )
+    assert "the top-gene heatmap shows the first 2 of 5 layer concepts (capped.png)" in caplog.text
+    w_full, h_full = Image.open(full).size
+    w, h = Image.open(capped).size
+    assert h < h_full / 2 and w < w_full
+
+
 def test_probe_concepts_and_copy(mob_small: ad.AnnData, tiny_model: SpotVAE) -> None:
     adata = mob_small.copy()
     res = concept_saliency(adata, tiny_model, label_key=LABEL, method="probe", copy=True)

@@ -199,6 +199,22 @@ def test_output_group_removes_what_it_made(tmp_path: Path, monkeypatch) -> None:
     assert _everything(tmp_path) == ["out", "out/old.txt"]
 
 
+def test_output_group_only_on_keeps_a_resume_state_when_interrupted(tmp_path: Path) -> None:
+    """A training command cleans up on its own errors (a full disk) only: an interruption keeps
+    the resume state for the next run."""
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        with output_group(out, only_on=InputError):
+            save_torch({"epoch": 3}, out / "train_state.pt")
+            raise KeyboardInterrupt
+    assert _everything(tmp_path) == ["model", "model/train_state.pt"]
+    with pytest.raises(InputError):
+        with output_group(tmp_path / "other", only_on=InputError):
+            save_torch({"epoch": 3}, tmp_path / "other" / "train_state.pt")
+            raise InputError("x.json", "no space left on device while writing it")
+    assert _everything(tmp_path) == ["model", "model/train_state.pt"]
+
+
 def test_output_group_keeps_everything_on_success(tmp_path: Path) -> None:
     with output_group(tmp_path / "o"):
         write_json({"a": 1}, tmp_path / "o" / "a.json")

@@ -961,6 +961,10 @@ class STConceptsConfig(_Settings):
         genemode_epochs: maximum epochs of the gene-image VAE.
         genemode_n_genes: highly variable genes used as images (0 = all).
         min_spots: fewest labelled spots a layer may have.
+        max_concepts: most concepts (one per layer of the label column, plus gene and spot
+            concepts) a run may compute; each keeps a spots x genes saliency layer in memory and
+            in the output, so a label column of hundreds of categories (a cluster id, a barcode)
+            is refused rather than run out of memory.
         seed: random seed (same seed -> identical outputs on CPU).
     """
 
@@ -982,6 +986,11 @@ class STConceptsConfig(_Settings):
         1000, "Highly variable genes used as images (0 = all).", config=None
     )
     min_spots: int = setting(5, "Fewest labelled spots a layer may have.", config=None)
+    max_concepts: int = setting(
+        50,
+        "Most concepts (layers + gene and spot concepts) a run may compute; each keeps a "
+        "spots x genes saliency layer.",
+    )
     seed: int = setting(0, "Random seed (same seed -> identical outputs on CPU).", config=None)
 
     def __post_init__(self) -> None:
@@ -999,6 +1008,7 @@ class STConceptsConfig(_Settings):
                 "genemode_epochs": (self.genemode_epochs >= 1, "expected >= 1"),
                 "genemode_n_genes": (self.genemode_n_genes >= 0, "expected >= 0"),
                 "min_spots": (self.min_spots >= 1, "expected >= 1"),
+                "max_concepts": (self.max_concepts >= 2, "expected >= 2"),
             },
             self,
         )

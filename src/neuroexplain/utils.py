@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ __all__ = [
     "available_memory",
     "case_clashes",
     "check_memory_fits",
+    "check_region_labels",
     "estimate_activation_memory",
     "estimate_training_memory",
     "format_bytes",
@@ -49,6 +50,74 @@ def case_clashes(values: Iterable[Any]) -> list[tuple[str, ...]]:
         if text not in group:
             group.append(text)
     return [tuple(sorted(g)) for g in groups.values() if len(g) > 1]
+
+
+def _nearest(label: int, present: set[int], n: int = 4) -> str:
+    near = sorted(present, key=lambda v: (abs(v - label), v))[:n]
+    return ", ".join(str(v) for v in sorted(near)) if near else "none"
+
+
+def check_region_labels(
+    regions: Mapping[str, Sequence[int]] | Sequence[int],
+    present: Sequence[Iterable[int]],
+    *,
+    where: Any,
+    subjects: Sequence[str] | None = None,
+    option: str = "--regions",
+) -> list[str]:
+    """Refuse region labels that no subject has; warn about labels only some subjects lack.
+
+    A label in none of the label maps is a typo or the wrong atlas, and would only give empty
+    rows (NaN means, zero voxels); a label some subjects lack is legitimate (a structure missing
+    from one segmentation) but doubtful, so it is logged as a warning and returned.
+
+    Args:
+        regions: ``{name: [label, ...]}`` or a plain list of labels.
+        present: per subject, the labels of its label map (e.g. ``np.unique(dseg)``).
+        where: what the label maps are (named in the error, e.g. the preproc file).
+        subjects: the subjects' ids (in the warnings), in the order of ``present``.
+        option: the option the regions came from (the error names it).
+
+    Returns:
+        The warnings (one line per label that some subjects lack).
+
+    Raises:
+        InputError: a label in none of the label maps.
+
+    Example:
+        >>> notes = check_region_labels({"hc": [47, 48]}, [{0, 47, 48}, {0, 47}], where="x")
+        >>> notes[0].split(",")[0]
+        "--regions: label 48 (region 'hc') is missing from 1 of 2 subjects' label maps (x)"
+    """
+    from neuroexplain.errors import InputError
+
+    named = dict(regions) if isinstance(regions, Mapping) else {"": list(regions)}
+    sets = [{int(v) for v in p} for p in present]
+    ids = list(subjects) if subjects is not None else [f"#{i}" for i in range(len(sets))]
+    union = set().union(*sets) - {0} if sets else set()
+
+    def what(name: str, label: int) -> str:
+        return f"label {label}" + (f" (region {name!r})" if name else "")
+
+    absent = [(n, int(v)) for n, labs in named.items() for v in labs if int(v) not in union]
+    if absent:
+        listed = "; ".join(f"{what(n, v)}: nearest present {_nearest(v, union)}" for n, v in absent)
+        raise InputError(
+            option,
+            f"{len(absent)} label(s) in none of the {len(sets)} subjects' label maps ({where}): "
+            f"{listed}; check the label numbers against the atlas (dseg.tsv)",
+        )
+    notes = []
+    for name, labs in named.items():
+        for v in labs:
+            lacking = [i for i, s in zip(ids, sets, strict=True) if int(v) not in s]
+            if lacking:
+                notes.append(
+                    f"{option}: {what(name, int(v))} is missing from {len(lacking)} of {len(sets)} "
+                    f"subjects' label maps ({where}), e.g. {', '.join(lacking[:3])}"
+                )
+                logger.warning(notes[-1])
+    return notes
 
 
 def resolve_device(device: str = "auto"):

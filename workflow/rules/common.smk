@@ -362,6 +362,7 @@ def st_concepts_args(wildcards):
         ("--epochs", stc["epochs"]),
         ("--genemode-seeds", ",".join(stc["genemode_seeds"]) or None),
         ("--genemode-epochs", stc["genemode_epochs"]),
+        ("--max-concepts", stc["max_concepts"]),
     )
 
 

@@ -56,6 +56,8 @@ def train_classifier_cmd(
     ] = True,
 ) -> None:
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
+    from neuroexplain.errors import NeuroexplainError
+    from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
     from neuroexplain.models import ARCHITECTURES
     from neuroexplain.train import train_classifier
@@ -64,7 +66,10 @@ def train_classifier_cmd(
     set_threads(threads)
     if config.arch not in ARCHITECTURES:
         raise InputError("--arch", f"expected one of {sorted(ARCHITECTURES)}, got {config.arch!r}")
-    metrics = train_classifier(preproc, out, config, split=split, resume=resume)
+    # all or nothing on a full disk (the resume state of this run too); an interruption or a
+    # crash keeps OUT/train_state.pt for --resume
+    with output_group(out, only_on=NeuroexplainError):
+        metrics = train_classifier(preproc, out, config, split=split, resume=resume)
     test = metrics.get("test", {})
     ref = metrics["reference"].get("test", metrics["reference"]["val"])
     typer.echo(

@@ -65,22 +65,28 @@ def train_simulator_cmd(
     Before training, the memory of one step is estimated; a run that would not fit in the
     available memory stops with an error (NEUROEXPLAIN_MEMORY_LIMIT_MB sets the limit in MiB).
     """
+    from neuroexplain.errors import NeuroexplainError
+    from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
     from neuroexplain.simulator import run_train_simulator
 
     check_output(out, "file")
+    check_output(out.parent / "train_log.tsv", "file", option="--out")
     set_threads(threads)
-    summary = run_train_simulator(
-        preproc,
-        classifier,
-        logits,
-        out,
-        config=config,
-        net_config=net_config,
-        split=split,
-        correct_only=not all_subjects,
-        resume=resume,
-    )
+    # all or nothing on a full disk (model, train_log.tsv and this run's resume state); an
+    # interruption or a crash keeps the state for --resume
+    with output_group(out.parent, only_on=NeuroexplainError):
+        summary = run_train_simulator(
+            preproc,
+            classifier,
+            logits,
+            out,
+            config=config,
+            net_config=net_config,
+            split=split,
+            correct_only=not all_subjects,
+            resume=resume,
+        )
     flip = summary.get("final", {}).get("flipped", float("nan"))
     typer.echo(
         f"trained on {summary['n_subjects']} subjects, {summary['steps']} steps in "

@@ -135,6 +135,20 @@ def st_concepts_cmd(
     # validate everything a user can get wrong before spending time on training
     try:
         get_counts(adata, layer_arg)
+        # bound the work by the number of concepts before anything grows with it (every concept
+        # keeps a spots x genes saliency layer; a column of 244 categories needed 21.6 GB)
+        n_layers = len(spot_labels(adata, label_key, min_spots=1).cat.categories)
+        n_concepts = n_layers + len(genes_c) + len(spots_c or {})
+        if n_concepts > cfg.max_concepts:
+            extra = n_concepts - n_layers
+            raise InputError(
+                f"adata.obs[{label_key!r}]",
+                f"{n_layers} categories make {n_concepts} concepts"
+                + (f" (with {extra} gene / spot concepts)" if extra else "")
+                + f", more than --max-concepts {cfg.max_concepts} (each keeps a spots x genes "
+                "saliency layer); raise --max-concepts or choose a --label-key with fewer "
+                "categories",
+            )
         spot_labels(adata, label_key, min_spots=min_spots)
         missing = [s for s in seeds if s not in set(map(str, adata.var_names))]
         if missing:

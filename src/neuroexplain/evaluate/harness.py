@@ -367,6 +367,7 @@ def evaluate_maps(
     from tqdm.auto import tqdm
 
     from neuroexplain.io.nifti import check_same_grid, load_labels
+    from neuroexplain.utils import check_region_labels
 
     cohort = Path(cohort_dir)
     if not maps:
@@ -396,6 +397,7 @@ def evaluate_maps(
         zip(part["participant_id"], part.get("effect_magnitude", [""] * len(part)), strict=True)
     )
     rows: list[dict[str, Any]] = []
+    present: list[np.ndarray] = []  # each subject's labels, for the --regions check
     disable = None if progress is None else not progress
     for sub in tqdm(chosen, desc="evaluate", unit="subject", disable=disable):
         gt = ground_truth_paths(cohort, sub, derivatives=derivatives)
@@ -403,6 +405,7 @@ def evaluate_maps(
         _, dseg = load_labels(gt["dseg"], gt_img, like_path=gt["logjacobian"])
         brain = dseg > 0
         if regions is not None:
+            present.append(np.unique(dseg))
             planted = np.isin(dseg, np.asarray(list(regions), dtype=np.int64))
         elif gt["mask"] is not None:
             m_img, m = _load_float(gt["mask"])
@@ -430,6 +433,10 @@ def evaluate_maps(
                     "map": str(path),
                 }
             )
+    if regions is not None:  # a label no subject has is a typo (its region would be smaller)
+        check_region_labels(
+            list(regions), present, where=f"{derivatives} dseg of {cohort}", subjects=chosen
+        )
     return pd.DataFrame(rows)
 
 

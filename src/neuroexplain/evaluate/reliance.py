@@ -189,7 +189,7 @@ def run_region_reliance(
     from neuroexplain.models import load_classifier
     from neuroexplain.provenance import provenance, sha256_file
     from neuroexplain.train.classifier import load_preproc_dict
-    from neuroexplain.utils import resolve_device
+    from neuroexplain.utils import check_region_labels, resolve_device
 
     if not regions:
         raise InputError("--regions", "expected at least one NAME=LABEL,LABEL region")
@@ -220,6 +220,13 @@ def run_region_reliance(
     ]  # fmt: skip
     if empty:
         raise InputError(preproc, f"regions {empty} are empty in every chosen subject's dseg")
+    chosen = [i for p in pairs for i in p]
+    notes = check_region_labels(
+        regions,
+        [np.unique(dseg[i, 0].numpy()) for i in chosen],
+        where=f"{Path(preproc).name}, model grid",
+        subjects=[str(data["subjects"][i]) for i in chosen],
+    )
     logger.info("region transplants: %d pairs x %d regions", len(pairs), len(regions))
     table = region_reliance(
         model, images, dseg, pairs, regions, names=data["subjects"], dilate=dilate, target=target
@@ -240,6 +247,7 @@ def run_region_reliance(
         **provenance(params, inputs=[preproc, checkpoint], command=COMMAND),
         "checkpoint_sha256": sha256_file(checkpoint),
         "n_pairs": len(pairs),
+        "warnings": notes,
         "summary": summary.to_dict(orient="records"),
         "columns": {
             "share_inject": "logit change of the control with the diseased region / logit gap",

@@ -173,16 +173,22 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> I
 
 
 @contextmanager
-def output_group(*folders: str | os.PathLike[str] | None) -> Iterator[None]:
+def output_group(
+    *folders: str | os.PathLike[str] | None,
+    only_on: type[BaseException] | tuple[type[BaseException], ...] = BaseException,
+) -> Iterator[None]:
     """All or nothing for the outputs of one command: if the block raises, every output that
     :func:`atomic_output` created inside it (and the folders made for them) is removed again.
 
-    Outputs that existed before the block are left as they are (replaced or not). Not for
-    resumable state (a training checkpoint meant to survive an interruption).
+    Outputs that existed before the block are left as they are (replaced or not). A training
+    command whose resume state must survive an interruption passes ``only_on`` (e.g.
+    :class:`~neuroexplain.errors.NeuroexplainError`: a full disk or a bad input clean up, an
+    interruption or a crash keeps the state for the next run).
 
     Args:
         folders: the command's output folders (``None`` skipped); one that did not exist before
             the block is removed as a whole, with whatever was put in it (e.g. by ``mkdir``).
+        only_on: clean up only when the exception is one of these (default: any).
 
     Example:
         >>> with output_group("out"):  # doctest: +SKIP
@@ -194,7 +200,9 @@ def output_group(*folders: str | os.PathLike[str] | None) -> Iterator[None]:
     _GROUPS.append(created)
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
+        if not isinstance(exc, only_on):
+            raise
         for p, is_folder in reversed(created):
             if is_folder:
                 _remove_empty([p])

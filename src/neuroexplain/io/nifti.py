@@ -8,6 +8,7 @@ the reference's affine, header, sform / qform codes, an intent, and a descriptio
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -23,10 +24,22 @@ __all__ = [
     "check_same_grid",
     "load_labels",
     "load_volume",
+    "orientation_warning",
+    "orientation_warnings",
     "save_displacement",
     "save_map",
     "sidecar_path",
+    "warn_orientation",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: sform and qform that differ by more than this (mm, or mm per voxel) disagree; float32 storage
+#: of the quaternion and the 3x4 sform differ by ~1e-5 of the values for one and the same affine
+AFFINE_ATOL = 1e-3
+
+#: files whose orientation was already warned about in this process (inputs are read repeatedly)
+_WARNED: set[str] = set()
 
 _READ_ERRORS = (
     OSError,
@@ -47,7 +60,56 @@ def _read(path: Path) -> nib.Nifti1Image:
         raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"expected a NIfTI image, got {type(img).__name__}")
+    warn_orientation(img, path)
     return img
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64)[:3] - np.asarray(b, np.float64)[:3]).max())
+
+
+def orientation_warning(img: nib.Nifti1Image, path: Any) -> str | None:
+    """Why the voxel-to-world affine of ``img`` is doubtful, in one line (else ``None``).
+
+    Two cases, both legal NIfTI that tools read differently: an sform and a qform that both
+    claim to be valid (codes > 0) but disagree (nibabel, and so neuroexplain, uses the sform;
+    ITK-based tools such as ANTs use the qform), and no orientation code at all (sform_code =
+    qform_code = 0), where only the voxel sizes are known and nibabel falls back to a default
+    LAS affine centred on the volume.
+
+    Example:
+        >>> img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+        >>> img.set_sform(None, code=0)  # the qform code of a new image is 0 already
+        >>> orientation_warning(img, "t1.nii.gz").split(";")[0]
+        't1.nii.gz: no orientation codes (sform_code = qform_code = 0)'
+    """
+    hdr = img.header
+    scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+    if scode > 0 and qcode > 0:
+        sform, qform = hdr.get_sform(), hdr.get_qform()
+        if not np.allclose(sform[:3], qform[:3], atol=AFFINE_ATOL, rtol=0.0):
+            return (
+                f"{path}: sform and qform disagree (codes {scode} and {qcode}, largest "
+                f"difference {_max_diff(sform, qform):.3g} mm); using the sform, as nibabel "
+                "does (ITK-based tools such as ANTs use the qform): check the orientation"
+            )
+    elif scode == 0 and qcode == 0:
+        sizes = "x".join(f"{v:.3g}" for v in hdr.get_zooms()[:3])
+        return (
+            f"{path}: no orientation codes (sform_code = qform_code = 0); using a default LAS "
+            f"affine from the voxel sizes ({sizes} mm, centred on the volume): orientation and "
+            "position unknown, the image may be flipped"
+        )
+    return None
+
+
+def warn_orientation(img: nib.Nifti1Image, path: Any) -> str | None:
+    """Log :func:`orientation_warning` as a warning (once per file and process); return it."""
+    msg = orientation_warning(img, path)
+    if msg is not None and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        logger.warning(msg)
+    return msg
 
 
 def _squeeze_3d(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
@@ -77,6 +139,21 @@ def _data(img: nib.Nifti1Image, path: Path, dtype: Any = np.float32) -> np.ndarr
             f"{img.get_data_dtype()} scaled by scl_slope {getattr(img.dataobj, 'slope', 1.0):g})",
         )
     return out
+
+
+def orientation_warnings(paths: Any) -> list[str]:
+    """Read the headers of ``paths`` and warn about doubtful orientations (see
+    :func:`orientation_warning`); returns the warnings, e.g. for a stage's summary file.
+
+    Raises:
+        InputError: a missing or unreadable file.
+    """
+    found = []
+    for path in paths:
+        msg = orientation_warning(_read(Path(path)), path)
+        if msg is not None:
+            found.append(msg)
+    return found
 
 
 def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:

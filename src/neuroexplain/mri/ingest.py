@@ -323,6 +323,11 @@ def ingest_mri(
     kwargs: dict[str, Any] = dict(
         shape=shape, fov_mm=float(fov_mm), norm=norm, fg_threshold=float(fg_threshold)
     )
+    # doubtful orientations (sform / qform that disagree, no codes): one warning per file, here
+    # in the main process so that ingest.json lists them (worker processes stay quiet on them)
+    from neuroexplain.io.nifti import orientation_warnings
+
+    doubtful = orientation_warnings([p for r in recs for p in (r.t1, r.dseg) if p is not None])
     reference_id = None
     if align == "labels":
         reference_id, kwargs["reference"] = _reference(recs, align_reference, kwargs)
@@ -454,6 +459,7 @@ def ingest_mri(
         "n_cropped": len(cropped),
         "n_brain_cropped": len(brain_cut),
         "outputs": ["preproc.pt", "subjects.tsv", "ingest.json"],
+        "warnings": doubtful,
     }
 
     out_dir = Path(out)

@@ -313,6 +313,7 @@ def region_table(
     from neuroexplain.evaluate.harness import ground_truth_paths, resolve_map
     from neuroexplain.io.nifti import load_labels
     from neuroexplain.simulator.maps import region_means
+    from neuroexplain.utils import check_region_labels
 
     if not regions:
         raise InputError("--regions", "expected at least one NAME=LABEL[,LABEL] region")
@@ -323,6 +324,7 @@ def region_table(
     if not srcs:
         raise InputError("--regions-figure", "needs --cohort or --logjacobian-maps to plot")
     rows = []
+    present: dict[str, np.ndarray] = {}  # each subject's labels, for the --regions check
     for rec in table.itertuples(index=False):
         dseg = _path(rec.dseg, table_path, f"dseg of {rec.subject}")
         for source, spec in srcs.items():
@@ -334,6 +336,8 @@ def region_table(
                 path = resolve_map(spec, rec.subject, source)
             img, values = _load_map(path)
             _, labels = load_labels(dseg, img, like_path=path)
+            if rec.subject not in present:
+                present[rec.subject] = np.unique(labels)
             for name, (mean, n) in region_means(values, labels, regions).items():
                 rows.append(
                     {
@@ -346,6 +350,9 @@ def region_table(
                         "mean_logjacobian": mean,
                     }
                 )
+    check_region_labels(  # a label no subject has would only give empty bars
+        regions, list(present.values()), where=f"dseg of {table_path}", subjects=list(present)
+    )
     return pd.DataFrame(rows)
 
 

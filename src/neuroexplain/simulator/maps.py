@@ -425,7 +425,7 @@ def run_simulate(
     from neuroexplain.mri.preprocess import to_native
     from neuroexplain.provenance import provenance, sha256_file
     from neuroexplain.simulator.train import freeze, load_simulator, logit_of
-    from neuroexplain.utils import resolve_device
+    from neuroexplain.utils import check_region_labels, resolve_device
 
     if map_direction not in MAP_DIRECTIONS:
         raise InputError(
@@ -449,6 +449,18 @@ def run_simulate(
     )
     n_all = images.shape[0]
     y_all = data["y"].double().numpy() if data["y"] is not None else np.full(n_all, np.nan)
+    region_notes: list[str] = []
+    if regions:  # a label no subject has would only give empty rows: refuse it before the work
+        if data.get("dseg") is None:
+            raise InputError(
+                preproc, "has no label maps (dseg) for the --regions tables: ingest with dseg"
+            )
+        region_notes = check_region_labels(
+            regions,
+            [np.unique(data["dseg"][i, 0].numpy()) for i in idx],
+            where=f"{Path(preproc).name}, model grid",
+            subjects=[str(data["subjects"][i]) for i in idx],
+        )
 
     out = Path(out)
     sim_sha, clf_sha = sha256_file(simulator), sha256_file(classifier)
@@ -677,6 +689,7 @@ def run_simulate(
         "simulator_sha256": sim_sha,
         "classifier_sha256": clf_sha,
         "provenance": prov,
+        "warnings": region_notes,
     }
     write_json(summary, out / "simulate.json")
     logger.info(

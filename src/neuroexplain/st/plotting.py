@@ -28,6 +28,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: most layer concepts (rows of ``n_genes`` genes each, one column per layer) in the top-gene
+#: heatmap: its pixels grow with rows x columns, so more would make a figure of gigapixels
+HEATMAP_MAX_CONCEPTS = 20
+
 
 def _figure(n_panels: int, *, panel: float = 3.2, max_cols: int = 4):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -115,11 +119,14 @@ def plot_top_gene_heatmap(
     label_key: str,
     key: str = K.DEFAULT_KEY,
     n_genes: int = 8,
+    max_concepts: int = HEATMAP_MAX_CONCEPTS,
 ) -> Path:
     """Heatmap: each layer concept's top ``n_genes`` saliency genes x layers.
 
     Cells show the gene's mean log-normalised expression per layer, z-scored across layers, so a
-    concept whose salient genes are that layer's markers lights up on its own column.
+    concept whose salient genes are that layer's markers lights up on its own column. At most
+    ``max_concepts`` layer concepts (the first ones, with their layers as columns) are shown, with
+    a warning when there are more: the figure's size grows with concepts x layers.
     """
     from neuroexplain.st.concepts import ranked_genes, spot_labels
     from neuroexplain.st.vae import get_counts, log_normalise
@@ -133,6 +140,16 @@ def plot_top_gene_heatmap(
     ]
     if not concepts:
         raise InputError(f"adata.uns[{key!r}]", "no layer concepts to plot")
+    if len(concepts) > max_concepts:
+        logger.warning(
+            "the top-gene heatmap shows the first %d of %d layer concepts (%s)",
+            max_concepts,
+            len(concepts),
+            Path(path).name,
+        )
+        concepts = concepts[:max_concepts]
+        shown = [c for c in layers if c in set(concepts)]
+        layers = shown if len(shown) >= 2 else layers[:max_concepts]
     rows: list[tuple[str, str]] = []
     for c in concepts:
         rows += [(c, g) for g in ranked_genes(adata, c, key=key, n=n_genes)["names"]]

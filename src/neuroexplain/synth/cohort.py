@@ -355,7 +355,7 @@ def _read_label_names(deriv: Path) -> dict[int, str]:
 def _validate_subject(t1: Path, dseg: Path, planted: dict[int, str]) -> None:
     import nibabel as nib
 
-    from neuroexplain.io.nifti import load_labels
+    from neuroexplain.io.nifti import load_labels, warn_orientation
 
     if not t1.exists():
         raise InputError(t1, "file not found")
@@ -363,6 +363,7 @@ def _validate_subject(t1: Path, dseg: Path, planted: dict[int, str]) -> None:
         ref = nib.load(str(t1))
     except Exception as exc:  # any reader failure is a bad input file
         raise InputError(t1, f"not a readable NIfTI file ({exc})") from exc
+    warn_orientation(ref, t1)  # the cohort's images get codes: the doubt would be lost
     _, lab = load_labels(dseg, like=ref, like_path=t1)
     present = set(np.unique(lab).tolist())
     missing = [r for r in planted if r not in present]
