@@ -518,30 +518,110 @@ def run_sacv(
         The ``sacv.json`` content.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from neuroexplain.attribution.export import write_subject_maps
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.utils import seed_everything
+
+    sc = SACVConfig.resolve(config, **overrides)
+    if desc_label and not desc_label.isalnum():
+        raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
+    seed_everything(sc.seed)
+    out_dir = Path(out)
+    run = _load_sacv(
+        preproc,
+        checkpoint,
+        concepts,
+        out_dir,
+        sc,
+        concept=concept,
+        split=split,
+        participants=participants,
+        subjects=subjects,
+        target_class=target_class,
+        device=device,
+        cache=cache,
+        progress=progress,
+    )
+    m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
+    params = _sacv_params(run, sc, concepts, subjects, target_class, target)
+    prov = stage_provenance(params, sc.seed, [concepts, run.ctx.split_path], "sacv")
+    rows, examples = _sacv_subject_maps(
+        run,
+        out_dir,
+        _sacv_sidecars(run, sc, prov, m_rel, m_con),
+        (m_rel, m_con),
+        target=target,
+        target_class=target_class,
+        plot=plot,
+        progress=progress,
+    )
+    df = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    result = _sacv_result(run, df, m_rel, m_con, prov)
+    if cohort is not None:
+        result["evaluation"] = harness_means(
+            cohort,
+            {m_rel: out_dir, m_con: out_dir},
+            list(df["subject"]),
+            out_dir / f"evaluation_sacv{desc_label}",
+            regions=regions,
+            derivatives=derivatives,
+            prov=prov,
+        )
+    write_json(result, out_dir / f"sacv{desc_label}.json")
+    run.store.save(provenance=prov)
+    result["cache_stats"] = _cache_stats(run.store)
+    if plot and examples:
+        title = f"SACV {run.spec.name} @ {run.layer}"
+        plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=title)
+    return result
+
+
+@dataclass
+class _SACVRun:
+    """What :func:`run_sacv` loads and trains before writing maps."""
+
+    ctx: Context
+    spec: Any
+    table: Any
+    sign: float
+    layer: str
+    store: Any
+    concept: Any
+    pool: Any
+    cav: Any
+    explainer: Any
+    idx: np.ndarray
+
+
+def _load_sacv(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    concepts: str | os.PathLike[str],
+    out_dir: Path,
+    sc: SACVConfig,
+    *,
+    concept: str | None,
+    split: str | os.PathLike[str] | None,
+    participants: str | os.PathLike[str] | None,
+    subjects: str | Sequence[str] | None,
+    target_class: int,
+    device: str,
+    cache: str | os.PathLike[str] | None,
+    progress: bool | None,
+) -> _SACVRun:
+    """Load the cohort, classifier and concept; train the SACV; choose the subjects."""
     from neuroexplain.concepts3d.concepts import (
         build_concept,
         concept_pool,
         load_concept_config,
-        spec_dict,
         with_positions,
     )
     from neuroexplain.concepts3d.sacv import SACV, train_sacv
     from neuroexplain.concepts3d.store import CAVStore
-    from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.models.classifier import default_target_layer
-    from neuroexplain.utils import seed_everything
 
-    sc = SACVConfig.resolve(config, **overrides)
-    transform, negatives, relevance = sc.transform, sc.negatives, sc.relevance
-    min_overlap, max_samples, seed = sc.min_overlap, sc.max_samples, sc.seed
-    classifier, C, test_fraction, batch_size = sc.classifier, sc.C, sc.test_fraction, sc.batch_size
-    if desc_label and not desc_label.isalnum():
-        raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
-    seed_everything(seed)
-    out_dir = Path(out)
     ctx = load_context(preproc, checkpoint, split=split, device=device)
     cfg = load_concept_config(concepts)
     spec = cfg.get(concept) if concept else cfg.concepts[0]
@@ -551,22 +631,22 @@ def run_sacv(
     store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
 
     conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
-    c = build_concept(ctx.preproc, conc_idx, spec, transform=transform)
-    r = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool", transform=transform)
-    r = with_positions(r, ctx.preproc, pool_idx, negatives)
+    c = build_concept(ctx.preproc, conc_idx, spec, transform=sc.transform)
+    r = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool", transform=sc.transform)
+    r = with_positions(r, ctx.preproc, pool_idx, sc.negatives)
     try:
         cav = train_sacv(
             ctx.model,
             layer,
             c,
             r,
-            min_overlap=min_overlap,
-            max_samples=max_samples,
-            seed=seed,
-            test_fraction=test_fraction,
-            classifier=classifier,
-            C=C,
-            batch_size=batch_size,
+            min_overlap=sc.min_overlap,
+            max_samples=sc.max_samples,
+            seed=sc.seed,
+            test_fraction=sc.test_fraction,
+            classifier=sc.classifier,
+            C=sc.C,
+            batch_size=sc.batch_size,
             device=ctx.device,
             store=store,
             progress=progress,
@@ -575,39 +655,30 @@ def run_sacv(
         raise InputError("--layer", str(exc)) from exc
     try:
         explainer = SACV(
-            ctx.model, layer, cav, relevance=relevance, batch_size=batch_size, device=ctx.device
+            ctx.model,
+            layer,
+            cav,
+            relevance=sc.relevance,
+            batch_size=sc.batch_size,
+            device=ctx.device,
         )
     except ValueError as exc:
         raise InputError("--relevance", str(exc)) from exc
-
     idx = subject_indices(table, subjects)
-    m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
-    params = {
-        "preproc": str(ctx.preproc_path),
-        "checkpoint": str(ctx.checkpoint_path),
-        "concepts": str(concepts),
-        "concept": spec.name,
-        "layer": layer,
-        "split": str(ctx.split_path),
-        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
-        "target_class": target_class,
-        "target": target,
-        "transform": transform,
-        "negatives": negatives,
-        "relevance": relevance,
-        "min_overlap": min_overlap,
-        "max_samples": max_samples,
-        "classifier": classifier,
-        "C": C,
-        "test_fraction": test_fraction,
-    }
-    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "sacv")
+    return _SACVRun(ctx, spec, table, sign, layer, store, c, r, cav, explainer, idx)
+
+
+def _sacv_sidecars(
+    run: _SACVRun, sc: SACVConfig, prov: dict[str, Any], m_rel: str, m_con: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    """Sidecar fields of every SACV map, of each of the two maps, and their descriptions."""
+    spec, layer = run.spec, run.layer
     side = {
         "Method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
         "Concept": spec.name,
         "Layer": layer,
-        "CheckpointSha256": ctx.checkpoint_sha256,
-        "SACVAccuracy": cav.accuracy,
+        "CheckpointSha256": run.ctx.checkpoint_sha256,
+        "SACVAccuracy": run.cav.accuracy,
         "Provenance": prov,
     }
     method_side = {
@@ -616,34 +687,56 @@ def run_sacv(
                 "raw": "R(p) = <v, a(p)>",
                 "signed": "R(p) = <v, a(p)> + b/|w| (distance from the SACV decision boundary)",
                 "positive": "R(p) = max(0, <v, a(p)> + b/|w|)",
-            }[relevance]
+            }[sc.relevance]
             + " at the layer, trilinear to the model grid",
-            "RelevanceMode": relevance,
+            "RelevanceMode": sc.relevance,
         },
         m_con: {
             "Definition": "S(p) = <v, d(sign*logit)/d a(p)> at the layer, trilinear to "
             "the model grid",
-            "LogitSign": sign,
+            "LogitSign": run.sign,
         },
     }
     descs = {
         m_rel: f"neuroexplain SACV relevance {spec.name} @ {layer}",
         m_con: f"neuroexplain SACV contribution {spec.name} @ {layer}",
     }
+    return side, method_side, descs
+
+
+def _sacv_subject_maps(
+    run: _SACVRun,
+    out_dir: Path,
+    sidecars: tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]],
+    names: tuple[str, str],
+    *,
+    target: int,
+    target_class: int,
+    plot: bool,
+    progress: bool | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Explain every chosen subject and write its maps; score rows and a few plot examples."""
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.export import write_subject_maps
+
+    side, method_side, descs = sidecars
+    m_rel, m_con = names
+    table, sign = run.table, run.sign
     rows = []
     examples: list[dict[str, Any]] = []
     for i in tqdm(
-        idx.tolist(),
+        run.idx.tolist(),
         desc="sacv maps",
         unit="subject",
         disable=None if progress is None else not progress,
     ):
-        x = ctx.preproc["images"][i : i + 1].float()
-        res = explainer.explain(x, target, sign=sign)
+        x = run.ctx.preproc["images"][i : i + 1].float()
+        res = run.explainer.explain(x, target, sign=sign)
         maps = {m_rel: res["relevance"][0, 0], m_con: res["contribution"][0, 0]}
         write_subject_maps(
             maps,
-            ctx.preproc,
+            run.ctx.preproc,
             i,
             out_dir,
             stage="concepts3d",
@@ -673,9 +766,15 @@ def run_sacv(
                     "contribution": maps[m_con].numpy(),
                 }
             )
-    df = pd.DataFrame(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    return rows, examples
+
+
+def _sacv_result(
+    run: _SACVRun, df: Any, m_rel: str, m_con: str, prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``sacv.json`` content (without the evaluation)."""
+    from neuroexplain.concepts3d.concepts import spec_dict
+
     by_class = {
         str(int(k)): {
             c_: float(v)
@@ -685,39 +784,53 @@ def run_sacv(
         }
         for k, g in df.groupby("y")
     }
-    result: dict[str, Any] = {
+    return {
         "method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
-        "checkpoint_sha256": ctx.checkpoint_sha256,
-        "concept": spec.name,
-        "spec": spec_dict(spec),
-        "layer": layer,
-        "sacv_accuracy": cav.accuracy,
-        "n_train_positions": cav.n_train,
-        "n_test_positions": cav.n_test,
-        "examples": len(c),
-        "pool": len(r),
+        "checkpoint_sha256": run.ctx.checkpoint_sha256,
+        "concept": run.spec.name,
+        "spec": spec_dict(run.spec),
+        "layer": run.layer,
+        "sacv_accuracy": run.cav.accuracy,
+        "n_train_positions": run.cav.n_train,
+        "n_test_positions": run.cav.n_test,
+        "examples": len(run.concept),
+        "pool": len(run.pool),
         "maps": {"relevance": m_rel, "contribution": m_con},
         "mean_scores_by_class": by_class,
         "n_subjects": len(df),
-        "cache": store.path.name if store.path is not None else None,
+        "cache": run.store.path.name if run.store.path is not None else None,
         "provenance": prov,
     }
-    if cohort is not None:
-        result["evaluation"] = harness_means(
-            cohort,
-            {m_rel: out_dir, m_con: out_dir},
-            list(df["subject"]),
-            out_dir / f"evaluation_sacv{desc_label}",
-            regions=regions,
-            derivatives=derivatives,
-            prov=prov,
-        )
-    write_json(result, out_dir / f"sacv{desc_label}.json")
-    store.save(provenance=prov)
-    result["cache_stats"] = _cache_stats(store)
-    if plot and examples:
-        plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=f"SACV {spec.name} @ {layer}")
-    return result
+
+
+def _sacv_params(
+    run: _SACVRun,
+    sc: SACVConfig,
+    concepts: str | os.PathLike[str],
+    subjects: str | Sequence[str] | None,
+    target_class: int,
+    target: int,
+) -> dict[str, Any]:
+    """The parameters of a SACV run, for its provenance."""
+    return {
+        "preproc": str(run.ctx.preproc_path),
+        "checkpoint": str(run.ctx.checkpoint_path),
+        "concepts": str(concepts),
+        "concept": run.spec.name,
+        "layer": run.layer,
+        "split": str(run.ctx.split_path),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
+        "target_class": target_class,
+        "target": target,
+        "transform": sc.transform,
+        "negatives": sc.negatives,
+        "relevance": sc.relevance,
+        "min_overlap": sc.min_overlap,
+        "max_samples": sc.max_samples,
+        "classifier": sc.classifier,
+        "C": sc.C,
+        "test_fraction": sc.test_fraction,
+    }
 
 
 def plot_maps(
