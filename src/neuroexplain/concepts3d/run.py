@@ -174,6 +174,43 @@ def _class_sign(target_class: int) -> float:
     return 1.0 if target_class == 1 else -1.0
 
 
+@dataclass
+class _ConceptRun:
+    """What a concept run has loaded: the context, the subject table, the sign, the cache."""
+
+    ctx: Context
+    table: Any
+    sign: float
+    store: Any
+
+
+@dataclass
+class _ConceptSources:
+    """The inputs :func:`run_tcav` and :func:`run_sacv` load (their arguments)."""
+
+    preproc: str | os.PathLike[str]
+    checkpoint: str | os.PathLike[str]
+    concepts: str | os.PathLike[str]
+    split: str | os.PathLike[str] | None
+    participants: str | os.PathLike[str] | None
+    device: str
+    cache: str | os.PathLike[str] | None
+
+    def load(self) -> tuple[Context, Any]:
+        """The :class:`Context` and the concept configuration."""
+        from neuroexplain.concepts3d.concepts import load_concept_config
+
+        ctx = load_context(self.preproc, self.checkpoint, split=self.split, device=self.device)
+        return ctx, load_concept_config(self.concepts)
+
+    def cav_store(self, ctx: Context, out_dir: Path) -> Any:
+        """The CAV cache (default ``out_dir/cavs.pt``), tied to the checkpoint's hash."""
+        from neuroexplain.concepts3d.store import CAVStore
+
+        path = Path(self.cache) if self.cache else out_dir / "cavs.pt"
+        return CAVStore(path, ctx.checkpoint_sha256)
+
+
 # ----------------------------------------------------------------------------------- TCAV
 
 
@@ -219,56 +256,97 @@ def run_tcav(
     Returns:
         The ``tcav.json`` content.
     """
-    from neuroexplain.concepts3d.concepts import (
-        build_concept,
-        concept_pool,
-        load_concept_config,
-        random_concepts,
-        spec_dict,
-    )
-    from neuroexplain.concepts3d.store import CAVStore
-    from neuroexplain.concepts3d.tcav import TCAV, _seed_of, summarize_experiment
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
 
     tc = TCAVConfig.resolve(config, **overrides)
-    n_random, random_size, alpha, min_accuracy = (
-        tc.n_random,
-        tc.random_size,
-        tc.alpha,
-        tc.min_accuracy,
-    )
-    seed, classifier, C, test_fraction = tc.seed, tc.classifier, tc.C, tc.test_fraction
-    seed_everything(seed)
+    seed_everything(tc.seed)
     out_dir = Path(out)
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
-    cfg = load_concept_config(concepts)
-    table = ctx.table(participants or cfg.participants)
+    src = _ConceptSources(preproc, checkpoint, concepts, split, participants, device, cache)
+    run = _load_tcav(
+        src, out_dir, tc, class_split=class_split, target_class=target_class, progress=progress
+    )
+    inputs = run.ctx.preproc["images"][run.cls_idx].float()
+    sets, plans = _tcav_concept_sets(run, tc)
+    scores = run.tcav.interpret(inputs, sets, target=target, sign=run.sign)
+    rows = _tcav_rows(run, tc, scores, plans)
+    result = _tcav_result(
+        run,
+        tc,
+        rows,
+        plans,
+        concepts,
+        class_split=class_split,
+        target_class=target_class,
+        target=target,
+    )
+    _write_tcav(run, result, out_dir, alpha=tc.alpha, plot=plot)
+    return result
+
+
+@dataclass
+class _TCAVRun(_ConceptRun):
+    """What :func:`run_tcav` loads before building the concept and random sets."""
+
+    cfg: Any
+    layers: list[str]
+    n_sets: int
+    tcav: Any
+    cls_idx: np.ndarray
+
+
+def _load_tcav(
+    src: _ConceptSources,
+    out_dir: Path,
+    tc: TCAVConfig,
+    *,
+    class_split: str,
+    target_class: int,
+    progress: bool | None,
+) -> _TCAVRun:
+    """Load the cohort, classifier and concepts; set up TCAV; choose the class inputs."""
+    from neuroexplain.concepts3d.tcav import TCAV
+    from neuroexplain.models.classifier import default_target_layer
+
+    ctx, cfg = src.load()
+    table = ctx.table(src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer_list = list(tc.layers or [default_target_layer(ctx.arch)])
-    n_sets = int(n_random or cfg.n_random)
+    n_sets = int(tc.n_random or cfg.n_random)
     if n_sets < 2:
         raise InputError("--n-random", f"expected >= 2 random sets, got {n_sets}")
-    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+    store = src.cav_store(ctx, out_dir)
     try:
         tcav = TCAV(
             ctx.model,
             layer_list,
             batch_size=tc.batch_size,
             device=ctx.device,
-            seed=seed,
-            classifier=classifier,
-            C=C,
-            test_fraction=test_fraction,
+            seed=tc.seed,
+            classifier=tc.classifier,
+            C=tc.C,
+            test_fraction=tc.test_fraction,
             store=store,
             progress=progress,
         )
     except ValueError as exc:
         raise InputError("--layers", str(exc)) from exc
-
     cls_idx = class_indices(table, class_split, target_class)
-    inputs = ctx.preproc["images"][cls_idx].float()
+    return _TCAVRun(ctx, table, sign, store, cfg, layer_list, n_sets, tcav, cls_idx)
+
+
+def _tcav_concept_sets(
+    run: _TCAVRun, tc: TCAVConfig
+) -> tuple[list[list[Any]], dict[str, dict[str, Any]]]:
+    """Per concept: its examples and random sets as activations, and the plan written."""
+    from neuroexplain.concepts3d.concepts import (
+        build_concept,
+        concept_pool,
+        random_concepts,
+        spec_dict,
+    )
+    from neuroexplain.concepts3d.tcav import _seed_of
+
+    ctx, cfg, table, tcav, n_sets = run.ctx, run.cfg, run.table, run.tcav, run.n_sets
     sets: list[list[Any]] = []
     plans: dict[str, dict[str, Any]] = {}
     for spec in cfg.concepts:
@@ -277,7 +355,7 @@ def run_tcav(
         pool = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool")
         # default: a third of the pool, so set 0 and the sets drawn from the other two thirds
         # are disjoint and still differ from one another
-        size = int(random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 3)))
+        size = int(tc.random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 3)))
         if 2 * size > len(pool):
             logger.warning(
                 "concept %s: random pool of %d examples is small for random sets of %d; "
@@ -287,12 +365,12 @@ def run_tcav(
                 size,
             )
         randoms = random_concepts(
-            pool, n_sets + 1, size, seed=_seed_of(seed, spec.name), prefix=f"{spec.name}:random"
+            pool, n_sets + 1, size, seed=_seed_of(tc.seed, spec.name), prefix=f"{spec.name}:random"
         )
         need = any(
             not tcav._cached(layer, c, r)
             for c, r in _tcav_pairs(concept, randoms)
-            for layer in layer_list
+            for layer in run.layers
         )
         # activations now, volumes dropped: memory stays at one concept's examples (the pool's
         # activations cover its random sets; the light concepts keep their cache keys)
@@ -315,60 +393,98 @@ def run_tcav(
             n_sets + 1,
             size,
         )
-    scores = tcav.interpret(inputs, sets, target=target, sign=sign)
+    return sets, plans
+
+
+def _tcav_rows(
+    run: _TCAVRun, tc: TCAVConfig, scores: Any, plans: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One ``tcav.tsv`` row per concept x layer: scores against the random-vs-random null."""
+    from neuroexplain.concepts3d.tcav import summarize_experiment
+
     rows = []
     for name, plan in plans.items():
-        for layer in layer_list:
+        for layer in run.layers:
             row = summarize_experiment(
-                scores, name, plan["randoms"], layer, alpha=alpha, min_accuracy=min_accuracy
+                scores,
+                name,
+                plan["randoms"],
+                layer,
+                alpha=tc.alpha,
+                min_accuracy=tc.min_accuracy,
             )
             row.update(
                 n_examples=len(plan["examples"]),
                 n_pool=len(plan["pool"]),
                 random_size=plan["random_size"],
-                n_random_sets=n_sets,
+                n_random_sets=run.n_sets,
             )
             rows.append(row)
+    return rows
+
+
+def _tcav_result(
+    run: _TCAVRun,
+    tc: TCAVConfig,
+    rows: list[dict[str, Any]],
+    plans: dict[str, dict[str, Any]],
+    concepts: str | os.PathLike[str],
+    *,
+    class_split: str,
+    target_class: int,
+    target: int,
+) -> dict[str, Any]:
+    """The ``tcav.json`` content, with its provenance."""
+    ctx = run.ctx
     params = {
         "preproc": str(ctx.preproc_path),
         "checkpoint": str(ctx.checkpoint_path),
         "concepts": str(concepts),
-        "layers": layer_list,
+        "layers": run.layers,
         "split": str(ctx.split_path),
         "class_split": class_split,
         "target_class": target_class,
         "target": target,
-        "n_random": n_sets,
-        "alpha": alpha,
-        "min_accuracy": min_accuracy,
-        "classifier": classifier,
-        "C": C,
-        "test_fraction": test_fraction,
+        "n_random": run.n_sets,
+        "alpha": tc.alpha,
+        "min_accuracy": tc.min_accuracy,
+        "classifier": tc.classifier,
+        "C": tc.C,
+        "test_fraction": tc.test_fraction,
     }
-    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "tcav")
-    result = {
+    prov = stage_provenance(params, tc.seed, [concepts, ctx.split_path], "tcav")
+    return {
         "method": "TCAV (Kim et al. 2018, arXiv:1711.11279)",
         "checkpoint_sha256": ctx.checkpoint_sha256,
         "class": {
             "target_class": target_class,
-            "logit_sign": sign,
+            "logit_sign": run.sign,
             "positive_class": ctx.preproc.get("positive_class"),
-            "subjects": [table["subject"][i] for i in cls_idx],
+            "subjects": [run.table["subject"][i] for i in run.cls_idx],
         },
         "results": rows,
         "concepts": plans,
-        "cache": store.path.name if store.path is not None else None,
+        "cache": run.store.path.name if run.store.path is not None else None,
         "provenance": prov,
     }
+
+
+def _write_tcav(
+    run: _TCAVRun, result: dict[str, Any], out_dir: Path, *, alpha: float, plot: bool
+) -> None:
+    """Write ``tcav.json``, ``tcav.tsv``, the CAV cache and ``tcav.png``; log the rows."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+
+    rows, prov = result["results"], result["provenance"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "tcav.json")
     # run statistics: returned and logged, not written (same inputs -> identical files)
-    result["cache_stats"] = _cache_stats(store)
-    import pandas as pd
-
+    result["cache_stats"] = _cache_stats(run.store)
     flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
     write_table(flat, out_dir / "tcav.tsv")
-    store.save(provenance=prov)
+    run.store.save(provenance=prov)
     if plot:
         plot_tcav(rows, out_dir / "tcav.png", alpha=alpha)
     for r in rows:
@@ -383,7 +499,6 @@ def run_tcav(
             r["p_value"],
             r["cav_accuracy"],
         )
-    return result
 
 
 def _tcav_pairs(concept: Any, randoms: Sequence[Any]) -> list[list[Any]]:
@@ -527,19 +642,14 @@ def run_sacv(
         raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
     seed_everything(sc.seed)
     out_dir = Path(out)
+    src = _ConceptSources(preproc, checkpoint, concepts, split, participants, device, cache)
     run = _load_sacv(
-        preproc,
-        checkpoint,
-        concepts,
+        src,
         out_dir,
         sc,
         concept=concept,
-        split=split,
-        participants=participants,
         subjects=subjects,
         target_class=target_class,
-        device=device,
-        cache=cache,
         progress=progress,
     )
     m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
@@ -579,15 +689,11 @@ def run_sacv(
 
 
 @dataclass
-class _SACVRun:
+class _SACVRun(_ConceptRun):
     """What :func:`run_sacv` loads and trains before writing maps."""
 
-    ctx: Context
     spec: Any
-    table: Any
-    sign: float
     layer: str
-    store: Any
     concept: Any
     pool: Any
     cav: Any
@@ -596,39 +702,30 @@ class _SACVRun:
 
 
 def _load_sacv(
-    preproc: str | os.PathLike[str],
-    checkpoint: str | os.PathLike[str],
-    concepts: str | os.PathLike[str],
+    src: _ConceptSources,
     out_dir: Path,
     sc: SACVConfig,
     *,
     concept: str | None,
-    split: str | os.PathLike[str] | None,
-    participants: str | os.PathLike[str] | None,
     subjects: str | Sequence[str] | None,
     target_class: int,
-    device: str,
-    cache: str | os.PathLike[str] | None,
     progress: bool | None,
 ) -> _SACVRun:
     """Load the cohort, classifier and concept; train the SACV; choose the subjects."""
     from neuroexplain.concepts3d.concepts import (
         build_concept,
         concept_pool,
-        load_concept_config,
         with_positions,
     )
     from neuroexplain.concepts3d.sacv import SACV, train_sacv
-    from neuroexplain.concepts3d.store import CAVStore
     from neuroexplain.models.classifier import default_target_layer
 
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
-    cfg = load_concept_config(concepts)
+    ctx, cfg = src.load()
     spec = cfg.get(concept) if concept else cfg.concepts[0]
-    table = ctx.table(participants or cfg.participants)
+    table = ctx.table(src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer = sc.layer or default_target_layer(ctx.arch)
-    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+    store = src.cav_store(ctx, out_dir)
 
     conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
     c = build_concept(ctx.preproc, conc_idx, spec, transform=sc.transform)
@@ -665,7 +762,7 @@ def _load_sacv(
     except ValueError as exc:
         raise InputError("--relevance", str(exc)) from exc
     idx = subject_indices(table, subjects)
-    return _SACVRun(ctx, spec, table, sign, layer, store, c, r, cav, explainer, idx)
+    return _SACVRun(ctx, table, sign, store, spec, layer, c, r, cav, explainer, idx)
 
 
 def _sacv_sidecars(
