@@ -485,7 +485,6 @@ def concept_saliency(
           config, package version).
     """
     from neuroexplain.provenance import provenance
-    from neuroexplain.utils import seed_everything
 
     adata = adata.copy() if copy else adata
     if not model.is_trained:
@@ -494,14 +493,81 @@ def concept_saliency(
         raise InputError("saliency", f"expected one of {SALIENCY_METHODS}, got {saliency!r}")
     model._validate(adata)
     latent = model.get_latent_representation(adata)
-    n_spots = adata.n_obs
 
     concepts: list[Concept] = []
     if label_key is not None:
         labels = spot_labels(adata, label_key, min_spots=min_spots)
         concepts += layer_concepts(latent, labels, method=method, seed=seed)
-    names = [str(n) for n in adata.obs_names]
-    pos = {n: i for i, n in enumerate(names)}
+    concepts += _user_concepts(
+        adata, model, latent, spot_concepts, gene_concepts, gene_concept_quantile
+    )
+    if not concepts:
+        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
+    cnames = [c.name for c in concepts]
+    if len(set(map(K.safe_name, cnames))) != len(cnames):
+        raise InputError("concepts", f"concept names must be unique, got {cnames}")
+
+    vectors = np.stack([c.vector for c in concepts])  # (C, L)
+    scores = latent @ vectors.T  # (N, C)
+    sal, stdevs = _concept_saliency_maps(
+        adata,
+        model,
+        vectors,
+        saliency=saliency,
+        nt_samples=nt_samples,
+        noise_level=noise_level,
+        n_steps=n_steps,
+        seed=seed,
+    )  # (C, N, G)
+
+    key = key_added
+    adata.obsm[K.latent_key(key)] = latent
+    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
+    ranked = _store_saliency(adata, model, key, concepts, sal, store_spot_gene=store_spot_gene)
+    params = {
+        "label_key": label_key,
+        "method": method,
+        "saliency": saliency,
+        "nt_samples": nt_samples,
+        "noise_level": noise_level,
+        "stdevs": stdevs,
+        "n_steps": n_steps,
+        "min_spots": min_spots,
+        "gene_concept_quantile": gene_concept_quantile,
+        "model": dict(model.config),
+        "train": dict(model.train_params),
+        "model_seed": model.seed,
+    }
+    prev = adata.uns.get(key, {})
+    adata.uns[key] = _concepts_uns(
+        adata,
+        model,
+        concepts,
+        ranked,
+        label_key=label_key,
+        method=method,
+        saliency=saliency,
+        prov=provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
+    )
+    adata.uns[key]["concept_vectors"] = vectors
+    if isinstance(prev, Mapping) and "genemode" in prev:
+        adata.uns[key]["genemode"] = prev["genemode"]
+    logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
+    return adata if copy else None
+
+
+def _user_concepts(
+    adata: Any,
+    model: SpotVAE,
+    latent: np.ndarray,
+    spot_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concept_quantile: float,
+) -> list[Concept]:
+    """The user-defined concepts: spot lists, then gene sets (checked against the AnnData)."""
+    concepts: list[Concept] = []
+    n_spots = adata.n_obs
+    pos = {str(n): i for i, n in enumerate(adata.obs_names)}
     for cname, spots in (spot_concepts or {}).items():
         missing = [s for s in spots if s not in pos]
         if missing:
@@ -524,14 +590,22 @@ def concept_saliency(
             expr = log_normalise(counts, gidx, target_sum=model.config["target_sum"])
             vec, mask = gene_set_vector(latent, expr, quantile=gene_concept_quantile)
             concepts.append(Concept(cname, vec, mask, "genes", [str(g) for g in genes]))
-    if not concepts:
-        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
-    cnames = [c.name for c in concepts]
-    if len(set(map(K.safe_name, cnames))) != len(cnames):
-        raise InputError("concepts", f"concept names must be unique, got {cnames}")
+    return concepts
 
-    vectors = np.stack([c.vector for c in concepts])  # (C, L)
-    scores = latent @ vectors.T  # (N, C)
+
+def _concept_saliency_maps(
+    adata: Any,
+    model: SpotVAE,
+    vectors: np.ndarray,
+    *,
+    saliency: SaliencyMethod,
+    nt_samples: int,
+    noise_level: float,
+    n_steps: int,
+    seed: int,
+) -> tuple[np.ndarray, float]:
+    """Saliency of every concept score at every spot: ``(C, N, G)`` and the SmoothGrad sd."""
+    from neuroexplain.utils import seed_everything
 
     x = torch.from_numpy(model.get_normalized_input(adata)).to(model.device)  # (N, G)
     scorer = ConceptScorer(model.posterior_mean(), vectors).to(model.device).eval()
@@ -545,22 +619,29 @@ def concept_saliency(
         nt_samples=nt_samples,
         stdevs=stdevs,
         n_steps=n_steps,
-        batch_size=_auto_batch(len(concepts), x.shape[1], expand),
+        batch_size=_auto_batch(len(vectors), x.shape[1], expand),
         generator=gen,
     )
-    sal = sal.cpu().numpy().astype(np.float32)  # (C, N, G)
+    return sal.cpu().numpy().astype(np.float32), stdevs
 
+
+def _store_saliency(
+    adata: Any,
+    model: SpotVAE,
+    key: str,
+    concepts: list[Concept],
+    sal: np.ndarray,
+    *,
+    store_spot_gene: bool,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Write the per-gene saliency (``.varm``, ``.var``, ``.layers``); the ranked genes."""
     gi = model.gene_index
-    n_vars = adata.n_vars
+    n_spots, n_vars = adata.n_obs, adata.n_vars
     agg = np.zeros((n_vars, len(concepts)), dtype=np.float32)
     agg_abs = np.zeros_like(agg)
     for j, c in enumerate(concepts):
         agg[gi, j] = sal[j][c.spots].mean(0)
         agg_abs[gi, j] = np.abs(sal[j][c.spots]).mean(0)
-
-    key = key_added
-    adata.obsm[K.latent_key(key)] = latent
-    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
     adata.varm[K.saliency_key(key)] = agg
     adata.varm[K.saliency_abs_key(key)] = agg_abs
     input_mask = np.zeros(n_vars, dtype=bool)
@@ -583,22 +664,24 @@ def concept_saliency(
             "saliency": agg[gi, j][order],
             "saliency_abs": agg_abs[gi, j][order],
         }
-    params = {
-        "label_key": label_key,
-        "method": method,
-        "saliency": saliency,
-        "nt_samples": nt_samples,
-        "noise_level": noise_level,
-        "stdevs": stdevs,
-        "n_steps": n_steps,
-        "min_spots": min_spots,
-        "gene_concept_quantile": gene_concept_quantile,
-        "model": dict(model.config),
-        "train": dict(model.train_params),
-        "model_seed": model.seed,
-    }
-    prev = adata.uns.get(key, {})
-    adata.uns[key] = _h5ad_safe(
+    return ranked
+
+
+def _concepts_uns(
+    adata: Any,
+    model: SpotVAE,
+    concepts: list[Concept],
+    ranked: dict[str, dict[str, np.ndarray]],
+    *,
+    label_key: str | None,
+    method: str,
+    saliency: str,
+    prov: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``.uns[key]`` block: concepts, their spots and members, ranked genes, provenance."""
+    names = [str(n) for n in adata.obs_names]
+    cnames = [c.name for c in concepts]
+    return _h5ad_safe(
         {
             "concepts": cnames,
             "concept_source": [c.source for c in concepts],
@@ -615,14 +698,9 @@ def concept_saliency(
                 "method": method,
                 "saliency": saliency,
             },
-            "params": provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
+            "params": prov,
         }
     )
-    adata.uns[key]["concept_vectors"] = vectors
-    if isinstance(prev, Mapping) and "genemode" in prev:
-        adata.uns[key]["genemode"] = prev["genemode"]
-    logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
-    return adata if copy else None
 
 
 def ranked_genes(adata: Any, concept: str, *, key: str = K.DEFAULT_KEY, n: int | None = None):
