@@ -813,41 +813,15 @@ def genemode(
         InputError: a seed gene is missing, or no spatial coordinates.
     """
     from neuroexplain.provenance import provenance
-    from neuroexplain.st.vae import select_genes
     from neuroexplain.utils import seed_everything
 
     adata = adata.copy() if copy else adata
     seeds = [str(s) for s in seeds]
     if not seeds:
         raise InputError("--genemode-seeds", "expected at least one seed gene")
-    var_pos = {str(g): i for i, g in enumerate(adata.var_names)}
-    missing = [s for s in seeds if s not in var_pos]
-    if missing:
-        raise InputError("genemode seeds", f"seed genes not in adata.var_names: {missing}")
-    if K.SPATIAL_KEY not in adata.obsm:
-        raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates (n, 2)")
-    coords = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] < 2 or not np.all(np.isfinite(coords[:, :2])):
-        raise InputError(
-            f"adata.obsm[{K.SPATIAL_KEY!r}]",
-            f"expected finite (n, 2) coordinates, got shape {coords.shape}",
-        )
-    if genes is not None:
-        miss = [g for g in genes if g not in var_pos]
-        if miss:
-            raise InputError("genes", f"genes not in adata.var_names: {miss[:5]}")
-        idx = [var_pos[g] for g in genes]
-    else:
-        idx = list(select_genes(adata, layer=layer, n_top_genes=n_top_genes, target_sum=target_sum))
-    idx = sorted(set(idx) | {var_pos[s] for s in seeds})
-    gene_names = [str(adata.var_names[i]) for i in idx]
-    counts = get_counts(adata, layer)
-    expr = log_normalise(counts, np.asarray(idx), target_sum=target_sum)  # (N, G)
-    keep = expr.max(0) > 0
-    for s in seeds:
-        if not keep[gene_names.index(s)]:
-            raise InputError("genemode seeds", f"seed gene {s!r} is not expressed in any spot")
-    expr, gene_names = expr[:, keep], [g for g, k in zip(gene_names, keep, strict=True) if k]
+    coords, expr, gene_names = _genemode_expression(
+        adata, seeds, layer=layer, n_top_genes=n_top_genes, genes=genes, target_sum=target_sum
+    )
     n_sim = max(1, min(int(n_similar), len(gene_names) - 1))
 
     rows, cols, shape = rasterise_spots(coords[:, :2], spacing=spacing)
@@ -862,40 +836,11 @@ def genemode(
         progress=progress,
     )
     mu = vae.get_latent_representation()  # (G, L)
-
-    # concept genes: best spatial correlation with the seed over spots
-    z = (expr - expr.mean(0)) / (expr.std(0) + 1e-8)
-    corr = (z.T @ z) / len(z)  # (G, G)
-    concept_genes: dict[str, list[str]] = {}
-    masks = []
-    for s in seeds:
-        si = gene_names.index(s)
-        c = corr[si].copy()
-        c[si] = np.inf
-        top = np.argsort(-c, kind="stable")[:n_sim]
-        m = np.zeros(len(gene_names), dtype=bool)
-        m[top] = True
-        masks.append(m)
-        concept_genes[s] = [gene_names[i] for i in top]
+    concept_genes, masks = _seed_concepts(expr, gene_names, seeds, n_sim)
     vectors = np.stack([attribute_vector(mu, m, ~m) for m in masks])  # (S, L)
-
-    x = torch.from_numpy(images).to(vae.device)
-    scorer = ConceptScorer(vae.posterior_mean(), vectors).to(vae.device).eval()
-    sel = np.flatnonzero(np.any(np.stack(masks), axis=0))  # only genes of some concept
-    gen = torch.Generator(device=vae.device).manual_seed(seed)
-    stdevs = 0.15 * float(x.max() - x.min())
-    maps = np.zeros((adata.n_obs, len(seeds)), dtype=np.float32)
-    sal = ConceptSaliency(scorer).attribute(
-        x[torch.as_tensor(sel, device=x.device)],
-        method=saliency,
-        stdevs=stdevs,
-        batch_size=256,
-        generator=gen,
-    )  # (S, |sel|, 1, H, W)
-    sal = sal.cpu().numpy()
-    for j, m in enumerate(masks):
-        pix = sal[j][m[sel]].mean(0)[0]  # (H, W)
-        maps[:, j] = pix[rows, cols]
+    maps = _genemode_spot_maps(
+        vae, images, vectors, masks, (rows, cols), adata.n_obs, saliency=saliency, seed=seed
+    )
     key = key_added
     adata.obsm[K.genemode_key(key)] = maps
     uns = dict(adata.uns.get(key, {}))
@@ -931,3 +876,99 @@ def genemode(
     adata.uns[key] = uns
     logger.info("gene-mode concept maps for seeds %s", seeds)
     return adata if copy else None
+
+
+def _genemode_expression(
+    adata: Any,
+    seeds: list[str],
+    *,
+    layer: str | None,
+    n_top_genes: int | None,
+    genes: Sequence[str] | None,
+    target_sum: float,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Checked coordinates, and the log-normalised expression of the genes used as images."""
+    from neuroexplain.st.vae import select_genes
+
+    var_pos = {str(g): i for i, g in enumerate(adata.var_names)}
+    missing = [s for s in seeds if s not in var_pos]
+    if missing:
+        raise InputError("genemode seeds", f"seed genes not in adata.var_names: {missing}")
+    if K.SPATIAL_KEY not in adata.obsm:
+        raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates (n, 2)")
+    coords = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] < 2 or not np.all(np.isfinite(coords[:, :2])):
+        raise InputError(
+            f"adata.obsm[{K.SPATIAL_KEY!r}]",
+            f"expected finite (n, 2) coordinates, got shape {coords.shape}",
+        )
+    if genes is not None:
+        miss = [g for g in genes if g not in var_pos]
+        if miss:
+            raise InputError("genes", f"genes not in adata.var_names: {miss[:5]}")
+        idx = [var_pos[g] for g in genes]
+    else:
+        idx = list(select_genes(adata, layer=layer, n_top_genes=n_top_genes, target_sum=target_sum))
+    idx = sorted(set(idx) | {var_pos[s] for s in seeds})
+    gene_names = [str(adata.var_names[i]) for i in idx]
+    counts = get_counts(adata, layer)
+    expr = log_normalise(counts, np.asarray(idx), target_sum=target_sum)  # (N, G)
+    keep = expr.max(0) > 0
+    for s in seeds:
+        if not keep[gene_names.index(s)]:
+            raise InputError("genemode seeds", f"seed gene {s!r} is not expressed in any spot")
+    expr, gene_names = expr[:, keep], [g for g, k in zip(gene_names, keep, strict=True) if k]
+    return coords, expr, gene_names
+
+
+def _seed_concepts(
+    expr: np.ndarray, gene_names: list[str], seeds: list[str], n_sim: int
+) -> tuple[dict[str, list[str]], list[np.ndarray]]:
+    """Concept genes of each seed: best spatial correlation with it over spots (and masks)."""
+    z = (expr - expr.mean(0)) / (expr.std(0) + 1e-8)
+    corr = (z.T @ z) / len(z)  # (G, G)
+    concept_genes: dict[str, list[str]] = {}
+    masks = []
+    for s in seeds:
+        si = gene_names.index(s)
+        c = corr[si].copy()
+        c[si] = np.inf
+        top = np.argsort(-c, kind="stable")[:n_sim]
+        m = np.zeros(len(gene_names), dtype=bool)
+        m[top] = True
+        masks.append(m)
+        concept_genes[s] = [gene_names[i] for i in top]
+    return concept_genes, masks
+
+
+def _genemode_spot_maps(
+    vae: GeneImageVAE,
+    images: np.ndarray,
+    vectors: np.ndarray,
+    masks: list[np.ndarray],
+    pixels: tuple[np.ndarray, np.ndarray],
+    n_obs: int,
+    *,
+    saliency: SaliencyMethod,
+    seed: int,
+) -> np.ndarray:
+    """Per-spot concept maps: saliency over pixels, averaged over the concept's genes."""
+    rows, cols = pixels
+    x = torch.from_numpy(images).to(vae.device)
+    scorer = ConceptScorer(vae.posterior_mean(), vectors).to(vae.device).eval()
+    sel = np.flatnonzero(np.any(np.stack(masks), axis=0))  # only genes of some concept
+    gen = torch.Generator(device=vae.device).manual_seed(seed)
+    stdevs = 0.15 * float(x.max() - x.min())
+    maps = np.zeros((n_obs, len(masks)), dtype=np.float32)
+    sal = ConceptSaliency(scorer).attribute(
+        x[torch.as_tensor(sel, device=x.device)],
+        method=saliency,
+        stdevs=stdevs,
+        batch_size=256,
+        generator=gen,
+    )  # (S, |sel|, 1, H, W)
+    sal = sal.cpu().numpy()
+    for j, m in enumerate(masks):
+        pix = sal[j][m[sel]].mean(0)[0]  # (H, W)
+        maps[:, j] = pix[rows, cols]
+    return maps
