@@ -148,10 +148,6 @@ def plant_subject(
     Raises:
         neuroexplain.synth.fields.CalibrationError: the effect or nuisance would fold.
     """
-    from neuroexplain.jacobian import det3x3
-    from neuroexplain.synth import fields as F
-
-    shape = t1.shape
     sp = np.asarray(spacing, dtype=float)
     planted = [int(r) for r in (*shrink, *enlarge)]
     hit = set(planted) if affected is None else {int(r) for r in affected}
@@ -160,79 +156,159 @@ def plant_subject(
     rng = rng if rng is not None else np.random.default_rng(0)
     stats: dict[str, Any] = {}
 
-    # nuisance: healthy(y) = source(y + u(y))
-    u_sampler = None
-    det_n = None
-    if nuisance > 0:
-        u, du = F.random_smooth_field(shape, sp, nuisance, nuisance_sigma, rng)
-        for a in range(3):
-            du[a, a] += 1.0
-        det_n = det3x3(du)
-        del du
-        lo = float(det_n.min())
-        stats["nuisance_min_det"] = float(1.0 / det_n.max())
-        stats["nuisance_max_det"] = float(1.0 / lo)
-        stats["nuisance_max_displacement_mm"] = float(nuisance)
-        if lo <= 0.1 or 1.0 / det_n.max() <= 0.1:
-            raise F.CalibrationError(
-                f"the nuisance field would fold (min det {min(lo, 1 / det_n.max()):.3f}); "
-                "lower --nuisance or increase --nuisance-sigma"
-            )
-        samplers = [F.spline_sampler(u[a]) for a in range(3)]
+    nui, masks = _plant_nuisance(
+        labels, sp, planted, nuisance=nuisance, nuisance_sigma=nuisance_sigma, rng=rng, stats=stats
+    )
+    dis = _plant_disease(
+        masks,
+        t1.shape,
+        sp,
+        shrink=shrink,
+        enlarge=enlarge,
+        hit=hit,
+        magnitude=magnitude,
+        sigma=sigma,
+        stats=stats,
+    )
+    stats["healthy_volume_vox"] = {r: float(m.sum()) for r, m in masks.items()}
+    out_t1, out_labels = _resample_subject(t1, labels, nui, dis, planted, label_interpolation)
+    counts = {r: int((out_labels == r).sum()) for r in planted}
+    stats["label_volume_vox"] = counts
+    stats["volume_change_labels"] = {
+        r: counts[r] / stats["healthy_volume_vox"][r] - 1.0 for r in planted
+    }
+    return SubjectEffect(
+        t1=out_t1,
+        labels=out_labels,
+        jacobian=dis.jacobian,
+        nuisance_logjacobian=_nuisance_logjacobian(nui, dis),
+        planted_mask=np.isin(out_labels, sorted(hit)),
+        ddf=dis.ddf,
+        stats=stats,
+    )
 
-        def u_sampler(p: np.ndarray) -> np.ndarray:
-            return np.stack([s(p) for s in samplers])
 
-        healthy_coords = np.indices(shape, dtype=np.float64).reshape(3, -1) + u.reshape(3, -1)
-        everywhere = np.ones(shape, dtype=bool)
-        masks = {
-            r: F.partial_volume(
-                labels == r, lambda p: p + u_sampler(p), everywhere, healthy_coords, supersample=3
-            )
-            for r in planted
-        }
-    else:
-        masks = {r: (labels == r).astype(np.float64) for r in planted}
+@dataclass
+class _Warp:
+    """One planted deformation: its pull-back, a sampler of it off the grid, what it moves."""
 
-    # disease: diseased(x) = healthy(x + w(x))
-    if magnitude > 0 and hit:
-        target = {r: -float(magnitude) for r in shrink if r in hit} | {
-            r: float(magnitude) for r in enlarge if r in hit
-        }
-        pf = F.plant_field(masks, target, sp, sigma_mm=sigma)
-        ddf, jac, box = pf.ddf, pf.jacobian, pf.support
-        stats.update(
-            volume_change=pf.volume_change,
-            alphas=pf.alphas,
-            calibration_iterations=pf.iterations,
-            inversion_iterations=pf.inversion.iterations,
-            inversion_residual_vox=pf.inversion.max_residual,
-            min_det=pf.min_det,
-            max_det=pf.max_det,
-            min_det_pullback=float(pf.det_pullback.min()),
-            max_displacement_mm=pf.max_displacement_mm(sp),
+    ddf: np.ndarray | None = None
+    sampler: Any = None
+    det: np.ndarray | None = None
+    jacobian: np.ndarray | None = None
+    moved: np.ndarray | None = None
+
+
+def _plant_nuisance(
+    labels: np.ndarray,
+    sp: np.ndarray,
+    planted: list[int],
+    *,
+    nuisance: float,
+    nuisance_sigma: float,
+    rng: np.random.Generator,
+    stats: dict[str, Any],
+) -> tuple[_Warp, dict[int, np.ndarray]]:
+    """The nuisance field ``healthy(y) = source(y + u(y))`` and the healthy planted masks."""
+    from neuroexplain.jacobian import det3x3
+    from neuroexplain.synth import fields as F
+
+    shape = labels.shape
+    if nuisance <= 0:
+        return _Warp(), {r: (labels == r).astype(np.float64) for r in planted}
+    u, du = F.random_smooth_field(shape, sp, nuisance, nuisance_sigma, rng)
+    for a in range(3):
+        du[a, a] += 1.0
+    det_n = det3x3(du)
+    del du
+    lo = float(det_n.min())
+    stats["nuisance_min_det"] = float(1.0 / det_n.max())
+    stats["nuisance_max_det"] = float(1.0 / lo)
+    stats["nuisance_max_displacement_mm"] = float(nuisance)
+    if lo <= 0.1 or 1.0 / det_n.max() <= 0.1:
+        raise F.CalibrationError(
+            f"the nuisance field would fold (min det {min(lo, 1 / det_n.max()):.3f}); "
+            "lower --nuisance or increase --nuisance-sigma"
         )
-        w_samplers = [F.spline_sampler(ddf[a], box) for a in range(3)]
+    samplers = [F.spline_sampler(u[a]) for a in range(3)]
 
-        def w_sampler(p: np.ndarray) -> np.ndarray:
-            return np.stack([s(p) for s in w_samplers])
+    def u_sampler(p: np.ndarray) -> np.ndarray:
+        return np.stack([s(p) for s in samplers])
 
-        moved = np.any(ddf != 0, axis=0)
-    else:
-        ddf = np.zeros((3, *shape))
-        jac = np.ones(shape)
-        w_sampler = None
-        moved = np.zeros(shape, dtype=bool)
+    healthy_coords = np.indices(shape, dtype=np.float64).reshape(3, -1) + u.reshape(3, -1)
+    everywhere = np.ones(shape, dtype=bool)
+    masks = {
+        r: F.partial_volume(
+            labels == r, lambda p: p + u_sampler(p), everywhere, healthy_coords, supersample=3
+        )
+        for r in planted
+    }
+    return _Warp(ddf=u, sampler=u_sampler, det=det_n), masks
+
+
+def _plant_disease(
+    masks: dict[int, np.ndarray],
+    shape: tuple[int, ...],
+    sp: np.ndarray,
+    *,
+    shrink: Sequence[int],
+    enlarge: Sequence[int],
+    hit: set[int],
+    magnitude: float,
+    sigma: float,
+    stats: dict[str, Any],
+) -> _Warp:
+    """The disease field ``diseased(x) = healthy(x + w(x))`` (none for a control)."""
+    from neuroexplain.synth import fields as F
+
+    if not (magnitude > 0 and hit):
         stats.update(
-            volume_change=dict.fromkeys(planted, 0.0),
+            volume_change=dict.fromkeys(masks, 0.0),
             min_det=1.0,
             max_det=1.0,
             max_displacement_mm=0.0,
         )
-    stats["healthy_volume_vox"] = {r: float(m.sum()) for r, m in masks.items()}
+        return _Warp(
+            ddf=np.zeros((3, *shape)), jacobian=np.ones(shape), moved=np.zeros(shape, dtype=bool)
+        )
+    target = {r: -float(magnitude) for r in shrink if r in hit} | {
+        r: float(magnitude) for r in enlarge if r in hit
+    }
+    pf = F.plant_field(masks, target, sp, sigma_mm=sigma)
+    ddf, box = pf.ddf, pf.support
+    stats.update(
+        volume_change=pf.volume_change,
+        alphas=pf.alphas,
+        calibration_iterations=pf.iterations,
+        inversion_iterations=pf.inversion.iterations,
+        inversion_residual_vox=pf.inversion.max_residual,
+        min_det=pf.min_det,
+        max_det=pf.max_det,
+        min_det_pullback=float(pf.det_pullback.min()),
+        max_displacement_mm=pf.max_displacement_mm(sp),
+    )
+    w_samplers = [F.spline_sampler(ddf[a], box) for a in range(3)]
 
-    # composite pull-back T(x) = q + u(q), q = x + w(x); only where something moves
-    changed = np.ones(shape, dtype=bool) if u_sampler is not None else moved
+    def w_sampler(p: np.ndarray) -> np.ndarray:
+        return np.stack([s(p) for s in w_samplers])
+
+    return _Warp(ddf=ddf, sampler=w_sampler, jacobian=pf.jacobian, moved=np.any(ddf != 0, axis=0))
+
+
+def _resample_subject(
+    t1: np.ndarray,
+    labels: np.ndarray,
+    nui: _Warp,
+    dis: _Warp,
+    planted: list[int],
+    label_interpolation: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T1w and labels through the composite pull-back ``T(x) = q + u(q)``, ``q = x + w(x)``."""
+    from neuroexplain.synth import fields as F
+
+    ddf, moved, u, u_sampler, w_sampler = dis.ddf, dis.moved, nui.ddf, nui.sampler, dis.sampler
+    # only where something moves
+    changed = np.ones(t1.shape, dtype=bool) if u_sampler is not None else moved
     idx = np.nonzero(changed)
     q = np.stack(idx).astype(np.float64) + ddf[:, changed]
     if u_sampler is not None:  # u is exact on the grid; interpolate only where q moved off it
@@ -256,29 +332,22 @@ def plant_subject(
             labels, transform, changed, coords, track=planted, method=label_interpolation
         )
         out_labels = carried.labels
-    counts = {r: int((out_labels == r).sum()) for r in planted}
-    stats["label_volume_vox"] = counts
-    stats["volume_change_labels"] = {
-        r: counts[r] / stats["healthy_volume_vox"][r] - 1.0 for r in planted
-    }
+    return out_t1, out_labels
 
-    nlj = None
-    if det_n is not None:
-        log_det_n = np.log(det_n)
-        nlj = -log_det_n
-        if moved.any():
-            midx = np.nonzero(moved)
-            qm = np.stack(midx).astype(np.float64) + ddf[:, moved]
-            nlj[midx] = -F.sample(log_det_n, qm, order=3)
-    return SubjectEffect(
-        t1=out_t1,
-        labels=out_labels,
-        jacobian=jac,
-        nuisance_logjacobian=nlj,
-        planted_mask=np.isin(out_labels, sorted(hit)),
-        ddf=ddf,
-        stats=stats,
-    )
+
+def _nuisance_logjacobian(nui: _Warp, dis: _Warp) -> np.ndarray | None:
+    """Log-Jacobian of the nuisance deformation in diseased space (``None`` without one)."""
+    from neuroexplain.synth import fields as F
+
+    if nui.det is None:
+        return None
+    log_det_n = np.log(nui.det)
+    nlj = -log_det_n
+    if dis.moved.any():
+        midx = np.nonzero(dis.moved)
+        qm = np.stack(midx).astype(np.float64) + dis.ddf[:, dis.moved]
+        nlj[midx] = -F.sample(log_det_n, qm, order=3)
+    return nlj
 
 
 # ---------------------------------------------------------------------------------- validation
