@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 __all__ = ["main"]
@@ -158,6 +159,123 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
     return row
 
 
+def _planted_regions(spec: dict) -> list[tuple[str, int, int]]:
+    """``(name, label, expected sign)`` of every planted label (shrink -1, enlarge +1)."""
+    c = spec.get("cohort") or {}
+    return [(f"shrink{lab}", int(lab), -1) for lab in c.get("shrink", [])] + [
+        (f"enlarge{lab}", int(lab), 1) for lab in c.get("enlarge", [])
+    ]
+
+
+def explain(
+    preproc: Path, clf_dir: Path, cohort: Path, spec: dict, out: Path, threads: int
+) -> dict:
+    """Simulator stage (default settings) + a gradient baseline on the test split, scored
+    against the cohort's ground truth; returns the simulator's result row."""
+    import pandas as pd
+    import torch
+
+    sim_model = out / "simulator_model" / "model.pt"
+    maps = out / "simulator"
+    sal = out / "saliency"
+    evaluation = out / "evaluation" / "maps"
+    regions = _planted_regions(spec)
+    region_args = [a for name, lab, _ in regions for a in ("--regions", f"{name}={lab}")]
+    common = ["--preproc", str(preproc), "--threads", str(threads)]
+    split = str(clf_dir / "split.tsv")
+    model = str(clf_dir / "model.pt")
+    t0 = time.perf_counter()
+    if not sim_model.exists():
+        _run(
+            ["train-simulator", *common, "--classifier", model, "--logits",
+             str(clf_dir / "logits.tsv"), "--split", split, "--out", str(sim_model)],
+            out / "train_simulator.log",
+        )  # fmt: skip
+    train_s = time.perf_counter() - t0
+    if not (maps / "simulate.json").exists():
+        _run(
+            ["simulate", *common, "--simulator", str(sim_model), "--classifier", model,
+             "--split", split, "--out", str(maps), "--subjects", "test", "--no-images",
+             *region_args],
+            out / "simulate.log",
+        )  # fmt: skip
+    if not (sal / "saliency.json").exists() and not any(sal.glob("sub-*")):
+        _run(
+            ["saliency", *common, "--checkpoint", model, "--split", split, "--out", str(sal),
+             "--subjects", "test", "--methods", "gradient"],
+            out / "saliency.log",
+        )  # fmt: skip
+    if not evaluation.with_suffix(".json").exists():
+        template = str(maps / "{subject}" / "{subject}_desc-simulator_logjacobian.nii.gz")
+        _run(
+            ["evaluate-maps", "--cohort", str(cohort), "--maps", f"simulator={template}",
+             "--maps", f"gradient={sal}", "--subjects", split, "--split-name", "test",
+             "--out", str(evaluation)],
+            out / "evaluate.log",
+        )  # fmt: skip
+    ckpt = torch.load(sim_model, weights_only=True)
+    objective = (ckpt.get("summary") or {}).get("objective", {})
+    sim = json.loads((maps / "simulate.json").read_text())
+    ev = json.loads(evaluation.with_suffix(".json").read_text())["methods"]
+    group = pd.DataFrame(sim.get("group", []))
+    region_rows = []
+    for name, _, sign in regions:
+        sel = group
+        if len(group):
+            sel = group[
+                (group["region"] == name)
+                & (group["map"] == "simulator")
+                & (group["group"] == "all")
+            ]
+        row = sel.iloc[0].to_dict() if len(sel) else {}
+        mean = row.get("mean")
+        region_rows.append(
+            {
+                "region": name,
+                "expected_sign": sign,
+                "mean_logjacobian": mean,
+                "p": row.get("p"),
+                "right_sign": None if mean is None else bool(np.sign(mean) == sign),
+            }
+        )
+    return {
+        "train_seconds": round(train_s, 1),
+        "objective": objective,
+        "flip_rate": sim.get("flip_rate"),
+        "ncc_abs": {m: v["ncc_abs"]["mean"] for m, v in ev.items()},
+        "ncc_signed": {m: v["ncc_signed"]["mean"] for m, v in ev.items()},
+        "regions": region_rows,
+    }
+
+
+def _sim_table(results: dict) -> str:
+    lines = [
+        "| cohort | seed | objective met (epochs) | train flip inj / rem | test flip inj / rem "
+        "| NCC simulator | NCC gradient | signed NCC | regions right sign |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    for name, res in results.items():
+        for r in res.get("runs", []):
+            s = r.get("simulator")
+            if not s:
+                continue
+            o, fr = s.get("objective", {}), s.get("flip_rate") or {}
+            right = [x["right_sign"] for x in s["regions"]]
+            lines.append(
+                f"| {name} | {r['seed']} | {o.get('met')} ({o.get('epochs')}) | "
+                f"{f(o.get('flipped_inject'))} / {f(o.get('flipped_remove'))} | "
+                f"{f(fr.get('inject'))} / {f(fr.get('remove'))} | "
+                f"{f(s['ncc_abs'].get('simulator'))} | {f(s['ncc_abs'].get('gradient'))} | "
+                f"{f(s['ncc_signed'].get('simulator'))} | {sum(bool(x) for x in right)} of "
+                f"{len(right)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _table(results: dict) -> str:
     lines = [
         "| cohort | seed | CNN val AUC | CNN test AUC | reference val AUC | reference test AUC "
@@ -192,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "results" / "robustness")
     ap.add_argument("--tag", default="", help="suffix of the run folders and the result file")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--simulator", action="store_true",
+                    help="also train the simulator (defaults) and score its maps and a gradient "
+                    "baseline against the ground truth (synthetic cohorts)")  # fmt: skip
     args = ap.parse_args(argv)
 
     from neuroexplain.provenance import provenance
@@ -210,6 +331,17 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.work / name / f"classifier_{args.shape}{tag}_seed{seed}"
                 res["runs"].append(train(preproc, run_dir, seed, args.set, args.threads))
                 print(f"{name} seed {seed}: {res['runs'][-1]}", flush=True)
+                if args.simulator and "cohort" in spec:
+                    auc = res["runs"][-1]["cnn_test_auc"] or 0.0
+                    if auc < 0.7:
+                        res["runs"][-1]["simulator"] = None
+                        print(f"{name} seed {seed}: classifier below the gate", flush=True)
+                        continue
+                    res["runs"][-1]["simulator"] = explain(
+                        preproc, run_dir, args.work / name / "cohort", spec,
+                        run_dir / "explain", args.threads,
+                    )  # fmt: skip
+                    print(f"{name} seed {seed}: {res['runs'][-1]['simulator']}", flush=True)
         except RuntimeError as exc:
             res["error"] = str(exc)
             print(f"{name}: {exc}", file=sys.stderr, flush=True)
@@ -227,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2) + "\n")
-        out.with_suffix(".md").write_text(_table(results))
+        md = _table(results)
+        if args.simulator:
+            md += "\n" + _sim_table(results)
+        out.with_suffix(".md").write_text(md)
     print(_table(results))
     return 1 if any("error" in r for r in results.values()) else 0
 

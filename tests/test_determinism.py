@@ -200,10 +200,15 @@ def test_saliency_and_simulator_maps_are_bitwise_reproducible(tmp_path: Path) ->
     maps = [f for f in files if f.endswith(".nii.gz")]
     assert any(f.startswith("saliency/") and "gradcam" in f for f in maps), maps
     assert any(f.startswith("simulator/") and "logjacobian" in f for f in maps), maps
-    assert {"classifier/model.pt", "simulator/model.pt", "simulator/train_log.tsv"} <= set(files)
+    assert {
+        "classifier/model.pt",
+        "simulator/model.pt",
+        "simulator/train_log.tsv",
+        "simulator/train_summary.json",
+    } <= set(files)
     n = check_niftis_and_sidecars(out, derived=["saliency", "simulator"])
     assert n == len(maps)
-    for name in ("simulator/simulate.json",):
+    for name in ("simulator/simulate.json", "simulator/train_summary.json"):
         assert_provenance(json.loads((out / name).read_text()), name)
     ckpt = torch.load(sim / "model.pt", weights_only=True)
     assert_provenance(ckpt["provenance"], "simulator/model.pt")

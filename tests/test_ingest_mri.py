@@ -281,6 +281,55 @@ def test_sample_sheet(ixi_root: Path, tmp_path: Path) -> None:
     assert pre["t1_paths"][0] == str(_t1(ixi_root, FIRST[0]).resolve())
 
 
+def test_label_groups_from_a_numeric_column(ixi_root: Path, tmp_path: Path) -> None:
+    """IXI age -> young / old classes; subjects in between or without an age are left out."""
+    from neuroexplain.mri.bids import apply_label_groups, find_bids_subjects, parse_label_groups
+
+    part = pd.read_csv(ixi_root / "participants.tsv", sep="\t")
+    age = pd.to_numeric(part["age"], errors="coerce")
+    cohort = find_bids_subjects(ixi_root, label_column="age")
+    grouped = apply_label_groups(cohort, parse_label_groups(["young=<40", "old=>60"]))
+    labels = {r.subject: r.label for r in grouped.records}
+    assert sum(v == "young" for v in labels.values()) == int((age < 40).sum())
+    assert sum(v == "old" for v in labels.values()) == int((age > 60).sum())
+    for sid, a in zip(part["participant_id"], age, strict=True):
+        assert labels.get(sid) == ("young" if a < 40 else "old" if a > 60 else None), sid
+    # a range, inclusive bounds
+    groups = parse_label_groups({"a": "20..40", "b": ">=60"})
+    assert groups == {"a": ("..", 20.0, 40.0), "b": (">=", 60.0, None)}
+    for bad, msg in (
+        (["young<40", "old=>60"], "NAME=CONDITION"),
+        (["young=~40", "old=>60"], "expected a condition"),
+        (["young=<40"], "at least two groups"),
+    ):
+        with pytest.raises(InputError, match=msg):
+            parse_label_groups(bad)
+    with pytest.raises(InputError, match="overlap"):
+        apply_label_groups(cohort, parse_label_groups(["a=<50", "b=<60"]))
+    with pytest.raises(InputError, match="not a number"):
+        apply_label_groups(
+            find_bids_subjects(ixi_root, label_column="sex"), parse_label_groups(["a=<1", "b=>2"])
+        )
+    # through the command: two subjects, one per group
+    young = part.loc[age < 40, "participant_id"].iloc[0]
+    old = part.loc[age > 60, "participant_id"].iloc[0]
+    out = tmp_path / "o"
+    ingest_mri(
+        out,
+        bids=ixi_root,
+        label_column="age",
+        positive_class="old",
+        label_groups=["young=<40", "old=>60"],
+        subjects=[young, old],
+        progress=False,
+        **PLAIN,
+    )
+    pre = load_preproc(out / "preproc.pt")
+    assert dict(zip(pre["subjects"], pre["y"].tolist(), strict=True)) == {young: 0.0, old: 1.0}
+    meta = json.loads((out / "ingest.json").read_text())
+    assert meta["class_counts"] == {"old": 1, "young": 1}
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

@@ -280,6 +280,18 @@ def test_check_classifier_command(tmp_path: Path, capsys) -> None:
     # no temporary left
     assert sorted(p.name for p in out.parent.iterdir()) == ["quality.html", "quality.json"]
 
+    # the earlier stages' warnings reach the report's first page
+    ingest = tmp_path / "ingest.json"
+    ingest.write_text(json.dumps({"warnings": ["sub-01_T1w.nii.gz: sform and qform disagree"]}))
+    assert main([*args, "--min-auc", "0.5", "--warnings", str(ingest)]) == 0
+    assert "1 input warning(s)" in capsys.readouterr().out
+    assert "<td>warning (ingest.json)</td><td>sub-01_T1w.nii.gz: sform and qform" in (
+        table.read_text()
+    )
+    assert json.loads(out.read_text())["warnings"][0]["source"] == "ingest.json"
+    assert main([*args, "--warnings", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: expected a JSON output" in capsys.readouterr().err
+
     tsv = tmp_path / "tables" / "quality.tsv"
     assert main([*args, "--min-auc", "0", "--table", str(tsv)]) == 0
     assert "(gate off)" in capsys.readouterr().out

@@ -669,6 +669,9 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     assert objective["epochs"] == 1 and objective["hinge"] == "target"
     assert objective["n_inject"] == 1 and objective["n_remove"] == 2
     assert isinstance(objective["met"], bool)
+    on_disk = json.loads((out / "train_summary.json").read_text())
+    assert on_disk["objective"] == objective and "seconds" not in on_disk
+    assert on_disk["provenance"]["command"] == "train-simulator"
     rc = main(
         [
             "simulate",

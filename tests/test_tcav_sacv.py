@@ -31,7 +31,12 @@ from neuroexplain.concepts3d import (
 )
 from neuroexplain.concepts3d.concepts import build_concept, region_mask
 from neuroexplain.concepts3d.sacv import layer_mask, upsample
-from neuroexplain.concepts3d.tcav import summarize_experiment
+from neuroexplain.concepts3d.tcav import (
+    adjust_p_values,
+    apply_correction,
+    effect_sizes,
+    summarize_experiment,
+)
 from neuroexplain.errors import InputError
 from neuroexplain.models import build_model
 
@@ -136,6 +141,32 @@ def test_significance_edge_cases():
     assert tcav_significance([1.0] * 5, [0.0] * 5) == 0.0
     assert tcav_significance([0.9, 1.0, 1.0, 0.95], [0.1, 0.6, 0.3, 0.8]) < 0.05
     assert np.isnan(tcav_significance([1.0], [0.0, 1.0]))
+    # Mann-Whitney: constant but different groups give its smallest p, not 0
+    assert 0 < tcav_significance([1.0] * 10, [0.0] * 10, "mannwhitney") < 1e-3
+    assert tcav_significance([1.0] * 5, [1.0] * 5, "mannwhitney") == 1.0
+    # one outlying run does not decide it (it would with a t-test of a tight group)
+    a, b = [0.5, 0.52, 0.48, 0.51, 0.49, 0.5], [0.5, 0.51, 0.49, 0.5, 0.52, 0.48]
+    assert tcav_significance(a, b, "mannwhitney") > 0.5
+    with pytest.raises(ValueError, match="unknown test"):
+        tcav_significance(a, b, "ks")
+
+
+def test_effect_sizes_and_p_value_corrections():
+    e = effect_sizes([1.0, 1.0, 0.9], [0.2, 0.4, 0.9])
+    assert e["score_difference"] == pytest.approx(0.9666667 - 0.5)
+    assert e["rank_biserial"] == pytest.approx(8 / 9)  # 8 wins, 1 tie, no loss of 9 pairs
+    assert np.isnan(effect_sizes([1.0, 1.0], [0.0, 0.0])["cohens_d"])  # no spread
+    p = [0.01, 0.04, 0.03, float("nan"), 0.2]
+    assert np.allclose(adjust_p_values(p, "bonferroni")[[0, 1, 2, 4]], [0.04, 0.16, 0.12, 0.8])
+    # Holm: sorted 0.01*4, 0.03*3, 0.04*2, 0.2*1 made monotone
+    assert np.allclose(adjust_p_values(p, "holm")[[0, 1, 2, 4]], [0.04, 0.09, 0.09, 0.2])
+    # Benjamini-Hochberg: p * m / rank, monotone from the top
+    assert np.allclose(adjust_p_values(p, "bh")[[0, 1, 2, 4]], [0.04, 0.0533333, 0.0533333, 0.2])
+    assert np.isnan(adjust_p_values(p, "holm")[3])
+    assert np.allclose(adjust_p_values(p, "none")[[0, 4]], [0.01, 0.2])
+    assert adjust_p_values([0.9, 0.8], "bonferroni").max() == 1.0
+    with pytest.raises(ValueError, match="unknown correction"):
+        adjust_p_values(p, "fdr")
 
 
 def test_a_concept_whose_cavs_do_not_classify_is_never_significant():
@@ -150,9 +181,55 @@ def test_a_concept_whose_cavs_do_not_classify_is_never_significant():
                                    "accuracy": 0.5}}  # fmt: skip
     bad = summarize_experiment(scores, "c", randoms, "l", alpha=0.01)
     assert bad["p_value"] < 0.01 and not bad["cav_valid"] and not bad["significant"]
+    assert bad["verdict"] == "inconclusive" and "CAV accuracy 0.50" in bad["verdict_reason"]
     assert summarize_experiment(scores, "c", randoms, "l", min_accuracy=0)["significant"]
     good = summarize_experiment(scores, "good", randoms, "l", alpha=0.01)
     assert good["cav_valid"] and good["significant"] and good["cav_accuracy"] == 0.9
+    assert good["verdict"] == "significant" and good["p_adjusted"] == good["p_value"]
+    assert good["rank_biserial"] == 1.0 and good["score_difference"] == pytest.approx(0.6)
+    # the family of two tests: the adjusted p-values are larger, the raw ones are kept
+    rows = apply_correction([bad, good], method="bonferroni", alpha=0.01)
+    assert rows[1]["p_adjusted"] == pytest.approx(2 * rows[1]["p_value"])
+    assert rows[1]["n_tests"] == 2 and rows[1]["correction"] == "bonferroni"
+    assert rows[1]["verdict"] == "significant" and rows[0]["verdict"] == "inconclusive"
+    mw = summarize_experiment(scores, "good", randoms, "l", alpha=0.01, test="mannwhitney")
+    # 5 vs 5 runs: Mann-Whitney's smallest p (~0.008) passes alone; after Bonferroni x 2 not
+    # even the best possible outcome would pass: too few random sets to answer, inconclusive
+    assert mw["verdict"] == "significant"
+    (mw,) = apply_correction([mw], method="bonferroni", alpha=0.01)
+    assert mw["verdict"] == "significant"
+    mw2 = apply_correction([dict(mw), dict(mw)], method="bonferroni", alpha=0.01)
+    assert mw2[0]["verdict"] == "inconclusive" and mw2[0]["p_adjusted"] > 0.01
+    assert "would give p_adjusted" in mw2[0]["verdict_reason"]
+
+
+def test_a_test_without_power_is_inconclusive_not_a_negative():
+    """Random CAVs scoring ~1 (derivatives sharing a sign for nearly any direction): a concept at
+    1.0 in every run cannot be told from them, so the verdict is inconclusive; against random
+    scores that are all-or-nothing coin flips the same concept is significant."""
+    randoms = [f"r{i}" for i in range(21)]
+    scores = {}
+    for i, r in enumerate(randoms[1:]):
+        scores[f"c-{r}"] = {"l": {"sign_count": 1.0, "magnitude": 0.99, "accuracy": 0.9}}
+        scores[f"r0-{r}"] = {
+            "l": {"sign_count": 0.9 if i == 3 else 1.0, "magnitude": 0.9, "accuracy": 0.5}
+        }
+        scores[f"coin-{r}"] = {
+            "l": {"sign_count": float(i % 2), "magnitude": float(i % 2), "accuracy": 0.5}
+        }
+    row = summarize_experiment(scores, "c", randoms, "l", test="mannwhitney")
+    assert row["p_best"] == row["p_value"] > 0.01
+    assert row["verdict"] == "inconclusive" and "even a concept at 1" in row["verdict_reason"]
+    assert not row["significant"]
+    # the magnitude score, reported beside the sign count, still tells them apart
+    assert row["tcav_magnitude"] == pytest.approx(0.99)
+    assert row["random_magnitude"] == pytest.approx(0.9)
+    assert row["p_value_magnitude"] < 1e-6
+    assert len(row["magnitudes"]) == len(row["random_magnitudes"]) == 20
+    flips = {k.replace("coin-", "r0-"): v for k, v in scores.items() if k.startswith("coin-")}
+    flips.update({k: v for k, v in scores.items() if k.startswith("c-")})
+    sig = summarize_experiment(flips, "c", randoms, "l", test="mannwhitney")
+    assert sig["verdict"] == "significant" and sig["rank_biserial"] == 0.5
 
 
 def test_random_sets_are_seeded_and_disjoint_from_the_first():
@@ -214,6 +291,15 @@ def test_tcav_end_to_end_on_a_toy_net_concept_vs_random():
     assert real["cav_accuracy"] >= 0.9
     assert real["p_value"] < 0.01 and real["significant"]
     assert null["p_value"] > 0.05 and not null["significant"]
+    assert real["verdict"] == "significant" and null["verdict"] != "significant"
+    for test in ("mannwhitney", "welch"):
+        rows = [
+            summarize_experiment(scores, c, names, "features.1", test=test)
+            for c in ("blob", "fake")
+        ]
+        real_t, null_t = apply_correction(rows, method="holm", alpha=0.01)
+        assert real_t["verdict"] == "significant" and real_t["rank_biserial"] > 0.4
+        assert null_t["verdict"] != "significant"
     assert null["cav_accuracy"] < 0.8
 
     # the memory-light path: activations cached up front, volumes dropped, same scores
@@ -401,12 +487,18 @@ def test_cli_tcav_planted_concept_is_significant_unrelated_is_not(toy, tmp_path)
     res = json.loads((out / "tcav.json").read_text())
     rows = {r["concept"]: r for r in res["results"]}
     assert rows["atrophyA"]["p_value"] < 0.01 and rows["atrophyA"]["cav_accuracy"] >= 0.8
-    assert rows["atrophyA"]["significant"]
+    assert rows["atrophyA"]["significant"] and rows["atrophyA"]["verdict"] == "significant"
+    assert rows["atrophyA"]["p_adjusted"] >= rows["atrophyA"]["p_value"]
+    assert rows["atrophyA"]["correction"] == "holm" and rows["atrophyA"]["n_tests"] == 2
     assert rows["regionB"]["p_value"] > 0.05 and not rows["regionB"]["significant"]
+    assert rows["regionB"]["verdict"] in ("not significant", "inconclusive")
+    assert res["provenance"]["params"]["test"] == "mannwhitney"
     assert len(rows["atrophyA"]["scores"]) == 10
     test_split = {f"sub-{i:02d}" for i in range(24, 36)}
     assert res["class"]["subjects"] and set(res["class"]["subjects"]) <= test_split
     assert (out / "tcav.tsv").is_file() and (out / "tcav.png").is_file()
+    tsv = (out / "tcav.tsv").read_text().splitlines()[0].split("\t")
+    assert {"p_value", "p_adjusted", "verdict", "tcav_magnitude", "random_magnitude"} <= set(tsv)
     # a second run takes every CAV from the cache and writes the identical file
     n_cached = len(torch.load(out / "cavs.pt", weights_only=True)["entries"])
     again = run_tcav(

@@ -228,6 +228,32 @@ def test_dry_run_tiny_config_with_every_stage(repo_root: Path, tmp_path: Path) -
     assert "--n-subjects 2" in figures
 
 
+def test_dry_run_age_config(repo_root: Path, tmp_path: Path, ixi_root: Path) -> None:
+    """config/age.yaml: IXI young vs old from participants.tsv, no cohort, every MRI stage."""
+    from neuroexplain.concepts3d.concepts import load_concept_config
+
+    out = _ok(
+        _snakemake(
+            repo_root,
+            tmp_path,
+            "-n",
+            "-p",
+            configfile=["config/config.yaml", "config/age.yaml"],
+            mirror=ixi_root.parent,
+        )
+    )
+    ingest = _shell_command(out, "ingest-mri")
+    assert "--label-column age --label-group 'young=<40' --label-group 'old=>60'" in ingest
+    assert "--positive-class old" in ingest
+    for rule in ("train_simulator", "simulate", "saliency", "tcav", "sacv", "xnn_train"):
+        assert f"rule {rule}:" in out, rule
+    for rule in ("make_cohort", "evaluate_maps", "ingest_st"):
+        assert f"rule {rule}:" not in out, rule
+    assert "--regions third_ventricle=4" in _shell_command(out, "simulate")
+    concepts = load_concept_config(repo_root / "config/concepts3d_age.yaml")
+    assert [c.name for c in concepts.concepts] == ["ventricles", "hippocampus", "cerebellum"]
+
+
 def test_sacv_concepts_must_be_defined(repo_root: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("concepts3d:\n  sacv_concepts: [nosuchconcept]\n")

@@ -135,6 +135,41 @@ def test_reweighting_retries_when_too_few_features_carry_the_prediction():
     assert [a["seed"] for a in att] == [0, 1, 2]
 
 
+def test_usage_balance_loss_penalises_small_shares_and_revives_dead_units():
+    from neuroexplain.xnn import usage_balance_loss
+
+    x = torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.0, 1.0, 3.0, 0.0]])
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # feature 3 is zero: share 0 -> (s0 - 0) / s0 = 1, averaged over 4 features
+    assert float(usage_balance_loss(x, w)) == pytest.approx(0.25)
+    assert float(usage_balance_loss(x[:, :3], w[:3])) == 0.0  # shares 0.22-0.44 > 0.25 / 3
+    assert float(usage_balance_loss(x[:, :1], w[:1])) == 0.0  # one feature: nothing to balance
+    # a zero head weight is as unused as a zero feature
+    assert float(usage_balance_loss(x[:, :3], torch.tensor([1.0, 1.0, 0.0]))) > 0
+    pre = torch.tensor([[0.5, 0.2, 0.1, -2.0], [1.0, 0.3, 0.2, -1.0]], requires_grad=True)
+    loss = usage_balance_loss(torch.relu(pre), w, pre)
+    assert loss.item() == pytest.approx(0.25 + 1.0)  # + max(0, -max pre) of the dead unit
+    loss.backward()
+    assert pre.grad[:, 3].abs().sum() > 0  # the dead unit gets a gradient
+
+
+def test_usage_balance_keeps_every_feature_in_use_and_the_srae_faithful():
+    """Without the balance term the pull-away term lets a redundant feature drop out (head
+    weight ~0: usage 0, an all-zero map); with it every feature carries part of the logit."""
+    acts, logits = _toy_activations(200)
+    test_a, test_l = _toy_activations(100, seed=1)
+    usage = {}
+    for alpha_use in (0.0, 0.3):
+        cfg = SRAEConfig(n_features=5, epochs=2000, seed=1, max_retries=0, alpha_use=alpha_use)
+        srae, hist = train_srae(acts, logits, cfg, progress=False)
+        usage[alpha_use] = np.asarray(hist["attempts"][0]["usage"])
+        m = explanation_metrics(srae, test_a, test_l)
+        assert m["r2"] >= 0.95 and m["decision_agreement"] >= 0.95, (alpha_use, m)
+    assert usage[0.0].min() < 0.05  # a feature unused without the balance term
+    assert usage[0.3].min() >= 0.05, usage[0.3]  # every feature used by >= 5 % of samples
+    assert "use" in hist and hist["use"][-1] < hist["use"][0] + 1e-9
+
+
 def test_srae_checkpoint_roundtrip(tmp_path):
     srae = SRAE(10, 3)
     srae.set_stats(torch.rand(20, 10), torch.rand(20))

@@ -58,6 +58,8 @@ __all__ = [
     "ST_CONCEPT_METHODS",
     "ST_LIKELIHOODS",
     "ST_SALIENCY_METHODS",
+    "TCAV_CORRECTIONS",
+    "TCAV_TESTS",
     "XNN_METHODS",
     "XNN_POOLING",
     "ClassifierConfig",
@@ -86,6 +88,10 @@ SMOOTHNESS = ("bending", "diffusion")
 SALIENCY_METHODS = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "occlusion")
 OCCLUSION_MODES = ("gaussian", "mean_patch", "mean_img")
 CAV_CLASSIFIERS = ("logistic", "sgd")
+#: tests of a concept's TCAV scores against the random-vs-random scores
+TCAV_TESTS = ("mannwhitney", "welch")
+#: multiple-testing corrections over the concept x layer tests of one TCAV run
+TCAV_CORRECTIONS = ("holm", "bonferroni", "bh", "none")
 SACV_TRANSFORMS = ("mask", "box", "none")
 SACV_NEGATIVES = ("brain", "region", "all")
 SACV_RELEVANCE = ("positive", "signed", "raw")
@@ -688,12 +694,21 @@ class TCAVConfig(_CAVSettings):
 
     Attributes:
         layers: dotted layer names (``()``: the architecture's concept layer).
-        n_random: random sets per concept (``None``: ``n_random`` of the concept file).
+        n_random: random sets per concept (``None``: ``n_random`` of the concept file, 50 by
+            default).
         random_size: examples per random set (``None``: the concept file's, else
             ``min(concept, pool // 3)``).
-        alpha: significance level of the two-sided t-test against random-vs-random scores.
-        min_accuracy: mean held-out CAV accuracy a concept needs to be called significant
-            (0 disables; see :func:`neuroexplain.concepts3d.tcav.summarize_experiment`).
+        alpha: significance level of the (corrected) two-sided test against random-vs-random
+            scores.
+        test: ``"mannwhitney"`` (two-sided Mann-Whitney U, rank-based: robust to the
+            all-or-nothing, tied scores TCAV produces) or ``"welch"`` (two-sided Welch t-test, as
+            Kim et al. 2018).
+        correction: multiple-testing correction over the concept x layer tests of the run:
+            ``"holm"`` (Holm-Bonferroni, family-wise error), ``"bonferroni"``, ``"bh"``
+            (Benjamini-Hochberg, false discovery rate) or ``"none"``.
+        min_accuracy: mean held-out CAV accuracy a concept needs for a verdict; below it the
+            verdict is ``inconclusive`` (0 disables; see
+            :func:`neuroexplain.concepts3d.tcav.summarize_experiment`).
         batch_size: volumes per forward / backward pass.
         classifier: ``"logistic"`` or ``"sgd"``.
         C: inverse regularisation strength of the CAV classifier.
@@ -709,12 +724,20 @@ class TCAVConfig(_CAVSettings):
         config="tcav_layers",
     )
     n_random: int | None = setting(
-        None, "Random sets per concept (default: the concept file's, else 10)."
+        None, "Random sets per concept (default: the concept file's, else 50)."
     )
     random_size: int | None = setting(None, "Examples per random set.", config=None)
-    alpha: float = setting(0.01, "Significance level.")
+    alpha: float = setting(0.01, "Significance level (after the correction).")
+    test: str = setting(
+        "mannwhitney",
+        "Test of concept vs random-vs-random TCAV scores: mannwhitney or welch (two-sided).",
+        config=None,
+    )
+    correction: str = setting(
+        "holm", "Multiple-testing correction over concepts x layers: holm, bonferroni, bh, none."
+    )
     min_accuracy: float = setting(
-        0.6, "Mean held-out CAV accuracy a concept needs to be significant (0 = off)."
+        0.6, "Mean held-out CAV accuracy a concept needs for a verdict (0 = off)."
     )
     batch_size: int = setting(8, "Volumes per pass.", config=None)
 
@@ -729,6 +752,11 @@ class TCAVConfig(_CAVSettings):
                     "expected >= 1",
                 ),
                 "alpha": (0 < self.alpha < 1, "expected a value in (0, 1)"),
+                "test": (self.test in TCAV_TESTS, f"expected one of {', '.join(TCAV_TESTS)}"),
+                "correction": (
+                    self.correction in TCAV_CORRECTIONS,
+                    f"expected one of {', '.join(TCAV_CORRECTIONS)}",
+                ),
                 "min_accuracy": (0 <= self.min_accuracy <= 1, "expected a value in [0, 1]"),
             },
             self,
@@ -819,6 +847,9 @@ class SRAEConfig(_Settings):
         alpha_pred: weight of the faithfulness loss.
         alpha_rec: weight of the sparse reconstruction loss.
         alpha_pt: weight of the pull-away term.
+        alpha_use: weight of the usage-balance term (features with less than a quarter of the
+            even share of the logit contributions are penalised, dead ReLUs revived; 0 = off, as Qi
+            et al., whose pull-away term lets redundant features drop out with a zero weight).
         q: sensitivity of the sparse reconstruction loss.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
@@ -841,6 +872,9 @@ class SRAEConfig(_Settings):
     alpha_pred: float = setting(1.0, "Weight of the faithfulness loss.", config=None)
     alpha_rec: float = setting(0.1, "Weight of the sparse reconstruction loss.", config=None)
     alpha_pt: float = setting(0.1, "Weight of the pull-away term.", config=None)
+    alpha_use: float = setting(
+        0.3, "Weight of the usage-balance term (0 = off: dead features possible).", config=None
+    )
     q: float = setting(1.0, "Sparse reconstruction sensitivity q.", config=None)
     lr: float = setting(1e-2, "Adam learning rate.")
     weight_decay: float = setting(1e-4, "Adam weight decay.", config=None)

@@ -40,7 +40,8 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
 
     rule classifier_quality:
         input:
-            CLASSIFIER["metrics"],
+            metrics=CLASSIFIER["metrics"],
+            ingest=MRI_INGEST["meta"],
         output:
             json=CLASSIFIER["quality"],
             # the report lists categories in lexicographic order: "1. ..." comes first
@@ -60,8 +61,9 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
         params:
             min_auc=config["quality"]["min_auc"],
         shell:
-            "neuroexplain check-classifier --metrics {input:q} --min-auc {params.min_auc}"
-            " --out {output.json:q} --table {output.table:q} > {log} 2>&1"
+            "neuroexplain check-classifier --metrics {input.metrics:q} --min-auc {params.min_auc}"
+            " --warnings {input.ingest:q} --out {output.json:q} --table {output.table:q}"
+            " > {log} 2>&1"
 
     ALL_TARGETS.extend(
         [

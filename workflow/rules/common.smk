@@ -62,6 +62,7 @@ EVALUATION = {
 SIMULATOR = {
     "model": "results/simulator_model/model.pt",
     "train_log": "results/simulator_model/train_log.tsv",
+    "train_summary": "results/simulator_model/train_summary.json",
     "maps": "results/simulator",
     # the disease map of each subject (remove for diseased, inject for healthy subjects)
     "map": "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz",
@@ -211,14 +212,21 @@ def mri_bids_root():
 
 
 # the demo concepts of the synthetic cohort, shipped with the workflow (config/concepts3d.yaml)
-DEMO_CONCEPTS = str(
-    Path(workflow.current_basedir).parents[1] / "config" / "concepts3d.yaml"
-)
+REPO_ROOT = Path(workflow.current_basedir).parents[1]
+DEMO_CONCEPTS = str(REPO_ROOT / "config" / "concepts3d.yaml")
 
 
 def concepts_file():
-    """Concept definitions of TCAV / SACV: concepts3d.concepts, else the demo concepts."""
-    return config["concepts3d"]["concepts"] or DEMO_CONCEPTS
+    """Concept definitions of TCAV / SACV: concepts3d.concepts (relative to the working
+    directory, else to the repository, where config/age.yaml's file lives), else the demo
+    concepts."""
+    path = config["concepts3d"]["concepts"]
+    if not path:
+        return DEMO_CONCEPTS
+    repo_file = REPO_ROOT / path
+    if not Path(path).is_absolute() and not Path(path).exists() and repo_file.is_file():
+        return str(repo_file)
+    return path
 
 
 if config["concepts3d"]["activate"] and Path(concepts_file()).is_file():
@@ -316,6 +324,10 @@ def ingest_mri_args(wildcards, input):
             ("--derivatives", mri["derivatives"]),
             ("--label-column", label_column),
         ]
+        if label_column:
+            source += [
+                ("--label-group", [f"{k}={v}" for k, v in mri["label_groups"].items()] or None)
+            ]
         positive_class = positive_class if label_column else None
     return _args(
         *source,
@@ -533,6 +545,7 @@ def tcav_args(wildcards):
         ("--class-split", config["evaluation"]["subjects"]),
         ("--n-random", c3d["n_random"]),
         ("--alpha", c3d["alpha"]),
+        ("--correction", c3d["correction"]),
         ("--min-accuracy", c3d["min_accuracy"]),
         ("--seed", config["seed"]),
     )

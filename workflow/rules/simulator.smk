@@ -19,6 +19,11 @@ if (
         output:
             model=SIMULATOR["model"],
             train_log=SIMULATOR["train_log"],
+            summary=report(
+                SIMULATOR["train_summary"],
+                caption="../report/simulator_training.rst",
+                category="MRI simulator",
+            ),
         log:
             "logs/simulator/train_simulator.log",
         benchmark:

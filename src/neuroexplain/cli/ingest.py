@@ -52,6 +52,12 @@ def ingest_mri_cmd(
         "--group-column",
         help="Column of subjects that must share a split (default: source_subject if present).",
     ),
+    label_groups: list[str] | None = typer.Option(
+        None,
+        "--label-group",
+        help="Classes from a numeric label column, NAME=CONDITION (<X, <=X, >X, >=X or A..B), "
+        "e.g. --label-group 'young=<40' --label-group 'old=>60'; others are left out.",
+    ),
 ) -> None:
     """Preprocess T1w (+ dseg) to the model grid and cache tensors, keeping the native mapping.
 
@@ -74,6 +80,7 @@ def ingest_mri_cmd(
         limit=limit,
         workers=workers,
         group_column=group_column,
+        label_groups=label_groups or None,
     )
 
 

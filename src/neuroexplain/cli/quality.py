@@ -12,6 +12,9 @@ from neuroexplain.cli._settings import settings_options
 from neuroexplain.errors import InputError
 from neuroexplain.settings import QualityConfig
 
+#: earlier stages' warnings shown in the table (all of them are in the summary JSON)
+MAX_WARNING_ROWS = 20
+
 
 @app.command("check-classifier")
 @settings_options(config=QualityConfig)
@@ -29,13 +32,21 @@ def check_classifier_cmd(
             help="Human-readable table (.html, .md or .tsv); default: OUT with suffix .html.",
         ),
     ] = None,
+    warnings_from: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--warnings",
+            help="A JSON output of an earlier stage (e.g. ingest.json) whose 'warnings' list the "
+            "table shows; repeat per file.",
+        ),
+    ] = None,
 ) -> None:
     """Fail (exit 2, nothing written) when the classifier's AUC is below --min-auc.
 
     When it passes, writes the summary JSON and a table of the decision (split judged, AUC with
-    its 95 % interval, linear reference AUC, threshold, confusion matrix, val / test AUCs).
+    its 95 % interval, linear reference AUC, threshold, confusion matrix, val / test AUCs), and
+    the warnings of the earlier stages (--warnings) so that the report's first page shows them.
     """
-    import json
 
     from neuroexplain.evaluate.quality import (
         TABLE_SUFFIXES,
@@ -51,14 +62,10 @@ def check_classifier_cmd(
         raise InputError("--table", f"expected a path ending in {', '.join(TABLE_SUFFIXES)}")
     if table.resolve() == out.resolve():
         raise InputError("--table", f"expected a path other than --out, got {table}")
-    if not metrics.is_file():
-        raise InputError(metrics, "expected the metrics.json of train-classifier, no such file")
-    try:
-        data = json.loads(metrics.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(metrics, f"expected JSON, got a parse error: {exc}") from exc
+    data = _read_json(metrics, "the metrics.json of train-classifier")
     if not isinstance(data, dict):
         raise InputError(metrics, f"expected a JSON object, got {type(data).__name__}")
+    warnings = _stage_warnings(warnings_from or [])
     min_auc = config.min_auc
     summary = check_classifier_quality(data, min_auc, source=metrics)
     gate = f">= {min_auc:g}" if min_auc > 0 else "(gate off)"
@@ -68,9 +75,39 @@ def check_classifier_cmd(
         title = f"Classifier quality gate passed: {what} >= quality.min_auc {min_auc:g}"
     else:
         title = f"Classifier quality gate off (quality.min_auc 0): {what}"
-    write_quality_table(quality_table(data, summary), table, title=title)
+    summary["warnings"] = warnings
+    rows = quality_table(data, summary)
+    rows += [(f"warning ({w['source']})", w["message"]) for w in warnings[:MAX_WARNING_ROWS]]
+    if len(warnings) > MAX_WARNING_ROWS:
+        rest = len(warnings) - MAX_WARNING_ROWS
+        rows.append(("warnings", f"{rest} more in {out.name} ('warnings')"))
+    write_quality_table(rows, table, title=title)
     summary["provenance"] = provenance(
-        config.to_dict(), inputs=[metrics], command="check-classifier"
+        config.to_dict(), inputs=[metrics, *(warnings_from or [])], command="check-classifier"
     )
     write_json(summary, out)  # last: the explanation stages wait for this file
-    typer.echo(f"classifier {summary['split']} AUC {auc} {gate} -> {out}, {table}")
+    note = f" ({len(warnings)} input warning(s) in the table)" if warnings else ""
+    typer.echo(f"classifier {summary['split']} AUC {auc} {gate} -> {out}, {table}{note}")
+
+
+def _read_json(path: Path, what: str) -> object:
+    """The parsed JSON file, or one clear :class:`InputError` (missing file, parse error)."""
+    import json
+
+    if not path.is_file():
+        raise InputError(path, f"expected {what}, no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"expected JSON, got a parse error: {exc}") from exc
+
+
+def _stage_warnings(paths: list[Path]) -> list[dict[str, str]]:
+    """``{"source", "message"}`` of every entry of the ``warnings`` list of each JSON file."""
+    found: list[dict[str, str]] = []
+    for path in paths:
+        data = _read_json(path, "a JSON output of an earlier stage")
+        items = data.get("warnings") if isinstance(data, dict) else None
+        for item in items if isinstance(items, list) else []:
+            found.append({"source": path.name, "message": str(item)})
+    return found

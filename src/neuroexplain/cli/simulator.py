@@ -72,6 +72,7 @@ def train_simulator_cmd(
 
     check_output(out, "file")
     check_output(out.parent / "train_log.tsv", "file", option="--out")
+    check_output(out.parent / "train_summary.json", "file", option="--out")
     set_threads(threads)
     # all or nothing on a full disk (model, train_log.tsv and this run's resume state); an
     # interruption or a crash keeps the state for --resume
@@ -87,10 +88,18 @@ def train_simulator_cmd(
             correct_only=not all_subjects,
             resume=resume,
         )
-    flip = summary.get("final", {}).get("flipped", float("nan"))
+    obj = summary.get("objective", {})
+
+    def pct(key: str) -> str:
+        v = obj.get(key)
+        return "n/a" if v is None else f"{100 * v:.0f} %"
+
     typer.echo(
-        f"trained on {summary['n_subjects']} subjects, {summary['steps']} steps in "
-        f"{summary['seconds']:.0f} s (final training flip rate {flip:.2f}) -> {out}"
+        f"trained on {summary['n_subjects']} subjects, {summary['steps']} steps "
+        f"({obj.get('epochs')} passes) in {summary['seconds']:.0f} s; last pass: target reached "
+        f"by {pct('reached_inject')} inject / {pct('reached_remove')} remove, flipped "
+        f"{pct('flipped_inject')} / {pct('flipped_remove')}; objective "
+        f"{'met' if obj.get('met') else 'NOT met'} -> {out}"
     )
 
 

@@ -95,14 +95,21 @@ def st_evaluate_cmd(
     label_key: str = typer.Option(..., "--label-key", help=".obs column with the layer label."),
     out: Path = typer.Option(..., "--out", help="Metrics JSON."),
     key: str = typer.Option("concept_saliency", "--key", help="key_added used by st-concepts."),
-    n_top: int = typer.Option(50, "--n-top", help="Size of the top gene lists compared."),
+    n_top: int = typer.Option(
+        50,
+        "--n-top",
+        help="Size of the top gene lists compared (at most a quarter of the input genes).",
+    ),
     markers: str = typer.Option(
         "GCL:Penk,Nrgn;MCL:Doc2g,Cdhr1",
         "--markers",
         help="Known markers 'LAYER:G1,G2;LAYER2:G3' ('' = none).",
     ),
     top_percent: float = typer.Option(
-        1.0, "--top-percent", help="A marker passes within this top percentage of ranked genes."
+        1.0,
+        "--top-percent",
+        help="A marker passes within this top percentage of ranked genes (at least the top "
+        "gene: rank <= max(1, ceil(n_genes * pct / 100))).",
     ),
     cv_folds: int = typer.Option(
         5, "--cv-folds", help="Folds of the cross-validated layer classification."
@@ -152,9 +159,14 @@ def st_evaluate_cmd(
     )
     write_json(metrics, out)
     logging.getLogger("neuroexplain.cli.st").info(
-        "mean top-%d overlap %.3f, CV accuracy %.3f -> %s",
-        n_top,
+        "mean top-%d overlap %.3f (chance %.3f), markers within the top %d of %d genes: %s, "
+        "CV accuracy %.3f -> %s",
+        metrics["n_top_used"],
         metrics["mean_overlap"],
+        metrics["overlap_chance"],
+        metrics["top_k"],
+        metrics["n_genes_ranked"],
+        ", ".join(k for k, v in metrics["checks"].items() if "marker" in k and v) or "none",
         metrics["classification"]["accuracy"],
         out,
     )

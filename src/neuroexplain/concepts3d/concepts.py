@@ -21,7 +21,7 @@ Example config::
 
     split: [train, val]        # subjects that may serve as examples (split.tsv); default: not test
     participants: participants.tsv   # optional: columns for the selectors
-    n_random: 10               # random sets per concept (TCAV t-test)
+    n_random: 50               # random sets per concept (TCAV test)
     random_size: null          # examples per random set; default min(concept size, pool // 3)
     concepts:
       atrophy_region_a:
@@ -149,7 +149,7 @@ class ConceptConfig:
     concepts: list[ConceptSpec]
     split: list[str] | None = None
     participants: str | None = None
-    n_random: int = 10
+    n_random: int = 50
     random_size: int | None = None
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
@@ -203,7 +203,7 @@ def load_concept_config(path: str | os.PathLike[str]) -> ConceptConfig:
     split = raw.get("split")
     if isinstance(split, str):
         split = [s.strip() for s in split.split(",") if s.strip()]
-    n_random = raw.get("n_random", 10)
+    n_random = raw.get("n_random", 50)
     if not isinstance(n_random, int) or n_random < 2:
         raise InputError(p, f"n_random: expected an integer >= 2, got {n_random!r}")
     rsize = raw.get("random_size")

@@ -8,8 +8,10 @@ whose gradients are tested, and the subjects whose maps are written, from the te
 
 Outputs (``out`` = e.g. ``results/concepts3d``):
 
-- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV score (mean, sd, per run),
-  random-vs-random scores, two-sided t-test p-value, CAV held-out accuracy; ``tcav.png``;
+- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV sign-count and magnitude
+  scores (mean, sd, per run), random-vs-random scores, two-sided test p-value (raw and corrected
+  for the concept x layer tests), effect sizes, CAV held-out accuracy and the verdict
+  (significant / not significant / inconclusive, with its reason); ``tcav.png``;
 - ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
   the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
   ``sacv.png``;
@@ -232,7 +234,7 @@ def run_tcav(
     progress: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """TCAV of every configured concept at every layer, with random-vs-random t-tests.
+    """TCAV of every configured concept at every layer, tested against random-vs-random CAVs.
 
     Args:
         preproc: ``preproc.pt`` (or its folder).
@@ -279,7 +281,7 @@ def run_tcav(
         target_class=target_class,
         target=target,
     )
-    _write_tcav(run, result, out_dir, alpha=tc.alpha, plot=plot)
+    _write_tcav(run, result, out_dir, alpha=tc.alpha, correction=tc.correction, plot=plot)
     return result
 
 
@@ -400,7 +402,7 @@ def _tcav_rows(
     run: _TCAVRun, tc: TCAVConfig, scores: Any, plans: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """One ``tcav.tsv`` row per concept x layer: scores against the random-vs-random null."""
-    from neuroexplain.concepts3d.tcav import summarize_experiment
+    from neuroexplain.concepts3d.tcav import apply_correction, summarize_experiment
 
     rows = []
     for name, plan in plans.items():
@@ -412,6 +414,7 @@ def _tcav_rows(
                 layer,
                 alpha=tc.alpha,
                 min_accuracy=tc.min_accuracy,
+                test=tc.test,
             )
             row.update(
                 n_examples=len(plan["examples"]),
@@ -420,6 +423,7 @@ def _tcav_rows(
                 n_random_sets=run.n_sets,
             )
             rows.append(row)
+    apply_correction(rows, method=tc.correction, alpha=tc.alpha)
     return rows
 
 
@@ -447,6 +451,8 @@ def _tcav_result(
         "target": target,
         "n_random": run.n_sets,
         "alpha": tc.alpha,
+        "test": tc.test,
+        "correction": tc.correction,
         "min_accuracy": tc.min_accuracy,
         "classifier": tc.classifier,
         "C": tc.C,
@@ -470,7 +476,13 @@ def _tcav_result(
 
 
 def _write_tcav(
-    run: _TCAVRun, result: dict[str, Any], out_dir: Path, *, alpha: float, plot: bool
+    run: _TCAVRun,
+    result: dict[str, Any],
+    out_dir: Path,
+    *,
+    alpha: float,
+    correction: str,
+    plot: bool,
 ) -> None:
     """Write ``tcav.json``, ``tcav.tsv``, the CAV cache and ``tcav.png``; log the rows."""
     import pandas as pd
@@ -486,18 +498,25 @@ def _write_tcav(
     write_table(flat, out_dir / "tcav.tsv")
     run.store.save(provenance=prov)
     if plot:
-        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha)
+        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha, correction=correction)
     for r in rows:
         logger.info(
-            "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  p=%.3g  acc %.2f",
+            "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  magnitude %.2f vs %.2f  "
+            "p=%.3g (%s %.3g)  acc %.2f: %s (%s)",
             r["concept"],
             r["layer"],
             r["tcav_score"],
             _z(r["tcav_score_sd"]),
             r["random_score"],
             _z(r["random_score_sd"]),
+            r["tcav_magnitude"],
+            r["random_magnitude"],
             r["p_value"],
+            r["correction"],
+            r["p_adjusted"],
             r["cav_accuracy"],
+            r["verdict"],
+            r["verdict_reason"],
         )
 
 
@@ -528,9 +547,16 @@ def _z(v: float) -> float:
 
 
 def plot_tcav(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, alpha: float = 0.01
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    alpha: float = 0.01,
+    correction: str = "none",
 ) -> Path:
-    """Bar plot of TCAV scores (concept x layer) against random-vs-random scores."""
+    """Bar plot of TCAV scores (concept x layer) against random-vs-random scores.
+
+    ``*`` marks a significant verdict, ``?`` an inconclusive one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -558,17 +584,21 @@ def plot_tcav(
         color="0.7",
     )
     for i, r in enumerate(rows):
-        if r["significant"]:
+        mark = {"significant": "*", "inconclusive": "?"}.get(
+            r.get("verdict", "significant" if r["significant"] else "")
+        )
+        if mark:
             ax.text(
                 i - 0.18,
                 min(1.02, r["tcav_score"] + _z(r["tcav_score_sd"]) + 0.03),
-                "*",
+                mark,
                 ha="center",
             )
     ax.set_xticks(x, [f"{r['concept']}\n{r['layer']}" for r in rows], fontsize=7)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("TCAV score")
-    ax.set_title(f"TCAV (* p < {alpha:g}, two-sided t-test vs random)", fontsize=9)
+    adj = "" if correction == "none" else f", {correction}-adjusted"
+    ax.set_title(f"TCAV (* p{adj} < {alpha:g} vs random; ? inconclusive)", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     with atomic_output(path) as tmp:

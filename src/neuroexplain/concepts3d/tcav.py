@@ -10,15 +10,27 @@ Activation Vectors (TCAV)", ICML (arXiv:1711.11279):
 2. the **TCAV score** of a class ``k`` is the fraction of class-``k`` inputs whose directional
    derivative ``S_{C,k,l}(x) = grad_a h_k(a_l(x)) . v_C^l`` is positive (``h_k``: the class
    logit); Captum's ``magnitude`` score (positive over total ``|S|``) is reported too;
-3. a concept is **significant** when its scores over ``N`` CAVs (concept vs ``N`` random sets)
-   differ from the scores of random-vs-random CAVs (two-sided t-test, scipy) **and** its CAVs
-   separate concept from random on held-out examples (mean balanced accuracy at least
-   ``min_accuracy``, default 0.6). The second condition matters: the concept set is the same
-   in all ``N`` CAVs, so even a concept the layer cannot tell from random (accuracy ~0.5) gets
-   ``N`` nearly parallel CAVs (the direction of its own sampling noise), hence nearly constant
-   all-or-nothing TCAV scores and, often, a tiny t-test p-value. A CAV that does not classify
-   is not a concept direction, so its score is not interpreted (Kim et al. also discard
-   inaccurate CAVs). ``p_value`` is always reported as is.
+3. the **test**: the concept's scores over ``N`` CAVs (concept vs ``N`` random sets) against the
+   scores of ``N`` random-vs-random CAVs, two-sided (Mann-Whitney U by default: the scores are
+   bounded, often tied and all-or-nothing; or Welch's t-test, as Kim et al.), with effect sizes
+   (difference of means, rank-biserial correlation, Cohen's d). The p-values of every concept x
+   layer of a run are one family, corrected by Holm (default), Bonferroni or Benjamini-Hochberg
+   (``p_value`` raw, ``p_adjusted`` corrected). The magnitude score gets its own p-value,
+   reported beside the sign count's (informative when most derivatives share a sign: it still
+   weighs how far each falls on either side);
+4. the **verdict**: ``significant`` (``p_adjusted < alpha``), ``not significant``, or
+   ``inconclusive`` when the test cannot answer: the CAVs do not separate concept from random
+   on held-out examples (mean balanced accuracy below ``min_accuracy``, default 0.6), or the
+   test has no power: even a concept scoring 1 (or 0, in the observed direction) in every run
+   would not be significant after the correction (typically the random-vs-random sign counts
+   are all near 1: the class's directional derivatives share a sign for nearly any direction,
+   so the sign count cannot single out the concept; more random sets help). The accuracy
+   condition matters: the concept set is the same in all ``N`` CAVs, so even a concept the
+   layer cannot tell from random (accuracy ~0.5) gets ``N`` nearly parallel CAVs (the
+   direction of its own sampling noise), hence nearly constant all-or-nothing TCAV scores and,
+   often, a tiny p-value. A CAV that does not classify is not a concept direction, so its
+   score is not interpreted (Kim et al. also discard inaccurate CAVs). ``p_value`` is always
+   reported as is.
 
 The API follows Captum's ``captum.concept.TCAV`` (``compute_cavs(experimental_sets)``,
 ``interpret(inputs, experimental_sets, target)``) but works on in-memory 3D example sets,
@@ -51,13 +63,17 @@ from torch import nn
 from neuroexplain.concepts3d.activations import layer_activations, layer_gradients, resolve_layers
 from neuroexplain.concepts3d.concepts import Concept
 from neuroexplain.concepts3d.store import CAVStore
-from neuroexplain.settings import CAV_CLASSIFIERS
+from neuroexplain.settings import CAV_CLASSIFIERS, TCAV_CORRECTIONS, TCAV_TESTS
 
 __all__ = [
     "CAV",
     "CLASSIFIERS",
     "TCAV",
+    "VERDICTS",
+    "adjust_p_values",
+    "apply_correction",
     "directional_derivatives",
+    "effect_sizes",
     "summarize_experiment",
     "tcav_score",
     "tcav_significance",
@@ -67,6 +83,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLASSIFIERS = CAV_CLASSIFIERS
+#: values of the ``verdict`` column
+VERDICTS = ("significant", "not significant", "inconclusive")
 
 
 @dataclass
@@ -292,23 +310,111 @@ def tcav_score(grads: torch.Tensor, vector: torch.Tensor) -> dict[str, float]:
     }
 
 
-def tcav_significance(concept_scores: Sequence[float], random_scores: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value of concept vs random-vs-random TCAV scores (scipy).
+def tcav_significance(
+    concept_scores: Sequence[float], random_scores: Sequence[float], test: str = "welch"
+) -> float:
+    """Two-sided p-value of concept vs random-vs-random TCAV scores (scipy).
 
-    Degenerate cases (no variance in either group) give ``0.0`` when the means differ and
-    ``1.0`` when they are equal.
+    Args:
+        concept_scores: one TCAV score per concept-vs-random CAV.
+        random_scores: one TCAV score per random-vs-random CAV.
+        test: ``"welch"`` (Welch t-test, Kim et al. 2018) or ``"mannwhitney"`` (Mann-Whitney U,
+            rank-based: no normality assumption, ties handled, an outlying run cannot dominate).
+
+    Degenerate cases (no variance in either group) give ``0.0`` for Welch when the means differ
+    (Mann-Whitney gives its smallest p-value for the sample sizes) and ``1.0`` when they are
+    equal. Fewer than two scores in a group: NaN.
     """
-    from scipy.stats import ttest_ind
+    from scipy.stats import mannwhitneyu, ttest_ind
 
-    a = np.asarray(concept_scores, dtype=np.float64)
-    b = np.asarray(random_scores, dtype=np.float64)
+    if test not in TCAV_TESTS:
+        raise ValueError(f"unknown test {test!r}; expected one of {TCAV_TESTS}")
+    a = _finite(concept_scores)
+    b = _finite(random_scores)
     if len(a) < 2 or len(b) < 2:
         return float("nan")
+    if np.ptp(a) < 1e-12 and np.ptp(b) < 1e-12 and abs(a.mean() - b.mean()) < 1e-12:
+        return 1.0
+    if test == "mannwhitney":
+        return float(mannwhitneyu(a, b, alternative="two-sided", method="auto").pvalue)
     if np.ptp(a) < 1e-12 and np.ptp(b) < 1e-12:
-        return 1.0 if abs(a.mean() - b.mean()) < 1e-12 else 0.0
+        return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # near-constant groups
         return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def effect_sizes(
+    concept_scores: Sequence[float], random_scores: Sequence[float]
+) -> dict[str, float]:
+    """Effect sizes of concept vs random-vs-random TCAV scores.
+
+    Returns:
+        ``{"score_difference": mean(concept) - mean(random), "rank_biserial": P(c > r) -
+        P(c < r) over all run pairs (Mann-Whitney's effect size, in [-1, 1]), "cohens_d":
+        difference over the pooled sd (NaN when both groups are constant)}``.
+    """
+    a = _finite(concept_scores)
+    b = _finite(random_scores)
+    if not len(a) or not len(b):
+        return {"score_difference": float("nan"), "rank_biserial": float("nan"),
+                "cohens_d": float("nan")}  # fmt: skip
+    diff = a[:, None] - b[None, :]
+    rb = float((diff > 0).mean() - (diff < 0).mean())
+    d = float("nan")
+    if len(a) > 1 and len(b) > 1:
+        pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (
+            len(a) + len(b) - 2
+        )
+        if pooled > 1e-24:
+            d = float((a.mean() - b.mean()) / math.sqrt(pooled))
+    return {"score_difference": float(a.mean() - b.mean()), "rank_biserial": rb, "cohens_d": d}
+
+
+def adjust_p_values(p_values: Sequence[float], method: str = "holm") -> np.ndarray:
+    """Multiple-testing adjusted p-values (NaNs stay NaN and are not counted as tests).
+
+    Args:
+        p_values: raw p-values of the family (every concept x layer of a run).
+        method: ``"holm"`` (Holm 1979, step-down Bonferroni; controls the family-wise error
+            rate, never less powerful than Bonferroni), ``"bonferroni"`` (``p * m``),
+            ``"bh"`` (Benjamini & Hochberg 1995; controls the false discovery rate) or
+            ``"none"``.
+
+    Returns:
+        Adjusted p-values, clipped at 1, in the order of ``p_values``.
+    """
+    if method not in TCAV_CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; expected one of {TCAV_CORRECTIONS}")
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    if m == 0:
+        return out
+    q = p[ok]
+    if method == "none":
+        adj = q.copy()
+    elif method == "bonferroni":
+        adj = q * m
+    elif method == "holm":
+        order = np.argsort(q, kind="stable")
+        steps = np.maximum.accumulate(q[order] * (m - np.arange(m)))
+        adj = np.empty(m)
+        adj[order] = steps
+    else:  # Benjamini-Hochberg step-up
+        order = np.argsort(q, kind="stable")
+        ranked = q[order] * m / np.arange(1, m + 1)
+        steps = np.minimum.accumulate(ranked[::-1])[::-1]
+        adj = np.empty(m)
+        adj[order] = steps
+    out[ok] = np.minimum(adj, 1.0)
+    return out
+
+
+def _finite(v: Sequence[float]) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    return a[np.isfinite(a)]
 
 
 class TCAV:
@@ -520,6 +626,7 @@ def summarize_experiment(
     *,
     alpha: float = 0.01,
     min_accuracy: float = 0.6,
+    test: str = "welch",
 ) -> dict[str, Any]:
     """Concept-vs-random statistics of one concept at one layer.
 
@@ -530,41 +637,127 @@ def summarize_experiment(
         randoms: names of the random sets; ``randoms[0]`` is the random "concept" of the
             random-vs-random CAVs.
         layer: layer name.
-        alpha: significance level of the t-test.
+        alpha: significance level (of ``p_adjusted``).
         min_accuracy: mean held-out CAV accuracy below which the concept is not a direction of
-            the layer and is never called significant (0 disables the check).
+            the layer: its verdict is ``inconclusive`` and it is never significant (0 disables).
+        test: ``"welch"`` or ``"mannwhitney"`` (:func:`tcav_significance`).
 
     Returns:
-        Scores, accuracies, means, sds, ``p_value``, ``cav_valid`` (accuracy check) and
-        ``significant`` (``p_value < alpha`` and ``cav_valid``).
+        Sign-count and magnitude scores (per run, mean, sd) of the concept and the random CAVs,
+        accuracies, ``p_value`` (raw, sign count), ``p_value_magnitude`` (raw, magnitude
+        scores; reported, not used for the verdict), effect sizes (:func:`effect_sizes`),
+        ``cav_valid`` (accuracy check), ``p_best`` (the raw p-value of the most extreme
+        outcome in the observed direction, a concept scoring 1, or 0, in every run: when even
+        that, corrected, is not below ``alpha`` the test has no power; typically the
+        random-vs-random sign counts are all near 1, the class's directional derivatives sharing
+        their sign for nearly any direction), ``p_adjusted`` (= ``p_value`` for a family of one
+        test; see :func:`apply_correction`), ``verdict`` (``significant`` / ``not significant`` /
+        ``inconclusive``), ``verdict_reason`` and ``significant``
+        (``verdict == "significant"``).
     """
     cs = [scores[f"{concept}-{r}"][layer] for r in randoms[1:]]
     rs = [scores[f"{randoms[0]}-{r}"][layer] for r in randoms[1:]]
     c_sc = [d["sign_count"] for d in cs]
     r_sc = [d["sign_count"] for d in rs]
+    c_mag = [d["magnitude"] for d in cs]
+    r_mag = [d["magnitude"] for d in rs]
     acc = [d["accuracy"] for d in cs]
     racc = [d["accuracy"] for d in rs]
-    p = tcav_significance(c_sc, r_sc)
+    p = tcav_significance(c_sc, r_sc, test)
     mean_acc = _mean(acc)
     valid = bool(min_accuracy <= 0 or (not math.isnan(mean_acc) and mean_acc >= min_accuracy))
-    return {
+    # the most extreme outcome in the observed direction: a concept scoring 1 (or 0) in every
+    # run; when even that is not significant, the test cannot answer
+    best = 1.0 if _mean(c_sc) >= _mean(r_sc) or math.isnan(_mean(c_sc)) else 0.0
+    p_best = tcav_significance([best] * len(_finite(c_sc)), r_sc, test)
+    row = {
         "concept": concept,
         "layer": layer,
         "tcav_score": _mean(c_sc),
         "tcav_score_sd": _sd(c_sc),
-        "tcav_magnitude": _mean([d["magnitude"] for d in cs]),
+        "tcav_magnitude": _mean(c_mag),
+        "tcav_magnitude_sd": _sd(c_mag),
         "random_score": _mean(r_sc),
         "random_score_sd": _sd(r_sc),
+        "random_magnitude": _mean(r_mag),
+        "random_magnitude_sd": _sd(r_mag),
         "p_value": p,
+        "p_value_magnitude": tcav_significance(c_mag, r_mag, test),
+        "test": test,
+        **effect_sizes(c_sc, r_sc),
         "cav_valid": valid,
-        "significant": bool(valid and not math.isnan(p) and p < alpha),
+        "p_best": p_best,
+        "p_adjusted": p,
+        "correction": "none",
+        "n_tests": int(np.isfinite(p)),
         "cav_accuracy": mean_acc,
         "cav_accuracy_sd": _sd(acc),
         "random_cav_accuracy": _mean(racc),
+        "min_accuracy": float(min_accuracy),
         "scores": c_sc,
         "random_scores": r_sc,
+        "magnitudes": c_mag,
+        "random_magnitudes": r_mag,
         "cav_accuracies": acc,
     }
+    _set_verdict(row, alpha)
+    return row
+
+
+def apply_correction(
+    rows: Sequence[dict[str, Any]], *, method: str = "holm", alpha: float = 0.01
+) -> list[dict[str, Any]]:
+    """Correct the p-values of the rows of one run (one family: every concept x layer).
+
+    Sets ``p_adjusted`` (:func:`adjust_p_values`), ``correction``, ``n_tests`` (the tests with
+    a finite p-value) and the verdicts of each row, in place.
+
+    Returns:
+        ``rows``.
+    """
+    adj = adjust_p_values([r["p_value"] for r in rows], method)
+    n = int(np.isfinite(adj).sum())
+    for r, q in zip(rows, adj, strict=True):
+        r.update(p_adjusted=float(q), correction=method, n_tests=n)
+        _set_verdict(r, alpha)
+    return list(rows)
+
+
+def _set_verdict(row: dict[str, Any], alpha: float) -> None:
+    """``verdict``, ``verdict_reason`` and ``significant`` of a summary row."""
+    reasons = []
+    if not row["cav_valid"]:
+        acc = row["cav_accuracy"]
+        reasons.append(
+            "CAV accuracy unknown (too few examples to hold out)"
+            if math.isnan(acc)
+            else f"CAV accuracy {acc:.2f} < {row['min_accuracy']:g}: not a direction of the layer"
+        )
+    if math.isnan(row["p_adjusted"]):
+        reasons.append("fewer than 2 runs per group")
+    if reasons:
+        verdict = "inconclusive"
+    elif row["p_adjusted"] < alpha:
+        verdict = "significant"
+        reasons.append(f"p_adjusted {row['p_adjusted']:.3g} < {alpha:g}")
+    else:
+        # no power: even a concept at the extreme in every run would fail the corrected test
+        factor = 1 if row["correction"] == "none" else max(1, row["n_tests"])
+        best = min(1.0, row["p_best"] * factor)
+        if not best < alpha:
+            verdict = "inconclusive"
+            reasons.append(
+                f"random CAVs score {row['random_score']:.2f}: even a concept at "
+                f"{'1' if row['score_difference'] >= 0 else '0'} in every run would give "
+                f"p_adjusted {best:.3g} >= {alpha:g} (more random sets, or a layer whose "
+                "derivatives do not all share a sign)"
+            )
+        else:
+            verdict = "not significant"
+            reasons.append(f"p_adjusted {row['p_adjusted']:.3g} >= {alpha:g}")
+    row.update(
+        verdict=verdict, verdict_reason="; ".join(reasons), significant=verdict == "significant"
+    )
 
 
 def _mean(v: Sequence[float]) -> float:

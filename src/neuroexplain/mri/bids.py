@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,10 @@ __all__ = [
     "MISSING_LABELS",
     "Cohort",
     "SubjectRecord",
+    "apply_label_groups",
     "encode_labels",
     "find_bids_subjects",
+    "parse_label_groups",
     "read_dseg_names",
     "read_sample_sheet",
 ]
@@ -420,3 +424,118 @@ def encode_labels(
         logger.warning("column %r has %d classes; %r vs rest", col, len(classes), positive_class)
     y = np.array([v == positive_class for v in values], dtype=np.float32)
     return y, positive_class, counts
+
+
+_CONDITION = re.compile(
+    r"^\s*(?:(?P<op><=|>=|<|>)\s*(?P<x>[-+]?[0-9.]+(?:e[-+]?\d+)?)"
+    r"|(?P<lo>[-+]?[0-9.]+(?:e[-+]?\d+)?)\s*\.\.\s*(?P<hi>[-+]?[0-9.]+(?:e[-+]?\d+)?))\s*$",
+    re.IGNORECASE,
+)
+
+
+def parse_label_groups(
+    specs: Sequence[str] | Mapping[str, str], *, option: str = "--label-group"
+) -> dict[str, tuple[str, float, float | None]]:
+    """Groups of a numeric label column, from ``NAME=CONDITION`` (or a mapping NAME -> CONDITION).
+
+    A condition is ``<X``, ``<=X``, ``>X``, ``>=X`` or ``A..B`` (inclusive), e.g.
+    ``young=<40`` and ``old=>60`` for an ``age`` column.
+
+    Returns:
+        ``{name: (operator, x, y)}`` (``y`` only for ``".."``), in the given order.
+
+    Raises:
+        InputError: (naming ``option``) a spec without ``=``, an unknown condition, a repeated
+            name, or fewer than two groups.
+
+    Example:
+        >>> parse_label_groups(["young=<40", "old=>60"])
+        {'young': ('<', 40.0, None), 'old': ('>', 60.0, None)}
+    """
+    items = list(specs.items()) if isinstance(specs, Mapping) else []
+    if not isinstance(specs, Mapping):
+        for spec in specs:
+            name, sep, cond = str(spec).partition("=")
+            if not sep or not name.strip():
+                raise InputError(option, f"expected NAME=CONDITION (e.g. old='>60'), got {spec!r}")
+            items.append((name, cond))
+    groups: dict[str, tuple[str, float, float | None]] = {}
+    for name, cond in items:
+        name = str(name).strip()
+        m = _CONDITION.match(str(cond))
+        if m is None:
+            raise InputError(
+                option,
+                f"group {name!r}: expected a condition <X, <=X, >X, >=X or A..B, got {cond!r}",
+            )
+        if name in groups:
+            raise InputError(option, f"group {name!r} given twice")
+        if m.group("op"):
+            groups[name] = (m.group("op"), float(m.group("x")), None)
+        else:
+            groups[name] = ("..", float(m.group("lo")), float(m.group("hi")))
+    if len(groups) < 2:
+        raise InputError(option, f"expected at least two groups, got {len(groups)}")
+    return groups
+
+
+def _in_group(value: float, cond: tuple[str, float, float | None]) -> bool:
+    op, x, y = cond
+    if op == "<":
+        return value < x
+    if op == "<=":
+        return value <= x
+    if op == ">":
+        return value > x
+    if op == ">=":
+        return value >= x
+    return x <= value <= float(y)  # ".."
+
+
+def apply_label_groups(
+    cohort: Cohort, groups: Mapping[str, tuple[str, float, float | None]]
+) -> Cohort:
+    """Label each subject by the group its numeric label falls in; leave out the others.
+
+    Subjects with a missing value (:data:`MISSING_LABELS`) or in no group are left out (counted
+    in one log line); a value in two groups, or a value that is not a number, is an error.
+
+    Raises:
+        InputError: (naming the label file) no label column, a non-numeric value, overlapping
+            groups.
+    """
+    src, col = cohort.label_source, cohort.label_column
+    if col is None:
+        raise InputError("--label-group", "needs a label column (--label-column)")
+    kept: list[SubjectRecord] = []
+    counts = dict.fromkeys(groups, 0)
+    missing = outside = 0
+    for r in cohort.records:
+        raw = str(r.label).strip()
+        if raw.lower() in MISSING_LABELS:
+            missing += 1
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InputError(
+                src, f"column {col!r}: {r.subject} has {raw!r}, not a number (--label-group)"
+            ) from None
+        hits = [name for name, cond in groups.items() if _in_group(value, cond)]
+        if len(hits) > 1:
+            raise InputError(
+                "--label-group", f"{r.subject}'s {col} {value:g} is in groups {hits}: overlap"
+            )
+        if not hits:
+            outside += 1
+            continue
+        counts[hits[0]] += 1
+        kept.append(replace(r, label=hits[0]))
+    logger.info(
+        "label groups of %r: %s; left out %d subject(s) in no group and %d with no value",
+        col,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        outside,
+        missing,
+    )
+    return replace(cohort, records=kept)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from neuroexplain.errors import InputError
-from neuroexplain.mri.bids import Cohort, encode_labels, find_bids_subjects, read_sample_sheet
+from neuroexplain.mri.bids import (
+    Cohort,
+    apply_label_groups,
+    encode_labels,
+    find_bids_subjects,
+    parse_label_groups,
+    read_sample_sheet,
+)
 from neuroexplain.mri.preprocess import Grid, Preprocessed, model_spacing
 from neuroexplain.settings import MRIIngestConfig
 
@@ -252,6 +259,7 @@ def ingest_mri(
     limit: int | None = None,
     workers: int = 1,
     group_column: str | None = None,
+    label_groups: Sequence[str] | Mapping[str, str] | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -276,6 +284,10 @@ def ingest_mri(
         workers: parallel worker processes (results do not depend on it).
         group_column: ``participants.tsv`` / sheet column of split groups (default:
             ``source_subject`` when present); stored as ``groups``.
+        label_groups: classes from a numeric label column, ``NAME=CONDITION`` (or a mapping),
+            e.g. ``["young=<40", "old=>60"]`` on ``age``
+            (:func:`~neuroexplain.mri.bids.parse_label_groups`); subjects in no group, or with
+            no value, are left out.
         progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -312,6 +324,7 @@ def ingest_mri(
         limit=limit,
         workers=workers,
         group_column=group_column,
+        label_groups=label_groups,
         progress=progress,
     )
     fit = _check_head_fit(ing, cfg.shape)
@@ -323,6 +336,11 @@ def ingest_mri(
         "derivatives": derivatives if ing.has_dseg else None,
         "label_column": ing.cohort.label_column,
         "positive_class": ing.positive,
+        "label_groups": (
+            {k: " ".join(str(v) for v in c if v is not None) for k, c in ing.groups.items()}
+            if ing.groups
+            else None
+        ),
         "shape": list(cfg.shape),
         "fov_mm": float(cfg.fov_mm),
         "spacing_mm": ing.spacing,
@@ -365,6 +383,7 @@ class _Ingested:
     results: list[Preprocessed]
     doubtful: list[str]
     reference_id: str | None
+    groups: dict[str, tuple[str, float, float | None]] | None = None
 
     @property
     def recs(self) -> list[Any]:
@@ -384,13 +403,17 @@ def _load_and_preprocess(
     limit: int | None,
     workers: int,
     group_column: str | None,
+    label_groups: Sequence[str] | Mapping[str, str] | None,
     progress: bool,
 ) -> _Ingested:
-    """Read the cohort and its labels, check them, and preprocess every subject to the grid."""
+    """Read the cohort and its labels (or label groups), check them, preprocess every subject."""
     from neuroexplain.io.nifti import orientation_warnings
 
     shape = cfg.shape
     cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit, group_column)
+    groups = parse_label_groups(label_groups) if label_groups else None
+    if groups:
+        cohort = apply_label_groups(cohort, groups)
     y, positive, counts = encode_labels(cohort, positive_class)
     recs = cohort.records
     has_dseg = recs[0].dseg is not None
@@ -421,7 +444,7 @@ def _load_and_preprocess(
     for rec, r in zip(recs, results, strict=True):
         check_on_grid(r, rec.t1, rec.subject)
     return _Ingested(
-        cohort, y, positive, counts, has_dseg, spacing, results, doubtful, reference_id
+        cohort, y, positive, counts, has_dseg, spacing, results, doubtful, reference_id, groups
     )
 
 

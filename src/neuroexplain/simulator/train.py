@@ -79,6 +79,13 @@ CHECKPOINT_FORMAT = "neuroexplain-simulator/1"
 STATE_FORMAT = "neuroexplain-simulator-state/1"
 
 
+OBJECTIVE_DEFINITION = (
+    "reached_<direction>: fraction of the training subjects of that direction (inject = healthy, "
+    "remove = diseased) whose simulated logit satisfied the hinge (with hinge 'target': reached "
+    "the other class's median logit) in the last pass; flipped_<direction>: whose decision "
+    "flipped; met: every direction reached >= objective"
+)
+
 #: the simulator's training options (defined once in :mod:`neuroexplain.settings`)
 TrainConfig = SimulatorTrainConfig
 
@@ -686,17 +693,18 @@ def run_train_simulator(
     correctly classified by the classifier (``correct_only``). Healthy subjects are trained to
     inject, diseased ones to remove the disease effect.
 
-    Writes ``out`` (the checkpoint, :func:`save_simulator`) and ``train_log.tsv`` next to it (one
-    row per step). While training, ``<out stem>.state.pt`` holds the resumable state (every
-    ``config.checkpoint_every`` steps); rerunning the same command after an interruption resumes
-    from it, and it is removed once ``out`` is written.
+    Writes ``out`` (the checkpoint, :func:`save_simulator`), ``train_log.tsv`` next to it (one
+    row per step) and ``train_summary.json`` (subjects, steps, the objective: reached / flipped
+    per direction and whether it was met; provenance). While training, ``<out stem>.state.pt``
+    holds the resumable state (every ``config.checkpoint_every`` steps); rerunning the same
+    command after an interruption resumes from it, and it is removed once ``out`` is written.
 
     Returns:
         A summary: subjects, steps, seconds, final losses and the training flip rate.
     """
     import pandas as pd
 
-    from neuroexplain.io.atomic import write_table
+    from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.models import load_classifier
     from neuroexplain.provenance import provenance, sha256_file
     from neuroexplain.train.classifier import load_preproc_dict, read_split
@@ -816,6 +824,14 @@ def run_train_simulator(
         },
     )
     write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
+    write_json(
+        {
+            **{k: v for k, v in summary.items() if k != "seconds"},  # same run, same bytes
+            "objective_definition": OBJECTIVE_DEFINITION,
+            "provenance": prov,
+        },
+        out.parent / "train_summary.json",
+    )
     state_path.unlink(missing_ok=True)
     logger.info("wrote %s (%d steps, %.0f s)", out, len(history), seconds)
     return summary

@@ -6,9 +6,14 @@ compared with scanpy's ``rank_genes_groups(method="wilcoxon")`` ranking of the s
 against all other labelled spots, on the same genes (the model's input genes) and the same
 normalisation (``log1p`` of library-size-normalised counts):
 
-- ``overlap``: fraction of the top-``n_top`` saliency genes among the top-``n_top`` Wilcoxon genes;
+- ``overlap``: fraction of the top-``n_top`` saliency genes among the top-``n_top`` Wilcoxon genes
+  (on a small panel ``n_top`` is capped at a quarter of the input genes, else two lists of all
+  genes would overlap completely; ``overlap_chance`` is the overlap of random lists);
 - ``spearman``: Spearman correlation of saliency and Wilcoxon score over all input genes;
-- known markers' rank and percentile in the saliency ranking (and in the Wilcoxon ranking);
+- known markers' rank and percentile in the saliency ranking (and in the Wilcoxon ranking); a
+  marker is "in the top" when its rank is at most ``top_k = max(1, ceil(n_genes * top_percent /
+  100))``, so on a targeted panel of a few dozen genes the top 1 % is the top gene, not an
+  empty list;
 - layer classification accuracy from concept scores, cross-validated with the concept vectors
   recomputed inside each training fold (no label leaks into the test fold), plus chance level;
 - for gene-mode maps, the mean map value per layer and the layer where it peaks.
@@ -17,6 +22,7 @@ normalisation (``log1p`` of library-size-normalised counts):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,12 +33,32 @@ from neuroexplain.st import concept_keys as K
 from neuroexplain.st.concepts import layer_concepts, spot_labels
 from neuroexplain.st.vae import get_counts, log_normalise
 
-__all__ = ["DEFAULT_MARKERS", "evaluate_concepts", "wilcoxon_ranking"]
+__all__ = ["DEFAULT_MARKERS", "evaluate_concepts", "top_k", "wilcoxon_ranking"]
 
 logger = logging.getLogger(__name__)
 
 #: Known layer markers of the mouse olfactory bulb (Stahl et al. 2016 data, checked there).
 DEFAULT_MARKERS: dict[str, list[str]] = {"GCL": ["Penk", "Nrgn"], "MCL": ["Doc2g", "Cdhr1"]}
+
+
+#: on ``n`` input genes the compared top lists hold at most ``n // SMALL_PANEL_FRACTION`` (random
+#: lists of that size overlap by at most 25 %)
+SMALL_PANEL_FRACTION = 4
+
+
+def top_k(n_genes: int, top_percent: float) -> int:
+    """Genes in the top ``top_percent`` % of ``n_genes``: ``max(1, ceil(n * pct / 100))``.
+
+    At least the top gene, so a marker check on a small panel (33 genes, 1 %) asks for rank 1
+    instead of less than one gene (which no marker can meet).
+
+    Example:
+        >>> top_k(33, 1.0), top_k(15000, 1.0), top_k(33, 10.0)
+        (1, 150, 4)
+    """
+    if n_genes < 1:
+        return 0
+    return min(n_genes, max(1, math.ceil(n_genes * float(top_percent) / 100.0 - 1e-9)))
 
 
 def _uns(adata: Any, key: str) -> Mapping[str, Any]:
@@ -155,10 +181,12 @@ def evaluate_concepts(
             the model's count layer).
         label_key: ``.obs`` column of the layer label.
         key: ``key_added`` used by ``concept_saliency``.
-        n_top: size of the top gene lists compared.
+        n_top: size of the top gene lists compared (at most a quarter of the input genes, at
+            least 1: ``n_top_used``).
         markers: ``{layer: [genes]}`` known markers (default :data:`DEFAULT_MARKERS`; layers not
             in the data are skipped).
-        top_percent: a marker "passes" if its saliency rank is within this top percentage.
+        top_percent: a marker "passes" if its saliency rank is at most
+            ``top_k = max(1, ceil(n_genes * top_percent / 100))`` (:func:`top_k`).
         cv_folds: folds of the cross-validated classification (fewer if a layer is small).
         min_spots: fewest labelled spots per layer.
         seed: seed of the fold split and classifiers.
@@ -167,7 +195,8 @@ def evaluate_concepts(
         A JSON-serialisable dict: ``layers`` (per layer: ``overlap``, ``overlap_genes``,
         ``spearman``, ``top_saliency``, ``top_wilcoxon``), ``mean_overlap``, ``markers``
         (per layer and gene: ``rank``, ``percentile``, ``in_top``, ``wilcoxon_rank``),
-        ``classification``, ``genemode`` (if present), ``n_genes_ranked`` and ``checks``.
+        ``classification``, ``genemode`` (if present), ``n_genes_ranked``, ``n_top_used``,
+        ``overlap_chance``, ``top_k``, ``small_panel`` and ``checks``.
     """
     from scipy.stats import spearmanr
 
@@ -179,6 +208,12 @@ def evaluate_concepts(
         raise InputError(f"adata.var[{in_col!r}]", "missing; run `neuroexplain st-concepts`")
     genes_mask = np.asarray(adata.var[in_col], dtype=bool)
     n_genes = int(genes_mask.sum())
+    n_top_used = max(1, min(int(n_top), n_genes // SMALL_PANEL_FRACTION or 1))
+    if n_top_used < n_top:
+        logger.info(
+            "%d input genes: comparing top-%d lists instead of top-%d", n_genes, n_top_used, n_top
+        )
+    k_top = top_k(n_genes, top_percent)
     wil = wilcoxon_ranking(
         adata, labels, genes_mask, layer=mp["layer"], target_sum=mp["target_sum"]
     )
@@ -193,13 +228,13 @@ def evaluate_concepts(
         names = np.asarray(ranked[ck]["names"]).astype(str)
         sal = np.asarray(ranked[ck]["saliency"], dtype=float)
         sal_rank[layer_name] = {g: i + 1 for i, g in enumerate(names)}
-        top_s = list(names[:n_top])
-        top_w = list(wdf["names"].astype(str)[:n_top])
+        top_s = list(names[:n_top_used])
+        top_w = list(wdf["names"].astype(str)[:n_top_used])
         common = [g for g in top_s if g in set(top_w)]
         wscore = dict(zip(wdf["names"].astype(str), wdf["scores"].astype(float), strict=True))
         rho = spearmanr(sal, [wscore[g] for g in names]).statistic
         layers_out[layer_name] = {
-            "overlap": len(common) / float(n_top),
+            "overlap": len(common) / float(n_top_used),
             "overlap_genes": common,
             "spearman": float(rho),
             "top_saliency": top_s,
@@ -222,7 +257,7 @@ def evaluate_concepts(
             entry[g] = {
                 "rank": r,
                 "percentile": None if r is None else 100.0 * r / n_genes,
-                "in_top": bool(r is not None and 100.0 * r / n_genes <= top_percent),
+                "in_top": bool(r is not None and r <= k_top),
                 "wilcoxon_rank": wr.get(g),
                 "note": "" if r is not None else "not a model input gene",
             }
@@ -243,7 +278,12 @@ def evaluate_concepts(
         "label_key": label_key,
         "key": key,
         "n_top": n_top,
+        "n_top_used": n_top_used,
+        "overlap_chance": n_top_used / float(n_genes),
         "n_genes_ranked": n_genes,
+        "top_percent": float(top_percent),
+        "top_k": k_top,
+        "small_panel": n_top_used < n_top or n_genes * float(top_percent) / 100.0 < 1,
         "layers": layers_out,
         "mean_overlap": mean_overlap,
         "mean_spearman": float(np.mean([v["spearman"] for v in layers_out.values()])),

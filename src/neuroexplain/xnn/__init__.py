@@ -27,6 +27,7 @@ from neuroexplain.xnn.srae import (
     significant_features,
     sparse_reconstruction_loss,
     train_srae,
+    usage_balance_loss,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "significant_features",
     "sparse_reconstruction_loss",
     "train_srae",
+    "usage_balance_loss",
 ]

@@ -151,6 +151,7 @@ def run_xnn_train(
             "pred": hist["pred"],
             "rec": hist["rec"],
             "pt": hist["pt"],
+            "use": hist["use"],
         }
     )
     write_table(log, out_dir / "srae_train_log.tsv")

@@ -14,10 +14,19 @@ Loss (per batch)::
     L = alpha_pred * MSE(y_hat, logit)
       + alpha_rec  * mean_d log(1 + q * (a_d - a_hat_d)^2)        # sparse reconstruction
       + alpha_pt   * mean_{i != j} cos^2(w_i x_i, w_j x_j)         # pull-away term
+      + alpha_use  * mean_i (max(0, s0 - share_i) / s0)^2          # usage balance
+                   (+ mean_{i dead} max(0, -max_b z_bi))           # dead-unit revival
 
 The sparse reconstruction loss grows only logarithmically with large errors, so a few badly
 reconstructed dimensions are tolerated (Qi et al., Eq. 3); the pull-away term (Zhao et al. 2017)
 decorrelates the weighted features over the batch so each feature explains something different.
+The pull-away term alone has a cheap way out: a redundant feature whose head weight goes to 0
+has a zero column, cosine 0 with everything, and is never used (usage 0, all-zero maps). The
+usage-balance term (:func:`usage_balance_loss`) closes it: ``share_i = mean_b |w_i x_bi| /
+sum_j mean_b |w_j x_bj|`` is each feature's share of the absolute logit contributions and every
+share below ``s0 = 0.25 / k`` (a quarter of the even share, 5 % for 5 features) is penalised;
+a feature whose ReLU is off for the whole batch (no gradient through it) gets its largest
+pre-activation ``z`` pushed above 0.
 Activations and logits are standardised with training statistics kept as buffers, so the loss
 weights do not depend on the scale of the layer or the logit.
 
@@ -57,6 +66,7 @@ __all__ = [
     "significant_features",
     "sparse_reconstruction_loss",
     "train_srae",
+    "usage_balance_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +115,43 @@ def pull_away_loss(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-8) -> torch
     return off.pow(2).sum() / (k * (k - 1))
 
 
+def usage_balance_loss(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    pre: torch.Tensor | None = None,
+    floor: float = 0.25,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Penalty on features with a small share of the logit contributions (dead features).
+
+    Args:
+        x: ``(B, k)`` explanation features (after the ReLU).
+        w: ``(k,)`` head weights.
+        pre: ``(B, k)`` pre-activations of the features; when given, a feature that is zero for
+            every sample of the batch adds ``max(0, -max_b pre_bi)`` (its ReLU passes no
+            gradient, so the share term alone cannot revive it).
+        floor: fraction of the even share ``1 / k`` below which a share is penalised (0.25: for
+            5 features, shares below 5 %).
+        eps: added to the total.
+
+    Returns:
+        Scalar ``mean_i (max(0, s0 - share_i) / s0)^2`` (+ the revival term), ``s0 = floor / k``;
+        0 for ``k = 1`` or when every feature has at least ``s0`` of the contributions.
+    """
+    k = x.shape[1]
+    if k < 2 or floor <= 0:
+        return x.sum() * 0.0
+    c = (x * w.reshape(1, -1)).abs().mean(0)
+    share = c / (c.sum() + eps)
+    s0 = float(floor) / k
+    loss = (torch.relu(s0 - share) / s0).pow(2).mean()
+    if pre is not None:
+        dead = (x <= 0).all(0)
+        if bool(dead.any()):
+            loss = loss + torch.relu(-pre[:, dead].max(0).values).mean()
+    return loss
+
+
 class SRAELoss(nn.Module):
     """Weighted sum of prediction, sparse reconstruction and pull-away losses.
 
@@ -113,21 +160,28 @@ class SRAELoss(nn.Module):
         alpha_rec: weight of :func:`sparse_reconstruction_loss` (standardised activations).
         alpha_pt: weight of :func:`pull_away_loss`.
         q: sensitivity of the sparse reconstruction loss.
+        alpha_use: weight of :func:`usage_balance_loss` (0: off, the loss of Qi et al.).
 
     Shapes:
-        ``forward(x (B, k), y_hat (B,), a_hat (B, D), logit (B,), a (B, D), w (k,))`` ->
-        ``(total, {"pred", "rec", "pt"})``.
+        ``forward(x (B, k), y_hat (B,), a_hat (B, D), logit (B,), a (B, D), w (k,), pre=None)``
+        -> ``(total, {"pred", "rec", "pt", "use"})``.
     """
 
     def __init__(
-        self, alpha_pred: float = 1.0, alpha_rec: float = 0.1, alpha_pt: float = 0.1, q: float = 1.0
+        self,
+        alpha_pred: float = 1.0,
+        alpha_rec: float = 0.1,
+        alpha_pt: float = 0.1,
+        q: float = 1.0,
+        alpha_use: float = 0.0,
     ) -> None:
         super().__init__()
-        self.alpha_pred, self.alpha_rec, self.alpha_pt, self.q = (
+        self.alpha_pred, self.alpha_rec, self.alpha_pt, self.q, self.alpha_use = (
             float(alpha_pred),
             float(alpha_rec),
             float(alpha_pt),
             float(q),
+            float(alpha_use),
         )
 
     def forward(
@@ -138,16 +192,19 @@ class SRAELoss(nn.Module):
         logit: torch.Tensor,
         a: torch.Tensor,
         w: torch.Tensor,
+        pre: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {
             "pred": torch.mean((y_hat - logit) ** 2),
             "rec": sparse_reconstruction_loss(a, a_hat, self.q),
             "pt": pull_away_loss(x, w),
+            "use": usage_balance_loss(x, w, pre) if self.alpha_use > 0 else x.sum() * 0.0,
         }
         total = (
             self.alpha_pred * parts["pred"]
             + self.alpha_rec * parts["rec"]
             + self.alpha_pt * parts["pt"]
+            + self.alpha_use * parts["use"]
         )
         return total, parts
 
@@ -286,14 +343,14 @@ def _fit(
 ) -> dict[str, list[float]]:
     from tqdm.auto import tqdm
 
-    loss_fn = SRAELoss(cfg.alpha_pred, cfg.alpha_rec, alpha_pt, cfg.q)
+    loss_fn = SRAELoss(cfg.alpha_pred, cfg.alpha_rec, alpha_pt, cfg.q, cfg.alpha_use)
     opt = torch.optim.Adam(srae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     a = srae.standardize(acts)
     y = (logits.float() - srae.y_mean) / srae.y_std
     n = a.shape[0]
     bs = n if cfg.batch_size in (0, None) or cfg.batch_size >= n else int(cfg.batch_size)
     gen = torch.Generator().manual_seed(seed)
-    hist: dict[str, list[float]] = {"total": [], "pred": [], "rec": [], "pt": []}
+    hist: dict[str, list[float]] = {"total": [], "pred": [], "rec": [], "pt": [], "use": []}
     srae.train()
     for _ in tqdm(
         range(cfg.epochs),
@@ -305,10 +362,13 @@ def _fit(
         sums = dict.fromkeys(hist, 0.0)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            x = srae.encoder(a[idx])
+            pre = srae.encoder[:-1](a[idx])  # the encoder ends with the features' ReLU
+            x = srae.encoder[-1](pre)
             y_hat = srae.head(x).reshape(-1)
             a_hat = srae.decoder(x)
-            total, parts = loss_fn(x, y_hat, a_hat, y[idx], a[idx], srae.head.weight.reshape(-1))
+            total, parts = loss_fn(
+                x, y_hat, a_hat, y[idx], a[idx], srae.head.weight.reshape(-1), pre=pre
+            )
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
