@@ -176,6 +176,43 @@ def _class_sign(target_class: int) -> float:
     return 1.0 if target_class == 1 else -1.0
 
 
+@dataclass
+class _ConceptRun:
+    """What a concept run has loaded: the context, the subject table, the sign, the cache."""
+
+    ctx: Context
+    table: Any
+    sign: float
+    store: Any
+
+
+@dataclass
+class _ConceptSources:
+    """The inputs :func:`run_tcav` and :func:`run_sacv` load (their arguments)."""
+
+    preproc: str | os.PathLike[str]
+    checkpoint: str | os.PathLike[str]
+    concepts: str | os.PathLike[str]
+    split: str | os.PathLike[str] | None
+    participants: str | os.PathLike[str] | None
+    device: str
+    cache: str | os.PathLike[str] | None
+
+    def load(self) -> tuple[Context, Any]:
+        """The :class:`Context` and the concept configuration."""
+        from neuroexplain.concepts3d.concepts import load_concept_config
+
+        ctx = load_context(self.preproc, self.checkpoint, split=self.split, device=self.device)
+        return ctx, load_concept_config(self.concepts)
+
+    def cav_store(self, ctx: Context, out_dir: Path) -> Any:
+        """The CAV cache (default ``out_dir/cavs.pt``), tied to the checkpoint's hash."""
+        from neuroexplain.concepts3d.store import CAVStore
+
+        path = Path(self.cache) if self.cache else out_dir / "cavs.pt"
+        return CAVStore(path, ctx.checkpoint_sha256)
+
+
 # ----------------------------------------------------------------------------------- TCAV
 
 
@@ -221,56 +258,97 @@ def run_tcav(
     Returns:
         The ``tcav.json`` content.
     """
-    from neuroexplain.concepts3d.concepts import (
-        build_concept,
-        concept_pool,
-        load_concept_config,
-        random_concepts,
-        spec_dict,
-    )
-    from neuroexplain.concepts3d.store import CAVStore
-    from neuroexplain.concepts3d.tcav import TCAV, _seed_of, apply_correction, summarize_experiment
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
 
     tc = TCAVConfig.resolve(config, **overrides)
-    n_random, random_size, alpha, min_accuracy = (
-        tc.n_random,
-        tc.random_size,
-        tc.alpha,
-        tc.min_accuracy,
-    )
-    seed, classifier, C, test_fraction = tc.seed, tc.classifier, tc.C, tc.test_fraction
-    seed_everything(seed)
+    seed_everything(tc.seed)
     out_dir = Path(out)
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
-    cfg = load_concept_config(concepts)
-    table = ctx.table(participants or cfg.participants)
+    src = _ConceptSources(preproc, checkpoint, concepts, split, participants, device, cache)
+    run = _load_tcav(
+        src, out_dir, tc, class_split=class_split, target_class=target_class, progress=progress
+    )
+    inputs = run.ctx.preproc["images"][run.cls_idx].float()
+    sets, plans = _tcav_concept_sets(run, tc)
+    scores = run.tcav.interpret(inputs, sets, target=target, sign=run.sign)
+    rows = _tcav_rows(run, tc, scores, plans)
+    result = _tcav_result(
+        run,
+        tc,
+        rows,
+        plans,
+        concepts,
+        class_split=class_split,
+        target_class=target_class,
+        target=target,
+    )
+    _write_tcav(run, result, out_dir, alpha=tc.alpha, correction=tc.correction, plot=plot)
+    return result
+
+
+@dataclass
+class _TCAVRun(_ConceptRun):
+    """What :func:`run_tcav` loads before building the concept and random sets."""
+
+    cfg: Any
+    layers: list[str]
+    n_sets: int
+    tcav: Any
+    cls_idx: np.ndarray
+
+
+def _load_tcav(
+    src: _ConceptSources,
+    out_dir: Path,
+    tc: TCAVConfig,
+    *,
+    class_split: str,
+    target_class: int,
+    progress: bool | None,
+) -> _TCAVRun:
+    """Load the cohort, classifier and concepts; set up TCAV; choose the class inputs."""
+    from neuroexplain.concepts3d.tcav import TCAV
+    from neuroexplain.models.classifier import default_target_layer
+
+    ctx, cfg = src.load()
+    table = ctx.table(src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer_list = list(tc.layers or [default_target_layer(ctx.arch)])
-    n_sets = int(n_random or cfg.n_random)
+    n_sets = int(tc.n_random or cfg.n_random)
     if n_sets < 2:
         raise InputError("--n-random", f"expected >= 2 random sets, got {n_sets}")
-    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+    store = src.cav_store(ctx, out_dir)
     try:
         tcav = TCAV(
             ctx.model,
             layer_list,
             batch_size=tc.batch_size,
             device=ctx.device,
-            seed=seed,
-            classifier=classifier,
-            C=C,
-            test_fraction=test_fraction,
+            seed=tc.seed,
+            classifier=tc.classifier,
+            C=tc.C,
+            test_fraction=tc.test_fraction,
             store=store,
             progress=progress,
         )
     except ValueError as exc:
         raise InputError("--layers", str(exc)) from exc
-
     cls_idx = class_indices(table, class_split, target_class)
-    inputs = ctx.preproc["images"][cls_idx].float()
+    return _TCAVRun(ctx, table, sign, store, cfg, layer_list, n_sets, tcav, cls_idx)
+
+
+def _tcav_concept_sets(
+    run: _TCAVRun, tc: TCAVConfig
+) -> tuple[list[list[Any]], dict[str, dict[str, Any]]]:
+    """Per concept: its examples and random sets as activations, and the plan written."""
+    from neuroexplain.concepts3d.concepts import (
+        build_concept,
+        concept_pool,
+        random_concepts,
+        spec_dict,
+    )
+    from neuroexplain.concepts3d.tcav import _seed_of
+
+    ctx, cfg, table, tcav, n_sets = run.ctx, run.cfg, run.table, run.tcav, run.n_sets
     sets: list[list[Any]] = []
     plans: dict[str, dict[str, Any]] = {}
     for spec in cfg.concepts:
@@ -279,7 +357,7 @@ def run_tcav(
         pool = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool")
         # default: a third of the pool, so set 0 and the sets drawn from the other two thirds
         # are disjoint and still differ from one another
-        size = int(random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 3)))
+        size = int(tc.random_size or cfg.random_size or min(len(concept), max(2, len(pool) // 3)))
         if 2 * size > len(pool):
             logger.warning(
                 "concept %s: random pool of %d examples is small for random sets of %d; "
@@ -289,12 +367,12 @@ def run_tcav(
                 size,
             )
         randoms = random_concepts(
-            pool, n_sets + 1, size, seed=_seed_of(seed, spec.name), prefix=f"{spec.name}:random"
+            pool, n_sets + 1, size, seed=_seed_of(tc.seed, spec.name), prefix=f"{spec.name}:random"
         )
         need = any(
             not tcav._cached(layer, c, r)
             for c, r in _tcav_pairs(concept, randoms)
-            for layer in layer_list
+            for layer in run.layers
         )
         # activations now, volumes dropped: memory stays at one concept's examples (the pool's
         # activations cover its random sets; the light concepts keep their cache keys)
@@ -317,71 +395,110 @@ def run_tcav(
             n_sets + 1,
             size,
         )
-    scores = tcav.interpret(inputs, sets, target=target, sign=sign)
+    return sets, plans
+
+
+def _tcav_rows(
+    run: _TCAVRun, tc: TCAVConfig, scores: Any, plans: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One ``tcav.tsv`` row per concept x layer: scores against the random-vs-random null."""
+    from neuroexplain.concepts3d.tcav import apply_correction, summarize_experiment
+
     rows = []
     for name, plan in plans.items():
-        for layer in layer_list:
+        for layer in run.layers:
             row = summarize_experiment(
                 scores,
                 name,
                 plan["randoms"],
                 layer,
-                alpha=alpha,
-                min_accuracy=min_accuracy,
+                alpha=tc.alpha,
+                min_accuracy=tc.min_accuracy,
                 test=tc.test,
             )
             row.update(
                 n_examples=len(plan["examples"]),
                 n_pool=len(plan["pool"]),
                 random_size=plan["random_size"],
-                n_random_sets=n_sets,
+                n_random_sets=run.n_sets,
             )
             rows.append(row)
-    apply_correction(rows, method=tc.correction, alpha=alpha)
+    apply_correction(rows, method=tc.correction, alpha=tc.alpha)
+    return rows
+
+
+def _tcav_result(
+    run: _TCAVRun,
+    tc: TCAVConfig,
+    rows: list[dict[str, Any]],
+    plans: dict[str, dict[str, Any]],
+    concepts: str | os.PathLike[str],
+    *,
+    class_split: str,
+    target_class: int,
+    target: int,
+) -> dict[str, Any]:
+    """The ``tcav.json`` content, with its provenance."""
+    ctx = run.ctx
     params = {
         "preproc": str(ctx.preproc_path),
         "checkpoint": str(ctx.checkpoint_path),
         "concepts": str(concepts),
-        "layers": layer_list,
+        "layers": run.layers,
         "split": str(ctx.split_path),
         "class_split": class_split,
         "target_class": target_class,
         "target": target,
-        "n_random": n_sets,
-        "alpha": alpha,
+        "n_random": run.n_sets,
+        "alpha": tc.alpha,
         "test": tc.test,
         "correction": tc.correction,
-        "min_accuracy": min_accuracy,
-        "classifier": classifier,
-        "C": C,
-        "test_fraction": test_fraction,
+        "min_accuracy": tc.min_accuracy,
+        "classifier": tc.classifier,
+        "C": tc.C,
+        "test_fraction": tc.test_fraction,
     }
-    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "tcav")
-    result = {
+    prov = stage_provenance(params, tc.seed, [concepts, ctx.split_path], "tcav")
+    return {
         "method": "TCAV (Kim et al. 2018, arXiv:1711.11279)",
         "checkpoint_sha256": ctx.checkpoint_sha256,
         "class": {
             "target_class": target_class,
-            "logit_sign": sign,
+            "logit_sign": run.sign,
             "positive_class": ctx.preproc.get("positive_class"),
-            "subjects": [table["subject"][i] for i in cls_idx],
+            "subjects": [run.table["subject"][i] for i in run.cls_idx],
         },
         "results": rows,
         "concepts": plans,
-        "cache": store.path.name if store.path is not None else None,
+        "cache": run.store.path.name if run.store.path is not None else None,
         "provenance": prov,
     }
+
+
+def _write_tcav(
+    run: _TCAVRun,
+    result: dict[str, Any],
+    out_dir: Path,
+    *,
+    alpha: float,
+    correction: str,
+    plot: bool,
+) -> None:
+    """Write ``tcav.json``, ``tcav.tsv``, the CAV cache and ``tcav.png``; log the rows."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+
+    rows, prov = result["results"], result["provenance"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "tcav.json")
     # run statistics: returned and logged, not written (same inputs -> identical files)
-    result["cache_stats"] = _cache_stats(store)
-    import pandas as pd
-
+    result["cache_stats"] = _cache_stats(run.store)
     flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
     write_table(flat, out_dir / "tcav.tsv")
-    store.save(provenance=prov)
+    run.store.save(provenance=prov)
     if plot:
-        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha, correction=tc.correction)
+        plot_tcav(rows, out_dir / "tcav.png", alpha=alpha, correction=correction)
     for r in rows:
         logger.info(
             "TCAV %-24s %-14s score %.2f ± %.2f  random %.2f ± %.2f  magnitude %.2f vs %.2f  "
@@ -401,7 +518,6 @@ def run_tcav(
             r["verdict"],
             r["verdict_reason"],
         )
-    return result
 
 
 def _tcav_pairs(concept: Any, randoms: Sequence[Any]) -> list[list[Any]]:
@@ -547,55 +663,117 @@ def run_sacv(
         The ``sacv.json`` content.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from neuroexplain.attribution.export import write_subject_maps
-    from neuroexplain.concepts3d.concepts import (
-        build_concept,
-        concept_pool,
-        load_concept_config,
-        spec_dict,
-        with_positions,
-    )
-    from neuroexplain.concepts3d.sacv import SACV, train_sacv
-    from neuroexplain.concepts3d.store import CAVStore
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models.classifier import default_target_layer
     from neuroexplain.utils import seed_everything
 
     sc = SACVConfig.resolve(config, **overrides)
-    transform, negatives, relevance = sc.transform, sc.negatives, sc.relevance
-    min_overlap, max_samples, seed = sc.min_overlap, sc.max_samples, sc.seed
-    classifier, C, test_fraction, batch_size = sc.classifier, sc.C, sc.test_fraction, sc.batch_size
     if desc_label and not desc_label.isalnum():
         raise InputError("--desc-label", f"expected an alphanumeric label, got {desc_label!r}")
-    seed_everything(seed)
+    seed_everything(sc.seed)
     out_dir = Path(out)
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
-    cfg = load_concept_config(concepts)
+    src = _ConceptSources(preproc, checkpoint, concepts, split, participants, device, cache)
+    run = _load_sacv(
+        src,
+        out_dir,
+        sc,
+        concept=concept,
+        subjects=subjects,
+        target_class=target_class,
+        progress=progress,
+    )
+    m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
+    params = _sacv_params(run, sc, concepts, subjects, target_class, target)
+    prov = stage_provenance(params, sc.seed, [concepts, run.ctx.split_path], "sacv")
+    rows, examples = _sacv_subject_maps(
+        run,
+        out_dir,
+        _sacv_sidecars(run, sc, prov, m_rel, m_con),
+        (m_rel, m_con),
+        target=target,
+        target_class=target_class,
+        plot=plot,
+        progress=progress,
+    )
+    df = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    result = _sacv_result(run, df, m_rel, m_con, prov)
+    if cohort is not None:
+        result["evaluation"] = harness_means(
+            cohort,
+            {m_rel: out_dir, m_con: out_dir},
+            list(df["subject"]),
+            out_dir / f"evaluation_sacv{desc_label}",
+            regions=regions,
+            derivatives=derivatives,
+            prov=prov,
+        )
+    write_json(result, out_dir / f"sacv{desc_label}.json")
+    run.store.save(provenance=prov)
+    result["cache_stats"] = _cache_stats(run.store)
+    if plot and examples:
+        title = f"SACV {run.spec.name} @ {run.layer}"
+        plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=title)
+    return result
+
+
+@dataclass
+class _SACVRun(_ConceptRun):
+    """What :func:`run_sacv` loads and trains before writing maps."""
+
+    spec: Any
+    layer: str
+    concept: Any
+    pool: Any
+    cav: Any
+    explainer: Any
+    idx: np.ndarray
+
+
+def _load_sacv(
+    src: _ConceptSources,
+    out_dir: Path,
+    sc: SACVConfig,
+    *,
+    concept: str | None,
+    subjects: str | Sequence[str] | None,
+    target_class: int,
+    progress: bool | None,
+) -> _SACVRun:
+    """Load the cohort, classifier and concept; train the SACV; choose the subjects."""
+    from neuroexplain.concepts3d.concepts import (
+        build_concept,
+        concept_pool,
+        with_positions,
+    )
+    from neuroexplain.concepts3d.sacv import SACV, train_sacv
+    from neuroexplain.models.classifier import default_target_layer
+
+    ctx, cfg = src.load()
     spec = cfg.get(concept) if concept else cfg.concepts[0]
-    table = ctx.table(participants or cfg.participants)
+    table = ctx.table(src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer = sc.layer or default_target_layer(ctx.arch)
-    store = CAVStore(Path(cache) if cache else out_dir / "cavs.pt", ctx.checkpoint_sha256)
+    store = src.cav_store(ctx, out_dir)
 
     conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
-    c = build_concept(ctx.preproc, conc_idx, spec, transform=transform)
-    r = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool", transform=transform)
-    r = with_positions(r, ctx.preproc, pool_idx, negatives)
+    c = build_concept(ctx.preproc, conc_idx, spec, transform=sc.transform)
+    r = build_concept(ctx.preproc, pool_idx, spec, name=f"{spec.name}:pool", transform=sc.transform)
+    r = with_positions(r, ctx.preproc, pool_idx, sc.negatives)
     try:
         cav = train_sacv(
             ctx.model,
             layer,
             c,
             r,
-            min_overlap=min_overlap,
-            max_samples=max_samples,
-            seed=seed,
-            test_fraction=test_fraction,
-            classifier=classifier,
-            C=C,
-            batch_size=batch_size,
+            min_overlap=sc.min_overlap,
+            max_samples=sc.max_samples,
+            seed=sc.seed,
+            test_fraction=sc.test_fraction,
+            classifier=sc.classifier,
+            C=sc.C,
+            batch_size=sc.batch_size,
             device=ctx.device,
             store=store,
             progress=progress,
@@ -604,39 +782,30 @@ def run_sacv(
         raise InputError("--layer", str(exc)) from exc
     try:
         explainer = SACV(
-            ctx.model, layer, cav, relevance=relevance, batch_size=batch_size, device=ctx.device
+            ctx.model,
+            layer,
+            cav,
+            relevance=sc.relevance,
+            batch_size=sc.batch_size,
+            device=ctx.device,
         )
     except ValueError as exc:
         raise InputError("--relevance", str(exc)) from exc
-
     idx = subject_indices(table, subjects)
-    m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
-    params = {
-        "preproc": str(ctx.preproc_path),
-        "checkpoint": str(ctx.checkpoint_path),
-        "concepts": str(concepts),
-        "concept": spec.name,
-        "layer": layer,
-        "split": str(ctx.split_path),
-        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
-        "target_class": target_class,
-        "target": target,
-        "transform": transform,
-        "negatives": negatives,
-        "relevance": relevance,
-        "min_overlap": min_overlap,
-        "max_samples": max_samples,
-        "classifier": classifier,
-        "C": C,
-        "test_fraction": test_fraction,
-    }
-    prov = stage_provenance(params, seed, [concepts, ctx.split_path], "sacv")
+    return _SACVRun(ctx, table, sign, store, spec, layer, c, r, cav, explainer, idx)
+
+
+def _sacv_sidecars(
+    run: _SACVRun, sc: SACVConfig, prov: dict[str, Any], m_rel: str, m_con: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    """Sidecar fields of every SACV map, of each of the two maps, and their descriptions."""
+    spec, layer = run.spec, run.layer
     side = {
         "Method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
         "Concept": spec.name,
         "Layer": layer,
-        "CheckpointSha256": ctx.checkpoint_sha256,
-        "SACVAccuracy": cav.accuracy,
+        "CheckpointSha256": run.ctx.checkpoint_sha256,
+        "SACVAccuracy": run.cav.accuracy,
         "Provenance": prov,
     }
     method_side = {
@@ -645,34 +814,56 @@ def run_sacv(
                 "raw": "R(p) = <v, a(p)>",
                 "signed": "R(p) = <v, a(p)> + b/|w| (distance from the SACV decision boundary)",
                 "positive": "R(p) = max(0, <v, a(p)> + b/|w|)",
-            }[relevance]
+            }[sc.relevance]
             + " at the layer, trilinear to the model grid",
-            "RelevanceMode": relevance,
+            "RelevanceMode": sc.relevance,
         },
         m_con: {
             "Definition": "S(p) = <v, d(sign*logit)/d a(p)> at the layer, trilinear to "
             "the model grid",
-            "LogitSign": sign,
+            "LogitSign": run.sign,
         },
     }
     descs = {
         m_rel: f"neuroexplain SACV relevance {spec.name} @ {layer}",
         m_con: f"neuroexplain SACV contribution {spec.name} @ {layer}",
     }
+    return side, method_side, descs
+
+
+def _sacv_subject_maps(
+    run: _SACVRun,
+    out_dir: Path,
+    sidecars: tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]],
+    names: tuple[str, str],
+    *,
+    target: int,
+    target_class: int,
+    plot: bool,
+    progress: bool | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Explain every chosen subject and write its maps; score rows and a few plot examples."""
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.export import write_subject_maps
+
+    side, method_side, descs = sidecars
+    m_rel, m_con = names
+    table, sign = run.table, run.sign
     rows = []
     examples: list[dict[str, Any]] = []
     for i in tqdm(
-        idx.tolist(),
+        run.idx.tolist(),
         desc="sacv maps",
         unit="subject",
         disable=None if progress is None else not progress,
     ):
-        x = ctx.preproc["images"][i : i + 1].float()
-        res = explainer.explain(x, target, sign=sign)
+        x = run.ctx.preproc["images"][i : i + 1].float()
+        res = run.explainer.explain(x, target, sign=sign)
         maps = {m_rel: res["relevance"][0, 0], m_con: res["contribution"][0, 0]}
         write_subject_maps(
             maps,
-            ctx.preproc,
+            run.ctx.preproc,
             i,
             out_dir,
             stage="concepts3d",
@@ -702,9 +893,15 @@ def run_sacv(
                     "contribution": maps[m_con].numpy(),
                 }
             )
-    df = pd.DataFrame(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    return rows, examples
+
+
+def _sacv_result(
+    run: _SACVRun, df: Any, m_rel: str, m_con: str, prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``sacv.json`` content (without the evaluation)."""
+    from neuroexplain.concepts3d.concepts import spec_dict
+
     by_class = {
         str(int(k)): {
             c_: float(v)
@@ -714,39 +911,53 @@ def run_sacv(
         }
         for k, g in df.groupby("y")
     }
-    result: dict[str, Any] = {
+    return {
         "method": "SACV (Wang, Lee & Qi 2022, arXiv:2205.11511)",
-        "checkpoint_sha256": ctx.checkpoint_sha256,
-        "concept": spec.name,
-        "spec": spec_dict(spec),
-        "layer": layer,
-        "sacv_accuracy": cav.accuracy,
-        "n_train_positions": cav.n_train,
-        "n_test_positions": cav.n_test,
-        "examples": len(c),
-        "pool": len(r),
+        "checkpoint_sha256": run.ctx.checkpoint_sha256,
+        "concept": run.spec.name,
+        "spec": spec_dict(run.spec),
+        "layer": run.layer,
+        "sacv_accuracy": run.cav.accuracy,
+        "n_train_positions": run.cav.n_train,
+        "n_test_positions": run.cav.n_test,
+        "examples": len(run.concept),
+        "pool": len(run.pool),
         "maps": {"relevance": m_rel, "contribution": m_con},
         "mean_scores_by_class": by_class,
         "n_subjects": len(df),
-        "cache": store.path.name if store.path is not None else None,
+        "cache": run.store.path.name if run.store.path is not None else None,
         "provenance": prov,
     }
-    if cohort is not None:
-        result["evaluation"] = harness_means(
-            cohort,
-            {m_rel: out_dir, m_con: out_dir},
-            list(df["subject"]),
-            out_dir / f"evaluation_sacv{desc_label}",
-            regions=regions,
-            derivatives=derivatives,
-            prov=prov,
-        )
-    write_json(result, out_dir / f"sacv{desc_label}.json")
-    store.save(provenance=prov)
-    result["cache_stats"] = _cache_stats(store)
-    if plot and examples:
-        plot_maps(examples, out_dir / f"sacv{desc_label}.png", title=f"SACV {spec.name} @ {layer}")
-    return result
+
+
+def _sacv_params(
+    run: _SACVRun,
+    sc: SACVConfig,
+    concepts: str | os.PathLike[str],
+    subjects: str | Sequence[str] | None,
+    target_class: int,
+    target: int,
+) -> dict[str, Any]:
+    """The parameters of a SACV run, for its provenance."""
+    return {
+        "preproc": str(run.ctx.preproc_path),
+        "checkpoint": str(run.ctx.checkpoint_path),
+        "concepts": str(concepts),
+        "concept": run.spec.name,
+        "layer": run.layer,
+        "split": str(run.ctx.split_path),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
+        "target_class": target_class,
+        "target": target,
+        "transform": sc.transform,
+        "negatives": sc.negatives,
+        "relevance": sc.relevance,
+        "min_overlap": sc.min_overlap,
+        "max_samples": sc.max_samples,
+        "classifier": sc.classifier,
+        "C": sc.C,
+        "test_fraction": sc.test_fraction,
+    }
 
 
 def plot_maps(

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -300,21 +301,115 @@ def ingest_mri(
         >>> ingest_mri("results/plain", sheet="sheet.tsv", align="none", mask="none",
         ...            fov_mm=224)  # doctest: +SKIP
     """
-    import torch
+    import pandas as pd
 
     from neuroexplain.io.atomic import output_group, save_torch, write_json, write_table
     from neuroexplain.provenance import provenance
 
     cfg = MRIIngestConfig.resolve(config, **overrides)
-    shape, fov_mm, norm, fg_threshold = cfg.shape, cfg.fov_mm, cfg.norm, cfg.fg_threshold
-    align, align_reference = cfg.align, cfg.align_reference
-    mask, mask_margin_mm = cfg.mask, cfg.mask_margin_mm
     if workers < 1:
         raise InputError("--workers", f"expected >= 1, got {workers}")
-    spacing = model_spacing(shape, fov_mm)
-
+    spacing = model_spacing(cfg.shape, cfg.fov_mm)
     bids_p = Path(bids).resolve() if bids is not None else None
     sheet_p = Path(sheet).resolve() if sheet is not None else None
+    ing = _load_and_preprocess(
+        cfg,
+        spacing,
+        bids_p,
+        sheet_p,
+        derivatives,
+        label_column,
+        positive_class,
+        subjects=subjects,
+        limit=limit,
+        workers=workers,
+        group_column=group_column,
+        label_groups=label_groups,
+        progress=progress,
+    )
+    fit = _check_head_fit(ing, cfg.shape)
+
+    # ---- assemble --------------------------------------------------------------------------
+    options = {
+        "bids": str(bids_p) if bids_p else None,
+        "sheet": str(sheet_p) if sheet_p else None,
+        "derivatives": derivatives if ing.has_dseg else None,
+        "label_column": ing.cohort.label_column,
+        "positive_class": ing.positive,
+        "label_groups": (
+            {k: " ".join(str(v) for v in c if v is not None) for k, c in ing.groups.items()}
+            if ing.groups
+            else None
+        ),
+        "shape": list(cfg.shape),
+        "fov_mm": float(cfg.fov_mm),
+        "spacing_mm": ing.spacing,
+        "subjects": list(subjects) if subjects else None,
+        "limit": limit,
+        "workers": int(workers),
+        "norm": cfg.norm,
+        "fg_threshold": float(cfg.fg_threshold),
+        "align": cfg.align,
+        "align_reference": ing.reference_id,
+        "mask": cfg.mask,
+        "mask_margin_mm": float(cfg.mask_margin_mm),
+    }
+    recs = ing.recs
+    inputs = [*ing.cohort.inputs, *(r.t1 for r in recs), *(r.dseg for r in recs if r.dseg)]
+    prov = provenance(options, inputs=inputs, command="ingest-mri")
+    data = _preproc_data(ing, cfg, options, prov)
+    rows = _subject_rows(ing)
+    summary = _ingest_summary(ing, cfg, prov, fit)
+
+    out_dir = Path(out)
+    with output_group(out_dir):  # all three or none (e.g. on a full disk)
+        save_torch(data, out_dir / "preproc.pt")  # the big one first
+        write_table(pd.DataFrame(rows), out_dir / "subjects.tsv")
+        write_json(summary, out_dir / "ingest.json")
+    logger.info("wrote %s (%d subjects)", out_dir / "preproc.pt", len(recs))
+    return summary
+
+
+@dataclass
+class _Ingested:
+    """What :func:`ingest_mri` has read and preprocessed, before it assembles its outputs."""
+
+    cohort: Cohort
+    y: np.ndarray
+    positive: str | None
+    counts: Any
+    has_dseg: bool
+    spacing: float
+    results: list[Preprocessed]
+    doubtful: list[str]
+    reference_id: str | None
+    groups: dict[str, tuple[str, float, float | None]] | None = None
+
+    @property
+    def recs(self) -> list[Any]:
+        return self.cohort.records
+
+
+def _load_and_preprocess(
+    cfg: MRIIngestConfig,
+    spacing: float,
+    bids_p: Path | None,
+    sheet_p: Path | None,
+    derivatives: str | None,
+    label_column: str | None,
+    positive_class: str | None,
+    *,
+    subjects: Sequence[str] | None,
+    limit: int | None,
+    workers: int,
+    group_column: str | None,
+    label_groups: Sequence[str] | Mapping[str, str] | None,
+    progress: bool,
+) -> _Ingested:
+    """Read the cohort and its labels (or label groups), check them, preprocess every subject."""
+    from neuroexplain.io.nifti import orientation_warnings
+
+    shape = cfg.shape
     cohort = _cohort(bids_p, sheet_p, derivatives, label_column, subjects, limit, group_column)
     groups = parse_label_groups(label_groups) if label_groups else None
     if groups:
@@ -322,7 +417,7 @@ def ingest_mri(
     y, positive, counts = encode_labels(cohort, positive_class)
     recs = cohort.records
     has_dseg = recs[0].dseg is not None
-    if mask == "brain" and not has_dseg:
+    if cfg.mask == "brain" and not has_dseg:
         raise InputError(
             "--mask", "a brain mask needs dseg label maps (--derivatives; without: --mask none)"
         )
@@ -336,22 +431,26 @@ def ingest_mri(
     )
 
     kwargs: dict[str, Any] = dict(
-        shape=shape, fov_mm=float(fov_mm), norm=norm, fg_threshold=float(fg_threshold)
+        shape=shape, fov_mm=float(cfg.fov_mm), norm=cfg.norm, fg_threshold=float(cfg.fg_threshold)
     )
     # doubtful orientations (sform / qform that disagree, no codes): one warning per file, here
     # in the main process so that ingest.json lists them (worker processes stay quiet on them)
-    from neuroexplain.io.nifti import orientation_warnings
-
     doubtful = orientation_warnings([p for r in recs for p in (r.t1, r.dseg) if p is not None])
     reference_id = None
-    if align == "labels":
-        reference_id, kwargs["reference"] = _reference(recs, align_reference, kwargs)
+    if cfg.align == "labels":
+        reference_id, kwargs["reference"] = _reference(recs, cfg.align_reference, kwargs)
     tasks = [(str(r.t1), str(r.dseg) if r.dseg else None, kwargs) for r in recs]
     results = _run(tasks, workers, progress)
     for rec, r in zip(recs, results, strict=True):
         check_on_grid(r, rec.t1, rec.subject)
+    return _Ingested(
+        cohort, y, positive, counts, has_dseg, spacing, results, doubtful, reference_id, groups
+    )
 
-    # ---- checks on the head fit ------------------------------------------------------------
+
+def _check_head_fit(ing: _Ingested, shape: Sequence[int]) -> tuple[np.ndarray, list, list]:
+    """Log the head's extent and warn of cropped heads and lost brain: extents, cropped, cut."""
+    recs, results, spacing = ing.recs, ing.results, ing.spacing
     extents = np.stack([r.fg_extent_mm for r in results])
     cropped = [rec.subject for rec, r in zip(recs, results, strict=True) if r.cropped]
     logger.info(
@@ -363,7 +462,7 @@ def ingest_mri(
     if cropped:
         worst = np.stack([r.crop_mm.sum(1) for r in results]).max(0)
         # with a dseg we know whether brain tissue was lost (warned below); without, warn here
-        log = logger.info if has_dseg else logger.warning
+        log = logger.info if ing.has_dseg else logger.warning
         log(
             "%d subject(s) have a head larger than the field of view and were cropped "
             "(at most %s mm along R, A, S; face and neck go first), e.g. %s",
@@ -384,64 +483,47 @@ def ingest_mri(
             min(brain_cut, key=lambda t: t[1])[0],
             100 * min(b for _, b in brain_cut),
         )
+    return extents, cropped, brain_cut
 
-    # ---- assemble --------------------------------------------------------------------------
-    options = {
-        "bids": str(bids_p) if bids_p else None,
-        "sheet": str(sheet_p) if sheet_p else None,
-        "derivatives": derivatives if has_dseg else None,
-        "label_column": cohort.label_column,
-        "positive_class": positive,
-        "label_groups": (
-            {k: " ".join(str(v) for v in c if v is not None) for k, c in groups.items()}
-            if groups
-            else None
-        ),
-        "shape": list(shape),
-        "fov_mm": float(fov_mm),
-        "spacing_mm": spacing,
-        "subjects": list(subjects) if subjects else None,
-        "limit": limit,
-        "workers": int(workers),
-        "norm": norm,
-        "fg_threshold": float(fg_threshold),
-        "align": align,
-        "align_reference": reference_id,
-        "mask": mask,
-        "mask_margin_mm": float(mask_margin_mm),
-    }
-    inputs = [*cohort.inputs, *(r.t1 for r in recs), *(r.dseg for r in recs if r.dseg)]
-    prov = provenance(options, inputs=inputs, command="ingest-mri")
+
+def _preproc_data(
+    ing: _Ingested, cfg: MRIIngestConfig, options: dict[str, Any], prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``preproc.pt`` content: images (brain-masked), labels, grids, paths, parameters."""
+    import torch
+
+    recs, results = ing.recs, ing.results
     images = torch.from_numpy(np.stack([r.image[None] for r in results]).astype(np.float32))
     dseg = (
         torch.from_numpy(np.stack([r.dseg[None] for r in results]).astype(np.int16))
-        if has_dseg
+        if ing.has_dseg
         else None
     )
-    if mask == "brain":
-        images *= torch.from_numpy(brain_mask(dseg.numpy() > 0, mask_margin_mm / spacing))
-    data = {
+    if cfg.mask == "brain":
+        images *= torch.from_numpy(brain_mask(dseg.numpy() > 0, cfg.mask_margin_mm / ing.spacing))
+    return {
         "images": images,
         "dseg": dseg,
         "subjects": [r.subject for r in recs],
-        "y": torch.from_numpy(y.astype(np.float32)),
+        "y": torch.from_numpy(ing.y.astype(np.float32)),
         "label": [r.label for r in recs],
-        "positive_class": positive,
+        "positive_class": ing.positive,
         "model_affines": torch.from_numpy(np.stack([r.model_affine for r in results])),
         "native_affines": torch.from_numpy(np.stack([r.native_affine for r in results])),
         "native_shapes": torch.tensor([list(r.native_shape) for r in results], dtype=torch.int64),
         "t1_paths": [str(r.t1) for r in recs],
         "dseg_paths": [str(r.dseg) if r.dseg else "" for r in recs],
-        "dseg_names": dict(cohort.dseg_names),
+        "dseg_names": dict(ing.cohort.dseg_names),
         "groups": [r.group or r.subject for r in recs],
         # plain JSON types only: torch.load(weights_only=True) rejects e.g. torch's TorchVersion
         "params": json.loads(json.dumps({**options, "provenance": prov}, default=str)),
     }
 
-    import pandas as pd
 
+def _subject_rows(ing: _Ingested) -> list[dict[str, Any]]:
+    """The ``subjects.tsv`` rows: paths, label, group, head extent and cropping."""
     rows = []
-    for rec, r, yi in zip(recs, results, y, strict=True):
+    for rec, r, yi in zip(ing.recs, ing.results, ing.y, strict=True):
         row: dict[str, Any] = {
             "participant_id": rec.subject,
             "t1": str(rec.t1),
@@ -458,19 +540,30 @@ def ingest_mri(
         row["cropped"] = r.cropped
         row["brain_kept"] = "" if r.brain_kept is None else round(r.brain_kept, 6)
         rows.append(row)
+    return rows
 
-    summary = {
+
+def _ingest_summary(
+    ing: _Ingested,
+    cfg: MRIIngestConfig,
+    prov: dict[str, Any],
+    fit: tuple[np.ndarray, list, list],
+) -> dict[str, Any]:
+    """The ``ingest.json`` content."""
+    extents, cropped, brain_cut = fit
+    shape, spacing, y = cfg.shape, ing.spacing, ing.y
+    return {
         "provenance": prov,
-        "n_subjects": len(recs),
-        "label_column": cohort.label_column,
-        "positive_class": positive,
-        "class_counts": counts,
-        "n_positive": int(np.nansum(y)) if positive is not None else None,
+        "n_subjects": len(ing.recs),
+        "label_column": ing.cohort.label_column,
+        "positive_class": ing.positive,
+        "class_counts": ing.counts,
+        "n_positive": int(np.nansum(y)) if ing.positive is not None else None,
         "shape": list(shape),
         "spacing_mm": spacing,
         "fov_mm": [spacing * s for s in shape],
-        "dseg": has_dseg,
-        "norm": norm,
+        "dseg": ing.has_dseg,
+        "norm": cfg.norm,
         "fg_extent_mm": {
             "min": extents.min(0).tolist(),
             "median": np.median(extents, 0).tolist(),
@@ -479,16 +572,8 @@ def ingest_mri(
         "n_cropped": len(cropped),
         "n_brain_cropped": len(brain_cut),
         "outputs": ["preproc.pt", "subjects.tsv", "ingest.json"],
-        "warnings": doubtful,
+        "warnings": ing.doubtful,
     }
-
-    out_dir = Path(out)
-    with output_group(out_dir):  # all three or none (e.g. on a full disk)
-        save_torch(data, out_dir / "preproc.pt")  # the big one first
-        write_table(pd.DataFrame(rows), out_dir / "subjects.tsv")
-        write_json(summary, out_dir / "ingest.json")
-    logger.info("wrote %s (%d subjects)", out_dir / "preproc.pt", len(recs))
-    return summary
 
 
 def brain_mask(labelled: np.ndarray, margin_vox: float) -> np.ndarray:

@@ -41,6 +41,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +357,419 @@ def _region_set(
     return out
 
 
+@dataclass
+class _SimInputs:
+    """What :func:`run_simulate` loads: the data, both networks and the chosen subjects."""
+
+    data: dict[str, Any]
+    images: torch.Tensor
+    dev: torch.device
+    model: torch.nn.Module
+    sckpt: dict[str, Any]
+    clf: torch.nn.Module
+    idx: list[int]
+    y_all: np.ndarray
+    region_notes: list[str]
+
+
+@dataclass
+class _SimContext:
+    """The run's settings and the blocks every output carries (provenance, sidecar fields)."""
+
+    out: Path
+    regions: dict[str, Sequence[int]]
+    all_labels: bool
+    map_direction: str
+    write_images: bool
+    sim_sha: str
+    clf_sha: str
+    prov: dict[str, Any]
+    common: dict[str, Any]
+
+
+def _load_simulate_inputs(
+    preproc: str | os.PathLike[str],
+    simulator: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    *,
+    subjects: str | Sequence[str],
+    split: str | os.PathLike[str] | None,
+    regions: Mapping[str, Sequence[int]],
+    device: str,
+) -> _SimInputs:
+    """Load ``preproc.pt``, the simulator and the classifier; choose the subjects; check regions."""
+    from neuroexplain.attribution.saliency import select_subjects
+    from neuroexplain.models import load_classifier
+    from neuroexplain.mri.ingest import load_preproc
+    from neuroexplain.simulator.train import freeze, load_simulator
+    from neuroexplain.utils import check_region_labels, resolve_device
+
+    data = load_preproc(preproc)
+    images = data["images"].float()
+    shape = list(images.shape[1:])
+    dev = resolve_device(device)
+    model, sckpt = load_simulator(simulator, map_location=dev)
+    if sckpt.get("input_shape") and list(sckpt["input_shape"]) != shape:
+        raise InputError(
+            simulator, f"simulator trained on inputs {sckpt['input_shape']}, got data {shape}"
+        )
+    clf, _ = load_classifier(classifier, input_shape=shape, map_location=dev)
+    freeze(clf)
+    split_path = Path(split) if split is not None else Path(classifier).parent / "split.tsv"
+    idx = select_subjects(
+        subjects, data["subjects"], split=split_path if split_path.is_file() else None
+    )
+    n_all = images.shape[0]
+    y_all = data["y"].double().numpy() if data["y"] is not None else np.full(n_all, np.nan)
+    region_notes: list[str] = []
+    if regions:  # a label no subject has would only give empty rows: refuse it before the work
+        if data.get("dseg") is None:
+            raise InputError(
+                preproc, "has no label maps (dseg) for the --regions tables: ingest with dseg"
+            )
+        region_notes = check_region_labels(
+            regions,
+            [np.unique(data["dseg"][i, 0].numpy()) for i in idx],
+            where=f"{Path(preproc).name}, model grid",
+            subjects=[str(data["subjects"][i]) for i in idx],
+        )
+    return _SimInputs(data, images, dev, model, sckpt, clf, idx, y_all, region_notes)
+
+
+def _simulate_context(
+    preproc: str | os.PathLike[str],
+    simulator: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    subjects: str | Sequence[str],
+    regions: dict[str, Sequence[int]],
+    all_labels: bool,
+    map_direction: str,
+    write_images: bool,
+    seed: int | None,
+) -> _SimContext:
+    """Checksums, provenance and the sidecar fields shared by every output of the run."""
+    from neuroexplain.provenance import provenance, sha256_file
+
+    sim_sha, clf_sha = sha256_file(simulator), sha256_file(classifier)
+    params = {
+        "preproc": str(preproc),
+        "simulator": str(simulator),
+        "classifier": str(classifier),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects),
+        "regions": regions,
+        "all_labels": bool(all_labels),
+        "map_direction": map_direction,
+        "write_images": bool(write_images),
+    }
+    prov = provenance(
+        params, seed=seed, inputs=[preproc, simulator, classifier], command="simulate"
+    )
+    common = {
+        "Convention": CONVENTION,
+        "Simulator": str(simulator),
+        "SimulatorSHA256": sim_sha,
+        "Classifier": str(classifier),
+        "ClassifierSHA256": clf_sha,
+        "Reference": "Liu, Adeli, Pohl, Zhao. Going Beyond Saliency Maps: Training Deep Models "
+        "to Interpret Deep Models. IPMI 2021.",
+        "provenance": prov,
+    }
+    return _SimContext(
+        Path(out), regions, all_labels, map_direction, write_images, sim_sha, clf_sha, prov, common
+    )
+
+
+@torch.no_grad()
+def _simulate_batch(
+    inp: _SimInputs, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """Input logits and, per direction, simulation, field, cycle image, logit and disease map."""
+    from neuroexplain.simulator.train import logit_of
+
+    b = x.shape[0]
+    res: dict[str, dict[str, torch.Tensor]] = {}
+    l_in = logit_of(inp.clf(x)).float().cpu()
+    for name, o in DIRECTIONS.items():
+        cond = torch.full((b,), o, device=inp.dev)
+        sim, ddf = inp.model(x, cond)
+        back, _ = inp.model(sim, -cond)
+        res[name] = {
+            "sim": sim.float().cpu(),
+            "ddf": ddf.float().cpu(),
+            "back": back.float().cpu(),
+            "logit": logit_of(inp.clf(sim)).float().cpu(),
+            "map": disease_log_jacobian(ddf.cpu(), name).cpu(),
+        }
+    return l_in, res
+
+
+def _subject_row(
+    inp: _SimInputs,
+    i: int,
+    j: int,
+    head: dict[str, Any],
+    res: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """The ``subjects.tsv`` row of subject ``i`` (``j`` in its batch): flips, cycle, field size."""
+    lg = head["logit"]
+    if inp.data["dseg"] is not None:
+        brain = inp.data["dseg"][i, 0].numpy() > 0
+    else:
+        brain = inp.images[i, 0].numpy() > 0
+    x0 = inp.images[i, 0].numpy()
+    denom = float(np.abs(x0[brain]).mean()) if brain.any() else float("nan")
+    row: dict[str, Any] = dict(head)
+    for name in DIRECTIONS:
+        r = res[name]
+        back = r["back"][j, 0].numpy()
+        other = "remove" if name == "inject" else "inject"
+        cyc = float(np.abs(back - x0)[brain].mean()) if brain.any() else float("nan")
+        mag = r["ddf"][j].norm(dim=0)
+        row.update(
+            {
+                f"logit_{name}": float(r["logit"][j]),
+                f"flipped_{name}": bool(
+                    (r["logit"][j] > 0) != (lg > 0)
+                    and ((name == "inject") == (float(r["logit"][j]) > 0))
+                ),
+                f"target_{name}": bool((float(r["logit"][j]) > 0) == (name == "inject")),
+                f"cycle_{name}_{other}": cyc,
+                f"cycle_{name}_{other}_rel": cyc / denom if denom else float("nan"),
+                f"max_disp_{name}_vox": float(mag.max()),
+                f"mean_disp_{name}_vox": float(mag[torch.from_numpy(brain)].mean())
+                if brain.any()
+                else float("nan"),
+            }
+        )
+    return row
+
+
+def _write_subject_maps(
+    ctx: _SimContext,
+    sub: str,
+    chosen: str,
+    img: Any,
+    maps_native: dict[str, np.ndarray],
+    jac: np.ndarray,
+    side: dict[str, Any],
+) -> None:
+    """Write the subject's native disease maps: logJ of the chosen and of each direction, J."""
+    from neuroexplain.attribution.export import map_path
+    from neuroexplain.io.nifti import save_map
+
+    for key, arr in maps_native.items():
+        direction = chosen if key == "simulator" else key.removeprefix("simulator")
+        save_map(
+            arr,
+            img,
+            map_path(ctx.out, sub, key, "logjacobian"),
+            description=f"neuroexplain simulator: disease logJ ({direction})",
+            intent_name="logjacobian",
+            sidecar={**side, "Method": key, "Direction": direction, "Space": "native T1w"},
+        )
+    save_map(
+        jac,
+        img,
+        map_path(ctx.out, sub, "simulator", "jacobian"),
+        description=f"neuroexplain simulator: disease J ({chosen})",
+        intent_name="jacobian",
+        sidecar={**side, "Method": "simulator", "Direction": chosen, "Space": "native T1w"},
+    )
+
+
+def _write_subject_images(
+    ctx: _SimContext,
+    sub: str,
+    img: Any,
+    model_affine: np.ndarray,
+    ddfs: dict[str, np.ndarray],
+    side: dict[str, Any],
+) -> None:
+    """Write the subject's native displacement fields (mm, RAS+) and warped T1w per direction."""
+    from neuroexplain.attribution.export import subject_label
+    from neuroexplain.io.nifti import save_displacement, save_map
+    from neuroexplain.mri.preprocess import to_native
+
+    t1 = np.asarray(img.get_fdata(dtype=np.float32))
+    for name in DIRECTIONS:
+        disp_model = ddf_to_world(ddfs[name], model_affine)
+        disp = to_native(disp_model, model_affine, img)  # (3, X, Y, Z) mm
+        label = subject_label(sub)
+        folder = ctx.out / f"sub-{label}"
+        save_displacement(
+            np.moveaxis(disp, 0, -1),
+            img,
+            folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
+            description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
+            sidecar={
+                **side,
+                "Direction": name,
+                "Units": "mm",
+                "Axes": "world RAS+ (nibabel convention)",
+                "Convention": "pull-back: simulated(p) = input(p + d(p))",
+            },
+        )
+        save_map(
+            warp_native(t1, img.affine, disp),
+            img,
+            folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
+            description=f"neuroexplain simulator: T1w with disease {name}d",
+            intent="none",
+            sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
+        )
+
+
+def _subject_region_rows(
+    ctx: _SimContext,
+    data: Mapping[str, Any],
+    i: int,
+    head: dict[str, Any],
+    img: Any,
+    maps_model: dict[str, np.ndarray],
+    maps_native: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """``regions.tsv`` rows of a subject, on the native dseg (model grid when there is none)."""
+    from neuroexplain.io.nifti import load_labels
+
+    dseg_path = (data.get("dseg_paths") or [""] * (i + 1))[i]
+    if dseg_path and Path(dseg_path).is_file():
+        _, labels = load_labels(dseg_path, img, like_path=data["t1_paths"][i])
+        vals = maps_native
+    elif data["dseg"] is not None:
+        labels, vals = data["dseg"][i, 0].numpy(), maps_model
+    else:
+        labels, vals = None, {}
+    reg = _region_set(data, ctx.regions, ctx.all_labels, labels)
+    rows: list[dict[str, Any]] = []
+    if labels is not None and reg:
+        chosen = head["map_direction"]
+        for key, arr in vals.items():
+            for name, (mean, n) in region_means(arr, labels, reg).items():
+                rows.append(
+                    {
+                        "subject": head["subject"],
+                        "y": head["y"],
+                        "map": key,
+                        "direction": chosen if key == "simulator" else key[9:],
+                        "region": name,
+                        "labels": ",".join(str(v) for v in reg[name]),
+                        "n_voxels": n,
+                        "mean_logjacobian": mean,
+                    }
+                )
+    return rows
+
+
+def _simulate_subject(
+    ctx: _SimContext,
+    inp: _SimInputs,
+    i: int,
+    j: int,
+    l_in: torch.Tensor,
+    res: dict[str, dict[str, torch.Tensor]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Table rows of subject ``i`` (``j`` in its batch); writes its native-space outputs."""
+    from neuroexplain.attribution.export import native_reference, subject_label
+    from neuroexplain.mri.preprocess import to_native
+
+    data = inp.data
+    sub = str(data["subjects"][i])
+    y = float(inp.y_all[i])
+    lg = float(l_in[j])
+    chosen = _choose_direction(ctx.map_direction, y, lg)
+    head = {"subject": sub, "y": y, "logit": lg, "map_direction": chosen}
+    row = _subject_row(inp, i, j, head, res)
+
+    img = native_reference(data, i)
+    model_affine = np.asarray(data["model_affines"][i], dtype=np.float64)
+    maps_model = {
+        "simulator": res[chosen]["map"][j, 0].numpy(),
+        "simulatorinject": res["inject"]["map"][j, 0].numpy(),
+        "simulatorremove": res["remove"]["map"][j, 0].numpy(),
+    }
+    maps_native = {k: to_native(v, model_affine, img) for k, v in maps_model.items()}
+    side = {**ctx.common, "Subject": f"sub-{subject_label(sub)}"}
+    jac = 1.0 + to_native(np.exp(maps_model["simulator"]) - 1.0, model_affine, img)
+    _write_subject_maps(ctx, sub, chosen, img, maps_native, jac, side)
+    if ctx.write_images:
+        ddfs = {name: res[name]["ddf"][j].numpy() for name in DIRECTIONS}
+        _write_subject_images(ctx, sub, img, model_affine, ddfs, side)
+    regions = _subject_region_rows(ctx, data, i, head, img, maps_model, maps_native)
+    return row, regions
+
+
+def _write_simulate_tables(
+    out: Path, subj_rows: list[dict[str, Any]], region_rows: list[dict[str, Any]]
+) -> tuple[Any, Any]:
+    """Write ``subjects.tsv``, ``regions.tsv`` and ``group.tsv``; return subjects and groups."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_table
+
+    subj_df = pd.DataFrame(subj_rows)
+    write_table(subj_df, out / "subjects.tsv")
+    group_df = pd.DataFrame()
+    if region_rows:
+        reg_df = pd.DataFrame(region_rows)
+        write_table(reg_df, out / "regions.tsv")
+        parts = [reg_df.assign(group="all")]
+        if reg_df["y"].notna().any():
+            parts.append(reg_df[reg_df["y"] == 1].assign(group="diseased"))
+            parts.append(reg_df[reg_df["y"] == 0].assign(group="healthy"))
+        group_df = group_stats(pd.concat(parts, ignore_index=True), by=("map", "group", "region"))
+        write_table(group_df, out / "group.tsv")
+    return subj_df, group_df
+
+
+def _simulate_summary(
+    ctx: _SimContext, subj_df: Any, group_df: Any, region_notes: list[str]
+) -> dict[str, Any]:
+    """The ``simulate.json`` content: flip, target and cycle rates, group table, provenance."""
+
+    def frac(col: str, mask: Any) -> float | None:
+        sel = subj_df.loc[mask, col]
+        return float(sel.mean()) if len(sel) else None
+
+    pred_pos = subj_df["logit"] > 0
+    return {
+        "n_subjects": len(subj_df),
+        "flip_rate": {
+            "inject": frac("flipped_inject", ~pred_pos),
+            "remove": frac("flipped_remove", pred_pos),
+            "both": float(
+                np.mean(
+                    list(subj_df.loc[~pred_pos, "flipped_inject"])
+                    + list(subj_df.loc[pred_pos, "flipped_remove"])
+                )
+            )
+            if len(subj_df)
+            else None,
+        },
+        "flip_rate_definition": "inject: fraction of subjects predicted healthy whose simulated "
+        "image is predicted diseased; remove: the reverse; both: over all those simulations",
+        "target_rate": {
+            "inject": frac("target_inject", slice(None)),
+            "remove": frac("target_remove", slice(None)),
+        },
+        "cycle_error": {
+            "inject_remove": float(subj_df["cycle_inject_remove"].mean()),
+            "remove_inject": float(subj_df["cycle_remove_inject"].mean()),
+            "inject_remove_relative": float(subj_df["cycle_inject_remove_rel"].mean()),
+            "remove_inject_relative": float(subj_df["cycle_remove_inject_rel"].mean()),
+        },
+        "cycle_error_definition": "mean |G(G(x, o), -o) - x| in the brain (model grid, "
+        "normalised intensities); relative: divided by the mean brain intensity",
+        "group": group_df.to_dict(orient="records"),
+        "convention": CONVENTION,
+        "simulator_sha256": ctx.sim_sha,
+        "classifier_sha256": ctx.clf_sha,
+        "provenance": ctx.prov,
+        "warnings": region_notes,
+    }
+
+
 def run_simulate(
     preproc: str | os.PathLike[str],
     simulator: str | os.PathLike[str],
@@ -413,290 +827,59 @@ def run_simulate(
     Returns:
         The ``simulate.json`` content.
     """
-    import pandas as pd
     from tqdm.auto import tqdm
 
-    from neuroexplain.attribution.export import map_path, native_reference, subject_label
-    from neuroexplain.attribution.saliency import select_subjects
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.io.nifti import load_labels, save_displacement, save_map
-    from neuroexplain.models import load_classifier
-    from neuroexplain.mri.ingest import load_preproc
-    from neuroexplain.mri.preprocess import to_native
-    from neuroexplain.provenance import provenance, sha256_file
-    from neuroexplain.simulator.train import freeze, load_simulator, logit_of
-    from neuroexplain.utils import check_region_labels, resolve_device
+    from neuroexplain.io.atomic import write_json
 
     if map_direction not in MAP_DIRECTIONS:
         raise InputError(
             "--map-direction", f"expected one of {MAP_DIRECTIONS}, got {map_direction!r}"
         )
     regions = dict(regions or {})
-    data = load_preproc(preproc)
-    images = data["images"].float()
-    shape = list(images.shape[1:])
-    dev = resolve_device(device)
-    model, sckpt = load_simulator(simulator, map_location=dev)
-    if sckpt.get("input_shape") and list(sckpt["input_shape"]) != shape:
-        raise InputError(
-            simulator, f"simulator trained on inputs {sckpt['input_shape']}, got data {shape}"
-        )
-    clf, _ = load_classifier(classifier, input_shape=shape, map_location=dev)
-    freeze(clf)
-    split_path = Path(split) if split is not None else Path(classifier).parent / "split.tsv"
-    idx = select_subjects(
-        subjects, data["subjects"], split=split_path if split_path.is_file() else None
+    inp = _load_simulate_inputs(
+        preproc,
+        simulator,
+        classifier,
+        subjects=subjects,
+        split=split,
+        regions=regions,
+        device=device,
     )
-    n_all = images.shape[0]
-    y_all = data["y"].double().numpy() if data["y"] is not None else np.full(n_all, np.nan)
-    region_notes: list[str] = []
-    if regions:  # a label no subject has would only give empty rows: refuse it before the work
-        if data.get("dseg") is None:
-            raise InputError(
-                preproc, "has no label maps (dseg) for the --regions tables: ingest with dseg"
-            )
-        region_notes = check_region_labels(
-            regions,
-            [np.unique(data["dseg"][i, 0].numpy()) for i in idx],
-            where=f"{Path(preproc).name}, model grid",
-            subjects=[str(data["subjects"][i]) for i in idx],
-        )
-
-    out = Path(out)
-    sim_sha, clf_sha = sha256_file(simulator), sha256_file(classifier)
-    params = {
-        "preproc": str(preproc),
-        "simulator": str(simulator),
-        "classifier": str(classifier),
-        "subjects": subjects if isinstance(subjects, str) else list(subjects),
-        "regions": regions,
-        "all_labels": bool(all_labels),
-        "map_direction": map_direction,
-        "write_images": bool(write_images),
-    }
-    prov = provenance(
-        params,
-        seed=sckpt.get("train_config", {}).get("seed"),
-        inputs=[preproc, simulator, classifier],
-        command="simulate",
+    ctx = _simulate_context(
+        preproc,
+        simulator,
+        classifier,
+        out,
+        subjects=subjects,
+        regions=regions,
+        all_labels=all_labels,
+        map_direction=map_direction,
+        write_images=write_images,
+        seed=inp.sckpt.get("train_config", {}).get("seed"),
     )
-    common = {
-        "Convention": CONVENTION,
-        "Simulator": str(simulator),
-        "SimulatorSHA256": sim_sha,
-        "Classifier": str(classifier),
-        "ClassifierSHA256": clf_sha,
-        "Reference": "Liu, Adeli, Pohl, Zhao. Going Beyond Saliency Maps: Training Deep Models "
-        "to Interpret Deep Models. IPMI 2021.",
-        "provenance": prov,
-    }
     subj_rows: list[dict[str, Any]] = []
     region_rows: list[dict[str, Any]] = []
+    idx = inp.idx
     disable = None if progress is None else not progress
     bar = tqdm(total=len(idx), desc="simulate", unit="subject", disable=disable)
     for start in range(0, len(idx), batch_size):
         bidx = idx[start : start + batch_size]
-        x = images[bidx].to(dev)
-        b = x.shape[0]
-        res: dict[str, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            l_in = logit_of(clf(x)).float().cpu()
-            for name, o in DIRECTIONS.items():
-                cond = torch.full((b,), o, device=dev)
-                sim, ddf = model(x, cond)
-                back, _ = model(sim, -cond)
-                res[name] = {
-                    "sim": sim.float().cpu(),
-                    "ddf": ddf.float().cpu(),
-                    "back": back.float().cpu(),
-                    "logit": logit_of(clf(sim)).float().cpu(),
-                    "map": disease_log_jacobian(ddf.cpu(), name).cpu(),
-                }
+        l_in, res = _simulate_batch(inp, inp.images[bidx].to(inp.dev))
         for j, i in enumerate(bidx):
-            sub = str(data["subjects"][i])
-            y = float(y_all[i])
-            lg = float(l_in[j])
-            chosen = _choose_direction(map_direction, y, lg)
-            if data["dseg"] is not None:
-                brain = data["dseg"][i, 0].numpy() > 0
-            else:
-                brain = images[i, 0].numpy() > 0
-            x0 = images[i, 0].numpy()
-            denom = float(np.abs(x0[brain]).mean()) if brain.any() else float("nan")
-            row: dict[str, Any] = {
-                "subject": sub,
-                "y": y,
-                "logit": lg,
-                "map_direction": chosen,
-            }
-            for name in DIRECTIONS:
-                r = res[name]
-                back = r["back"][j, 0].numpy()
-                other = "remove" if name == "inject" else "inject"
-                cyc = float(np.abs(back - x0)[brain].mean()) if brain.any() else float("nan")
-                mag = r["ddf"][j].norm(dim=0)
-                row.update(
-                    {
-                        f"logit_{name}": float(r["logit"][j]),
-                        f"flipped_{name}": bool(
-                            (r["logit"][j] > 0) != (lg > 0)
-                            and ((name == "inject") == (float(r["logit"][j]) > 0))
-                        ),
-                        f"target_{name}": bool((float(r["logit"][j]) > 0) == (name == "inject")),
-                        f"cycle_{name}_{other}": cyc,
-                        f"cycle_{name}_{other}_rel": cyc / denom if denom else float("nan"),
-                        f"max_disp_{name}_vox": float(mag.max()),
-                        f"mean_disp_{name}_vox": float(mag[torch.from_numpy(brain)].mean())
-                        if brain.any()
-                        else float("nan"),
-                    }
-                )
+            row, rows = _simulate_subject(ctx, inp, i, j, l_in, res)
             subj_rows.append(row)
-
-            # ---- native space outputs
-            img = native_reference(data, i)
-            model_affine = np.asarray(data["model_affines"][i], dtype=np.float64)
-            maps_model = {
-                "simulator": res[chosen]["map"][j, 0].numpy(),
-                "simulatorinject": res["inject"]["map"][j, 0].numpy(),
-                "simulatorremove": res["remove"]["map"][j, 0].numpy(),
-            }
-            maps_native = {k: to_native(v, model_affine, img) for k, v in maps_model.items()}
-            side = {**common, "Subject": f"sub-{subject_label(sub)}"}
-            for key, arr in maps_native.items():
-                direction = chosen if key == "simulator" else key.removeprefix("simulator")
-                save_map(
-                    arr,
-                    img,
-                    map_path(out, sub, key, "logjacobian"),
-                    description=f"neuroexplain simulator: disease logJ ({direction})",
-                    intent_name="logjacobian",
-                    sidecar={**side, "Method": key, "Direction": direction, "Space": "native T1w"},
-                )
-            jac = 1.0 + to_native(np.exp(maps_model["simulator"]) - 1.0, model_affine, img)
-            save_map(
-                jac,
-                img,
-                map_path(out, sub, "simulator", "jacobian"),
-                description=f"neuroexplain simulator: disease J ({chosen})",
-                intent_name="jacobian",
-                sidecar={**side, "Method": "simulator", "Direction": chosen, "Space": "native T1w"},
-            )
-            if write_images:
-                t1 = np.asarray(img.get_fdata(dtype=np.float32))
-                for name in DIRECTIONS:
-                    disp_model = ddf_to_world(res[name]["ddf"][j].numpy(), model_affine)
-                    disp = to_native(disp_model, model_affine, img)  # (3, X, Y, Z) mm
-                    label = subject_label(sub)
-                    folder = out / f"sub-{label}"
-                    save_displacement(
-                        np.moveaxis(disp, 0, -1),
-                        img,
-                        folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
-                        description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
-                        sidecar={
-                            **side,
-                            "Direction": name,
-                            "Units": "mm",
-                            "Axes": "world RAS+ (nibabel convention)",
-                            "Convention": "pull-back: simulated(p) = input(p + d(p))",
-                        },
-                    )
-                    save_map(
-                        warp_native(t1, img.affine, disp),
-                        img,
-                        folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
-                        description=f"neuroexplain simulator: T1w with disease {name}d",
-                        intent="none",
-                        sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
-                    )
-            # ---- region table on the native dseg (model grid when there is none)
-            dseg_path = (data.get("dseg_paths") or [""] * (i + 1))[i]
-            if dseg_path and Path(dseg_path).is_file():
-                _, labels = load_labels(dseg_path, img, like_path=data["t1_paths"][i])
-                vals = maps_native
-            elif data["dseg"] is not None:
-                labels, vals = data["dseg"][i, 0].numpy(), maps_model
-            else:
-                labels, vals = None, {}
-            reg = _region_set(data, regions, all_labels, labels)
-            if labels is not None and reg:
-                for key, arr in vals.items():
-                    for name, (mean, n) in region_means(arr, labels, reg).items():
-                        region_rows.append(
-                            {
-                                "subject": sub,
-                                "y": y,
-                                "map": key,
-                                "direction": chosen if key == "simulator" else key[9:],
-                                "region": name,
-                                "labels": ",".join(str(v) for v in reg[name]),
-                                "n_voxels": n,
-                                "mean_logjacobian": mean,
-                            }
-                        )
+            region_rows.extend(rows)
             bar.update(1)
     bar.close()
 
-    subj_df = pd.DataFrame(subj_rows)
-    write_table(subj_df, out / "subjects.tsv")
-    group_df = pd.DataFrame()
-    if region_rows:
-        reg_df = pd.DataFrame(region_rows)
-        write_table(reg_df, out / "regions.tsv")
-        parts = [reg_df.assign(group="all")]
-        if reg_df["y"].notna().any():
-            parts.append(reg_df[reg_df["y"] == 1].assign(group="diseased"))
-            parts.append(reg_df[reg_df["y"] == 0].assign(group="healthy"))
-        group_df = group_stats(pd.concat(parts, ignore_index=True), by=("map", "group", "region"))
-        write_table(group_df, out / "group.tsv")
-
-    def frac(col: str, mask: Any) -> float | None:
-        sel = subj_df.loc[mask, col]
-        return float(sel.mean()) if len(sel) else None
-
-    pred_pos = subj_df["logit"] > 0
-    summary = {
-        "n_subjects": len(subj_df),
-        "flip_rate": {
-            "inject": frac("flipped_inject", ~pred_pos),
-            "remove": frac("flipped_remove", pred_pos),
-            "both": float(
-                np.mean(
-                    list(subj_df.loc[~pred_pos, "flipped_inject"])
-                    + list(subj_df.loc[pred_pos, "flipped_remove"])
-                )
-            )
-            if len(subj_df)
-            else None,
-        },
-        "flip_rate_definition": "inject: fraction of subjects predicted healthy whose simulated "
-        "image is predicted diseased; remove: the reverse; both: over all those simulations",
-        "target_rate": {
-            "inject": frac("target_inject", slice(None)),
-            "remove": frac("target_remove", slice(None)),
-        },
-        "cycle_error": {
-            "inject_remove": float(subj_df["cycle_inject_remove"].mean()),
-            "remove_inject": float(subj_df["cycle_remove_inject"].mean()),
-            "inject_remove_relative": float(subj_df["cycle_inject_remove_rel"].mean()),
-            "remove_inject_relative": float(subj_df["cycle_remove_inject_rel"].mean()),
-        },
-        "cycle_error_definition": "mean |G(G(x, o), -o) - x| in the brain (model grid, "
-        "normalised intensities); relative: divided by the mean brain intensity",
-        "group": group_df.to_dict(orient="records"),
-        "convention": CONVENTION,
-        "simulator_sha256": sim_sha,
-        "classifier_sha256": clf_sha,
-        "provenance": prov,
-        "warnings": region_notes,
-    }
-    write_json(summary, out / "simulate.json")
+    subj_df, group_df = _write_simulate_tables(ctx.out, subj_rows, region_rows)
+    summary = _simulate_summary(ctx, subj_df, group_df, inp.region_notes)
+    write_json(summary, ctx.out / "simulate.json")
     logger.info(
         "simulated %d subjects: flip rate inject %s, remove %s -> %s",
         len(subj_df),
         summary["flip_rate"]["inject"],
         summary["flip_rate"]["remove"],
-        out,
+        ctx.out,
     )
     return summary

@@ -485,7 +485,6 @@ def concept_saliency(
           config, package version).
     """
     from neuroexplain.provenance import provenance
-    from neuroexplain.utils import seed_everything
 
     adata = adata.copy() if copy else adata
     if not model.is_trained:
@@ -494,14 +493,81 @@ def concept_saliency(
         raise InputError("saliency", f"expected one of {SALIENCY_METHODS}, got {saliency!r}")
     model._validate(adata)
     latent = model.get_latent_representation(adata)
-    n_spots = adata.n_obs
 
     concepts: list[Concept] = []
     if label_key is not None:
         labels = spot_labels(adata, label_key, min_spots=min_spots)
         concepts += layer_concepts(latent, labels, method=method, seed=seed)
-    names = [str(n) for n in adata.obs_names]
-    pos = {n: i for i, n in enumerate(names)}
+    concepts += _user_concepts(
+        adata, model, latent, spot_concepts, gene_concepts, gene_concept_quantile
+    )
+    if not concepts:
+        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
+    cnames = [c.name for c in concepts]
+    if len(set(map(K.safe_name, cnames))) != len(cnames):
+        raise InputError("concepts", f"concept names must be unique, got {cnames}")
+
+    vectors = np.stack([c.vector for c in concepts])  # (C, L)
+    scores = latent @ vectors.T  # (N, C)
+    sal, stdevs = _concept_saliency_maps(
+        adata,
+        model,
+        vectors,
+        saliency=saliency,
+        nt_samples=nt_samples,
+        noise_level=noise_level,
+        n_steps=n_steps,
+        seed=seed,
+    )  # (C, N, G)
+
+    key = key_added
+    adata.obsm[K.latent_key(key)] = latent
+    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
+    ranked = _store_saliency(adata, model, key, concepts, sal, store_spot_gene=store_spot_gene)
+    params = {
+        "label_key": label_key,
+        "method": method,
+        "saliency": saliency,
+        "nt_samples": nt_samples,
+        "noise_level": noise_level,
+        "stdevs": stdevs,
+        "n_steps": n_steps,
+        "min_spots": min_spots,
+        "gene_concept_quantile": gene_concept_quantile,
+        "model": dict(model.config),
+        "train": dict(model.train_params),
+        "model_seed": model.seed,
+    }
+    prev = adata.uns.get(key, {})
+    adata.uns[key] = _concepts_uns(
+        adata,
+        model,
+        concepts,
+        ranked,
+        label_key=label_key,
+        method=method,
+        saliency=saliency,
+        prov=provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
+    )
+    adata.uns[key]["concept_vectors"] = vectors
+    if isinstance(prev, Mapping) and "genemode" in prev:
+        adata.uns[key]["genemode"] = prev["genemode"]
+    logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
+    return adata if copy else None
+
+
+def _user_concepts(
+    adata: Any,
+    model: SpotVAE,
+    latent: np.ndarray,
+    spot_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concept_quantile: float,
+) -> list[Concept]:
+    """The user-defined concepts: spot lists, then gene sets (checked against the AnnData)."""
+    concepts: list[Concept] = []
+    n_spots = adata.n_obs
+    pos = {str(n): i for i, n in enumerate(adata.obs_names)}
     for cname, spots in (spot_concepts or {}).items():
         missing = [s for s in spots if s not in pos]
         if missing:
@@ -524,14 +590,22 @@ def concept_saliency(
             expr = log_normalise(counts, gidx, target_sum=model.config["target_sum"])
             vec, mask = gene_set_vector(latent, expr, quantile=gene_concept_quantile)
             concepts.append(Concept(cname, vec, mask, "genes", [str(g) for g in genes]))
-    if not concepts:
-        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
-    cnames = [c.name for c in concepts]
-    if len(set(map(K.safe_name, cnames))) != len(cnames):
-        raise InputError("concepts", f"concept names must be unique, got {cnames}")
+    return concepts
 
-    vectors = np.stack([c.vector for c in concepts])  # (C, L)
-    scores = latent @ vectors.T  # (N, C)
+
+def _concept_saliency_maps(
+    adata: Any,
+    model: SpotVAE,
+    vectors: np.ndarray,
+    *,
+    saliency: SaliencyMethod,
+    nt_samples: int,
+    noise_level: float,
+    n_steps: int,
+    seed: int,
+) -> tuple[np.ndarray, float]:
+    """Saliency of every concept score at every spot: ``(C, N, G)`` and the SmoothGrad sd."""
+    from neuroexplain.utils import seed_everything
 
     x = torch.from_numpy(model.get_normalized_input(adata)).to(model.device)  # (N, G)
     scorer = ConceptScorer(model.posterior_mean(), vectors).to(model.device).eval()
@@ -545,22 +619,29 @@ def concept_saliency(
         nt_samples=nt_samples,
         stdevs=stdevs,
         n_steps=n_steps,
-        batch_size=_auto_batch(len(concepts), x.shape[1], expand),
+        batch_size=_auto_batch(len(vectors), x.shape[1], expand),
         generator=gen,
     )
-    sal = sal.cpu().numpy().astype(np.float32)  # (C, N, G)
+    return sal.cpu().numpy().astype(np.float32), stdevs
 
+
+def _store_saliency(
+    adata: Any,
+    model: SpotVAE,
+    key: str,
+    concepts: list[Concept],
+    sal: np.ndarray,
+    *,
+    store_spot_gene: bool,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Write the per-gene saliency (``.varm``, ``.var``, ``.layers``); the ranked genes."""
     gi = model.gene_index
-    n_vars = adata.n_vars
+    n_spots, n_vars = adata.n_obs, adata.n_vars
     agg = np.zeros((n_vars, len(concepts)), dtype=np.float32)
     agg_abs = np.zeros_like(agg)
     for j, c in enumerate(concepts):
         agg[gi, j] = sal[j][c.spots].mean(0)
         agg_abs[gi, j] = np.abs(sal[j][c.spots]).mean(0)
-
-    key = key_added
-    adata.obsm[K.latent_key(key)] = latent
-    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
     adata.varm[K.saliency_key(key)] = agg
     adata.varm[K.saliency_abs_key(key)] = agg_abs
     input_mask = np.zeros(n_vars, dtype=bool)
@@ -583,22 +664,24 @@ def concept_saliency(
             "saliency": agg[gi, j][order],
             "saliency_abs": agg_abs[gi, j][order],
         }
-    params = {
-        "label_key": label_key,
-        "method": method,
-        "saliency": saliency,
-        "nt_samples": nt_samples,
-        "noise_level": noise_level,
-        "stdevs": stdevs,
-        "n_steps": n_steps,
-        "min_spots": min_spots,
-        "gene_concept_quantile": gene_concept_quantile,
-        "model": dict(model.config),
-        "train": dict(model.train_params),
-        "model_seed": model.seed,
-    }
-    prev = adata.uns.get(key, {})
-    adata.uns[key] = _h5ad_safe(
+    return ranked
+
+
+def _concepts_uns(
+    adata: Any,
+    model: SpotVAE,
+    concepts: list[Concept],
+    ranked: dict[str, dict[str, np.ndarray]],
+    *,
+    label_key: str | None,
+    method: str,
+    saliency: str,
+    prov: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``.uns[key]`` block: concepts, their spots and members, ranked genes, provenance."""
+    names = [str(n) for n in adata.obs_names]
+    cnames = [c.name for c in concepts]
+    return _h5ad_safe(
         {
             "concepts": cnames,
             "concept_source": [c.source for c in concepts],
@@ -615,14 +698,9 @@ def concept_saliency(
                 "method": method,
                 "saliency": saliency,
             },
-            "params": provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
+            "params": prov,
         }
     )
-    adata.uns[key]["concept_vectors"] = vectors
-    if isinstance(prev, Mapping) and "genemode" in prev:
-        adata.uns[key]["genemode"] = prev["genemode"]
-    logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
-    return adata if copy else None
 
 
 def ranked_genes(adata: Any, concept: str, *, key: str = K.DEFAULT_KEY, n: int | None = None):
@@ -735,41 +813,15 @@ def genemode(
         InputError: a seed gene is missing, or no spatial coordinates.
     """
     from neuroexplain.provenance import provenance
-    from neuroexplain.st.vae import select_genes
     from neuroexplain.utils import seed_everything
 
     adata = adata.copy() if copy else adata
     seeds = [str(s) for s in seeds]
     if not seeds:
         raise InputError("--genemode-seeds", "expected at least one seed gene")
-    var_pos = {str(g): i for i, g in enumerate(adata.var_names)}
-    missing = [s for s in seeds if s not in var_pos]
-    if missing:
-        raise InputError("genemode seeds", f"seed genes not in adata.var_names: {missing}")
-    if K.SPATIAL_KEY not in adata.obsm:
-        raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates (n, 2)")
-    coords = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] < 2 or not np.all(np.isfinite(coords[:, :2])):
-        raise InputError(
-            f"adata.obsm[{K.SPATIAL_KEY!r}]",
-            f"expected finite (n, 2) coordinates, got shape {coords.shape}",
-        )
-    if genes is not None:
-        miss = [g for g in genes if g not in var_pos]
-        if miss:
-            raise InputError("genes", f"genes not in adata.var_names: {miss[:5]}")
-        idx = [var_pos[g] for g in genes]
-    else:
-        idx = list(select_genes(adata, layer=layer, n_top_genes=n_top_genes, target_sum=target_sum))
-    idx = sorted(set(idx) | {var_pos[s] for s in seeds})
-    gene_names = [str(adata.var_names[i]) for i in idx]
-    counts = get_counts(adata, layer)
-    expr = log_normalise(counts, np.asarray(idx), target_sum=target_sum)  # (N, G)
-    keep = expr.max(0) > 0
-    for s in seeds:
-        if not keep[gene_names.index(s)]:
-            raise InputError("genemode seeds", f"seed gene {s!r} is not expressed in any spot")
-    expr, gene_names = expr[:, keep], [g for g, k in zip(gene_names, keep, strict=True) if k]
+    coords, expr, gene_names = _genemode_expression(
+        adata, seeds, layer=layer, n_top_genes=n_top_genes, genes=genes, target_sum=target_sum
+    )
     n_sim = max(1, min(int(n_similar), len(gene_names) - 1))
 
     rows, cols, shape = rasterise_spots(coords[:, :2], spacing=spacing)
@@ -784,40 +836,11 @@ def genemode(
         progress=progress,
     )
     mu = vae.get_latent_representation()  # (G, L)
-
-    # concept genes: best spatial correlation with the seed over spots
-    z = (expr - expr.mean(0)) / (expr.std(0) + 1e-8)
-    corr = (z.T @ z) / len(z)  # (G, G)
-    concept_genes: dict[str, list[str]] = {}
-    masks = []
-    for s in seeds:
-        si = gene_names.index(s)
-        c = corr[si].copy()
-        c[si] = np.inf
-        top = np.argsort(-c, kind="stable")[:n_sim]
-        m = np.zeros(len(gene_names), dtype=bool)
-        m[top] = True
-        masks.append(m)
-        concept_genes[s] = [gene_names[i] for i in top]
+    concept_genes, masks = _seed_concepts(expr, gene_names, seeds, n_sim)
     vectors = np.stack([attribute_vector(mu, m, ~m) for m in masks])  # (S, L)
-
-    x = torch.from_numpy(images).to(vae.device)
-    scorer = ConceptScorer(vae.posterior_mean(), vectors).to(vae.device).eval()
-    sel = np.flatnonzero(np.any(np.stack(masks), axis=0))  # only genes of some concept
-    gen = torch.Generator(device=vae.device).manual_seed(seed)
-    stdevs = 0.15 * float(x.max() - x.min())
-    maps = np.zeros((adata.n_obs, len(seeds)), dtype=np.float32)
-    sal = ConceptSaliency(scorer).attribute(
-        x[torch.as_tensor(sel, device=x.device)],
-        method=saliency,
-        stdevs=stdevs,
-        batch_size=256,
-        generator=gen,
-    )  # (S, |sel|, 1, H, W)
-    sal = sal.cpu().numpy()
-    for j, m in enumerate(masks):
-        pix = sal[j][m[sel]].mean(0)[0]  # (H, W)
-        maps[:, j] = pix[rows, cols]
+    maps = _genemode_spot_maps(
+        vae, images, vectors, masks, (rows, cols), adata.n_obs, saliency=saliency, seed=seed
+    )
     key = key_added
     adata.obsm[K.genemode_key(key)] = maps
     uns = dict(adata.uns.get(key, {}))
@@ -853,3 +876,99 @@ def genemode(
     adata.uns[key] = uns
     logger.info("gene-mode concept maps for seeds %s", seeds)
     return adata if copy else None
+
+
+def _genemode_expression(
+    adata: Any,
+    seeds: list[str],
+    *,
+    layer: str | None,
+    n_top_genes: int | None,
+    genes: Sequence[str] | None,
+    target_sum: float,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Checked coordinates, and the log-normalised expression of the genes used as images."""
+    from neuroexplain.st.vae import select_genes
+
+    var_pos = {str(g): i for i, g in enumerate(adata.var_names)}
+    missing = [s for s in seeds if s not in var_pos]
+    if missing:
+        raise InputError("genemode seeds", f"seed genes not in adata.var_names: {missing}")
+    if K.SPATIAL_KEY not in adata.obsm:
+        raise InputError(f"adata.obsm[{K.SPATIAL_KEY!r}]", "expected spot coordinates (n, 2)")
+    coords = np.asarray(adata.obsm[K.SPATIAL_KEY], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] < 2 or not np.all(np.isfinite(coords[:, :2])):
+        raise InputError(
+            f"adata.obsm[{K.SPATIAL_KEY!r}]",
+            f"expected finite (n, 2) coordinates, got shape {coords.shape}",
+        )
+    if genes is not None:
+        miss = [g for g in genes if g not in var_pos]
+        if miss:
+            raise InputError("genes", f"genes not in adata.var_names: {miss[:5]}")
+        idx = [var_pos[g] for g in genes]
+    else:
+        idx = list(select_genes(adata, layer=layer, n_top_genes=n_top_genes, target_sum=target_sum))
+    idx = sorted(set(idx) | {var_pos[s] for s in seeds})
+    gene_names = [str(adata.var_names[i]) for i in idx]
+    counts = get_counts(adata, layer)
+    expr = log_normalise(counts, np.asarray(idx), target_sum=target_sum)  # (N, G)
+    keep = expr.max(0) > 0
+    for s in seeds:
+        if not keep[gene_names.index(s)]:
+            raise InputError("genemode seeds", f"seed gene {s!r} is not expressed in any spot")
+    expr, gene_names = expr[:, keep], [g for g, k in zip(gene_names, keep, strict=True) if k]
+    return coords, expr, gene_names
+
+
+def _seed_concepts(
+    expr: np.ndarray, gene_names: list[str], seeds: list[str], n_sim: int
+) -> tuple[dict[str, list[str]], list[np.ndarray]]:
+    """Concept genes of each seed: best spatial correlation with it over spots (and masks)."""
+    z = (expr - expr.mean(0)) / (expr.std(0) + 1e-8)
+    corr = (z.T @ z) / len(z)  # (G, G)
+    concept_genes: dict[str, list[str]] = {}
+    masks = []
+    for s in seeds:
+        si = gene_names.index(s)
+        c = corr[si].copy()
+        c[si] = np.inf
+        top = np.argsort(-c, kind="stable")[:n_sim]
+        m = np.zeros(len(gene_names), dtype=bool)
+        m[top] = True
+        masks.append(m)
+        concept_genes[s] = [gene_names[i] for i in top]
+    return concept_genes, masks
+
+
+def _genemode_spot_maps(
+    vae: GeneImageVAE,
+    images: np.ndarray,
+    vectors: np.ndarray,
+    masks: list[np.ndarray],
+    pixels: tuple[np.ndarray, np.ndarray],
+    n_obs: int,
+    *,
+    saliency: SaliencyMethod,
+    seed: int,
+) -> np.ndarray:
+    """Per-spot concept maps: saliency over pixels, averaged over the concept's genes."""
+    rows, cols = pixels
+    x = torch.from_numpy(images).to(vae.device)
+    scorer = ConceptScorer(vae.posterior_mean(), vectors).to(vae.device).eval()
+    sel = np.flatnonzero(np.any(np.stack(masks), axis=0))  # only genes of some concept
+    gen = torch.Generator(device=vae.device).manual_seed(seed)
+    stdevs = 0.15 * float(x.max() - x.min())
+    maps = np.zeros((n_obs, len(masks)), dtype=np.float32)
+    sal = ConceptSaliency(scorer).attribute(
+        x[torch.as_tensor(sel, device=x.device)],
+        method=saliency,
+        stdevs=stdevs,
+        batch_size=256,
+        generator=gen,
+    )  # (S, |sel|, 1, H, W)
+    sal = sal.cpu().numpy()
+    for j, m in enumerate(masks):
+        pix = sal[j][m[sel]].mean(0)[0]  # (H, W)
+        maps[:, j] = pix[rows, cols]
+    return maps

@@ -719,6 +719,199 @@ def _uns_safe(obj: Any) -> Any:
     return obj
 
 
+def _check_ingest_options(
+    out: PathArg | None,
+    counts: PathArg | None,
+    spots: PathArg | None,
+    h5ad: PathArg | None,
+    visium: PathArg | None,
+    orientation: str,
+    on_mismatch: str,
+) -> None:
+    """Refuse contradictory or unknown options before anything is read."""
+    sources = {"--counts": counts, "--h5ad": h5ad, "--visium": visium}
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) != 1:
+        raise InputError(
+            "/".join(sources), f"expected exactly one input source, got {given or 'none'}"
+        )
+    if orientation not in ORIENTATIONS:
+        raise InputError("--orientation", f"expected one of {ORIENTATIONS}, got {orientation!r}")
+    if on_mismatch not in MISMATCH_POLICIES:
+        raise InputError(
+            "--on-mismatch", f"expected one of {MISMATCH_POLICIES}, got {on_mismatch!r}"
+        )
+    if out is not None and not str(out).endswith(".h5ad"):
+        raise InputError(out, "expected an output path ending in .h5ad")
+    if counts is not None and spots is None:
+        raise InputError(counts, "a counts table needs --spots (spot ids, coordinates, labels)")
+    if orientation != "auto" and counts is None:
+        log.warning("--orientation applies to counts tables only; ignored")
+
+
+@dataclass
+class _SpotTable:
+    """The spot table, read and checked before the (slow) counts: labels, coordinates."""
+
+    path: Path
+    table: pd.DataFrame
+    labels: pd.Series | None
+    coords: pd.DataFrame | None
+
+
+def _read_spot_inputs(
+    spots: PathArg,
+    spot_col: str | None,
+    label_key: str | None,
+    *,
+    counts: PathArg | None,
+    x_col: str,
+    y_col: str,
+) -> _SpotTable:
+    """Read the spot table; its labels and (for a counts table) coordinates are checked now."""
+    spots_path = _check_file(spots, "spot table")
+    table = _read_spot_table(spots_path, spot_col)
+    # checked before the (slow) counts read; coordinates are only required for counts tables
+    labels = _labels_from_table(table, spots_path, label_key) if label_key else None
+    if labels is not None:
+        _check_label_case(labels, spots_path, label_key)
+    coords_df = None
+    if counts is not None:
+        coords_df = _coords_from_table(table, spots_path, x_col, y_col)
+    return _SpotTable(spots_path, table, labels, coords_df)
+
+
+def _merge_spot_table(
+    parts: _Parts,
+    st: _SpotTable,
+    *,
+    label_key: str | None,
+    x_col: str,
+    y_col: str,
+    on_mismatch: str,
+) -> None:
+    """Align the input's spots with the spot table; take its coordinates, labels, columns."""
+    table, spots_path = st.table, st.path
+    coords_df = st.coords
+    coords_from_table = parts.coords is None
+    if coords_from_table and coords_df is None:
+        coords_df = _coords_from_table(table, spots_path, x_col, y_col)
+    aligned = _align(
+        parts, table, spots_path, coords_from_table=coords_from_table, on_mismatch=on_mismatch
+    )
+    if coords_df is not None and coords_from_table:
+        parts.coords = coords_df.reindex(parts.obs.index).to_numpy()
+    if st.labels is not None:
+        parts.labels = st.labels.reindex(parts.obs.index)
+    skip = {x_col, y_col} | ({label_key} if label_key else set())
+    extra = _extra_columns(aligned, skip)
+    for col in extra.columns:
+        parts.obs[col] = extra[col]
+    parts.inputs.append(spots_path)
+
+
+def _read_inputs(
+    counts: PathArg | None,
+    spots: PathArg | None,
+    h5ad: PathArg | None,
+    visium: PathArg | None,
+    *,
+    orientation: str,
+    label_key: str | None,
+    x_col: str,
+    y_col: str,
+    spot_col: str | None,
+    on_mismatch: str,
+) -> _Parts:
+    """Read the input source and the spot table into checked parts with coordinates."""
+    st = None
+    if spots is not None:
+        st = _read_spot_inputs(spots, spot_col, label_key, counts=counts, x_col=x_col, y_col=y_col)
+    if counts is not None:
+        assert st is not None
+        parts = _read_counts_table(counts, st.table.index, orientation)
+    elif h5ad is not None:
+        parts = _read_h5ad(h5ad, x_col, y_col)
+    else:
+        parts = _read_visium(visium)
+
+    if st is not None:
+        _merge_spot_table(
+            parts, st, label_key=label_key, x_col=x_col, y_col=y_col, on_mismatch=on_mismatch
+        )
+    elif label_key:
+        if parts.source == "h5ad":
+            if label_key not in parts.obs:
+                raise InputError(
+                    h5ad,
+                    f"label column {label_key!r} not in .obs (columns: {list(parts.obs.columns)}); "
+                    "set --label-key, or --label-key '' for no labels",
+                )
+            parts.labels = parts.obs.pop(label_key)
+            _check_label_case(parts.labels, h5ad, label_key)
+        else:
+            log.warning("%s: no spot table with labels given; every spot is unlabelled", visium)
+
+    if parts.coords is None:
+        where = h5ad if h5ad is not None else visium
+        raise InputError(
+            where,
+            f"no coordinates: no .obsm['spatial'], no .obs columns {x_col!r} / {y_col!r}, "
+            "and no spot table (--spots) with them",
+        )
+    nonfinite = ~np.isfinite(parts.coords).all(axis=1)
+    if nonfinite.any():
+        raise InputError(
+            parts.inputs[0],
+            f"missing or non-finite coordinates for {int(nonfinite.sum())} spot(s), first "
+            f"{parts.obs.index[int(np.flatnonzero(nonfinite)[0])]!r}",
+        )
+    return parts
+
+
+def _assemble(parts: _Parts, out_key: str | None) -> tuple[AnnData, dict[str, Any]]:
+    """The standard AnnData of the parts and the summary of what it holds."""
+    import anndata as ad
+
+    obs = parts.obs
+    obs.index = pd.Index(obs.index, dtype=object).rename(None)
+    var = parts.var
+    var.index = pd.Index(var.index, dtype=object).rename(None)
+    if parts.labels is not None:
+        assert out_key is not None
+        obs[out_key] = _categorical_labels(parts.labels)
+        labelled = obs[out_key].notna().to_numpy()
+    else:
+        labelled = np.zeros(obs.shape[0], dtype=bool)
+    obs[LABELLED_KEY] = labelled
+
+    X = parts.X
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.layers[COUNTS_LAYER] = X.copy()
+    adata.obsm[SPATIAL_KEY] = np.ascontiguousarray(parts.coords, dtype=np.float64)
+    adata.uns.update(parts.uns)
+
+    if parts.labels is not None:
+        counts_per = adata.obs[out_key].value_counts(sort=False)
+        cats, ncat = [str(c) for c in counts_per.index], [int(n) for n in counts_per.to_numpy()]
+    else:
+        cats, ncat = [], []
+    summary = {
+        "source": parts.source,
+        "orientation": parts.orientation or "",
+        "n_spots": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_labelled": int(labelled.sum()),
+        "n_unlabelled": int((~labelled).sum()),
+        "labels": cats,
+        "label_counts": ncat,
+        "total_counts": round(float(X.sum())),
+        "n_spots_dropped": int(parts.n_dropped),
+        "n_spot_rows_ignored": int(parts.n_ignored),
+    }
+    return adata, summary
+
+
 def ingest_st(
     out: PathArg | None = None,
     counts: PathArg | None = None,
@@ -773,133 +966,24 @@ def ingest_st(
         InputError: naming the file and the problem, for any bad input (see the module docstring);
             nothing is written then.
     """
-    import anndata as ad
-
     from neuroexplain.provenance import provenance
 
-    sources = {"--counts": counts, "--h5ad": h5ad, "--visium": visium}
-    given = [k for k, v in sources.items() if v is not None]
-    if len(given) != 1:
-        raise InputError(
-            "/".join(sources), f"expected exactly one input source, got {given or 'none'}"
-        )
-    if orientation not in ORIENTATIONS:
-        raise InputError("--orientation", f"expected one of {ORIENTATIONS}, got {orientation!r}")
-    if on_mismatch not in MISMATCH_POLICIES:
-        raise InputError(
-            "--on-mismatch", f"expected one of {MISMATCH_POLICIES}, got {on_mismatch!r}"
-        )
-    if out is not None and not str(out).endswith(".h5ad"):
-        raise InputError(out, "expected an output path ending in .h5ad")
-    if counts is not None and spots is None:
-        raise InputError(counts, "a counts table needs --spots (spot ids, coordinates, labels)")
-    if orientation != "auto" and counts is None:
-        log.warning("--orientation applies to counts tables only; ignored")
+    _check_ingest_options(out, counts, spots, h5ad, visium, orientation, on_mismatch)
     label_key = label_key or None
     out_key = label_out_key or label_key
-
-    table = None
-    spots_path = None
-    coords_df = labels = None
-    if spots is not None:
-        spots_path = _check_file(spots, "spot table")
-        table = _read_spot_table(spots_path, spot_col)
-        # checked before the (slow) counts read; coordinates are only required for counts tables
-        labels = _labels_from_table(table, spots_path, label_key) if label_key else None
-        if labels is not None:
-            _check_label_case(labels, spots_path, label_key)
-        if counts is not None:
-            coords_df = _coords_from_table(table, spots_path, x_col, y_col)
-
-    if counts is not None:
-        assert table is not None
-        parts = _read_counts_table(counts, table.index, orientation)
-    elif h5ad is not None:
-        parts = _read_h5ad(h5ad, x_col, y_col)
-    else:
-        parts = _read_visium(visium)
-
-    if table is not None:
-        assert spots_path is not None
-        coords_from_table = parts.coords is None
-        if coords_from_table and coords_df is None:
-            coords_df = _coords_from_table(table, spots_path, x_col, y_col)
-        aligned = _align(
-            parts, table, spots_path, coords_from_table=coords_from_table, on_mismatch=on_mismatch
-        )
-        if coords_df is not None and coords_from_table:
-            parts.coords = coords_df.reindex(parts.obs.index).to_numpy()
-        if labels is not None:
-            parts.labels = labels.reindex(parts.obs.index)
-        skip = {x_col, y_col} | ({label_key} if label_key else set())
-        extra = _extra_columns(aligned, skip)
-        for col in extra.columns:
-            parts.obs[col] = extra[col]
-        parts.inputs.append(spots_path)
-    elif label_key:
-        if parts.source == "h5ad":
-            if label_key not in parts.obs:
-                raise InputError(
-                    h5ad,
-                    f"label column {label_key!r} not in .obs (columns: {list(parts.obs.columns)}); "
-                    "set --label-key, or --label-key '' for no labels",
-                )
-            parts.labels = parts.obs.pop(label_key)
-            _check_label_case(parts.labels, h5ad, label_key)
-        else:
-            log.warning("%s: no spot table with labels given; every spot is unlabelled", visium)
-
-    if parts.coords is None:
-        where = h5ad if h5ad is not None else visium
-        raise InputError(
-            where,
-            f"no coordinates: no .obsm['spatial'], no .obs columns {x_col!r} / {y_col!r}, "
-            "and no spot table (--spots) with them",
-        )
-    nonfinite = ~np.isfinite(parts.coords).all(axis=1)
-    if nonfinite.any():
-        raise InputError(
-            parts.inputs[0],
-            f"missing or non-finite coordinates for {int(nonfinite.sum())} spot(s), first "
-            f"{parts.obs.index[int(np.flatnonzero(nonfinite)[0])]!r}",
-        )
-
-    obs = parts.obs
-    obs.index = pd.Index(obs.index, dtype=object).rename(None)
-    var = parts.var
-    var.index = pd.Index(var.index, dtype=object).rename(None)
-    if parts.labels is not None:
-        assert out_key is not None
-        obs[out_key] = _categorical_labels(parts.labels)
-        labelled = obs[out_key].notna().to_numpy()
-    else:
-        labelled = np.zeros(obs.shape[0], dtype=bool)
-    obs[LABELLED_KEY] = labelled
-
-    X = parts.X
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.layers[COUNTS_LAYER] = X.copy()
-    adata.obsm[SPATIAL_KEY] = np.ascontiguousarray(parts.coords, dtype=np.float64)
-    adata.uns.update(parts.uns)
-
-    if parts.labels is not None:
-        counts_per = adata.obs[out_key].value_counts(sort=False)
-        cats, ncat = [str(c) for c in counts_per.index], [int(n) for n in counts_per.to_numpy()]
-    else:
-        cats, ncat = [], []
-    summary = {
-        "source": parts.source,
-        "orientation": parts.orientation or "",
-        "n_spots": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_labelled": int(labelled.sum()),
-        "n_unlabelled": int((~labelled).sum()),
-        "labels": cats,
-        "label_counts": ncat,
-        "total_counts": round(float(X.sum())),
-        "n_spots_dropped": int(parts.n_dropped),
-        "n_spot_rows_ignored": int(parts.n_ignored),
-    }
+    parts = _read_inputs(
+        counts,
+        spots,
+        h5ad,
+        visium,
+        orientation=orientation,
+        label_key=label_key,
+        x_col=x_col,
+        y_col=y_col,
+        spot_col=spot_col,
+        on_mismatch=on_mismatch,
+    )
+    adata, summary = _assemble(parts, out_key)
     params = {
         "counts": None if counts is None else str(counts),
         "spots": None if spots is None else str(spots),
@@ -923,7 +1007,9 @@ def ingest_st(
             adata.n_obs,
             adata.n_vars,
             summary["n_labelled"],
-            ", ".join(f"{c} {n}" for c, n in zip(cats, ncat, strict=True)),
+            ", ".join(
+                f"{c} {n}" for c, n in zip(summary["labels"], summary["label_counts"], strict=True)
+            ),
             summary["n_unlabelled"],
         )
     else:

@@ -148,10 +148,6 @@ def plant_subject(
     Raises:
         neuroexplain.synth.fields.CalibrationError: the effect or nuisance would fold.
     """
-    from neuroexplain.jacobian import det3x3
-    from neuroexplain.synth import fields as F
-
-    shape = t1.shape
     sp = np.asarray(spacing, dtype=float)
     planted = [int(r) for r in (*shrink, *enlarge)]
     hit = set(planted) if affected is None else {int(r) for r in affected}
@@ -160,79 +156,159 @@ def plant_subject(
     rng = rng if rng is not None else np.random.default_rng(0)
     stats: dict[str, Any] = {}
 
-    # nuisance: healthy(y) = source(y + u(y))
-    u_sampler = None
-    det_n = None
-    if nuisance > 0:
-        u, du = F.random_smooth_field(shape, sp, nuisance, nuisance_sigma, rng)
-        for a in range(3):
-            du[a, a] += 1.0
-        det_n = det3x3(du)
-        del du
-        lo = float(det_n.min())
-        stats["nuisance_min_det"] = float(1.0 / det_n.max())
-        stats["nuisance_max_det"] = float(1.0 / lo)
-        stats["nuisance_max_displacement_mm"] = float(nuisance)
-        if lo <= 0.1 or 1.0 / det_n.max() <= 0.1:
-            raise F.CalibrationError(
-                f"the nuisance field would fold (min det {min(lo, 1 / det_n.max()):.3f}); "
-                "lower --nuisance or increase --nuisance-sigma"
-            )
-        samplers = [F.spline_sampler(u[a]) for a in range(3)]
+    nui, masks = _plant_nuisance(
+        labels, sp, planted, nuisance=nuisance, nuisance_sigma=nuisance_sigma, rng=rng, stats=stats
+    )
+    dis = _plant_disease(
+        masks,
+        t1.shape,
+        sp,
+        shrink=shrink,
+        enlarge=enlarge,
+        hit=hit,
+        magnitude=magnitude,
+        sigma=sigma,
+        stats=stats,
+    )
+    stats["healthy_volume_vox"] = {r: float(m.sum()) for r, m in masks.items()}
+    out_t1, out_labels = _resample_subject(t1, labels, nui, dis, planted, label_interpolation)
+    counts = {r: int((out_labels == r).sum()) for r in planted}
+    stats["label_volume_vox"] = counts
+    stats["volume_change_labels"] = {
+        r: counts[r] / stats["healthy_volume_vox"][r] - 1.0 for r in planted
+    }
+    return SubjectEffect(
+        t1=out_t1,
+        labels=out_labels,
+        jacobian=dis.jacobian,
+        nuisance_logjacobian=_nuisance_logjacobian(nui, dis),
+        planted_mask=np.isin(out_labels, sorted(hit)),
+        ddf=dis.ddf,
+        stats=stats,
+    )
 
-        def u_sampler(p: np.ndarray) -> np.ndarray:
-            return np.stack([s(p) for s in samplers])
 
-        healthy_coords = np.indices(shape, dtype=np.float64).reshape(3, -1) + u.reshape(3, -1)
-        everywhere = np.ones(shape, dtype=bool)
-        masks = {
-            r: F.partial_volume(
-                labels == r, lambda p: p + u_sampler(p), everywhere, healthy_coords, supersample=3
-            )
-            for r in planted
-        }
-    else:
-        masks = {r: (labels == r).astype(np.float64) for r in planted}
+@dataclass
+class _Warp:
+    """One planted deformation: its pull-back, a sampler of it off the grid, what it moves."""
 
-    # disease: diseased(x) = healthy(x + w(x))
-    if magnitude > 0 and hit:
-        target = {r: -float(magnitude) for r in shrink if r in hit} | {
-            r: float(magnitude) for r in enlarge if r in hit
-        }
-        pf = F.plant_field(masks, target, sp, sigma_mm=sigma)
-        ddf, jac, box = pf.ddf, pf.jacobian, pf.support
-        stats.update(
-            volume_change=pf.volume_change,
-            alphas=pf.alphas,
-            calibration_iterations=pf.iterations,
-            inversion_iterations=pf.inversion.iterations,
-            inversion_residual_vox=pf.inversion.max_residual,
-            min_det=pf.min_det,
-            max_det=pf.max_det,
-            min_det_pullback=float(pf.det_pullback.min()),
-            max_displacement_mm=pf.max_displacement_mm(sp),
+    ddf: np.ndarray | None = None
+    sampler: Any = None
+    det: np.ndarray | None = None
+    jacobian: np.ndarray | None = None
+    moved: np.ndarray | None = None
+
+
+def _plant_nuisance(
+    labels: np.ndarray,
+    sp: np.ndarray,
+    planted: list[int],
+    *,
+    nuisance: float,
+    nuisance_sigma: float,
+    rng: np.random.Generator,
+    stats: dict[str, Any],
+) -> tuple[_Warp, dict[int, np.ndarray]]:
+    """The nuisance field ``healthy(y) = source(y + u(y))`` and the healthy planted masks."""
+    from neuroexplain.jacobian import det3x3
+    from neuroexplain.synth import fields as F
+
+    shape = labels.shape
+    if nuisance <= 0:
+        return _Warp(), {r: (labels == r).astype(np.float64) for r in planted}
+    u, du = F.random_smooth_field(shape, sp, nuisance, nuisance_sigma, rng)
+    for a in range(3):
+        du[a, a] += 1.0
+    det_n = det3x3(du)
+    del du
+    lo = float(det_n.min())
+    stats["nuisance_min_det"] = float(1.0 / det_n.max())
+    stats["nuisance_max_det"] = float(1.0 / lo)
+    stats["nuisance_max_displacement_mm"] = float(nuisance)
+    if lo <= 0.1 or 1.0 / det_n.max() <= 0.1:
+        raise F.CalibrationError(
+            f"the nuisance field would fold (min det {min(lo, 1 / det_n.max()):.3f}); "
+            "lower --nuisance or increase --nuisance-sigma"
         )
-        w_samplers = [F.spline_sampler(ddf[a], box) for a in range(3)]
+    samplers = [F.spline_sampler(u[a]) for a in range(3)]
 
-        def w_sampler(p: np.ndarray) -> np.ndarray:
-            return np.stack([s(p) for s in w_samplers])
+    def u_sampler(p: np.ndarray) -> np.ndarray:
+        return np.stack([s(p) for s in samplers])
 
-        moved = np.any(ddf != 0, axis=0)
-    else:
-        ddf = np.zeros((3, *shape))
-        jac = np.ones(shape)
-        w_sampler = None
-        moved = np.zeros(shape, dtype=bool)
+    healthy_coords = np.indices(shape, dtype=np.float64).reshape(3, -1) + u.reshape(3, -1)
+    everywhere = np.ones(shape, dtype=bool)
+    masks = {
+        r: F.partial_volume(
+            labels == r, lambda p: p + u_sampler(p), everywhere, healthy_coords, supersample=3
+        )
+        for r in planted
+    }
+    return _Warp(ddf=u, sampler=u_sampler, det=det_n), masks
+
+
+def _plant_disease(
+    masks: dict[int, np.ndarray],
+    shape: tuple[int, ...],
+    sp: np.ndarray,
+    *,
+    shrink: Sequence[int],
+    enlarge: Sequence[int],
+    hit: set[int],
+    magnitude: float,
+    sigma: float,
+    stats: dict[str, Any],
+) -> _Warp:
+    """The disease field ``diseased(x) = healthy(x + w(x))`` (none for a control)."""
+    from neuroexplain.synth import fields as F
+
+    if not (magnitude > 0 and hit):
         stats.update(
-            volume_change=dict.fromkeys(planted, 0.0),
+            volume_change=dict.fromkeys(masks, 0.0),
             min_det=1.0,
             max_det=1.0,
             max_displacement_mm=0.0,
         )
-    stats["healthy_volume_vox"] = {r: float(m.sum()) for r, m in masks.items()}
+        return _Warp(
+            ddf=np.zeros((3, *shape)), jacobian=np.ones(shape), moved=np.zeros(shape, dtype=bool)
+        )
+    target = {r: -float(magnitude) for r in shrink if r in hit} | {
+        r: float(magnitude) for r in enlarge if r in hit
+    }
+    pf = F.plant_field(masks, target, sp, sigma_mm=sigma)
+    ddf, box = pf.ddf, pf.support
+    stats.update(
+        volume_change=pf.volume_change,
+        alphas=pf.alphas,
+        calibration_iterations=pf.iterations,
+        inversion_iterations=pf.inversion.iterations,
+        inversion_residual_vox=pf.inversion.max_residual,
+        min_det=pf.min_det,
+        max_det=pf.max_det,
+        min_det_pullback=float(pf.det_pullback.min()),
+        max_displacement_mm=pf.max_displacement_mm(sp),
+    )
+    w_samplers = [F.spline_sampler(ddf[a], box) for a in range(3)]
 
-    # composite pull-back T(x) = q + u(q), q = x + w(x); only where something moves
-    changed = np.ones(shape, dtype=bool) if u_sampler is not None else moved
+    def w_sampler(p: np.ndarray) -> np.ndarray:
+        return np.stack([s(p) for s in w_samplers])
+
+    return _Warp(ddf=ddf, sampler=w_sampler, jacobian=pf.jacobian, moved=np.any(ddf != 0, axis=0))
+
+
+def _resample_subject(
+    t1: np.ndarray,
+    labels: np.ndarray,
+    nui: _Warp,
+    dis: _Warp,
+    planted: list[int],
+    label_interpolation: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T1w and labels through the composite pull-back ``T(x) = q + u(q)``, ``q = x + w(x)``."""
+    from neuroexplain.synth import fields as F
+
+    ddf, moved, u, u_sampler, w_sampler = dis.ddf, dis.moved, nui.ddf, nui.sampler, dis.sampler
+    # only where something moves
+    changed = np.ones(t1.shape, dtype=bool) if u_sampler is not None else moved
     idx = np.nonzero(changed)
     q = np.stack(idx).astype(np.float64) + ddf[:, changed]
     if u_sampler is not None:  # u is exact on the grid; interpolate only where q moved off it
@@ -256,29 +332,22 @@ def plant_subject(
             labels, transform, changed, coords, track=planted, method=label_interpolation
         )
         out_labels = carried.labels
-    counts = {r: int((out_labels == r).sum()) for r in planted}
-    stats["label_volume_vox"] = counts
-    stats["volume_change_labels"] = {
-        r: counts[r] / stats["healthy_volume_vox"][r] - 1.0 for r in planted
-    }
+    return out_t1, out_labels
 
-    nlj = None
-    if det_n is not None:
-        log_det_n = np.log(det_n)
-        nlj = -log_det_n
-        if moved.any():
-            midx = np.nonzero(moved)
-            qm = np.stack(midx).astype(np.float64) + ddf[:, moved]
-            nlj[midx] = -F.sample(log_det_n, qm, order=3)
-    return SubjectEffect(
-        t1=out_t1,
-        labels=out_labels,
-        jacobian=jac,
-        nuisance_logjacobian=nlj,
-        planted_mask=np.isin(out_labels, sorted(hit)),
-        ddf=ddf,
-        stats=stats,
-    )
+
+def _nuisance_logjacobian(nui: _Warp, dis: _Warp) -> np.ndarray | None:
+    """Log-Jacobian of the nuisance deformation in diseased space (``None`` without one)."""
+    from neuroexplain.synth import fields as F
+
+    if nui.det is None:
+        return None
+    log_det_n = np.log(nui.det)
+    nlj = -log_det_n
+    if dis.moved.any():
+        midx = np.nonzero(dis.moved)
+        qm = np.stack(midx).astype(np.float64) + dis.ddf[:, dis.moved]
+        nlj[midx] = -F.sample(log_det_n, qm, order=3)
+    return nlj
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -612,201 +681,39 @@ def make_cohort(
         InputError: bad option, missing / unreadable inputs, a planted label absent from a
             subject's label map, or an effect that cannot be planted without folding.
     """
-    import pandas as pd
-
-    from neuroexplain import __version__
-    from neuroexplain.io.atomic import atomic_output, write_json, write_table
+    from neuroexplain.io.atomic import atomic_output, write_json
     from neuroexplain.provenance import provenance
 
     cfg = CohortConfig.resolve(config, **overrides)
     shrink_l, enlarge_l = list(cfg.shrink), list(cfg.enlarge)
-    mag_lo, mag_hi = cfg.magnitude_range
-    fraction, nuisance, seed, paired = cfg.fraction, cfg.nuisance, cfg.seed, cfg.paired
-    sigma, nuisance_sigma, label_probability = cfg.sigma, cfg.nuisance_sigma, cfg.label_probability
-    label_interpolation = cfg.label_interpolation
     if limit is not None and limit < 1:
         raise InputError("--limit", f"expected at least 1 subject, got {limit}")
     if workers < 1:
         raise InputError("--workers", f"expected at least 1 worker, got {workers}")
     bids_p, out_p = Path(bids), Path(out)
-    subjects = _find_subjects(bids_p, derivatives)
-    if limit is not None:
-        subjects = subjects[:limit]
-    _check_out(out_p, bids_p)
-    deriv = bids_p / "derivatives" / derivatives
-    names = _read_label_names(deriv)
-    participants = _read_participants(bids_p)
-    planted = {r: names.get(r, "not in dseg.tsv") for r in (*shrink_l, *enlarge_l)}
-    for _, t1, dseg in subjects:
-        _validate_subject(t1, dseg, planted)
-
-    n_source = len(subjects)
-    rng = np.random.default_rng(seed)
-    if paired:  # (output id, source index, diseased) for every output subject
-        entries = [(f"{sub}{tag}", i, tag == "dis") for i, (sub, _, _) in enumerate(subjects)
-                   for tag in ("ctl", "dis")]  # fmt: skip
-        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
-    else:
-        n_pick = math.floor(fraction * n_source + 0.5)
-        picked = set(rng.permutation(n_source)[:n_pick].tolist())
-        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
-        entries = [(sub, i, i in picked) for i, (sub, _, _) in enumerate(subjects)]
-    labels_all = [*shrink_l, *enlarge_l]
-    affected: list[list[int] | None] = [None] * n_source
-    if label_probability < 1:  # own stream: label_probability 1 draws nothing and changes nothing
-        rng_hit = np.random.default_rng([int(seed), 1])
-        for i in range(n_source):
-            hit = rng_hit.random(len(labels_all)) < label_probability
-            if not hit.any():
-                hit[rng_hit.integers(len(labels_all))] = True
-            affected[i] = [r for r, h in zip(labels_all, hit, strict=True) if h]
-    n = len(entries)
-    n_dis = sum(dis for _, _, dis in entries)
-    params = {
-        "bids": str(bids_p.resolve()),
-        "derivatives": derivatives,
-        "shrink": shrink_l,
-        "enlarge": enlarge_l,
-        "fraction": float(fraction),
-        "magnitude_range": [mag_lo, mag_hi],
-        "nuisance": float(nuisance),
-        "nuisance_sigma": float(nuisance_sigma),
-        "sigma": float(sigma),
-        "limit": limit,
-        "label_interpolation": label_interpolation,
-        "paired": bool(paired),
-        "label_probability": float(label_probability),
-        "n_subjects": n,
-        "n_disease": n_dis,
-    }
+    src = _load_cohort_sources(bids_p, out_p, cfg, derivatives, limit)
+    plan = _plan_cohort(cfg, src.subjects)
+    n, n_dis = plan.n, plan.n_dis
+    params = _cohort_params(cfg, src, plan, derivatives, limit)
+    mag_lo, mag_hi = cfg.magnitude_range
     logger.info(
         "planting shrink=%s enlarge=%s in %d of %d subjects%s (magnitude %.2f-%.2f, "
         "nuisance %.1f mm)",
         shrink_l, enlarge_l, n_dis, n, " (paired: a control and a diseased version of each "
-        "source subject)" if paired else "", mag_lo, mag_hi, nuisance,
+        "source subject)" if cfg.paired else "", mag_lo, mag_hi, cfg.nuisance,
     )  # fmt: skip
 
     with atomic_output(out_p, directory=True) as tmp:
-        tasks = [
-            {
-                "sub": sub,
-                "source": subjects[i][0],
-                "t1": str(subjects[i][1]),
-                "dseg": str(subjects[i][2]),
-                "root": str(tmp),
-                "derivatives": derivatives,
-                "shrink": shrink_l,
-                "enlarge": enlarge_l,
-                "diseased": dis,
-                "magnitude": float(magnitudes[i]) if dis else 0.0,
-                "affected": affected[i] if dis else None,
-                "nuisance": float(nuisance),
-                "nuisance_sigma": float(nuisance_sigma),
-                "sigma": float(sigma),
-                "seed": int(seed),
-                "label_interpolation": label_interpolation,
-            }
-            for sub, i, dis in entries
-        ]
+        tasks = _cohort_tasks(cfg, src, plan, tmp, derivatives)
         records = _run_all(tasks, workers)
-
-        rows = []
-        for rec, task in zip(records, tasks, strict=True):
-            source = task["source"]
-            row = {
-                "participant_id": task["sub"],
-                "diagnosis": rec["diagnosis"],
-                "effect_magnitude": rec["effect_magnitude"],
-                "affected_labels": ",".join(str(r) for r in rec["affected_labels"]),
-                "source_subject": source,
-            }
-            if participants.get(source, {}).get("sex"):
-                row["sex"] = participants[source]["sex"]
-            for r in (*shrink_l, *enlarge_l):
-                row[f"volume_change_{r}"] = rec["volume_change"][str(r)]
-            rows.append(row)
-        table = pd.DataFrame(rows)
-        write_table(table, tmp / "participants.tsv")
-        columns = {
-            "participant_id": {"Description": "Subject id, the same as in the source dataset."},
-            "diagnosis": {
-                "Description": "Planted effect.",
-                "Levels": {"disease": "effect planted", "control": "no effect"},
-            },
-            "effect_magnitude": {
-                "Description": "Requested fractional volume change of the planted regions "
-                "(0 for controls)."
-            },
-            "affected_labels": {
-                "Description": "Planted labels that got the effect (comma-separated; all of "
-                "them unless --label-probability < 1; empty for controls)."
-            },
-            "source_subject": {
-                "Description": "Subject of the source dataset (shared by the control and the "
-                "diseased version of a paired cohort: split by this column)."
-            },
-            "sex": {"Description": "From the source participants.tsv."},
-        }
-        for r in (*shrink_l, *enlarge_l):
-            kind = "shrunk" if r in shrink_l else "enlarged"
-            columns[f"volume_change_{r}"] = {
-                "Description": f"Realised fractional volume change of label {r} "
-                f"({names.get(r, '?')}, {kind}): integral over the healthy region of the "
-                "ground-truth Jacobian / healthy volume - 1."
-            }
-        write_json(
-            {k: v for k, v in columns.items() if k in table.columns}, tmp / "participants.json"
-        )
-        source_desc = bids_p / "dataset_description.json"
-        write_json(
-            {
-                "Name": f"Synthetic disease cohort from {bids_p.name}",
-                "BIDSVersion": "1.9.0",
-                "DatasetType": "raw",
-                "GeneratedBy": [
-                    {
-                        "Name": f"neuroexplain {COMMAND}",
-                        "Version": __version__,
-                        "Description": "Planted disease effect with exact Jacobian ground truth.",
-                    }
-                ],
-                "SourceDatasets": [{"URL": str(bids_p.resolve())}],
-                "License": _source_field(source_desc, "License", "see source dataset"),
-            },
-            tmp / "dataset_description.json",
-        )
-        (tmp / "README").write_text(_readme(shrink_l, enlarge_l, names, n, n_dis, paired))
-        deriv_out = tmp / "derivatives" / derivatives
-        deriv_out.mkdir(parents=True, exist_ok=True)
-        if (deriv / "dseg.tsv").exists():
-            shutil.copyfile(deriv / "dseg.tsv", deriv_out / "dseg.tsv")
-        write_json(
-            {
-                "Name": f"{derivatives} labels carried into the synthetic cohort",
-                "BIDSVersion": "1.9.0",
-                "DatasetType": "derivative",
-                "GeneratedBy": [
-                    {"Name": f"neuroexplain {COMMAND}", "Version": __version__},
-                    *_source_field(deriv / "dataset_description.json", "GeneratedBy", []),
-                ],
-            },
-            deriv_out / "dataset_description.json",
-        )
-        write_json(
-            {
-                "Name": "Ground truth of the planted disease effect",
-                "BIDSVersion": "1.9.0",
-                "DatasetType": "derivative",
-                "GeneratedBy": [{"Name": f"neuroexplain {COMMAND}", "Version": __version__}],
-                "Convention": CONVENTION,
-            },
-            tmp / "derivatives" / GROUNDTRUTH / "dataset_description.json",
-        )
-        inputs = [p for _, t1, dseg in subjects for p in (t1, dseg)]
+        _write_participants(tmp, records, tasks, src, shrink_l, enlarge_l)
+        _write_dataset_descriptions(tmp, src, derivatives)
+        (tmp / "README").write_text(_readme(shrink_l, enlarge_l, src.names, n, n_dis, cfg.paired))
+        inputs = [p for _, t1, dseg in src.subjects for p in (t1, dseg)]
         summary = _summary(records, shrink_l, enlarge_l)
         write_json(
             {
-                **provenance(params, seed=seed, inputs=inputs, command=COMMAND),
+                **provenance(params, seed=cfg.seed, inputs=inputs, command=COMMAND),
                 "convention": CONVENTION,
                 "summary": summary,
                 "subjects": records,
@@ -818,6 +725,243 @@ def make_cohort(
         out_p, n, summary["min_det"], summary["max_det"],
     )  # fmt: skip
     return out_p
+
+
+@dataclass
+class _CohortSources:
+    """The checked inputs of :func:`make_cohort`: source subjects, labels, participants."""
+
+    bids: Path
+    deriv: Path
+    subjects: list[tuple[str, Path, Path]]
+    names: dict[int, str]
+    participants: dict[str, dict[str, str]]
+
+
+@dataclass
+class _CohortPlan:
+    """Who gets the disease: output ids, sources, magnitudes and the labels each one gets."""
+
+    entries: list[tuple[str, int, bool]]
+    magnitudes: np.ndarray
+    affected: list[list[int] | None]
+
+    @property
+    def n(self) -> int:
+        return len(self.entries)
+
+    @property
+    def n_dis(self) -> int:
+        return sum(dis for _, _, dis in self.entries)
+
+
+def _load_cohort_sources(
+    bids_p: Path, out_p: Path, cfg: CohortConfig, derivatives: str, limit: int | None
+) -> _CohortSources:
+    """Find and check the source subjects (every planted label in every label map)."""
+    subjects = _find_subjects(bids_p, derivatives)
+    if limit is not None:
+        subjects = subjects[:limit]
+    _check_out(out_p, bids_p)
+    deriv = bids_p / "derivatives" / derivatives
+    names = _read_label_names(deriv)
+    participants = _read_participants(bids_p)
+    planted = {r: names.get(r, "not in dseg.tsv") for r in (*cfg.shrink, *cfg.enlarge)}
+    for _, t1, dseg in subjects:
+        _validate_subject(t1, dseg, planted)
+    return _CohortSources(bids_p, deriv, subjects, names, participants)
+
+
+def _plan_cohort(cfg: CohortConfig, subjects: list[tuple[str, Path, Path]]) -> _CohortPlan:
+    """The seeded, balanced assignment of the disease (paired: a control and a diseased each)."""
+    n_source = len(subjects)
+    seed = cfg.seed
+    mag_lo, mag_hi = cfg.magnitude_range
+    rng = np.random.default_rng(seed)
+    if cfg.paired:  # (output id, source index, diseased) for every output subject
+        entries = [(f"{sub}{tag}", i, tag == "dis") for i, (sub, _, _) in enumerate(subjects)
+                   for tag in ("ctl", "dis")]  # fmt: skip
+        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
+    else:
+        n_pick = math.floor(cfg.fraction * n_source + 0.5)
+        picked = set(rng.permutation(n_source)[:n_pick].tolist())
+        magnitudes = rng.uniform(mag_lo, mag_hi, size=n_source)
+        entries = [(sub, i, i in picked) for i, (sub, _, _) in enumerate(subjects)]
+    labels_all = [*cfg.shrink, *cfg.enlarge]
+    affected: list[list[int] | None] = [None] * n_source
+    if cfg.label_probability < 1:  # own stream: probability 1 draws nothing and changes nothing
+        rng_hit = np.random.default_rng([int(seed), 1])
+        for i in range(n_source):
+            hit = rng_hit.random(len(labels_all)) < cfg.label_probability
+            if not hit.any():
+                hit[rng_hit.integers(len(labels_all))] = True
+            affected[i] = [r for r, h in zip(labels_all, hit, strict=True) if h]
+    return _CohortPlan(entries, magnitudes, affected)
+
+
+def _cohort_params(
+    cfg: CohortConfig, src: _CohortSources, plan: _CohortPlan, derivatives: str, limit: int | None
+) -> dict[str, Any]:
+    """The parameters of the run, for ``cohort.json``."""
+    mag_lo, mag_hi = cfg.magnitude_range
+    return {
+        "bids": str(src.bids.resolve()),
+        "derivatives": derivatives,
+        "shrink": list(cfg.shrink),
+        "enlarge": list(cfg.enlarge),
+        "fraction": float(cfg.fraction),
+        "magnitude_range": [mag_lo, mag_hi],
+        "nuisance": float(cfg.nuisance),
+        "nuisance_sigma": float(cfg.nuisance_sigma),
+        "sigma": float(cfg.sigma),
+        "limit": limit,
+        "label_interpolation": cfg.label_interpolation,
+        "paired": bool(cfg.paired),
+        "label_probability": float(cfg.label_probability),
+        "n_subjects": plan.n,
+        "n_disease": plan.n_dis,
+    }
+
+
+def _cohort_tasks(
+    cfg: CohortConfig, src: _CohortSources, plan: _CohortPlan, root: Path, derivatives: str
+) -> list[dict[str, Any]]:
+    """One task of :func:`_run_subject` per output subject, writing under ``root``."""
+    subjects = src.subjects
+    return [
+        {
+            "sub": sub,
+            "source": subjects[i][0],
+            "t1": str(subjects[i][1]),
+            "dseg": str(subjects[i][2]),
+            "root": str(root),
+            "derivatives": derivatives,
+            "shrink": list(cfg.shrink),
+            "enlarge": list(cfg.enlarge),
+            "diseased": dis,
+            "magnitude": float(plan.magnitudes[i]) if dis else 0.0,
+            "affected": plan.affected[i] if dis else None,
+            "nuisance": float(cfg.nuisance),
+            "nuisance_sigma": float(cfg.nuisance_sigma),
+            "sigma": float(cfg.sigma),
+            "seed": int(cfg.seed),
+            "label_interpolation": cfg.label_interpolation,
+        }
+        for sub, i, dis in plan.entries
+    ]
+
+
+def _write_participants(
+    tmp: Path,
+    records: list[dict[str, Any]],
+    tasks: list[dict[str, Any]],
+    src: _CohortSources,
+    shrink_l: list[int],
+    enlarge_l: list[int],
+) -> None:
+    """Write ``participants.tsv`` and its ``participants.json`` column descriptions."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+
+    participants = src.participants
+    rows = []
+    for rec, task in zip(records, tasks, strict=True):
+        source = task["source"]
+        row = {
+            "participant_id": task["sub"],
+            "diagnosis": rec["diagnosis"],
+            "effect_magnitude": rec["effect_magnitude"],
+            "affected_labels": ",".join(str(r) for r in rec["affected_labels"]),
+            "source_subject": source,
+        }
+        if participants.get(source, {}).get("sex"):
+            row["sex"] = participants[source]["sex"]
+        for r in (*shrink_l, *enlarge_l):
+            row[f"volume_change_{r}"] = rec["volume_change"][str(r)]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    write_table(table, tmp / "participants.tsv")
+    columns = {
+        "participant_id": {"Description": "Subject id, the same as in the source dataset."},
+        "diagnosis": {
+            "Description": "Planted effect.",
+            "Levels": {"disease": "effect planted", "control": "no effect"},
+        },
+        "effect_magnitude": {
+            "Description": "Requested fractional volume change of the planted regions "
+            "(0 for controls)."
+        },
+        "affected_labels": {
+            "Description": "Planted labels that got the effect (comma-separated; all of "
+            "them unless --label-probability < 1; empty for controls)."
+        },
+        "source_subject": {
+            "Description": "Subject of the source dataset (shared by the control and the "
+            "diseased version of a paired cohort: split by this column)."
+        },
+        "sex": {"Description": "From the source participants.tsv."},
+    }
+    for r in (*shrink_l, *enlarge_l):
+        kind = "shrunk" if r in shrink_l else "enlarged"
+        columns[f"volume_change_{r}"] = {
+            "Description": f"Realised fractional volume change of label {r} "
+            f"({src.names.get(r, '?')}, {kind}): integral over the healthy region of the "
+            "ground-truth Jacobian / healthy volume - 1."
+        }
+    write_json({k: v for k, v in columns.items() if k in table.columns}, tmp / "participants.json")
+
+
+def _write_dataset_descriptions(tmp: Path, src: _CohortSources, derivatives: str) -> None:
+    """``dataset_description.json`` of the cohort and of its two derivatives; ``dseg.tsv``."""
+    from neuroexplain import __version__
+    from neuroexplain.io.atomic import write_json
+
+    bids_p, deriv = src.bids, src.deriv
+    source_desc = bids_p / "dataset_description.json"
+    write_json(
+        {
+            "Name": f"Synthetic disease cohort from {bids_p.name}",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "raw",
+            "GeneratedBy": [
+                {
+                    "Name": f"neuroexplain {COMMAND}",
+                    "Version": __version__,
+                    "Description": "Planted disease effect with exact Jacobian ground truth.",
+                }
+            ],
+            "SourceDatasets": [{"URL": str(bids_p.resolve())}],
+            "License": _source_field(source_desc, "License", "see source dataset"),
+        },
+        tmp / "dataset_description.json",
+    )
+    deriv_out = tmp / "derivatives" / derivatives
+    deriv_out.mkdir(parents=True, exist_ok=True)
+    if (deriv / "dseg.tsv").exists():
+        shutil.copyfile(deriv / "dseg.tsv", deriv_out / "dseg.tsv")
+    write_json(
+        {
+            "Name": f"{derivatives} labels carried into the synthetic cohort",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [
+                {"Name": f"neuroexplain {COMMAND}", "Version": __version__},
+                *_source_field(deriv / "dataset_description.json", "GeneratedBy", []),
+            ],
+        },
+        deriv_out / "dataset_description.json",
+    )
+    write_json(
+        {
+            "Name": "Ground truth of the planted disease effect",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": f"neuroexplain {COMMAND}", "Version": __version__}],
+            "Convention": CONVENTION,
+        },
+        tmp / "derivatives" / GROUNDTRUTH / "dataset_description.json",
+    )
 
 
 def _source_field(path: Path, key: str, default: Any) -> Any:

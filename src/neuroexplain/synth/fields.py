@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -573,6 +574,168 @@ class CalibrationError(RuntimeError):
     """The requested volume change could not be planted (too strong, or no convergence)."""
 
 
+@dataclass
+class _RegionBasis:
+    """Per region, its field per unit ``alpha`` on its box and its integration points.
+
+    ``grads[r]`` is ``K^-1 grad(G_sigma * m_r)`` (voxel-unit displacement per unit alpha) and
+    ``hessians[r]`` its derivative, both on the region's box ``local[r]`` within the common
+    box ``box`` (shape ``bshape``); ``all_pts`` are the ``npts`` sub-voxel points of every
+    region's voxels (relative to the box, split per region at ``splits``), ``weights[r]`` the
+    indicator at its voxels, ``vol_h[r]`` its healthy volume and ``lin[r]`` the first-order
+    volume change per unit alpha.
+    """
+
+    labels: list[int]
+    planted: list[int]
+    grads: dict[int, np.ndarray]
+    hessians: dict[int, np.ndarray]
+    weights: dict[int, np.ndarray]
+    vol_h: dict[int, float]
+    lin: dict[int, float]
+    local: dict[int, tuple[slice, ...]]
+    box: tuple[slice, ...]
+    bshape: tuple[int, ...]
+    all_pts: np.ndarray
+    splits: np.ndarray
+    npts: int
+
+
+def _region_basis(
+    masks: Mapping[int, np.ndarray],
+    planted: list[int],
+    sp: np.ndarray,
+    sigma_mm: float,
+    supersample: int,
+) -> _RegionBasis:
+    """The fields per unit alpha and the integration points of every region of ``masks``."""
+    labels = list(masks)
+    sig = _sigma_vox(sigma_mm, sp)
+    radius = max(int(TRUNCATE * s + 0.5) for s in sig)
+    kinv = (1.0 / sp**2)[:, None, None, None]
+    boxes, grads, hessians, weights, points, vol_h, lin = {}, {}, {}, {}, {}, {}, {}
+    for r in labels:
+        m_full = np.asarray(masks[r], dtype=np.float64)
+        if not (m_full > 0).any():
+            raise ValueError(f"region {r} is empty")
+        boxes[r] = _bbox(m_full > 0, radius + 2)
+        m = m_full[boxes[r]]
+        _, g, h = gaussian_derivatives(m, sig)
+        grads[r] = g * kinv  # K^-1 grad: voxel-unit displacement per unit alpha
+        hessians[r] = h * kinv[:, None]  # its derivative d/dx_b (rows scaled by 1/s_a^2)
+        sel = m > 0
+        weights[r] = m[sel]
+        vol_h[r] = float(weights[r].sum())
+        tr = hessians[r][0, 0] + hessians[r][1, 1] + hessians[r][2, 2]
+        # first order: det(I + a Dw) ~ 1 + a tr(Dw), so J ~ 1 - a tr(Dw)
+        lin[r] = float(-(weights[r] * tr[sel]).sum() / vol_h[r])
+        points[r] = (
+            np.stack(np.nonzero(sel)).astype(np.float64)
+            + np.array([b.start for b in boxes[r]], dtype=np.float64)[:, None]
+        )
+    box = tuple(
+        slice(min(boxes[r][a].start for r in labels), max(boxes[r][a].stop for r in labels))
+        for a in range(3)
+    )
+    origin = np.array([b.start for b in box], dtype=np.float64)
+    local = {
+        r: tuple(
+            slice(b.start - o.start, b.stop - o.start) for b, o in zip(boxes[r], box, strict=True)
+        )
+        for r in labels
+    }
+    bshape = tuple(b.stop - b.start for b in box)
+    offsets = subvoxel_offsets(supersample)
+    npts = offsets.shape[1]
+    all_pts = (
+        np.concatenate(
+            [(points[r][:, :, None] + offsets[:, None, :]).reshape(3, -1) for r in labels], axis=1
+        )
+        - origin[:, None]
+    )
+    splits = np.cumsum([points[r].shape[1] * npts for r in labels])[:-1]
+    return _RegionBasis(
+        labels, planted, grads, hessians, weights, vol_h, lin, local, box, bshape, all_pts,
+        splits, npts,
+    )  # fmt: skip
+
+
+def _field_evaluator(basis: _RegionBasis, min_det: float) -> Callable[[Mapping[int, float]], Any]:
+    """``evaluate(alphas) -> (w, det_pullback, volume change per region, inversion info)``.
+
+    The change and info are ``None`` when the field would fold (``det < min_det``).
+    """
+    b = basis
+    state: dict[str, np.ndarray] = {}
+
+    def evaluate(alphas: Mapping[int, float]):
+        w = np.zeros((3, *b.bshape))
+        dw = np.zeros((3, 3, *b.bshape))
+        for r in b.planted:
+            w[(slice(None), *b.local[r])] += alphas[r] * b.grads[r]
+            dw[(slice(None), slice(None), *b.local[r])] += alphas[r] * b.hessians[r]
+        for a in range(3):
+            dw[a, a] += 1.0
+        det_pb = det3x3(dw)
+        if det_pb.min() <= min_det or (1.0 / det_pb).min() <= min_det:
+            return w, det_pb, None, None
+        coeffs = [_spline(w[a]) for a in range(3)]
+        # warm start from the previous solution (the fields differ by a small step in alpha)
+        z, info = _invert_at(coeffs, b.all_pts, tol=1e-4, max_iter=200, z0=state.get("z"))
+        if info.converged:
+            state["z"] = z
+        jac_at = _eval_spline(_spline(1.0 / det_pb), z)
+        change = {}
+        for r, jr in zip(b.labels, np.split(jac_at, b.splits), strict=True):
+            per_voxel = jr.reshape(-1, b.npts).mean(axis=1)
+            change[r] = float((b.weights[r] * per_voxel).sum() / b.vol_h[r] - 1.0)
+        return w, det_pb, change, info
+
+    return evaluate
+
+
+def _calibrate(
+    evaluate: Callable[[Mapping[int, float]], Any],
+    basis: _RegionBasis,
+    target: Mapping[int, float],
+    *,
+    tol: float,
+    max_iter: int,
+) -> tuple[Any, dict[int, float], int]:
+    """Secant iterations on the alphas until every volume change is within ``tol``.
+
+    Returns:
+        ``(last evaluation, alphas, iterations)``.
+    """
+    planted, lin = basis.planted, basis.lin
+    a_prev = dict.fromkeys(planted, 0.0)
+    f_prev = {r: -float(target[r]) for r in planted}
+    a_cur = {r: float(target[r]) / lin[r] if lin[r] != 0 else 0.0 for r in planted}
+    change: dict[int, float] | None = None
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - reported below
+        w, det_pb, change, info = evaluate(a_cur)
+        if change is None or not info.converged:
+            # overshoot into (nearly) folding territory: step back towards the last good point
+            a_cur = {r: 0.5 * (a_cur[r] + a_prev[r]) for r in planted}
+            continue
+        f_cur = {r: change[r] - float(target[r]) for r in planted}
+        if max(abs(v) for v in f_cur.values()) < tol:
+            break
+        a_new = {}
+        for r in planted:
+            denom = f_cur[r] - f_prev[r]
+            a_new[r] = a_cur[r] - f_cur[r] * (a_cur[r] - a_prev[r]) / denom if denom else a_cur[r]
+        a_prev, f_prev, a_cur = a_cur, f_cur, a_new
+    else:
+        raise CalibrationError(
+            f"could not plant volume changes {dict(target)} in {max_iter} iterations "
+            f"(last: {change}); the field folds or does not converge -- lower the magnitude "
+            "or increase sigma"
+        )
+    return (w, det_pb, change, info), a_cur, it
+
+
 def plant_field(
     masks: Mapping[int, np.ndarray],
     target: Mapping[int, float],
@@ -626,102 +789,13 @@ def plant_field(
     if set(target) - set(labels):
         raise ValueError(f"targets without a mask: {sorted(set(target) - set(labels))}")
     sp = np.asarray(spacing, dtype=float)
-    sig = _sigma_vox(sigma_mm, sp)
-    radius = max(int(TRUNCATE * s + 0.5) for s in sig)
     shape = np.asarray(next(iter(masks.values()))).shape
-    kinv = (1.0 / sp**2)[:, None, None, None]
-    boxes, grads, hessians, weights, points, vol_h, lin = {}, {}, {}, {}, {}, {}, {}
-    for r in labels:
-        m_full = np.asarray(masks[r], dtype=np.float64)
-        if not (m_full > 0).any():
-            raise ValueError(f"region {r} is empty")
-        boxes[r] = _bbox(m_full > 0, radius + 2)
-        m = m_full[boxes[r]]
-        _, g, h = gaussian_derivatives(m, sig)
-        grads[r] = g * kinv  # K^-1 grad: voxel-unit displacement per unit alpha
-        hessians[r] = h * kinv[:, None]  # its derivative d/dx_b (rows scaled by 1/s_a^2)
-        sel = m > 0
-        weights[r] = m[sel]
-        vol_h[r] = float(weights[r].sum())
-        tr = hessians[r][0, 0] + hessians[r][1, 1] + hessians[r][2, 2]
-        # first order: det(I + a Dw) ~ 1 + a tr(Dw), so J ~ 1 - a tr(Dw)
-        lin[r] = float(-(weights[r] * tr[sel]).sum() / vol_h[r])
-        points[r] = (
-            np.stack(np.nonzero(sel)).astype(np.float64)
-            + np.array([b.start for b in boxes[r]], dtype=np.float64)[:, None]
-        )
-    box = tuple(
-        slice(min(boxes[r][a].start for r in labels), max(boxes[r][a].stop for r in labels))
-        for a in range(3)
+    basis = _region_basis(masks, planted, sp, sigma_mm, supersample)
+    evaluate = _field_evaluator(basis, min_det)
+    (w, det_pb, change, info), a_cur, it = _calibrate(
+        evaluate, basis, target, tol=tol, max_iter=max_iter
     )
-    origin = np.array([b.start for b in box], dtype=np.float64)
-    local = {
-        r: tuple(
-            slice(b.start - o.start, b.stop - o.start) for b, o in zip(boxes[r], box, strict=True)
-        )
-        for r in labels
-    }
-    bshape = tuple(b.stop - b.start for b in box)
-    offsets = subvoxel_offsets(supersample)
-    npts = offsets.shape[1]
-    all_pts = (
-        np.concatenate(
-            [(points[r][:, :, None] + offsets[:, None, :]).reshape(3, -1) for r in labels], axis=1
-        )
-        - origin[:, None]
-    )
-    splits = np.cumsum([points[r].shape[1] * npts for r in labels])[:-1]
-
-    state: dict[str, np.ndarray] = {}
-
-    def evaluate(alphas: Mapping[int, float]):
-        w = np.zeros((3, *bshape))
-        dw = np.zeros((3, 3, *bshape))
-        for r in planted:
-            w[(slice(None), *local[r])] += alphas[r] * grads[r]
-            dw[(slice(None), slice(None), *local[r])] += alphas[r] * hessians[r]
-        for a in range(3):
-            dw[a, a] += 1.0
-        det_pb = det3x3(dw)
-        if det_pb.min() <= min_det or (1.0 / det_pb).min() <= min_det:
-            return w, det_pb, None, None
-        coeffs = [_spline(w[a]) for a in range(3)]
-        # warm start from the previous solution (the fields differ by a small step in alpha)
-        z, info = _invert_at(coeffs, all_pts, tol=1e-4, max_iter=200, z0=state.get("z"))
-        if info.converged:
-            state["z"] = z
-        jac_at = _eval_spline(_spline(1.0 / det_pb), z)
-        change = {}
-        for r, jr in zip(labels, np.split(jac_at, splits), strict=True):
-            per_voxel = jr.reshape(-1, npts).mean(axis=1)
-            change[r] = float((weights[r] * per_voxel).sum() / vol_h[r] - 1.0)
-        return w, det_pb, change, info
-
-    a_prev = dict.fromkeys(planted, 0.0)
-    f_prev = {r: -float(target[r]) for r in planted}
-    a_cur = {r: float(target[r]) / lin[r] if lin[r] != 0 else 0.0 for r in planted}
-    change: dict[int, float] | None = None
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - reported below
-        w, det_pb, change, info = evaluate(a_cur)
-        if change is None or not info.converged:
-            # overshoot into (nearly) folding territory: step back towards the last good point
-            a_cur = {r: 0.5 * (a_cur[r] + a_prev[r]) for r in planted}
-            continue
-        f_cur = {r: change[r] - float(target[r]) for r in planted}
-        if max(abs(v) for v in f_cur.values()) < tol:
-            break
-        a_new = {}
-        for r in planted:
-            denom = f_cur[r] - f_prev[r]
-            a_new[r] = a_cur[r] - f_cur[r] * (a_cur[r] - a_prev[r]) / denom if denom else a_cur[r]
-        a_prev, f_prev, a_cur = a_cur, f_cur, a_new
-    else:
-        raise CalibrationError(
-            f"could not plant volume changes {dict(target)} in {max_iter} iterations "
-            f"(last: {change}); the field folds or does not converge -- lower the magnitude "
-            "or increase sigma"
-        )
+    box = basis.box
     ddf = np.zeros((3, *shape))
     ddf[(slice(None), *box)] = w
     det_full = np.ones(shape)
@@ -735,7 +809,7 @@ def plant_field(
         alphas={r: float(a) for r, a in a_cur.items()},
         target={r: float(target[r]) for r in planted},
         volume_change=change,
-        healthy_volume=vol_h,
+        healthy_volume=basis.vol_h,
         iterations=it,
         inversion=info,
         support=box,

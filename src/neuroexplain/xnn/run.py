@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,19 +222,109 @@ def run_xnn_explain(
     Raises:
         InputError: the SRAE was trained on another checkpoint.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from neuroexplain.attribution.export import write_subject_maps
-    from neuroexplain.concepts3d.run import load_context, subject_indices
+    from neuroexplain.concepts3d.run import subject_indices
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.utils import seed_everything
-    from neuroexplain.xnn.explain import XNNExplainer, extract_activations, feature_names
-    from neuroexplain.xnn.srae import load_srae, significant_features
+    from neuroexplain.xnn.explain import XNNExplainer
 
     cfg = XNNExplainConfig.resolve(config, **overrides)
-    method, n_steps, coverage = cfg.method, cfg.ig_steps, cfg.coverage
-    batch_size = internal_batch_size = cfg.batch_size
+    method, n_steps = cfg.method, cfg.ig_steps
+    ld = _load_xnn(
+        preproc, checkpoint, srae_path, cfg, split=split, device=device, progress=progress
+    )
+    ctx, table = ld.ctx, ld.table
+    out_dir = Path(out)
+    feats = _xnn_features(ld)
+    names = feats.names
+
+    idx = subject_indices(table, subjects)
+    explainer = XNNExplainer(
+        ctx.model,
+        ld.srae,
+        layer=ld.layer,
+        pool=ld.pool,
+        method=method,
+        n_steps=n_steps,
+        internal_batch_size=cfg.batch_size,
+    )
+    params = {
+        "preproc": str(ctx.preproc_path),
+        "checkpoint": str(ctx.checkpoint_path),
+        "srae": str(srae_path),
+        "split": str(ctx.split_path),
+        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
+        "method": method,
+        "n_steps": n_steps,
+        "coverage": ld.coverage,
+    }
+    prov = stage_provenance(params, ld.seed, [srae_path, ctx.split_path], "xnn-explain")
+    sidecars = _xnn_sidecars(ld, names, method, prov)
+    examples = _xnn_subject_maps(
+        ld, feats, explainer, idx, out_dir, sidecars, plot=plot, progress=progress
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(feats.table, out_dir / "xnn_features.tsv")
+    result = _xnn_result(ld, feats, method, len(idx), prov)
+    if cohort is not None:
+        ev = harness_means(
+            cohort,
+            dict.fromkeys(names, out_dir),
+            [table["subject"][i] for i in idx],
+            out_dir / "evaluation_xnn",
+            regions=regions,
+            derivatives=derivatives,
+            prov=prov,
+        )
+        result["evaluation"] = ev
+        best = max(ev, key=lambda n: ev[n].get("top5_in_regions", float("-inf")))
+        result["best_feature"] = {"feature": best, **ev[best]}
+    write_json(result, out_dir / "xnn_metrics.json")
+    if plot:
+        _plot(feats.table, names, out_dir / "xnn.png", examples)
+    return result
+
+
+@dataclass
+class _XNNLoaded:
+    """What :func:`run_xnn_explain` loads: context, SRAE and every subject's activations."""
+
+    ctx: Any
+    srae: Any
+    seed: int
+    coverage: float
+    q: float
+    layer: str
+    pool: str
+    table: Any
+    acts: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class _XNNFeatures:
+    """The SRAE's features of every subject: values, logit contributions, significance."""
+
+    names: list[str]
+    metrics: dict[str, Any]
+    contrib: torch.Tensor
+    table: Any
+
+
+def _load_xnn(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    srae_path: str | os.PathLike[str],
+    cfg: XNNExplainConfig,
+    *,
+    split: str | os.PathLike[str] | None,
+    device: str,
+    progress: bool | None,
+) -> _XNNLoaded:
+    """Load the SRAE and its classifier (refused if another), extract the layer's activations."""
+    from neuroexplain.concepts3d.run import load_context
+    from neuroexplain.utils import seed_everything
+    from neuroexplain.xnn.explain import extract_activations
+    from neuroexplain.xnn.srae import load_srae
+
     srae, sckpt = load_srae(srae_path)
     seed = int(sckpt["config"].get("seed", 0))
     seed_everything(seed)
@@ -245,17 +336,17 @@ def run_xnn_explain(
             f"(sha256 {str(sckpt.get('checkpoint_sha256'))[:12]}..., in use "
             f"{ctx.checkpoint_sha256[:12]}...); rerun xnn-train",
         )
+    coverage = cfg.coverage
     cov = float(coverage if coverage is not None else sckpt["config"].get("coverage", 0.9))
     q = float(sckpt["config"].get("q", 1.0))
     layer, pool = str(sckpt["layer"]), str(sckpt["pool"])
-    out_dir = Path(out)
     table = ctx.table()
     acts, logits = extract_activations(
         ctx.model,
         ctx.preproc["images"],
         layer,
         pool=pool,
-        batch_size=batch_size,
+        batch_size=cfg.batch_size,
         device=ctx.device,
         progress=progress,
     )
@@ -265,11 +356,22 @@ def run_xnn_explain(
             f"SRAE expects {srae.in_features} activations at {layer!r}, "
             f"the classifier gives {acts.shape[1]}",
         )
-    metrics = _split_metrics(srae, acts, logits, table, cov, q)
+    return _XNNLoaded(ctx, srae, seed, cov, q, layer, pool, table, acts, logits)
+
+
+def _xnn_features(ld: _XNNLoaded) -> _XNNFeatures:
+    """Metrics per split and the ``xnn_features.tsv`` table of every subject."""
+    import pandas as pd
+
+    from neuroexplain.xnn.explain import feature_names
+    from neuroexplain.xnn.srae import significant_features
+
+    srae, table, logits = ld.srae, ld.table, ld.logits
+    metrics = _split_metrics(srae, ld.acts, logits, table, ld.coverage, ld.q)
     with torch.no_grad():
-        x, y_hat, _ = srae(acts)
+        x, y_hat, _ = srae(ld.acts)
         contrib = x * srae.weights
-    sig = significant_features(contrib.numpy(), cov)
+    sig = significant_features(contrib.numpy(), ld.coverage)
     names = feature_names(srae.n_features)
     rows = []
     for i in range(len(table)):
@@ -286,38 +388,22 @@ def run_xnn_explain(
         row["significant"] = ",".join(n for j, n in enumerate(names) if sig[i, j])
         row["n_significant"] = int(sig[i].sum())
         rows.append(row)
-    feats = pd.DataFrame(rows)
+    return _XNNFeatures(names, metrics, contrib, pd.DataFrame(rows))
 
-    idx = subject_indices(table, subjects)
-    explainer = XNNExplainer(
-        ctx.model,
-        srae,
-        layer=layer,
-        pool=pool,
-        method=method,
-        n_steps=n_steps,
-        internal_batch_size=internal_batch_size,
-    )
-    params = {
-        "preproc": str(ctx.preproc_path),
-        "checkpoint": str(ctx.checkpoint_path),
-        "srae": str(srae_path),
-        "split": str(ctx.split_path),
-        "subjects": subjects if isinstance(subjects, str) else list(subjects or []),
-        "method": method,
-        "n_steps": n_steps,
-        "coverage": cov,
-    }
-    prov = stage_provenance(params, seed, [srae_path, ctx.split_path], "xnn-explain")
+
+def _xnn_sidecars(
+    ld: _XNNLoaded, names: list[str], method: str, prov: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    """Sidecar fields of every feature map, of each feature, and the maps' descriptions."""
     side = {
         "Method": "XNN feature attribution (Qi, Khorram & Li 2017, arXiv:1709.05360)",
-        "Layer": layer,
-        "Pooling": pool,
+        "Layer": ld.layer,
+        "Pooling": ld.pool,
         "Attribution": method,
-        "CheckpointSha256": ctx.checkpoint_sha256,
+        "CheckpointSha256": ld.ctx.checkpoint_sha256,
         "Provenance": prov,
     }
-    weights = srae.weights.detach().numpy()
+    weights = ld.srae.weights.detach().numpy()
     method_side = {
         n: {
             "Feature": j + 1,
@@ -327,8 +413,29 @@ def run_xnn_explain(
         for j, n in enumerate(names)
     }
     descs = {
-        n: f"neuroexplain XNN feature {j + 1} ({method}) @ {layer}" for j, n in enumerate(names)
+        n: f"neuroexplain XNN feature {j + 1} ({method}) @ {ld.layer}" for j, n in enumerate(names)
     }
+    return side, method_side, descs
+
+
+def _xnn_subject_maps(
+    ld: _XNNLoaded,
+    feats: _XNNFeatures,
+    explainer: Any,
+    idx: np.ndarray,
+    out_dir: Path,
+    sidecars: tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]],
+    *,
+    plot: bool,
+    progress: bool | None,
+) -> list[dict[str, Any]]:
+    """Write every chosen subject's feature maps; a few diseased examples for the figure."""
+    from tqdm.auto import tqdm
+
+    from neuroexplain.attribution.export import write_subject_maps
+
+    ctx, table, names = ld.ctx, ld.table, feats.names
+    side, method_side, descs = sidecars
     examples: list[dict[str, Any]] = []
     for i in tqdm(
         idx.tolist(),
@@ -350,7 +457,7 @@ def run_xnn_explain(
             descriptions=descs,
         )
         if plot and len(examples) < 4 and table["y"][i] == 1:
-            top = int(np.argmax(np.abs(contrib[i].numpy())))
+            top = int(np.argmax(np.abs(feats.contrib[i].numpy())))
             examples.append(
                 {
                     "subject": table["subject"][i],
@@ -359,38 +466,27 @@ def run_xnn_explain(
                     "top feature": maps[top].numpy(),
                 }
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(feats, out_dir / "xnn_features.tsv")
-    result: dict[str, Any] = {
+    return examples
+
+
+def _xnn_result(
+    ld: _XNNLoaded, feats: _XNNFeatures, method: str, n_maps: int, prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``xnn_metrics.json`` content (without the evaluation)."""
+    srae = ld.srae
+    return {
         "method": "XNN / SRAE (Qi, Khorram & Li 2017, arXiv:1709.05360)",
-        "checkpoint_sha256": ctx.checkpoint_sha256,
-        "layer": layer,
-        "pool": pool,
+        "checkpoint_sha256": ld.ctx.checkpoint_sha256,
+        "layer": ld.layer,
+        "pool": ld.pool,
         "n_features": srae.n_features,
-        "head_weights": weights.tolist(),
+        "head_weights": srae.weights.detach().numpy().tolist(),
         "head_bias": float(srae.bias.detach()),
-        "coverage": cov,
-        "metrics": metrics,
-        "maps": {"method": method, "features": names, "subjects": len(idx)},
+        "coverage": ld.coverage,
+        "metrics": feats.metrics,
+        "maps": {"method": method, "features": feats.names, "subjects": n_maps},
         "provenance": prov,
     }
-    if cohort is not None:
-        ev = harness_means(
-            cohort,
-            dict.fromkeys(names, out_dir),
-            [table["subject"][i] for i in idx],
-            out_dir / "evaluation_xnn",
-            regions=regions,
-            derivatives=derivatives,
-            prov=prov,
-        )
-        result["evaluation"] = ev
-        best = max(ev, key=lambda n: ev[n].get("top5_in_regions", float("-inf")))
-        result["best_feature"] = {"feature": best, **ev[best]}
-    write_json(result, out_dir / "xnn_metrics.json")
-    if plot:
-        _plot(feats, names, out_dir / "xnn.png", examples)
-    return result
 
 
 def _plot(feats: Any, names: list[str], path: Path, examples: list[dict[str, Any]]) -> None:
