@@ -121,19 +121,26 @@ def prepare(name: str, spec: dict, work: Path, ixi: Path, shape: int) -> Path:
     return preproc
 
 
+def _flags(overrides: list[str]) -> list[str]:
+    """``KEY=VALUE`` -> command-line options (``true`` / ``false``: the switch's two names)."""
+    args: list[str] = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        flag = "--" + key.replace("_", "-")
+        if value.lower() in ("true", "false"):
+            args.append(flag if value.lower() == "true" else f"--no-{flag[2:]}")
+        else:
+            args += [flag, value]
+    return args
+
+
 def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: int) -> dict:
     """Train with the default settings (plus ``overrides``) and return a result row."""
     metrics_path = out / "metrics.json"
     if not metrics_path.exists():
         args = ["train-classifier", "--preproc", str(preproc), "--out", str(out)]
         args += ["--seed", str(seed), "--threads", str(threads)]
-        for item in overrides:
-            key, _, value = item.partition("=")
-            flag = "--" + key.replace("_", "-")
-            if value.lower() in ("true", "false"):
-                args.append(flag if value.lower() == "true" else f"--no-{flag[2:]}")
-            else:
-                args += [flag, value]
+        args += _flags(overrides)
         t0 = time.perf_counter()
         _run(args, out / "train.log")
         wall = time.perf_counter() - t0
@@ -168,7 +175,13 @@ def _planted_regions(spec: dict) -> list[tuple[str, int, int]]:
 
 
 def explain(
-    preproc: Path, clf_dir: Path, cohort: Path, spec: dict, out: Path, threads: int
+    preproc: Path,
+    clf_dir: Path,
+    cohort: Path,
+    spec: dict,
+    out: Path,
+    threads: int,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Simulator stage (default settings) + a gradient baseline on the test split, scored
     against the cohort's ground truth; returns the simulator's result row."""
@@ -188,7 +201,8 @@ def explain(
     if not sim_model.exists():
         _run(
             ["train-simulator", *common, "--classifier", model, "--logits",
-             str(clf_dir / "logits.tsv"), "--split", split, "--out", str(sim_model)],
+             str(clf_dir / "logits.tsv"), "--split", split, "--out", str(sim_model),
+             *_flags(overrides or [])],
             out / "train_simulator.log",
         )  # fmt: skip
     train_s = time.perf_counter() - t0
@@ -310,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "results" / "robustness")
     ap.add_argument("--tag", default="", help="suffix of the run folders and the result file")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--sim-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train-simulator overrides, e.g. hinge=flip objective=0",
+    )
+    ap.add_argument("--sim-tag", default="", help="suffix of the simulator run folders")
     ap.add_argument("--simulator", action="store_true",
                     help="also train the simulator (defaults) and score its maps and a gradient "
                     "baseline against the ground truth (synthetic cohorts)")  # fmt: skip
@@ -339,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     res["runs"][-1]["simulator"] = explain(
                         preproc, run_dir, args.work / name / "cohort", spec,
-                        run_dir / "explain", args.threads,
+                        run_dir / f"explain{'_' + args.sim_tag if args.sim_tag else ''}",
+                        args.threads, args.sim_set,
                     )  # fmt: skip
                     print(f"{name} seed {seed}: {res['runs'][-1]['simulator']}", flush=True)
         except RuntimeError as exc:
