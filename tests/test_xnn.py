@@ -188,6 +188,11 @@ def test_srae_checkpoint_roundtrip(tmp_path):
 def test_default_layer_and_pooling():
     net = build_model("small", spatial_size=(SIZE,) * 3, channels=(4, 8), hidden=(6,)).eval()
     assert default_layer(net) == "classifier.2"  # the dropout feeding the logit layer
+    # a reference-fallback model: its linear path reads the input, the layer stays the CNN's
+    fallback = build_model(
+        "small", spatial_size=(SIZE,) * 3, channels=(4, 8), hidden=(6,), linear_pool=2
+    )
+    assert default_layer(fallback.eval()) == "classifier.2"
     x = torch.rand(2, 1, SIZE, SIZE, SIZE)
     assert LayerFeatures(net, "classifier.2")(x).shape == (2, 6)
     assert LayerFeatures(net, "features.1", "avg")(x).shape == (2, 8)

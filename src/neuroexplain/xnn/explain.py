@@ -55,7 +55,18 @@ def default_layer(model: nn.Module) -> str:
     Raises:
         ValueError: no ``nn.Linear`` in the model, or nothing registered before it.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        # the linear path of a reference-fallback model reads the input, not a layer
+        if isinstance(m, nn.Linear) and not n.startswith("linear_path")
+    ]
+    if getattr(model, "linear_path", None) is not None:
+        logger.warning(
+            "the classifier has a linear path on its input (classifier.reference_fallback): the "
+            "part of the logit it carries is not in any layer's activations, so the explanation "
+            "features can only be as faithful as the CNN path is to the logit (see R^2)"
+        )
     if not names:
         raise ValueError("the model has no nn.Linear layer; give the layer explicitly")
     last = names[-1]
