@@ -675,7 +675,7 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     assert not (out / "model.state.pt").exists()
     assert len(pd.read_csv(out / "train_log.tsv", sep="\t")) == 2
     objective = ckpt["summary"]["objective"]
-    assert objective["epochs"] == 1 and objective["hinge"] == "target"
+    assert objective["epochs"] == 1 and objective["hinge"] == "flip"
     assert objective["n_inject"] == 1 and objective["n_remove"] == 2
     assert isinstance(objective["met"], bool)
     on_disk = json.loads((out / "train_summary.json").read_text())

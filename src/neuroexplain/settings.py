@@ -410,7 +410,8 @@ class SimulatorTrainConfig(_Settings):
         lr: Adam learning rate.
         margin: hinge margin on the logit (``"flip"``, ``"relative"``); with ``"target"``, the
             least distance past the decision boundary that the target keeps.
-        hinge: ``"target"`` (the default: the simulated logit must reach the other class's
+        hinge: ``"flip"`` (the default; measured on the demo: NCC 0.53 against 0.43 for
+            ``"target"``, README) or ``"target"`` (the simulated logit must reach the other class's
             typical logit, the median logit of the training subjects of that class, and at least
             ``margin`` past the boundary; the hinge is divided by half the distance between the
             two medians, so its weight does not depend on the classifier's logit scale),
@@ -455,7 +456,7 @@ class SimulatorTrainConfig(_Settings):
     lr: float = setting(1e-3, "Adam learning rate.")
     margin: float = setting(1.0, "Hinge margin on the logit (least distance past the boundary).")
     hinge: str = setting(
-        "target",
+        "flip",
         "target: other class's median logit; flip: decision flipped by >= margin; "
         "relative: logit moves by >= margin.",
     )
