@@ -788,6 +788,145 @@ def read_logits(path: str | os.PathLike[str]) -> Any:
     return df
 
 
+@dataclass
+class _TrainingInputs:
+    """The preprocessed images, the classifier and the training subjects of
+    :func:`run_train_simulator`."""
+
+    images: torch.Tensor
+    clf: nn.Module
+    idx: np.ndarray
+    cond: torch.Tensor
+    train_subjects: list[str]
+
+
+def _load_training_inputs(
+    preproc: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    logits: str | os.PathLike[str],
+    split: str | os.PathLike[str] | None,
+    correct_only: bool,
+) -> _TrainingInputs:
+    """Read the images, classifier, logits and split; select the training subjects."""
+    from neuroexplain.models import load_classifier
+    from neuroexplain.train.classifier import load_preproc_dict, read_split
+
+    data = load_preproc_dict(preproc)
+    images = data["images"]
+    subjects = [str(s) for s in data["subjects"]]
+    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
+    lg = read_logits(logits).set_index("subject")
+    if split is not None or "split" not in lg.columns:
+        sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"
+        sp = read_split(sp_path).set_index("subject")["split"]
+    else:
+        sp = lg["split"]
+    missing = [s for s in subjects if s not in lg.index]
+    if len(missing) == len(subjects):
+        raise InputError(logits, "none of the preprocessed subjects has a logit")
+    logit = np.array([float(lg.loc[s, "logit"]) if s in lg.index else np.nan for s in subjects])
+    split_of = [str(sp.get(s, "")) for s in subjects]
+    idx = select_training_subjects(subjects, data["y"], logit, split_of, correct_only=correct_only)
+    if idx.size == 0:
+        raise InputError(
+            logits, "no correctly classified subjects in the train split to train the simulator on"
+        )
+    y = np.asarray(data["y"], dtype=np.float64)[idx]
+    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
+    return _TrainingInputs(images, clf, idx, cond, [subjects[i] for i in idx])
+
+
+def _training_summary(
+    history: list[dict[str, float]], cfg: TrainConfig, inputs: _TrainingInputs, seconds: float
+) -> dict[str, Any]:
+    """The summary of a training run (objective per direction, final losses); warns when the
+    objective was not met."""
+    cond = inputs.cond
+    last = history[-min(len(history), 10) :]
+    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
+    final = epoch_objective(history, n_epochs - 1) if history else {}
+    met = bool(history) and objective_met(final, cfg.objective or 1.0)
+    objective = {
+        "hinge": cfg.hinge,
+        "objective": cfg.objective,
+        "met": met,
+        "epochs": n_epochs,
+        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
+        **{k: v for k, v in final.items() if k != "epoch"},
+    }
+    if cfg.objective > 0 and not met:
+        logger.warning(
+            "simulator objective not met after %d passes: the simulations flip %s of the inject "
+            "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
+            "the maps show less than what separates the classes: try a larger --max-epochs",
+            n_epochs,
+            _pct(final.get("flipped_inject")),
+            _pct(final.get("flipped_remove")),
+            _pct(final.get("reached_inject")),
+            _pct(final.get("reached_remove")),
+            cfg.objective,
+        )
+    return {
+        "objective": objective,
+        "n_subjects": len(inputs.train_subjects),
+        "n_inject": int((cond < 0).sum()),
+        "n_remove": int((cond > 0).sum()),
+        "steps": len(history),
+        "seconds": round(seconds, 2),
+        "final": {
+            k: float(np.mean([h[k] for h in last]))
+            for k in ("loss", "cls", "cycle", "smooth", "magnitude", "volume", "flipped")
+            if k in last[0]
+        }
+        if last
+        else {},
+    }
+
+
+def _write_simulator_outputs(
+    out: Path,
+    model: SimulatorNet,
+    cfg: TrainConfig,
+    inputs: _TrainingInputs,
+    history: list[dict[str, float]],
+    summary: dict[str, Any],
+    classifier: str,
+    classifier_sha256: str,
+    prov: dict[str, Any],
+) -> None:
+    """Write the checkpoint, ``train_log.tsv`` and ``train_summary.json`` (no wall-clock time
+    in the files: the same run gives the same bytes)."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+
+    save_simulator(
+        out,
+        model,
+        train_config=cfg,
+        input_shape=list(inputs.images.shape[1:]),
+        extra={
+            "train_subjects": inputs.train_subjects,
+            "train_conditions": inputs.cond.tolist(),
+            "classifier": classifier,
+            "classifier_sha256": classifier_sha256,
+            "history": history,
+            # no wall-clock time in the file: the same run must give the same bytes
+            "summary": {k: v for k, v in summary.items() if k != "seconds"},
+            "provenance": prov,
+        },
+    )
+    write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
+    write_json(
+        {
+            **{k: v for k, v in summary.items() if k != "seconds"},  # same run, same bytes
+            "objective_definition": OBJECTIVE_DEFINITION,
+            "provenance": prov,
+        },
+        out.parent / "train_summary.json",
+    )
+
+
 def run_train_simulator(
     preproc: str | os.PathLike[str],
     classifier: str | os.PathLike[str],
@@ -816,58 +955,32 @@ def run_train_simulator(
     Returns:
         A summary: subjects, steps, seconds, final losses and the training flip rate.
     """
-    import pandas as pd
-
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import load_classifier
     from neuroexplain.provenance import provenance, sha256_file
-    from neuroexplain.train.classifier import load_preproc_dict, read_split
 
     cfg = config or TrainConfig()
     ncfg = net_config or SimulatorConfig()
-    data = load_preproc_dict(preproc)
-    images = data["images"]
-    subjects = [str(s) for s in data["subjects"]]
-    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
-    lg = read_logits(logits).set_index("subject")
-    if split is not None or "split" not in lg.columns:
-        sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"
-        sp = read_split(sp_path).set_index("subject")["split"]
-    else:
-        sp = lg["split"]
-    missing = [s for s in subjects if s not in lg.index]
-    if len(missing) == len(subjects):
-        raise InputError(logits, "none of the preprocessed subjects has a logit")
-    logit = np.array([float(lg.loc[s, "logit"]) if s in lg.index else np.nan for s in subjects])
-    split_of = [str(sp.get(s, "")) for s in subjects]
-    idx = select_training_subjects(subjects, data["y"], logit, split_of, correct_only=correct_only)
-    if idx.size == 0:
-        raise InputError(
-            logits, "no correctly classified subjects in the train split to train the simulator on"
-        )
-    y = np.asarray(data["y"], dtype=np.float64)[idx]
-    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
+    inputs = _load_training_inputs(preproc, classifier, logits, split, correct_only)
+    cond = inputs.cond
     logger.info(
         "training the simulator on %d subjects (%d inject, %d remove)",
-        idx.size,
+        inputs.idx.size,
         int((cond < 0).sum()),
         int((cond > 0).sum()),
     )
     clf_sha = sha256_file(classifier)
     out = Path(out)
     state_path = out.with_name(out.name.split(".")[0] + ".state.pt")
-    train_subjects = [subjects[i] for i in idx]
     t0 = time.perf_counter()
     model, history = train_simulator(
-        images[torch.from_numpy(idx)],
+        inputs.images[torch.from_numpy(inputs.idx)],
         cond,
-        clf,
+        inputs.clf,
         config=cfg,
         net_config=ncfg,
         state_path=state_path,
         resume=resume,
         progress=progress,
-        data_key={"subjects": train_subjects, "classifier_sha256": clf_sha},
+        data_key={"subjects": inputs.train_subjects, "classifier_sha256": clf_sha},
         source=preproc,
     )
     seconds = time.perf_counter() - t0
@@ -882,69 +995,9 @@ def run_train_simulator(
     prov = provenance(
         params, seed=cfg.seed, inputs=[preproc, classifier, logits], command="train-simulator"
     )
-    last = history[-min(len(history), 10) :]
-    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
-    final = epoch_objective(history, n_epochs - 1) if history else {}
-    met = bool(history) and objective_met(final, cfg.objective or 1.0)
-    objective = {
-        "hinge": cfg.hinge,
-        "objective": cfg.objective,
-        "met": met,
-        "epochs": n_epochs,
-        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
-        **{k: v for k, v in final.items() if k != "epoch"},
-    }
-    if cfg.objective > 0 and not met:
-        logger.warning(
-            "simulator objective not met after %d passes: the simulations flip %s of the inject "
-            "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
-            "the maps show less than what separates the classes: try a larger --max-epochs",
-            n_epochs,
-            _pct(final.get("flipped_inject")),
-            _pct(final.get("flipped_remove")),
-            _pct(final.get("reached_inject")),
-            _pct(final.get("reached_remove")),
-            cfg.objective,
-        )
-    summary = {
-        "objective": objective,
-        "n_subjects": len(train_subjects),
-        "n_inject": int((cond < 0).sum()),
-        "n_remove": int((cond > 0).sum()),
-        "steps": len(history),
-        "seconds": round(seconds, 2),
-        "final": {
-            k: float(np.mean([h[k] for h in last]))
-            for k in ("loss", "cls", "cycle", "smooth", "magnitude", "volume", "flipped")
-            if k in last[0]
-        }
-        if last
-        else {},
-    }
-    save_simulator(
-        out,
-        model,
-        train_config=cfg,
-        input_shape=list(images.shape[1:]),
-        extra={
-            "train_subjects": train_subjects,
-            "train_conditions": cond.tolist(),
-            "classifier": str(classifier),
-            "classifier_sha256": clf_sha,
-            "history": history,
-            # no wall-clock time in the file: the same run must give the same bytes
-            "summary": {k: v for k, v in summary.items() if k != "seconds"},
-            "provenance": prov,
-        },
-    )
-    write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
-    write_json(
-        {
-            **{k: v for k, v in summary.items() if k != "seconds"},  # same run, same bytes
-            "objective_definition": OBJECTIVE_DEFINITION,
-            "provenance": prov,
-        },
-        out.parent / "train_summary.json",
+    summary = _training_summary(history, cfg, inputs, seconds)
+    _write_simulator_outputs(
+        out, model, cfg, inputs, history, summary, str(classifier), clf_sha, prov
     )
     state_path.unlink(missing_ok=True)
     logger.info("wrote %s (%d steps, %.0f s)", out, len(history), seconds)
