@@ -829,6 +829,204 @@ def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
     return {"C": c, "val_auc": auc, "val_auc_by_C": by_c}
 
 
+@dataclass
+class _Fit:
+    """One training phase in progress: what it trains, its optimiser state and its best epoch."""
+
+    name: str
+    monitor: str
+    state_path: Path
+    run_key: dict[str, Any]
+    model: Any
+    opt: Any
+    scaler: Any
+    aug: BatchAugment | None
+    gen: Any
+    loss_fn: Any
+    eval_loss_fn: Any
+    mem_format: Any
+    x_val: Any
+    y_val: np.ndarray
+    best: dict[str, Any]
+    log_rows: list[dict[str, Any]]
+    stale: int = 0
+    start: int = 1
+
+
+def _fit_setup(
+    run: _Run, name: str, model: Any, state_path: Path, run_key: dict[str, Any], monitor: str
+) -> _Fit:
+    """Losses, optimiser, AMP scaler, augmentation and batch-order generator of a phase."""
+    import torch
+
+    cfg, y, parts, device = run.cfg, run.y, run.parts, run.device
+    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    pos_weight = torch.tensor([_pos_weight(y[parts["train"]])], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
+    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _Fit(
+        name=name,
+        monitor=monitor,
+        state_path=state_path,
+        run_key=run_key,
+        model=model,
+        opt=opt,
+        scaler=scaler,
+        aug=aug,
+        gen=gen,
+        loss_fn=loss_fn,
+        eval_loss_fn=eval_loss_fn,
+        mem_format=mem_format,
+        x_val=run.images[parts["val"]],
+        y_val=y[parts["val"]],
+        best={"key": (float("inf"),), "loss": float("inf"), "epoch": -1},
+        log_rows=[],
+    )
+
+
+def _validate(run: _Run, fit: _Fit) -> tuple[float, dict[str, Any], float]:
+    """``(validation loss, binary_metrics, AUC or 0.5)`` of the phase's model."""
+    val_loss, val_logits = _evaluate_loss(
+        fit.model, fit.x_val, fit.y_val, fit.eval_loss_fn, run.cfg.batch_size, run.device
+    )
+    vm = binary_metrics(fit.y_val, val_logits)
+    auc = vm["auc"] if vm["auc"] is not None else 0.5
+    return val_loss, vm, auc
+
+
+def _candidate(fit: _Fit, key: tuple[float, ...], auc: float, loss: float, epoch: int) -> dict:
+    """The best-epoch record of the model as it is now (a copy of its weights on CPU)."""
+    return {
+        "key": key,
+        "auc": auc,
+        "loss": loss,
+        "epoch": epoch,
+        "state": copy.deepcopy({k: v.detach().cpu() for k, v in fit.model.state_dict().items()}),
+    }
+
+
+def _log_row(
+    name: str,
+    epoch: int,
+    train_loss: float | None,
+    val_loss: float,
+    vm: Mapping[str, Any],
+    lr: float | None,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "phase": name,
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_auc": vm["auc"],
+        "val_balanced_accuracy": vm["balanced_accuracy"],
+        "lr": lr,
+        "seconds": seconds,
+    }
+
+
+def _resume_fit(run: _Run, fit: _Fit) -> None:
+    """Continue from the phase's training state when it belongs to this run."""
+    import torch
+
+    if not (run.resume and fit.state_path.is_file()):
+        return
+    state = _load_state(fit.state_path, fit.run_key)
+    if state is None:
+        return
+    fit.model.load_state_dict(state["model"])
+    fit.opt.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        fit.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    fit.gen.set_state(state["rng"]["order"])
+    if fit.aug is not None:
+        fit.aug.gen.set_state(state["rng"]["augment"])
+    fit.best = {**state["best"], "key": tuple(state["best"]["key"])}
+    fit.stale = int(state["stale"])
+    fit.log_rows = [dict(r) for r in state["log"]]
+    fit.start = int(state["epoch"]) + 1
+    logger.info(
+        "resuming classifier training from %s after epoch %d", fit.state_path, fit.start - 1
+    )
+
+
+def _train_epoch(run: _Run, fit: _Fit, epoch: int, train_groups: list[np.ndarray] | None) -> float:
+    """One pass over the training split (1-based ``epoch``); returns the mean training loss."""
+    import torch
+
+    cfg, images, y, parts, device = run.cfg, run.images, run.y, run.parts, run.device
+    model, opt, scaler, aug = fit.model, fit.opt, fit.scaler, fit.aug
+    model.train()
+    if train_groups is None:
+        order = parts["train"][torch.randperm(len(parts["train"]), generator=fit.gen).numpy()]
+    else:  # whole groups in random order: a paired control and diseased share a batch
+        perm = torch.randperm(len(train_groups), generator=fit.gen).numpy()
+        order = np.concatenate([train_groups[j] for j in perm])
+    total, count = 0.0, 0
+    steps_per_epoch = -(-len(order) // cfg.batch_size)
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step, steps_per_epoch)
+        xb = images[idx].to(device, non_blocking=True)
+        if aug is not None:
+            xb = aug(xb)
+        xb = xb.contiguous(memory_format=fit.mem_format)
+        yb = torch.as_tensor(y[idx], device=device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=run.amp):
+            loss = fit.loss_fn(model(xb)[:, 0].float(), yb)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.item()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def _end_epoch(run: _Run, fit: _Fit, epoch: int, train_loss: float, t0: float, bar: Any) -> bool:
+    """Validate, log, keep the best state and save the training state after ``epoch``;
+    ``True`` when training stops early."""
+    cfg = run.cfg
+    val_loss, vm, auc = _validate(run, fit)
+    seconds = time.perf_counter() - t0
+    lr = fit.opt.param_groups[0]["lr"]
+    fit.log_rows.append(_log_row(fit.name, epoch, train_loss, val_loss, vm, lr, round(seconds, 3)))
+    key = _monitor_key(fit.monitor, val_loss, auc)
+    improved = key < fit.best["key"]
+    if improved:
+        fit.best = _candidate(fit, key, auc, val_loss, epoch)
+        fit.stale = 0
+    else:
+        fit.stale += 1
+    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
+    logger.info(
+        "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
+        epoch,
+        train_loss,
+        val_loss,
+        "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
+        " *" if improved else "",
+        seconds,
+    )
+    _save_state(
+        fit.state_path, fit.run_key, epoch, fit.model, fit.opt, fit.scaler, fit.gen, fit.aug,
+        fit.best, fit.stale, fit.log_rows,
+    )  # fmt: skip
+    if cfg.patience and fit.stale >= cfg.patience:
+        logger.info("early stop: no better validation %s for %d epochs", fit.monitor, cfg.patience)
+        return True
+    return False
+
+
 def _fit_phase(
     run: _Run,
     name: str,
@@ -845,165 +1043,40 @@ def _fit_phase(
     ``monitor`` overrides ``cfg.monitor`` (the linear phase selects on validation AUC: it
     exists to reach the reference's AUC, and its epoch 0 is the regression itself).
     """
-    import torch
     from tqdm.auto import tqdm
 
     monitor = monitor or run.cfg.monitor
-
-    cfg, images, y, parts, device, amp = run.cfg, run.images, run.y, run.parts, run.device, run.amp
-    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem_format)
-    pos_weight = torch.tensor([_pos_weight(y[parts["train"]])], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    x_val, y_val = images[parts["val"]], y[parts["val"]]
-    best: dict[str, Any] = {"key": (float("inf"),), "loss": float("inf"), "epoch": -1}
-    log_rows: list[dict[str, Any]] = []
+    cfg = run.cfg
+    fit = _fit_setup(run, name, model, state_path, run_key, monitor)
     t_start = time.perf_counter()
-    stale = 0
-    start = 1
     if linear_init is not None:  # the initial model (the regression alone) is a candidate too
-        val_loss, val_logits = _evaluate_loss(
-            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
-        )
-        vm = binary_metrics(y_val, val_logits)
-        auc = vm["auc"] if vm["auc"] is not None else 0.5
-        best = {
-            "key": _monitor_key(monitor, val_loss, auc),
-            "auc": auc,
-            "loss": val_loss,
-            "epoch": 0,
-            "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-        }
-        log_rows.append(
-            {
-                "phase": name,
-                "epoch": 0,
-                "train_loss": None,
-                "val_loss": val_loss,
-                "val_auc": vm["auc"],
-                "val_balanced_accuracy": vm["balanced_accuracy"],
-                "lr": None,
-                "seconds": 0.0,
-            }
-        )
-    if run.resume and state_path.is_file():
-        state = _load_state(state_path, run_key)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            gen.set_state(state["rng"]["order"])
-            if aug is not None:
-                aug.gen.set_state(state["rng"]["augment"])
-            best = {**state["best"], "key": tuple(state["best"]["key"])}
-            stale = int(state["stale"])
-            log_rows = [dict(r) for r in state["log"]]
-            start = int(state["epoch"]) + 1
-            logger.info(
-                "resuming classifier training from %s after epoch %d", state_path, start - 1
-            )
+        val_loss, vm, auc = _validate(run, fit)
+        fit.best = _candidate(fit, _monitor_key(monitor, val_loss, auc), auc, val_loss, 0)
+        fit.log_rows.append(_log_row(name, 0, None, val_loss, vm, None, 0.0))
+    _resume_fit(run, fit)
     disable = None if run.progress is None else not run.progress  # None: only on a terminal
     bar = tqdm(
-        range(start, cfg.epochs + 1),
+        range(fit.start, cfg.epochs + 1),
         desc=f"train {name}",
         unit="epoch",
         disable=disable,
-        initial=start - 1,
+        initial=fit.start - 1,
         total=cfg.epochs,
     )
-    stopped = cfg.patience and stale >= cfg.patience
-    train_groups = _train_groups(run.groups, parts["train"])
+    stopped = cfg.patience and fit.stale >= cfg.patience
+    train_groups = _train_groups(run.groups, run.parts["train"])
     for epoch in [] if stopped else bar:
         t0 = time.perf_counter()
-        model.train()
-        if train_groups is None:
-            order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
-        else:  # whole groups in random order: a paired control and diseased share a batch
-            perm = torch.randperm(len(train_groups), generator=gen).numpy()
-            order = np.concatenate([train_groups[j] for j in perm])
-        total, count = 0.0, 0
-        steps_per_epoch = -(-len(order) // cfg.batch_size)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, steps_per_epoch)
-            xb = images[idx].to(device, non_blocking=True)
-            if aug is not None:
-                xb = aug(xb)
-            xb = xb.contiguous(memory_format=mem_format)
-            yb = torch.as_tensor(y[idx], device=device)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
-                loss = loss_fn(model(xb)[:, 0].float(), yb)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.item()) * len(idx)
-            count += len(idx)
-        train_loss = total / max(count, 1)
-        val_loss, val_logits = _evaluate_loss(
-            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
-        )
-        vm = binary_metrics(y_val, val_logits)
-        seconds = time.perf_counter() - t0
-        log_rows.append(
-            {
-                "phase": name,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_auc": vm["auc"],
-                "val_balanced_accuracy": vm["balanced_accuracy"],
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(seconds, 3),
-            }
-        )
-        auc = vm["auc"] if vm["auc"] is not None else 0.5
-        key = _monitor_key(monitor, val_loss, auc)
-        improved = key < best["key"]
-        if improved:
-            best = {
-                "key": key,
-                "auc": auc,
-                "loss": val_loss,
-                "epoch": epoch,
-                "state": copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                ),
-            }
-            stale = 0
-        else:
-            stale += 1
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
-        logger.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
-            epoch,
-            train_loss,
-            val_loss,
-            "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
-            " *" if improved else "",
-            seconds,
-        )
-        _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
-        if cfg.patience and stale >= cfg.patience:
-            logger.info("early stop: no better validation %s for %d epochs", monitor, cfg.patience)
+        train_loss = _train_epoch(run, fit, epoch, train_groups)
+        if _end_epoch(run, fit, epoch, train_loss, t0, bar):
             break
     bar.close()
-    model.load_state_dict(best["state"])
+    fit.model.load_state_dict(fit.best["state"])
     return _Phase(
         name=name,
-        model=model,
-        best=best,
-        log_rows=log_rows,
+        model=fit.model,
+        best=fit.best,
+        log_rows=fit.log_rows,
         seconds=time.perf_counter() - t_start,
         model_kwargs=model_kwargs,
         linear_init=linear_init,
