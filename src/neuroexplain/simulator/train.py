@@ -44,6 +44,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,250 @@ def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------- training
 
 
+@dataclass
+class _SimulatorRun:
+    """What every step of one :func:`train_simulator` call shares."""
+
+    cfg: TrainConfig
+    model: SimulatorNet
+    classifier: nn.Module
+    clf_params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    scaler: Any
+    smooth: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    use_amp: bool
+    net_config: SimulatorConfig
+    targets: tuple[float, float, float] | None = None
+
+
+@dataclass
+class _SimulatorStep:
+    """The losses of one batch (tensors, before ``detach``) and its hinge and logits."""
+
+    loss: torch.Tensor
+    cls: torch.Tensor
+    cycle: torch.Tensor
+    smooth: torch.Tensor
+    magnitude: torch.Tensor
+    volume: torch.Tensor
+    hinge: torch.Tensor
+    logit_simulated: torch.Tensor
+
+
+def _check_conditions(images: torch.Tensor, conditions: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(N, conditions as a float (N,) tensor)``; raises on no images or bad conditions."""
+    n = int(images.shape[0])
+    if n == 0:
+        raise InputError(
+            "--logits", "no training subjects (none correctly classified in the train split?)"
+        )
+    cond = torch.as_tensor(conditions, dtype=torch.float32).reshape(-1)
+    if cond.shape[0] != n or not torch.all((cond == -1) | (cond == 1)):
+        raise InputError(
+            "conditions", f"expected {n} values in {{-1, +1}}, got {cond.tolist()[:8]}"
+        )
+    return n, cond
+
+
+def _setup_run(
+    images: torch.Tensor,
+    classifier: nn.Module,
+    cfg: TrainConfig,
+    net_config: SimulatorConfig | None,
+) -> _SimulatorRun:
+    """Seed, build the simulator and its optimiser, freeze the classifier."""
+    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+
+    device = resolve_device(cfg.device)
+    use_amp = amp_enabled(device)
+    seed_everything(cfg.seed)
+
+    ncfg = net_config or SimulatorConfig()
+    if ncfg.in_channels != images.shape[1]:
+        ncfg = SimulatorConfig(**{**ncfg.to_dict(), "in_channels": int(images.shape[1])})
+    model = SimulatorNet(ncfg).to(device)
+    classifier = freeze(classifier).to(device)
+    clf_params = [p for p in classifier.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    smooth = _smooth_loss(cfg.smoothness)
+    return _SimulatorRun(
+        cfg, model, classifier, clf_params, opt, scaler, smooth, device, use_amp, ncfg
+    )
+
+
+def _check_step_memory(
+    run: _SimulatorRun, images: torch.Tensor, source: str | os.PathLike[str] | None
+) -> None:
+    """Memory of one step, before anything is computed or written: the simulator (weights,
+    gradients, Adam state, activations; its activations twice with the cycle pass) and the
+    frozen classifier (weights, activations kept for the gradient to the simulated image)."""
+    from neuroexplain.utils import (
+        check_memory_fits,
+        estimate_activation_memory,
+        estimate_training_memory,
+    )
+
+    cfg, model, use_amp = run.cfg, run.model, run.use_amp
+    shape = tuple(int(s) for s in images.shape[1:])
+    bs = min(cfg.batch_size, int(images.shape[0]))
+
+    def sim_forward(m: nn.Module, x: torch.Tensor) -> Any:
+        return m(x, torch.ones(x.shape[0], device=x.device), return_lowres=True)
+
+    need = estimate_training_memory(model, shape, bs, use_amp, forward=sim_forward)
+    if cfg.w_cycle > 0:
+        need += estimate_activation_memory(model, shape, bs, use_amp, forward=sim_forward)
+    need += estimate_training_memory(run.classifier, shape, bs, use_amp)
+    check_memory_fits(
+        need,
+        f"training the simulator (batch size {bs}, images {'x'.join(map(str, shape))})",
+        source if source is not None else "--batch-size",
+        device=run.device,
+        hint="use a smaller --batch-size, --channels or a larger --downsample",
+    )
+
+
+def _input_logits(run: _SimulatorRun, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N,)`` of the input images, once (the classifier is fixed)."""
+    bs, device = run.cfg.batch_size, run.device
+    with torch.no_grad(), torch.autocast(device.type, enabled=run.use_amp):
+        return torch.cat(
+            [
+                logit_of(run.classifier(images[i : i + bs].to(device))).float().cpu()
+                for i in range(0, int(images.shape[0]), bs)
+            ]
+        )
+
+
+def _resume_state(
+    run: _SimulatorRun, sp: Path | None, resume: bool, key: dict[str, Any], total: int
+) -> tuple[list[dict[str, float]], int]:
+    """``(history, step)`` of the training state at ``sp`` (loaded into the run) when it
+    belongs to this run, else ``([], 0)``."""
+    history: list[dict[str, float]] = []
+    step = 0
+    if sp is not None and resume and sp.is_file():
+        state = _load_state(sp, key)
+        if state is not None:
+            run.model.load_state_dict(state["model"])
+            run.opt.load_state_dict(state["optimizer"])
+            if run.scaler is not None and state["scaler"]:
+                run.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            history = [dict(h) for h in state["history"]]
+            step = int(state["step"])
+            logger.info("resuming simulator training from %s at step %d / %d", sp, step, total)
+    return history, step
+
+
+def _simulator_losses(
+    run: _SimulatorRun, x: torch.Tensor, o: torch.Tensor, l_in: torch.Tensor, w_cls: float
+) -> _SimulatorStep:
+    """The weighted losses of one batch (inside the autocast region)."""
+    cfg, model, device, smooth = run.cfg, run.model, run.device, run.smooth
+    sim, ddf, low = model(x, o, return_lowres=True)
+    l_sim = logit_of(run.classifier(sim)).float()
+    h = hinge_values(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge, targets=run.targets)
+    loss_cls = torch.relu(h).mean()
+    loss = w_cls * loss_cls
+    loss_cycle = torch.zeros((), device=device)
+    loss_smooth = smooth(low.float())
+    fields = [low]
+    if cfg.w_cycle > 0:
+        back, _, low_back = model(sim, -o, return_lowres=True)
+        loss_cycle = (back.float() - x).abs().mean()
+        loss_smooth = 0.5 * (loss_smooth + smooth(low_back.float()))
+        fields.append(low_back)
+        loss = loss + cfg.w_cycle * loss_cycle
+    loss = loss + cfg.w_smooth * loss_smooth
+    loss_mag = ddf.float().pow(2).sum(1).mean()
+    if cfg.w_magnitude > 0:
+        loss = loss + cfg.w_magnitude * loss_mag
+    loss_volume = torch.zeros((), device=device)
+    if cfg.w_volume > 0:  # a Jacobian per field: only when it is part of the loss
+        loss_volume = sum(volume_change_loss(f.float()) for f in fields) / len(fields)
+        loss = loss + cfg.w_volume * loss_volume
+    return _SimulatorStep(loss, loss_cls, loss_cycle, loss_smooth, loss_mag, loss_volume, h, l_sim)
+
+
+def _optimise_step(
+    run: _SimulatorRun, x: torch.Tensor, o: torch.Tensor, l_in: torch.Tensor, w_cls: float
+) -> _SimulatorStep:
+    """One optimiser step of the simulator on a batch; the classifier stays frozen."""
+    run.classifier.eval()  # never let BatchNorm statistics move
+    run.opt.zero_grad(set_to_none=True)
+    with torch.autocast(run.device.type, enabled=run.use_amp):
+        s = _simulator_losses(run, x, o, l_in, w_cls)
+    if run.scaler is not None:
+        run.scaler.scale(s.loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        s.loss.backward()
+        run.opt.step()
+    if any(p.grad is not None for p in run.clf_params):  # pragma: no cover - defensive
+        raise RuntimeError("gradients reached the frozen classifier's parameters")
+    return s
+
+
+def _step_record(
+    step: int, epoch: int, w_cls: float, o: torch.Tensor, s: _SimulatorStep
+) -> dict[str, Any]:
+    """The history row of one step: losses, flip rate and per-direction counts."""
+    flips = (s.logit_simulated.detach() > 0) == (o < 0)
+    reached = s.hinge.detach() <= 0
+    inj = o < 0
+    flipped = flips.float().mean()
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": float(s.loss.detach()),
+        "cls": float(s.cls.detach()),
+        "cycle": float(s.cycle.detach()),
+        "smooth": float(s.smooth.detach()),
+        "magnitude": float(s.magnitude.detach()),
+        "volume": float(s.volume.detach()),
+        "flipped": float(flipped),
+        "w_cls": float(w_cls),
+        "n_inject": int(inj.sum()),
+        "n_remove": int((~inj).sum()),
+        "flipped_inject": int((flips & inj).sum()),
+        "flipped_remove": int((flips & ~inj).sum()),
+        "reached_inject": int((reached & inj).sum()),
+        "reached_remove": int((reached & ~inj).sum()),
+    }
+
+
+def _total_steps(cfg: TrainConfig, n: int) -> tuple[int, int]:
+    """``(steps per pass, most steps)``: ``max_epochs`` passes with an objective, else
+    ``epochs``, at most ``max_steps``."""
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    max_epochs = max(cfg.epochs, cfg.max_epochs) if cfg.objective > 0 else cfg.epochs
+    total = max_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    return steps_per_epoch, total
+
+
+def _checkpoint_due(
+    cfg: TrainConfig,
+    history: Sequence[dict[str, float]],
+    step: int,
+    steps_per_epoch: int,
+    total: int,
+) -> bool:
+    """Write the training state after ``step``: every ``checkpoint_every`` steps, at the last
+    step and at the end of the pass that stops training."""
+    epoch = (step - 1) // steps_per_epoch
+    return cfg.checkpoint_every > 0 and (
+        step % cfg.checkpoint_every == 0
+        or step == total
+        or (step % steps_per_epoch == 0 and _objective_done(history, epoch + 1, cfg))
+    )
+
+
 def train_simulator(
     images: torch.Tensor,
     conditions: torch.Tensor,
@@ -431,104 +676,31 @@ def train_simulator(
     """
     from tqdm.auto import tqdm
 
-    from neuroexplain.utils import (
-        amp_enabled,
-        check_memory_fits,
-        estimate_activation_memory,
-        estimate_training_memory,
-        resolve_device,
-        seed_everything,
-    )
-
     cfg = config or TrainConfig()
-    n = int(images.shape[0])
-    if n == 0:
-        raise InputError(
-            "--logits", "no training subjects (none correctly classified in the train split?)"
-        )
-    cond = torch.as_tensor(conditions, dtype=torch.float32).reshape(-1)
-    if cond.shape[0] != n or not torch.all((cond == -1) | (cond == 1)):
-        raise InputError(
-            "conditions", f"expected {n} values in {{-1, +1}}, got {cond.tolist()[:8]}"
-        )
-    device = resolve_device(cfg.device)
-    use_amp = amp_enabled(device)
-    seed_everything(cfg.seed)
-
-    ncfg = net_config or SimulatorConfig()
-    if ncfg.in_channels != images.shape[1]:
-        ncfg = SimulatorConfig(**{**ncfg.to_dict(), "in_channels": int(images.shape[1])})
-    model = SimulatorNet(ncfg).to(device)
-    classifier = freeze(classifier).to(device)
-    clf_params = [p for p in classifier.parameters()]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    smooth = _smooth_loss(cfg.smoothness)
-
-    # memory of one step, before anything is computed or written: the simulator (weights,
-    # gradients, Adam state, activations; its activations twice with the cycle pass) and the
-    # frozen classifier (weights, activations kept for the gradient to the simulated image)
-    shape = tuple(int(s) for s in images.shape[1:])
-    bs = min(cfg.batch_size, n)
-
-    def sim_forward(m: nn.Module, x: torch.Tensor) -> Any:
-        return m(x, torch.ones(x.shape[0], device=x.device), return_lowres=True)
-
-    need = estimate_training_memory(model, shape, bs, use_amp, forward=sim_forward)
-    if cfg.w_cycle > 0:
-        need += estimate_activation_memory(model, shape, bs, use_amp, forward=sim_forward)
-    need += estimate_training_memory(classifier, shape, bs, use_amp)
-    check_memory_fits(
-        need,
-        f"training the simulator (batch size {bs}, images {'x'.join(map(str, shape))})",
-        source if source is not None else "--batch-size",
-        device=device,
-        hint="use a smaller --batch-size, --channels or a larger --downsample",
-    )
-
-    # logits of the inputs, once (the classifier is fixed)
-    with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
-        logit_in = torch.cat(
-            [
-                logit_of(classifier(images[i : i + cfg.batch_size].to(device))).float().cpu()
-                for i in range(0, n, cfg.batch_size)
-            ]
-        )
-
-    targets = class_targets(logit_in, cond, cfg.margin) if cfg.hinge == "target" else None
-    if targets is not None:
+    n, cond = _check_conditions(images, conditions)
+    run = _setup_run(images, classifier, cfg, net_config)
+    _check_step_memory(run, images, source)
+    logit_in = _input_logits(run, images)
+    run.targets = class_targets(logit_in, cond, cfg.margin) if cfg.hinge == "target" else None
+    if run.targets is not None:
         logger.info(
-            "simulator targets: inject -> logit %.3g, remove -> logit %.3g (scale %.3g)", *targets
+            "simulator targets: inject -> logit %.3g, remove -> logit %.3g (scale %.3g)",
+            *run.targets,
         )
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    max_epochs = max(cfg.epochs, cfg.max_epochs) if cfg.objective > 0 else cfg.epochs
-    total = max_epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, int(cfg.max_steps))
+    steps_per_epoch, total = _total_steps(cfg, n)
     key = {
         "train": cfg.run_key(),
-        "net": ncfg.to_dict(),
+        "net": run.net_config.to_dict(),
         "n": n,
         "shape": list(images.shape[1:]),
         "data": data_key or {},
     }
-    history: list[dict[str, float]] = []
-    step = 0
     sp = Path(state_path) if state_path is not None else None
-    if sp is not None and resume and sp.is_file():
-        state = _load_state(sp, key)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if scaler is not None and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            history = [dict(h) for h in state["history"]]
-            step = int(state["step"])
-            logger.info("resuming simulator training from %s at step %d / %d", sp, step, total)
+    history, step = _resume_state(run, sp, resume, key, total)
 
     disable = None if progress is None else not progress
     bar = tqdm(total=total, initial=step, desc="train simulator", unit="step", disable=disable)
+    model = run.model
     model.train()
     t0 = time.perf_counter()
     while step < total:
@@ -538,79 +710,16 @@ def train_simulator(
         w_cls = cls_weight(cfg, epoch)
         order = _epoch_order(n, cfg.seed, epoch)
         idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        x = images[idx].to(device, torch.float32)
-        o = cond[idx].to(device)
-        l_in = logit_in[idx].to(device)
-        classifier.eval()  # never let BatchNorm statistics move
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
-            sim, ddf, low = model(x, o, return_lowres=True)
-            l_sim = logit_of(classifier(sim)).float()
-            h = hinge_values(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge, targets=targets)
-            loss_cls = torch.relu(h).mean()
-            loss = w_cls * loss_cls
-            loss_cycle = torch.zeros((), device=device)
-            loss_smooth = smooth(low.float())
-            fields = [low]
-            if cfg.w_cycle > 0:
-                back, _, low_back = model(sim, -o, return_lowres=True)
-                loss_cycle = (back.float() - x).abs().mean()
-                loss_smooth = 0.5 * (loss_smooth + smooth(low_back.float()))
-                fields.append(low_back)
-                loss = loss + cfg.w_cycle * loss_cycle
-            loss = loss + cfg.w_smooth * loss_smooth
-            loss_mag = ddf.float().pow(2).sum(1).mean()
-            if cfg.w_magnitude > 0:
-                loss = loss + cfg.w_magnitude * loss_mag
-            loss_volume = torch.zeros((), device=device)
-            if cfg.w_volume > 0:  # a Jacobian per field: only when it is part of the loss
-                loss_volume = sum(volume_change_loss(f.float()) for f in fields) / len(fields)
-                loss = loss + cfg.w_volume * loss_volume
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        if any(p.grad is not None for p in clf_params):  # pragma: no cover - defensive
-            raise RuntimeError("gradients reached the frozen classifier's parameters")
+        x = images[idx].to(run.device, torch.float32)
+        o = cond[idx].to(run.device)
+        s = _optimise_step(run, x, o, logit_in[idx].to(run.device), w_cls)
         step += 1
-        flips = (l_sim.detach() > 0) == (o < 0)
-        reached = h.detach() <= 0
-        inj = o < 0
-        flipped = flips.float().mean()
-        rec = {
-            "step": step,
-            "epoch": epoch,
-            "loss": float(loss.detach()),
-            "cls": float(loss_cls.detach()),
-            "cycle": float(loss_cycle.detach()),
-            "smooth": float(loss_smooth.detach()),
-            "magnitude": float(loss_mag.detach()),
-            "volume": float(loss_volume.detach()),
-            "flipped": float(flipped),
-            "w_cls": float(w_cls),
-            "n_inject": int(inj.sum()),
-            "n_remove": int((~inj).sum()),
-            "flipped_inject": int((flips & inj).sum()),
-            "flipped_remove": int((flips & ~inj).sum()),
-            "reached_inject": int((reached & inj).sum()),
-            "reached_remove": int((reached & ~inj).sum()),
-        }
+        rec = _step_record(step, epoch, w_cls, o, s)
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", flip=f"{rec['flipped']:.2f}")
-        if (
-            sp is not None
-            and cfg.checkpoint_every > 0
-            and (
-                step % cfg.checkpoint_every == 0
-                or step == total
-                or (step % steps_per_epoch == 0 and _objective_done(history, epoch + 1, cfg))
-            )
-        ):
-            _save_state(sp, model, opt, scaler, step, key, history)
+        if sp is not None and _checkpoint_due(cfg, history, step, steps_per_epoch, total):
+            _save_state(sp, model, run.opt, run.scaler, step, key, history)
     bar.close()
     elapsed = time.perf_counter() - t0
     logger.info("trained the simulator for %d steps in %.1f s", step, elapsed)
@@ -679,6 +788,145 @@ def read_logits(path: str | os.PathLike[str]) -> Any:
     return df
 
 
+@dataclass
+class _TrainingInputs:
+    """The preprocessed images, the classifier and the training subjects of
+    :func:`run_train_simulator`."""
+
+    images: torch.Tensor
+    clf: nn.Module
+    idx: np.ndarray
+    cond: torch.Tensor
+    train_subjects: list[str]
+
+
+def _load_training_inputs(
+    preproc: str | os.PathLike[str],
+    classifier: str | os.PathLike[str],
+    logits: str | os.PathLike[str],
+    split: str | os.PathLike[str] | None,
+    correct_only: bool,
+) -> _TrainingInputs:
+    """Read the images, classifier, logits and split; select the training subjects."""
+    from neuroexplain.models import load_classifier
+    from neuroexplain.train.classifier import load_preproc_dict, read_split
+
+    data = load_preproc_dict(preproc)
+    images = data["images"]
+    subjects = [str(s) for s in data["subjects"]]
+    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
+    lg = read_logits(logits).set_index("subject")
+    if split is not None or "split" not in lg.columns:
+        sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"
+        sp = read_split(sp_path).set_index("subject")["split"]
+    else:
+        sp = lg["split"]
+    missing = [s for s in subjects if s not in lg.index]
+    if len(missing) == len(subjects):
+        raise InputError(logits, "none of the preprocessed subjects has a logit")
+    logit = np.array([float(lg.loc[s, "logit"]) if s in lg.index else np.nan for s in subjects])
+    split_of = [str(sp.get(s, "")) for s in subjects]
+    idx = select_training_subjects(subjects, data["y"], logit, split_of, correct_only=correct_only)
+    if idx.size == 0:
+        raise InputError(
+            logits, "no correctly classified subjects in the train split to train the simulator on"
+        )
+    y = np.asarray(data["y"], dtype=np.float64)[idx]
+    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
+    return _TrainingInputs(images, clf, idx, cond, [subjects[i] for i in idx])
+
+
+def _training_summary(
+    history: list[dict[str, float]], cfg: TrainConfig, inputs: _TrainingInputs, seconds: float
+) -> dict[str, Any]:
+    """The summary of a training run (objective per direction, final losses); warns when the
+    objective was not met."""
+    cond = inputs.cond
+    last = history[-min(len(history), 10) :]
+    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
+    final = epoch_objective(history, n_epochs - 1) if history else {}
+    met = bool(history) and objective_met(final, cfg.objective or 1.0)
+    objective = {
+        "hinge": cfg.hinge,
+        "objective": cfg.objective,
+        "met": met,
+        "epochs": n_epochs,
+        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
+        **{k: v for k, v in final.items() if k != "epoch"},
+    }
+    if cfg.objective > 0 and not met:
+        logger.warning(
+            "simulator objective not met after %d passes: the simulations flip %s of the inject "
+            "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
+            "the maps show less than what separates the classes: try a larger --max-epochs",
+            n_epochs,
+            _pct(final.get("flipped_inject")),
+            _pct(final.get("flipped_remove")),
+            _pct(final.get("reached_inject")),
+            _pct(final.get("reached_remove")),
+            cfg.objective,
+        )
+    return {
+        "objective": objective,
+        "n_subjects": len(inputs.train_subjects),
+        "n_inject": int((cond < 0).sum()),
+        "n_remove": int((cond > 0).sum()),
+        "steps": len(history),
+        "seconds": round(seconds, 2),
+        "final": {
+            k: float(np.mean([h[k] for h in last]))
+            for k in ("loss", "cls", "cycle", "smooth", "magnitude", "volume", "flipped")
+            if k in last[0]
+        }
+        if last
+        else {},
+    }
+
+
+def _write_simulator_outputs(
+    out: Path,
+    model: SimulatorNet,
+    cfg: TrainConfig,
+    inputs: _TrainingInputs,
+    history: list[dict[str, float]],
+    summary: dict[str, Any],
+    classifier: str,
+    classifier_sha256: str,
+    prov: dict[str, Any],
+) -> None:
+    """Write the checkpoint, ``train_log.tsv`` and ``train_summary.json`` (no wall-clock time
+    in the files: the same run gives the same bytes)."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+
+    save_simulator(
+        out,
+        model,
+        train_config=cfg,
+        input_shape=list(inputs.images.shape[1:]),
+        extra={
+            "train_subjects": inputs.train_subjects,
+            "train_conditions": inputs.cond.tolist(),
+            "classifier": classifier,
+            "classifier_sha256": classifier_sha256,
+            "history": history,
+            # no wall-clock time in the file: the same run must give the same bytes
+            "summary": {k: v for k, v in summary.items() if k != "seconds"},
+            "provenance": prov,
+        },
+    )
+    write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
+    write_json(
+        {
+            **{k: v for k, v in summary.items() if k != "seconds"},  # same run, same bytes
+            "objective_definition": OBJECTIVE_DEFINITION,
+            "provenance": prov,
+        },
+        out.parent / "train_summary.json",
+    )
+
+
 def run_train_simulator(
     preproc: str | os.PathLike[str],
     classifier: str | os.PathLike[str],
@@ -707,58 +955,32 @@ def run_train_simulator(
     Returns:
         A summary: subjects, steps, seconds, final losses and the training flip rate.
     """
-    import pandas as pd
-
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import load_classifier
     from neuroexplain.provenance import provenance, sha256_file
-    from neuroexplain.train.classifier import load_preproc_dict, read_split
 
     cfg = config or TrainConfig()
     ncfg = net_config or SimulatorConfig()
-    data = load_preproc_dict(preproc)
-    images = data["images"]
-    subjects = [str(s) for s in data["subjects"]]
-    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
-    lg = read_logits(logits).set_index("subject")
-    if split is not None or "split" not in lg.columns:
-        sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"
-        sp = read_split(sp_path).set_index("subject")["split"]
-    else:
-        sp = lg["split"]
-    missing = [s for s in subjects if s not in lg.index]
-    if len(missing) == len(subjects):
-        raise InputError(logits, "none of the preprocessed subjects has a logit")
-    logit = np.array([float(lg.loc[s, "logit"]) if s in lg.index else np.nan for s in subjects])
-    split_of = [str(sp.get(s, "")) for s in subjects]
-    idx = select_training_subjects(subjects, data["y"], logit, split_of, correct_only=correct_only)
-    if idx.size == 0:
-        raise InputError(
-            logits, "no correctly classified subjects in the train split to train the simulator on"
-        )
-    y = np.asarray(data["y"], dtype=np.float64)[idx]
-    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
+    inputs = _load_training_inputs(preproc, classifier, logits, split, correct_only)
+    cond = inputs.cond
     logger.info(
         "training the simulator on %d subjects (%d inject, %d remove)",
-        idx.size,
+        inputs.idx.size,
         int((cond < 0).sum()),
         int((cond > 0).sum()),
     )
     clf_sha = sha256_file(classifier)
     out = Path(out)
     state_path = out.with_name(out.name.split(".")[0] + ".state.pt")
-    train_subjects = [subjects[i] for i in idx]
     t0 = time.perf_counter()
     model, history = train_simulator(
-        images[torch.from_numpy(idx)],
+        inputs.images[torch.from_numpy(inputs.idx)],
         cond,
-        clf,
+        inputs.clf,
         config=cfg,
         net_config=ncfg,
         state_path=state_path,
         resume=resume,
         progress=progress,
-        data_key={"subjects": train_subjects, "classifier_sha256": clf_sha},
+        data_key={"subjects": inputs.train_subjects, "classifier_sha256": clf_sha},
         source=preproc,
     )
     seconds = time.perf_counter() - t0
@@ -773,69 +995,9 @@ def run_train_simulator(
     prov = provenance(
         params, seed=cfg.seed, inputs=[preproc, classifier, logits], command="train-simulator"
     )
-    last = history[-min(len(history), 10) :]
-    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
-    final = epoch_objective(history, n_epochs - 1) if history else {}
-    met = bool(history) and objective_met(final, cfg.objective or 1.0)
-    objective = {
-        "hinge": cfg.hinge,
-        "objective": cfg.objective,
-        "met": met,
-        "epochs": n_epochs,
-        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
-        **{k: v for k, v in final.items() if k != "epoch"},
-    }
-    if cfg.objective > 0 and not met:
-        logger.warning(
-            "simulator objective not met after %d passes: the simulations flip %s of the inject "
-            "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
-            "the maps show less than what separates the classes: try a larger --max-epochs",
-            n_epochs,
-            _pct(final.get("flipped_inject")),
-            _pct(final.get("flipped_remove")),
-            _pct(final.get("reached_inject")),
-            _pct(final.get("reached_remove")),
-            cfg.objective,
-        )
-    summary = {
-        "objective": objective,
-        "n_subjects": len(train_subjects),
-        "n_inject": int((cond < 0).sum()),
-        "n_remove": int((cond > 0).sum()),
-        "steps": len(history),
-        "seconds": round(seconds, 2),
-        "final": {
-            k: float(np.mean([h[k] for h in last]))
-            for k in ("loss", "cls", "cycle", "smooth", "magnitude", "volume", "flipped")
-            if k in last[0]
-        }
-        if last
-        else {},
-    }
-    save_simulator(
-        out,
-        model,
-        train_config=cfg,
-        input_shape=list(images.shape[1:]),
-        extra={
-            "train_subjects": train_subjects,
-            "train_conditions": cond.tolist(),
-            "classifier": str(classifier),
-            "classifier_sha256": clf_sha,
-            "history": history,
-            # no wall-clock time in the file: the same run must give the same bytes
-            "summary": {k: v for k, v in summary.items() if k != "seconds"},
-            "provenance": prov,
-        },
-    )
-    write_table(pd.DataFrame(history), out.parent / "train_log.tsv")
-    write_json(
-        {
-            **{k: v for k, v in summary.items() if k != "seconds"},  # same run, same bytes
-            "objective_definition": OBJECTIVE_DEFINITION,
-            "provenance": prov,
-        },
-        out.parent / "train_summary.json",
+    summary = _training_summary(history, cfg, inputs, seconds)
+    _write_simulator_outputs(
+        out, model, cfg, inputs, history, summary, str(classifier), clf_sha, prov
     )
     state_path.unlink(missing_ok=True)
     logger.info("wrote %s (%d steps, %.0f s)", out, len(history), seconds)

@@ -462,6 +462,243 @@ def _evaluate_loss(model: Any, x: Any, y: Any, loss_fn: Any, batch_size: int, de
     return loss, logits.numpy()
 
 
+@dataclass
+class _ClassifierData:
+    """The preprocessed cohort of :func:`train_classifier` with its split."""
+
+    data: dict[str, Any]
+    preproc_path: Path | None
+    images: Any
+    y: np.ndarray
+    subjects: list[str]
+    labels: list[str]
+    split_df: Any
+    parts: dict[str, np.ndarray]
+
+
+def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    """``config`` with the keyword ``overrides`` (unknown names raise ``TypeError``)."""
+    cfg = config or TrainConfig()
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"unknown training options {unknown}")
+    return TrainConfig(**{**asdict(cfg), **overrides})
+
+
+def _load_cohort(
+    preproc: str | os.PathLike[str] | Mapping[str, Any],
+    split: str | os.PathLike[str] | None,
+    cfg: TrainConfig,
+) -> _ClassifierData:
+    """Load the images and draw (or read) the split; both classes must be in train and val."""
+    import torch
+
+    preproc_path = None if isinstance(preproc, Mapping) else Path(preproc)
+    data = load_preproc_dict(preproc_path) if preproc_path is not None else dict(preproc)
+    images = torch.as_tensor(data["images"]).float()
+    y = np.asarray(data["y"], dtype=np.float32)
+    subjects = [str(s) for s in data["subjects"]]
+    labels = [str(v) for v in data.get("label") or ["" for _ in subjects]]
+    if split is not None:
+        split_df = read_split(split, subjects).set_index("subject").loc[subjects].reset_index()
+        split_df["y"] = y
+    else:
+        split_df = make_split(
+            subjects,
+            y,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            groups=data.get("groups"),
+        )
+    split_df["label"] = labels
+    parts = {s: np.flatnonzero(split_df["split"].to_numpy() == s) for s in SPLITS}
+    for s in ("train", "val"):
+        if len(np.unique(y[parts[s]])) < 2:
+            raise InputError(
+                preproc_path or "preproc",
+                f"expected both classes in the {s} split, "
+                f"got {len(parts[s])} subjects of one class",
+            )
+    return _ClassifierData(data, preproc_path, images, y, subjects, labels, split_df, parts)
+
+
+def _prepare_run(
+    cfg: TrainConfig, cohort: _ClassifierData, resume: bool, progress: bool | None
+) -> tuple[_Run, Any, dict[str, Any]]:
+    """Seed, build the network and check that a training step fits in memory.
+
+    Returns:
+        ``(run, model on its device, model_kwargs)``.
+    """
+    from neuroexplain.utils import (
+        amp_enabled,
+        check_memory_fits,
+        estimate_training_memory,
+        resolve_device,
+        seed_everything,
+    )
+
+    data, images, parts = cohort.data, cohort.images, cohort.parts
+    device = resolve_device(cfg.device)
+    amp = amp_enabled(device)
+    seed_everything(cfg.seed)
+    in_shape = list(images.shape[1:])
+    model_kwargs: dict[str, Any] = {"dropout": cfg.dropout} if cfg.arch == "small" else {}
+    if cfg.standardize:
+        model_kwargs["standardize"] = True
+    model = _build(cfg, data, images, parts, model_kwargs)
+    model = model.to(device)
+    need = estimate_training_memory(model, in_shape, cfg.batch_size, amp)
+    need += int(images.element_size() * images.nelement())  # the cached volumes
+    check_memory_fits(
+        need,
+        f"training the {cfg.arch!r} classifier (batch size {cfg.batch_size}, images "
+        f"{'x'.join(map(str, in_shape))}, {len(cohort.subjects)} subjects)",
+        cohort.preproc_path or "--batch-size",
+        device=device,
+        hint="use a smaller --batch-size or ingest at a smaller --shape",
+    )
+    run = _Run(
+        cfg=cfg,
+        images=images,
+        y=cohort.y,
+        parts=parts,
+        groups=data.get("groups"),
+        lr_axis=_lr_axis(data),
+        device=device,
+        amp=amp,
+        resume=resume,
+        progress=progress,
+    )
+    return run, model, model_kwargs
+
+
+def _train_phases(
+    run: _Run,
+    cohort: _ClassifierData,
+    model: Any,
+    model_kwargs: dict[str, Any],
+    out: Path,
+    reference: Mapping[str, Any],
+) -> list[_Phase]:
+    """The CNN phase, and the CNN with a linear path when the CNN stays below the reference."""
+    cfg = run.cfg
+    run_key = _run_key(cfg, cohort.images, cohort.y, cohort.split_df, cohort.subjects)
+    phases = [_fit_phase(run, "cnn", model, out / STATE_FILE, run_key, model_kwargs)]
+    ref_auc = reference["val"]["auc"]
+    if (
+        cfg.reference_fallback
+        and cfg.arch == "small"
+        and ref_auc is not None
+        and phases[0].val_auc < ref_auc - REFERENCE_MARGIN
+    ):
+        logger.warning(
+            "the CNN reached val AUC %.3f, below the linear reference's %.3f: training it again "
+            "with a linear path initialised from a logistic regression on its own input",
+            phases[0].val_auc,
+            ref_auc,
+        )
+        kwargs = {**model_kwargs, "linear_pool": LINEAR_POOL}
+        model = _build(cfg, cohort.data, cohort.images, cohort.parts, kwargs)
+        init = _init_linear_path(model, run)
+        phases.append(
+            _fit_phase(
+                run, "cnn+linear", model.to(run.device), out / STATE_FILE_LINEAR,
+                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init, monitor="auc",
+            )
+        )  # fmt: skip
+    return phases
+
+
+def _split_metrics(cohort: _ClassifierData, logits: np.ndarray, seed: int) -> dict[str, Any]:
+    """:func:`binary_metrics` and the bootstrap AUC interval of every non-empty split."""
+    from neuroexplain.evaluate.quality import bootstrap_auc
+
+    y, parts = cohort.y, cohort.parts
+    metrics: dict[str, Any] = {
+        s: binary_metrics(y[parts[s]], logits[parts[s]]) for s in SPLITS if len(parts[s])
+    }
+    for s in metrics:
+        ci = bootstrap_auc(y[parts[s]], logits[parts[s]], seed=seed)
+        metrics[s]["auc_ci"] = None if ci is None else [float(ci[0]), float(ci[1])]
+    return metrics
+
+
+def _phase_summaries(phases: Sequence[_Phase]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": ph.name,
+            "val_auc": ph.val_auc,
+            "best_epoch": ph.best["epoch"],
+            "epochs_run": len(ph.log_rows),
+            "seconds": round(ph.seconds, 2),
+            "linear_init": ph.linear_init,
+            "monitor": ph.monitor,
+        }
+        for ph in phases
+    ]
+
+
+def _write_classifier_outputs(
+    out: Path,
+    cfg: TrainConfig,
+    cohort: _ClassifierData,
+    chosen: _Phase,
+    model: Any,
+    logits: np.ndarray,
+    log_rows: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+) -> None:
+    """Write ``model.pt``, ``split.tsv``, ``logits.tsv``, ``train_log.tsv``, ``metrics.json``
+    and remove the training states."""
+    import pandas as pd
+
+    from neuroexplain.io.atomic import write_json, write_table
+    from neuroexplain.models import save_classifier
+
+    best, data, y, split_df = chosen.best, cohort.data, cohort.y, cohort.split_df
+    logit_df = pd.DataFrame(
+        {
+            "subject": cohort.subjects,
+            "split": split_df["split"].to_numpy(),
+            "y": y.astype(int),
+            "label": cohort.labels,
+            "logit": logits,
+            "prob": 1.0 / (1.0 + np.exp(-logits)),
+        }
+    )
+    save_classifier(
+        out / "model.pt",
+        model,
+        arch=cfg.arch,
+        model_kwargs=chosen.model_kwargs,
+        input_shape=list(cohort.images.shape[1:]),
+        config=params,
+        epoch=best["epoch"],
+        seed=cfg.seed,
+        best_metric={
+            "name": f"val_{chosen.monitor}",
+            "value": best["loss"] if chosen.monitor == "loss" else best["auc"],
+        },
+        extra={
+            "out_channels": 1,
+            "positive_class": data.get("positive_class"),
+            "provenance": metrics["provenance"],
+            "metrics": {s: metrics[s] for s in SPLITS if s in metrics},
+        },
+    )
+    split_out = split_df[["subject", "split", "y", "label"]].copy()
+    split_out["y"] = split_out["y"].astype(int)
+    write_table(split_out, out / "split.tsv")
+    write_table(logit_df, out / "logits.tsv")
+    write_table(pd.DataFrame(log_rows), out / "train_log.tsv")
+    write_json(metrics, out / "metrics.json")
+    for name in (STATE_FILE, STATE_FILE_LINEAR):
+        (out / name).unlink(missing_ok=True)
+
+
 def train_classifier(
     preproc: str | os.PathLike[str] | Mapping[str, Any],
     out: str | os.PathLike[str],
@@ -497,134 +734,36 @@ def train_classifier(
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
         ...                  epochs=30, seed=0)  # doctest: +SKIP
     """
-    import pandas as pd
     import torch
 
-    from neuroexplain.evaluate.quality import bootstrap_auc, linear_reference
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import save_classifier
+    from neuroexplain.evaluate.quality import linear_reference
     from neuroexplain.provenance import provenance
-    from neuroexplain.utils import (
-        amp_enabled,
-        check_memory_fits,
-        estimate_training_memory,
-        resolve_device,
-        seed_everything,
-    )
 
-    cfg = config or TrainConfig()
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise TypeError(f"unknown training options {unknown}")
-    cfg = TrainConfig(**{**asdict(cfg), **overrides})
-    preproc_path = None if isinstance(preproc, Mapping) else Path(preproc)
-    data = load_preproc_dict(preproc_path) if preproc_path is not None else dict(preproc)
+    cfg = _resolve_config(config, overrides)
+    cohort = _load_cohort(preproc, split, cfg)
     out = Path(out)
-
-    images = torch.as_tensor(data["images"]).float()
-    y = np.asarray(data["y"], dtype=np.float32)
-    subjects = [str(s) for s in data["subjects"]]
-    labels = [str(v) for v in data.get("label") or ["" for _ in subjects]]
-    if split is not None:
-        split_df = read_split(split, subjects).set_index("subject").loc[subjects].reset_index()
-        split_df["y"] = y
-    else:
-        split_df = make_split(
-            subjects,
-            y,
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.seed,
-            groups=data.get("groups"),
-        )
-    split_df["label"] = labels
-    parts = {s: np.flatnonzero(split_df["split"].to_numpy() == s) for s in SPLITS}
-    for s in ("train", "val"):
-        if len(np.unique(y[parts[s]])) < 2:
-            raise InputError(
-                preproc_path or "preproc",
-                f"expected both classes in the {s} split, "
-                f"got {len(parts[s])} subjects of one class",
-            )
+    images, y, parts = cohort.images, cohort.y, cohort.parts
 
     # what a linear model on the standardised voxels reaches on the same split: tells whether
     # the data hold a signal the network should find (seconds; see evaluate/quality.py)
     reference = linear_reference(images, y, parts, seed=cfg.seed)
 
-    device = resolve_device(cfg.device)
-    amp = amp_enabled(device)
-    seed_everything(cfg.seed)
-    in_shape = list(images.shape[1:])
-    model_kwargs: dict[str, Any] = {"dropout": cfg.dropout} if cfg.arch == "small" else {}
-    if cfg.standardize:
-        model_kwargs["standardize"] = True
-    model = _build(cfg, data, images, parts, model_kwargs)
-    model = model.to(device)
-    need = estimate_training_memory(model, in_shape, cfg.batch_size, amp)
-    need += int(images.element_size() * images.nelement())  # the cached volumes
-    check_memory_fits(
-        need,
-        f"training the {cfg.arch!r} classifier (batch size {cfg.batch_size}, images "
-        f"{'x'.join(map(str, in_shape))}, {len(subjects)} subjects)",
-        preproc_path or "--batch-size",
-        device=device,
-        hint="use a smaller --batch-size or ingest at a smaller --shape",
-    )
+    run, model, model_kwargs = _prepare_run(cfg, cohort, resume, progress)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and resources are checked
-    run = _Run(
-        cfg=cfg,
-        images=images,
-        y=y,
-        parts=parts,
-        groups=data.get("groups"),
-        lr_axis=_lr_axis(data),
-        device=device,
-        amp=amp,
-        resume=resume,
-        progress=progress,
-    )
-    run_key = _run_key(cfg, images, y, split_df, subjects)
-    phases = [_fit_phase(run, "cnn", model, out / STATE_FILE, run_key, model_kwargs)]
-    ref_auc = reference["val"]["auc"]
-    if (
-        cfg.reference_fallback
-        and cfg.arch == "small"
-        and ref_auc is not None
-        and phases[0].val_auc < ref_auc - REFERENCE_MARGIN
-    ):
-        logger.warning(
-            "the CNN reached val AUC %.3f, below the linear reference's %.3f: training it again "
-            "with a linear path initialised from a logistic regression on its own input",
-            phases[0].val_auc,
-            ref_auc,
-        )
-        kwargs = {**model_kwargs, "linear_pool": LINEAR_POOL}
-        model = _build(cfg, data, images, parts, kwargs)
-        init = _init_linear_path(model, run)
-        phases.append(
-            _fit_phase(
-                run, "cnn+linear", model.to(device), out / STATE_FILE_LINEAR,
-                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init, monitor="auc",
-            )
-        )  # fmt: skip
+    phases = _train_phases(run, cohort, model, model_kwargs, out, reference)
     chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))  # tie: the first
-    model, best, model_kwargs = chosen.model, chosen.best, chosen.model_kwargs
+    best = chosen.best
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
-    model = model.to(memory_format=torch.contiguous_format)
-    logits = predict_logits(model, images, batch_size=cfg.batch_size, device=device)
-    metrics: dict[str, Any] = {
-        s: binary_metrics(y[parts[s]], logits[parts[s]]) for s in SPLITS if len(parts[s])
-    }
-    for s in metrics:
-        ci = bootstrap_auc(y[parts[s]], logits[parts[s]], seed=cfg.seed)
-        metrics[s]["auc_ci"] = None if ci is None else [float(ci[0]), float(ci[1])]
+    model = chosen.model.to(memory_format=torch.contiguous_format)
+    logits = predict_logits(model, images, batch_size=cfg.batch_size, device=run.device)
+    metrics = _split_metrics(cohort, logits, cfg.seed)
     metrics["reference"] = reference
     params = {**asdict(cfg), "split_file": None if split is None else str(split)}
     prov = provenance(
         params,
         seed=cfg.seed,
-        inputs=[preproc_path] if preproc_path else [],
+        inputs=[cohort.preproc_path] if cohort.preproc_path else [],
         command="train-classifier",
     )
     metrics.update(
@@ -634,26 +773,15 @@ def train_classifier(
             "best_val_auc": best["auc"],
             "epochs_run": len(log_rows),
             "model": chosen.name,
-            "phases": [
-                {
-                    "name": ph.name,
-                    "val_auc": ph.val_auc,
-                    "best_epoch": ph.best["epoch"],
-                    "epochs_run": len(ph.log_rows),
-                    "seconds": round(ph.seconds, 2),
-                    "linear_init": ph.linear_init,
-                    "monitor": ph.monitor,
-                }
-                for ph in phases
-            ],
+            "phases": _phase_summaries(phases),
             "train_seconds": round(train_seconds, 2),
             "train_volumes_per_second": round(
                 sum(len(parts["train"]) for _ in log_rows) / max(train_seconds, 1e-9), 3
             ),
-            "device": str(device),
-            "input_shape": in_shape,
+            "device": str(run.device),
+            "input_shape": list(images.shape[1:]),
             "pos_weight": _pos_weight(y[parts["train"]]),
-            "positive_class": data.get("positive_class"),
+            "positive_class": cohort.data.get("positive_class"),
             "provenance": prov,
         }
     )
@@ -667,45 +795,7 @@ def train_classifier(
         _fmt_auc(reference["val"]["auc"]),
         train_seconds,
     )
-
-    logit_df = pd.DataFrame(
-        {
-            "subject": subjects,
-            "split": split_df["split"].to_numpy(),
-            "y": y.astype(int),
-            "label": labels,
-            "logit": logits,
-            "prob": 1.0 / (1.0 + np.exp(-logits)),
-        }
-    )
-    save_classifier(
-        out / "model.pt",
-        model,
-        arch=cfg.arch,
-        model_kwargs=model_kwargs,
-        input_shape=in_shape,
-        config=params,
-        epoch=best["epoch"],
-        seed=cfg.seed,
-        best_metric={
-            "name": f"val_{chosen.monitor}",
-            "value": best["loss"] if chosen.monitor == "loss" else best["auc"],
-        },
-        extra={
-            "out_channels": 1,
-            "positive_class": data.get("positive_class"),
-            "provenance": prov,
-            "metrics": {s: metrics[s] for s in SPLITS if s in metrics},
-        },
-    )
-    split_out = split_df[["subject", "split", "y", "label"]].copy()
-    split_out["y"] = split_out["y"].astype(int)
-    write_table(split_out, out / "split.tsv")
-    write_table(logit_df, out / "logits.tsv")
-    write_table(pd.DataFrame(log_rows), out / "train_log.tsv")
-    write_json(metrics, out / "metrics.json")
-    for name in (STATE_FILE, STATE_FILE_LINEAR):
-        (out / name).unlink(missing_ok=True)
+    _write_classifier_outputs(out, cfg, cohort, chosen, model, logits, log_rows, metrics, params)
     return metrics
 
 
@@ -829,6 +919,204 @@ def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
     return {"C": c, "val_auc": auc, "val_auc_by_C": by_c}
 
 
+@dataclass
+class _Fit:
+    """One training phase in progress: what it trains, its optimiser state and its best epoch."""
+
+    name: str
+    monitor: str
+    state_path: Path
+    run_key: dict[str, Any]
+    model: Any
+    opt: Any
+    scaler: Any
+    aug: BatchAugment | None
+    gen: Any
+    loss_fn: Any
+    eval_loss_fn: Any
+    mem_format: Any
+    x_val: Any
+    y_val: np.ndarray
+    best: dict[str, Any]
+    log_rows: list[dict[str, Any]]
+    stale: int = 0
+    start: int = 1
+
+
+def _fit_setup(
+    run: _Run, name: str, model: Any, state_path: Path, run_key: dict[str, Any], monitor: str
+) -> _Fit:
+    """Losses, optimiser, AMP scaler, augmentation and batch-order generator of a phase."""
+    import torch
+
+    cfg, y, parts, device = run.cfg, run.y, run.parts, run.device
+    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    pos_weight = torch.tensor([_pos_weight(y[parts["train"]])], device=device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
+    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _Fit(
+        name=name,
+        monitor=monitor,
+        state_path=state_path,
+        run_key=run_key,
+        model=model,
+        opt=opt,
+        scaler=scaler,
+        aug=aug,
+        gen=gen,
+        loss_fn=loss_fn,
+        eval_loss_fn=eval_loss_fn,
+        mem_format=mem_format,
+        x_val=run.images[parts["val"]],
+        y_val=y[parts["val"]],
+        best={"key": (float("inf"),), "loss": float("inf"), "epoch": -1},
+        log_rows=[],
+    )
+
+
+def _validate(run: _Run, fit: _Fit) -> tuple[float, dict[str, Any], float]:
+    """``(validation loss, binary_metrics, AUC or 0.5)`` of the phase's model."""
+    val_loss, val_logits = _evaluate_loss(
+        fit.model, fit.x_val, fit.y_val, fit.eval_loss_fn, run.cfg.batch_size, run.device
+    )
+    vm = binary_metrics(fit.y_val, val_logits)
+    auc = vm["auc"] if vm["auc"] is not None else 0.5
+    return val_loss, vm, auc
+
+
+def _candidate(fit: _Fit, key: tuple[float, ...], auc: float, loss: float, epoch: int) -> dict:
+    """The best-epoch record of the model as it is now (a copy of its weights on CPU)."""
+    return {
+        "key": key,
+        "auc": auc,
+        "loss": loss,
+        "epoch": epoch,
+        "state": copy.deepcopy({k: v.detach().cpu() for k, v in fit.model.state_dict().items()}),
+    }
+
+
+def _log_row(
+    name: str,
+    epoch: int,
+    train_loss: float | None,
+    val_loss: float,
+    vm: Mapping[str, Any],
+    lr: float | None,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "phase": name,
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_auc": vm["auc"],
+        "val_balanced_accuracy": vm["balanced_accuracy"],
+        "lr": lr,
+        "seconds": seconds,
+    }
+
+
+def _resume_fit(run: _Run, fit: _Fit) -> None:
+    """Continue from the phase's training state when it belongs to this run."""
+    import torch
+
+    if not (run.resume and fit.state_path.is_file()):
+        return
+    state = _load_state(fit.state_path, fit.run_key)
+    if state is None:
+        return
+    fit.model.load_state_dict(state["model"])
+    fit.opt.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        fit.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    fit.gen.set_state(state["rng"]["order"])
+    if fit.aug is not None:
+        fit.aug.gen.set_state(state["rng"]["augment"])
+    fit.best = {**state["best"], "key": tuple(state["best"]["key"])}
+    fit.stale = int(state["stale"])
+    fit.log_rows = [dict(r) for r in state["log"]]
+    fit.start = int(state["epoch"]) + 1
+    logger.info(
+        "resuming classifier training from %s after epoch %d", fit.state_path, fit.start - 1
+    )
+
+
+def _train_epoch(run: _Run, fit: _Fit, epoch: int, train_groups: list[np.ndarray] | None) -> float:
+    """One pass over the training split (1-based ``epoch``); returns the mean training loss."""
+    import torch
+
+    cfg, images, y, parts, device = run.cfg, run.images, run.y, run.parts, run.device
+    model, opt, scaler, aug = fit.model, fit.opt, fit.scaler, fit.aug
+    model.train()
+    if train_groups is None:
+        order = parts["train"][torch.randperm(len(parts["train"]), generator=fit.gen).numpy()]
+    else:  # whole groups in random order: a paired control and diseased share a batch
+        perm = torch.randperm(len(train_groups), generator=fit.gen).numpy()
+        order = np.concatenate([train_groups[j] for j in perm])
+    total, count = 0.0, 0
+    steps_per_epoch = -(-len(order) // cfg.batch_size)
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step, steps_per_epoch)
+        xb = images[idx].to(device, non_blocking=True)
+        if aug is not None:
+            xb = aug(xb)
+        xb = xb.contiguous(memory_format=fit.mem_format)
+        yb = torch.as_tensor(y[idx], device=device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=run.amp):
+            loss = fit.loss_fn(model(xb)[:, 0].float(), yb)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.item()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def _end_epoch(run: _Run, fit: _Fit, epoch: int, train_loss: float, t0: float, bar: Any) -> bool:
+    """Validate, log, keep the best state and save the training state after ``epoch``;
+    ``True`` when training stops early."""
+    cfg = run.cfg
+    val_loss, vm, auc = _validate(run, fit)
+    seconds = time.perf_counter() - t0
+    lr = fit.opt.param_groups[0]["lr"]
+    fit.log_rows.append(_log_row(fit.name, epoch, train_loss, val_loss, vm, lr, round(seconds, 3)))
+    key = _monitor_key(fit.monitor, val_loss, auc)
+    improved = key < fit.best["key"]
+    if improved:
+        fit.best = _candidate(fit, key, auc, val_loss, epoch)
+        fit.stale = 0
+    else:
+        fit.stale += 1
+    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
+    logger.info(
+        "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
+        epoch,
+        train_loss,
+        val_loss,
+        "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
+        " *" if improved else "",
+        seconds,
+    )
+    _save_state(
+        fit.state_path, fit.run_key, epoch, fit.model, fit.opt, fit.scaler, fit.gen, fit.aug,
+        fit.best, fit.stale, fit.log_rows,
+    )  # fmt: skip
+    if cfg.patience and fit.stale >= cfg.patience:
+        logger.info("early stop: no better validation %s for %d epochs", fit.monitor, cfg.patience)
+        return True
+    return False
+
+
 def _fit_phase(
     run: _Run,
     name: str,
@@ -845,165 +1133,40 @@ def _fit_phase(
     ``monitor`` overrides ``cfg.monitor`` (the linear phase selects on validation AUC: it
     exists to reach the reference's AUC, and its epoch 0 is the regression itself).
     """
-    import torch
     from tqdm.auto import tqdm
 
     monitor = monitor or run.cfg.monitor
-
-    cfg, images, y, parts, device, amp = run.cfg, run.images, run.y, run.parts, run.device, run.amp
-    mem_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem_format)
-    pos_weight = torch.tensor([_pos_weight(y[parts["train"]])], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    x_val, y_val = images[parts["val"]], y[parts["val"]]
-    best: dict[str, Any] = {"key": (float("inf"),), "loss": float("inf"), "epoch": -1}
-    log_rows: list[dict[str, Any]] = []
+    cfg = run.cfg
+    fit = _fit_setup(run, name, model, state_path, run_key, monitor)
     t_start = time.perf_counter()
-    stale = 0
-    start = 1
     if linear_init is not None:  # the initial model (the regression alone) is a candidate too
-        val_loss, val_logits = _evaluate_loss(
-            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
-        )
-        vm = binary_metrics(y_val, val_logits)
-        auc = vm["auc"] if vm["auc"] is not None else 0.5
-        best = {
-            "key": _monitor_key(monitor, val_loss, auc),
-            "auc": auc,
-            "loss": val_loss,
-            "epoch": 0,
-            "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-        }
-        log_rows.append(
-            {
-                "phase": name,
-                "epoch": 0,
-                "train_loss": None,
-                "val_loss": val_loss,
-                "val_auc": vm["auc"],
-                "val_balanced_accuracy": vm["balanced_accuracy"],
-                "lr": None,
-                "seconds": 0.0,
-            }
-        )
-    if run.resume and state_path.is_file():
-        state = _load_state(state_path, run_key)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            gen.set_state(state["rng"]["order"])
-            if aug is not None:
-                aug.gen.set_state(state["rng"]["augment"])
-            best = {**state["best"], "key": tuple(state["best"]["key"])}
-            stale = int(state["stale"])
-            log_rows = [dict(r) for r in state["log"]]
-            start = int(state["epoch"]) + 1
-            logger.info(
-                "resuming classifier training from %s after epoch %d", state_path, start - 1
-            )
+        val_loss, vm, auc = _validate(run, fit)
+        fit.best = _candidate(fit, _monitor_key(monitor, val_loss, auc), auc, val_loss, 0)
+        fit.log_rows.append(_log_row(name, 0, None, val_loss, vm, None, 0.0))
+    _resume_fit(run, fit)
     disable = None if run.progress is None else not run.progress  # None: only on a terminal
     bar = tqdm(
-        range(start, cfg.epochs + 1),
+        range(fit.start, cfg.epochs + 1),
         desc=f"train {name}",
         unit="epoch",
         disable=disable,
-        initial=start - 1,
+        initial=fit.start - 1,
         total=cfg.epochs,
     )
-    stopped = cfg.patience and stale >= cfg.patience
-    train_groups = _train_groups(run.groups, parts["train"])
+    stopped = cfg.patience and fit.stale >= cfg.patience
+    train_groups = _train_groups(run.groups, run.parts["train"])
     for epoch in [] if stopped else bar:
         t0 = time.perf_counter()
-        model.train()
-        if train_groups is None:
-            order = parts["train"][torch.randperm(len(parts["train"]), generator=gen).numpy()]
-        else:  # whole groups in random order: a paired control and diseased share a batch
-            perm = torch.randperm(len(train_groups), generator=gen).numpy()
-            order = np.concatenate([train_groups[j] for j in perm])
-        total, count = 0.0, 0
-        steps_per_epoch = -(-len(order) // cfg.batch_size)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            step = (epoch - 1) * steps_per_epoch + i // cfg.batch_size
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, steps_per_epoch)
-            xb = images[idx].to(device, non_blocking=True)
-            if aug is not None:
-                xb = aug(xb)
-            xb = xb.contiguous(memory_format=mem_format)
-            yb = torch.as_tensor(y[idx], device=device)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
-                loss = loss_fn(model(xb)[:, 0].float(), yb)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.item()) * len(idx)
-            count += len(idx)
-        train_loss = total / max(count, 1)
-        val_loss, val_logits = _evaluate_loss(
-            model, x_val, y_val, eval_loss_fn, cfg.batch_size, device
-        )
-        vm = binary_metrics(y_val, val_logits)
-        seconds = time.perf_counter() - t0
-        log_rows.append(
-            {
-                "phase": name,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_auc": vm["auc"],
-                "val_balanced_accuracy": vm["balanced_accuracy"],
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(seconds, 3),
-            }
-        )
-        auc = vm["auc"] if vm["auc"] is not None else 0.5
-        key = _monitor_key(monitor, val_loss, auc)
-        improved = key < best["key"]
-        if improved:
-            best = {
-                "key": key,
-                "auc": auc,
-                "loss": val_loss,
-                "epoch": epoch,
-                "state": copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                ),
-            }
-            stale = 0
-        else:
-            stale += 1
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", auc=vm["auc"])
-        logger.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val AUC %s%s (%.1f s)",
-            epoch,
-            train_loss,
-            val_loss,
-            "n/a" if vm["auc"] is None else f"{vm['auc']:.3f}",
-            " *" if improved else "",
-            seconds,
-        )
-        _save_state(state_path, run_key, epoch, model, opt, scaler, gen, aug, best, stale, log_rows)
-        if cfg.patience and stale >= cfg.patience:
-            logger.info("early stop: no better validation %s for %d epochs", monitor, cfg.patience)
+        train_loss = _train_epoch(run, fit, epoch, train_groups)
+        if _end_epoch(run, fit, epoch, train_loss, t0, bar):
             break
     bar.close()
-    model.load_state_dict(best["state"])
+    fit.model.load_state_dict(fit.best["state"])
     return _Phase(
         name=name,
-        model=model,
-        best=best,
-        log_rows=log_rows,
+        model=fit.model,
+        best=fit.best,
+        log_rows=fit.log_rows,
         seconds=time.perf_counter() - t_start,
         model_kwargs=model_kwargs,
         linear_init=linear_init,
