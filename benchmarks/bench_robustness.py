@@ -262,6 +262,11 @@ def explain(
     }
 
 
+def _fmt(v: float | None, digits: int) -> str:
+    """A table cell: ``–`` for a missing value."""
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def _sim_table(results: dict) -> str:
     lines = [
         "| cohort | seed | objective met (epochs) | train flip inj / rem | test flip inj / rem "
@@ -270,7 +275,7 @@ def _sim_table(results: dict) -> str:
     ]
 
     def f(v: float | None) -> str:
-        return "–" if v is None else f"{v:.2f}"
+        return _fmt(v, 2)
 
     for name, res in results.items():
         for r in res.get("runs", []):
@@ -298,7 +303,7 @@ def _table(results: dict) -> str:
     ]
 
     def f(v: float | None) -> str:
-        return "–" if v is None else f"{v:.3f}"
+        return _fmt(v, 3)
 
     for name, res in results.items():
         for r in res.get("runs", []):

@@ -69,6 +69,7 @@ def train_simulator_cmd(
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
     from neuroexplain.simulator import run_train_simulator
+    from neuroexplain.simulator.train import format_rate
 
     check_output(out, "file")
     check_output(out.parent / "train_log.tsv", "file", option="--out")
@@ -91,8 +92,7 @@ def train_simulator_cmd(
     obj = summary.get("objective", {})
 
     def pct(key: str) -> str:
-        v = obj.get(key)
-        return "n/a" if v is None else f"{100 * v:.0f} %"
+        return format_rate(obj.get(key))
 
     typer.echo(
         f"trained on {summary['n_subjects']} subjects, {summary['steps']} steps "

@@ -766,7 +766,8 @@ def _objective_done(history: Sequence[dict[str, float]], done: int, cfg: TrainCo
 # ----------------------------------------------------------------------------- from files
 
 
-def _pct(v: float | None) -> str:
+def format_rate(v: float | None) -> str:
+    """A rate as a whole percentage (``"n/a"`` when unknown), for log lines and messages."""
     return "n/a" if v is None else f"{100 * v:.0f} %"
 
 
@@ -860,10 +861,10 @@ def _training_summary(
             "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
             "the maps show less than what separates the classes: try a larger --max-epochs",
             n_epochs,
-            _pct(final.get("flipped_inject")),
-            _pct(final.get("flipped_remove")),
-            _pct(final.get("reached_inject")),
-            _pct(final.get("reached_remove")),
+            format_rate(final.get("flipped_inject")),
+            format_rate(final.get("flipped_remove")),
+            format_rate(final.get("reached_inject")),
+            format_rate(final.get("reached_remove")),
             cfg.objective,
         )
     return {
