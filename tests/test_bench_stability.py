@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import nibabel as nib
@@ -198,3 +199,32 @@ def test_markdown_has_a_criterion_column(bench):
     assert "| TCAV verdicts | identical for every concept and layer | 1 of 1" in md
     assert "| 0 | 0.50 0.01 | 2 |" in md
     json.dumps(doc)  # JSON-safe
+
+
+@pytest.mark.workflow
+def test_stage_args_match_the_workflows_dry_run(bench, repo_root, tmp_path):
+    """The benchmark's options are the ones the rules pass (contiguous in their command)."""
+    from test_workflow import _ok, _shell_command, _snakemake
+
+    out = _ok(
+        _snakemake(
+            repo_root, tmp_path, "-n", "-p", configfile="config/config.yaml", mirror=tmp_path
+        )
+    )
+    config = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
+    concepts = config["concepts3d"]["sacv_concepts"]
+    a = bench.stage_args(config, config["seed"], concepts)
+    expected = {
+        "tcav": a["tcav"],
+        "sacv": a["sacv"][concepts[0]],
+        "xnn-train": a["xnn_train"],
+        "xnn-explain": a["xnn_explain"],
+    }
+    for command, args in expected.items():
+        tokens = shlex.split(_shell_command(out, command).split(">")[0])
+        n = len(args)
+        assert any(tokens[i : i + n] == args for i in range(len(tokens) - n + 1)), (
+            command,
+            args,
+            tokens,
+        )
