@@ -22,11 +22,14 @@ exists is skipped, so a rerun resumes. Then the seeds are compared:
 
 Writes ``benchmarks/results/stability.json`` and ``stability.md`` (``--out``).
 
-Usage (the defaults are the demo classifier of ``bench_robustness.py --cohorts demo``)::
+Usage (the defaults are the demo classifier of ``bench_robustness.py --cohorts demo --tag v2``,
+its ingest and cohort under ``results/robustness/demo``)::
 
     python benchmarks/bench_stability.py
-    python benchmarks/bench_stability.py --classifier results/robustness/demo/classifier_64_v1_seed0
-        --seeds 0 1 2 --out benchmarks/results/stability_v1.json
+    python benchmarks/bench_stability.py \\
+        --classifier results/robustness/demo/classifier_64_v1_seed0 \\
+        --out benchmarks/results/stability_v1.json      # another classifier
+    python benchmarks/bench_stability.py --compare-only  # re-read <work>, run nothing
 """
 
 from __future__ import annotations
@@ -611,20 +614,19 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=DEMO / "classifier_64_v2_seed0",
         help="classifier run folder with model.pt and split.tsv (train-classifier --out); "
-        "default: the demo cohort's of bench_robustness.py --tag v2, seed 0",
+        "default: the demo cohort's of bench_robustness.py --tag v2, seed 0 (%(default)s)",
     )
     ap.add_argument(
         "--preproc",
         type=Path,
         default=DEMO / "ingest_64" / "preproc.pt",
-        help="preproc.pt of the ingest the classifier was trained on",
+        help="preproc.pt of the ingest the classifier was trained on (%(default)s)",
     )
     ap.add_argument(
         "--participants",
-        type=Path,
-        default=DEMO / "cohort" / "participants.tsv",
+        default=str(DEMO / "cohort" / "participants.tsv"),
         help="participants.tsv with the concepts' selector columns (diagnosis); the workflow "
-        "passes the cohort's (use '' for none)",
+        "passes the cohort's; '' for none (%(default)s)",
     )
     ap.add_argument(
         "--concepts",
@@ -638,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "config" / "config.yaml",
         help="workflow config whose concepts3d / xnn / evaluation settings give the arguments",
     )
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
     ap.add_argument(
         "--sacv-concepts",
         nargs="*",
@@ -677,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     from neuroexplain.io.atomic import write_json
     from neuroexplain.provenance import provenance
 
+    participants = Path(args.participants) if args.participants else None
+    needed = [args.classifier / "model.pt", args.classifier / "split.tsv", args.preproc]
+    for p in [*needed, args.concepts, args.config, *([participants] if participants else [])]:
+        if not p.is_file():
+            print(f"missing {p}", file=sys.stderr)
+            return 2
     config = yaml.safe_load(args.config.read_text())
     sacv_concepts = (
         args.sacv_concepts
@@ -684,12 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         else list(config["concepts3d"]["sacv_concepts"])
     )
     xnn_split = args.xnn_split or config["evaluation"]["subjects"]
-    participants = args.participants if args.participants and str(args.participants) else None
     work = args.work or args.classifier / "stability"
-    for p in (args.classifier / "model.pt", args.classifier / "split.tsv", args.preproc):
-        if not p.is_file():
-            print(f"missing {p}", file=sys.stderr)
-            return 2
     seconds: dict[int, dict[str, float | None]] = {}
     if not args.compare_only:
         for seed in args.seeds:
@@ -709,14 +712,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed}: {exc}", file=sys.stderr, flush=True)
                 return 1
             print(f"seed {seed}: seconds {seconds[seed]}", flush=True)
-    res = compare(
-        work,
-        args.seeds,
-        sacv_concepts,
-        preproc=args.preproc,
-        xnn_split=xnn_split,
-        mask=not args.no_mask,
-    )
+    try:
+        res = compare(
+            work,
+            args.seeds,
+            sacv_concepts,
+            preproc=args.preproc,
+            xnn_split=xnn_split,
+            mask=not args.no_mask,
+        )
+    except FileNotFoundError as exc:
+        print(f"a seed's outputs are missing (run without --compare-only): {exc}", file=sys.stderr)
+        return 1
     params = {
         "classifier": str(args.classifier),
         "preproc": str(args.preproc),
