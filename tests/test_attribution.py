@@ -285,6 +285,15 @@ def test_cli_saliency_writes_native_maps(tmp_path):
     assert not (tmp_path / "sal" / "sub-00").exists()  # only the test split
     summary = json.loads((tmp_path / "sal" / "saliency.json").read_text())
     assert set(summary["maps"]) == {"sub-01"}
+    # the maps manifest lists exactly the maps written, in the order of the methods
+    from neuroexplain.stage import read_maps_manifest
+
+    man = read_maps_manifest(tmp_path / "sal" / "maps.json")
+    assert man.stage == "saliency" and list(man.methods) == list(METHODS) == man.primary
+    assert set(man.methods.values()) == {"saliency"}
+    listed = {f for files in man.files.values() for f in files.values()}
+    assert listed == set((tmp_path / "sal").glob("sub-*/*.nii.gz"))
+    assert {s for files in man.files.values() for s in files} == {"sub-01"}
     # bad method / layer: one-line user errors
     assert (
         main(

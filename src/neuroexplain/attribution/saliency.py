@@ -4,9 +4,10 @@ For each selected subject, every requested baseline method (:mod:`.baselines`) e
 classifier's positive-class logit on the model grid; the maps are mapped to the subject's native
 T1w grid and written as ``<out>/sub-X/sub-X_desc-<method>_saliency.nii.gz`` + JSON sidecar
 (:func:`.export.write_subject_maps`). ``<out>/saliency.json`` lists the maps, the parameters,
-the checkpoint hash, timings and provenance. The methods and their parameters are a
-:class:`~neuroexplain.settings.SaliencyConfig` (the command's options and the workflow's
-``saliency`` section).
+the checkpoint hash, timings and provenance; ``<out>/maps.json`` is the stage's maps manifest
+(:func:`neuroexplain.stage.write_maps_manifest`: methods, kind ``saliency``, files). The
+methods and their parameters are a :class:`~neuroexplain.settings.SaliencyConfig` (the
+command's options and the workflow's ``saliency`` section).
 
 Example:
     >>> run_saliency("preproc.pt", "model.pt", "results/saliency",
@@ -118,6 +119,7 @@ def run_saliency(
     from neuroexplain.io.atomic import write_json
     from neuroexplain.models import default_target_layer, load_classifier
     from neuroexplain.provenance import provenance, sha256_file
+    from neuroexplain.stage import write_maps_manifest
     from neuroexplain.train.classifier import load_preproc_dict
     from neuroexplain.utils import resolve_device
 
@@ -205,6 +207,9 @@ def run_saliency(
         "provenance": prov,
     }
     write_json(summary, out / "saliency.json")
+    write_maps_manifest(
+        out, "saliency", written, dict.fromkeys(methods, "saliency"), provenance=prov
+    )
     logger.info(
         "wrote %d maps for %d subjects to %s (s/subject: %s)",
         len(methods) * len(idx),
