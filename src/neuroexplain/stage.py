@@ -35,11 +35,13 @@ from neuroexplain.errors import InputError
 __all__ = [
     "MANIFEST_FORMAT",
     "MAP_KINDS",
+    "SPLIT_NAMES",
     "MapFiles",
     "MapsManifest",
     "harness_means",
     "manifest_maps",
     "read_maps_manifest",
+    "select_subjects",
     "stage_provenance",
     "write_maps_manifest",
 ]
@@ -118,6 +120,72 @@ def harness_means(
             for met in sorted({c[0] for c in table.columns if c[0] != "n_subjects"})
         }
     return out
+
+
+# ------------------------------------------------------------------------ subject selection
+
+#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``train.classifier.SPLITS``)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def select_subjects(
+    spec: str | Sequence[str] | None,
+    subjects: Sequence[str],
+    splits: Sequence[str | None] | None = None,
+    *,
+    split_source: str | os.PathLike[str] | None = None,
+    among: str = "the preprocessed data",
+) -> list[int]:
+    """Indices of the subjects a ``--subjects`` value chooses (the one rule of every stage).
+
+    Args:
+        spec: ``None`` / ``"all"`` (every subject); split names, one or several
+            (``"test"``, ``"val,test"``: the subjects of those splits, in ``subjects`` order);
+            or subject ids (comma-separated string or a sequence, ``sub-`` prefix optional, in
+            the given order).
+        subjects: the ids to choose from (e.g. ``preproc.pt``'s, in its order).
+        splits: each subject's split (``None`` / ``""`` where ``split.tsv`` does not list it),
+            or ``None`` when no ``split.tsv`` is known.
+        split_source: the ``split.tsv``, named when a split selects nobody.
+        among: what ``subjects`` are, for the error messages.
+
+    Returns:
+        Indices into ``subjects``.
+
+    Raises:
+        InputError: split names without a ``split.tsv``, unknown subjects, or an empty selection.
+
+    Example:
+        >>> select_subjects("test", ["sub-a", "sub-b"], ["train", "test"])
+        [1]
+        >>> select_subjects("b,sub-a", ["sub-a", "sub-b"])
+        [1, 0]
+    """
+    subs = [str(s) for s in subjects]
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(len(subs)))
+    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise InputError("--subjects", "expected a split name, 'all' or subject ids, got nothing")
+    if all(s in SPLIT_NAMES for s in items):
+        if splits is None:
+            raise InputError(
+                "--subjects", f"selecting the {spec!r} split needs a split.tsv (--split)"
+            )
+        idx = [i for i, sp in enumerate(splits) if sp in items]
+        if not idx:
+            raise InputError(
+                split_source or "--subjects",
+                f"no subjects of the {spec!r} split are in {among}",
+            )
+        return idx
+    known = {_subject_id(s): i for i, s in enumerate(subs)}
+    known.update({s: i for i, s in enumerate(subs)})
+    missing = [s for s in items if s not in known and _subject_id(s) not in known]
+    if missing:
+        raise InputError("--subjects", f"subjects not in {among}: {missing[:5]}")
+    return [known[s] if s in known else known[_subject_id(s)] for s in items]
 
 
 # --------------------------------------------------------------------------- maps manifest

@@ -49,8 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPLIT_NAMES = ("train", "val", "test")
-
 
 @dataclass
 class Context:
@@ -129,7 +127,8 @@ def load_context(
 
 
 def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
-    """Preproc indices of the subjects selected by ``spec``.
+    """Preproc indices of the subjects selected by ``spec``
+    (:func:`neuroexplain.stage.select_subjects`).
 
     Args:
         table: :func:`~neuroexplain.concepts3d.concepts.subject_table`.
@@ -139,28 +138,12 @@ def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
     Raises:
         InputError: unknown subjects or an empty selection.
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return np.arange(len(table))
-    items = (
-        [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
-    )
-    items = [s for s in items if s]
-    if items and all(s in SPLIT_NAMES for s in items):
-        if (table["split"] == "all").all():
-            raise InputError("--subjects", f"split {items} requested but no split.tsv is known")
-        idx = np.flatnonzero(table["split"].isin(items).to_numpy())
-    else:
-        ids = [s if s.startswith("sub-") else f"sub-{s}" for s in items]
-        known = dict(zip(table["subject"], table["index"], strict=True))
-        unknown = [s for s in ids if s not in known]
-        if unknown:
-            raise InputError(
-                "--subjects", f"{len(unknown)} subjects not in preproc.pt, e.g. {unknown[:3]}"
-            )
-        idx = np.asarray([known[s] for s in ids], dtype=int)
-    if len(idx) == 0:
-        raise InputError("--subjects", f"no subjects selected by {spec!r}")
-    return idx
+    from neuroexplain.stage import select_subjects
+
+    known = not (table["split"] == "all").all()  # "all": no split.tsv was found
+    splits = table["split"].tolist() if known else None
+    rows = select_subjects(spec, table["subject"].tolist(), splits)
+    return table["index"].to_numpy()[rows].astype(int)
 
 
 def class_indices(table: Any, split: str | Sequence[str] | None, target_class: int) -> np.ndarray:

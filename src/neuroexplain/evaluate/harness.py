@@ -288,9 +288,11 @@ def parse_subjects(spec: str | Sequence[str] | None, *, split: str = "test") -> 
 
     Args:
         spec: ``None`` / ``"all"`` (every diseased subject); a ``split.tsv`` file (columns
-            ``subject``, ``split``; rows of ``split`` are taken); a text file with one id per line;
+            ``subject``, ``split``; rows of ``split`` are taken, in the file's order, by
+            :func:`neuroexplain.stage.select_subjects`); a text file with one id per line;
             a comma-separated list; or a sequence of ids.
-        split: which split of a ``split.tsv`` to take.
+        split: which split(s) of a ``split.tsv`` to take (``"test"``, ``"val,test"``,
+            ``"all"``).
 
     Returns:
         ``sub-...`` ids, or ``None`` for all.
@@ -308,11 +310,16 @@ def parse_subjects(spec: str | Sequence[str] | None, *, split: str = "test") -> 
         text = p.read_text().splitlines()
         header = text[0].split("\t") if text else []
         if "subject" in header and "split" in header:
+            from neuroexplain.stage import SPLIT_NAMES, select_subjects
+
             df = pd.read_csv(p, sep="\t", dtype=str)
-            ids = df.loc[df["split"] == split, "subject"].tolist()
-            if not ids:
+            ids, names = df["subject"].tolist(), [n.strip() for n in split.split(",")]
+            if not (split.strip().lower() == "all" or all(n in SPLIT_NAMES for n in names)):
                 raise InputError(p, f"no subjects in split {split!r}")
-            return [_full_id(s) for s in ids]
+            rows = select_subjects(
+                split, ids, df["split"].tolist(), split_source=p, among=f"the {p.name}"
+            )
+            return [_full_id(ids[i]) for i in rows]
         return [_full_id(line) for line in text if line.strip()]
     if spec.endswith((".tsv", ".txt", ".csv")) or os.sep in spec:
         raise InputError(spec, "subject list file not found")
