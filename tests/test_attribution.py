@@ -285,6 +285,15 @@ def test_cli_saliency_writes_native_maps(tmp_path):
     assert not (tmp_path / "sal" / "sub-00").exists()  # only the test split
     summary = json.loads((tmp_path / "sal" / "saliency.json").read_text())
     assert set(summary["maps"]) == {"sub-01"}
+    # the maps manifest lists exactly the maps written, in the order of the methods
+    from neuroexplain.stage import read_maps_manifest
+
+    man = read_maps_manifest(tmp_path / "sal" / "maps.json")
+    assert man.stage == "saliency" and list(man.methods) == list(METHODS) == man.primary
+    assert set(man.methods.values()) == {"saliency"}
+    listed = {f for files in man.files.values() for f in files.values()}
+    assert listed == set((tmp_path / "sal").glob("sub-*/*.nii.gz"))
+    assert {s for files in man.files.values() for s in files} == {"sub-01"}
     # bad method / layer: one-line user errors
     assert (
         main(
@@ -350,3 +359,35 @@ def test_map_overlays_a_real_ixi_t1w(ixi_root, tmp_path):
     head = back > 0.05
     assert head.mean() > 0.1
     assert np.corrcoef(native[head], back[head])[0, 1] > 0.8
+
+
+def test_every_stage_selects_subjects_by_one_rule(tmp_path):
+    """saliency / simulate, SACV / XNN and the evaluation pick the same subjects of a split."""
+    import pandas as pd
+
+    from neuroexplain.concepts3d.run import subject_indices
+    from neuroexplain.errors import InputError
+    from neuroexplain.evaluate.harness import parse_subjects
+    from neuroexplain.stage import select_subjects as shared
+
+    subs = ["sub-a", "sub-b", "sub-c", "sub-d"]
+    split = tmp_path / "split.tsv"
+    split.write_text(
+        "subject\tsplit\ty\nsub-a\ttrain\t0\nsub-b\ttest\t1\nsub-c\tval\t0\nsub-d\ttest\t1\n"
+    )
+    table = pd.DataFrame(
+        {"subject": subs, "index": range(4), "split": ["train", "test", "val", "test"]}
+    )
+    for spec, want in (("test", [1, 3]), ("val,test", [1, 2, 3]), ("all", [0, 1, 2, 3])):
+        assert select_subjects(spec, subs, split=split) == want, spec
+        assert subject_indices(table, spec).tolist() == want, spec
+        assert shared(spec, subs, table["split"].tolist()) == want, spec
+        picked = parse_subjects(str(split), split=spec)
+        assert picked == [subs[i] for i in want], spec
+    assert select_subjects("d,sub-a", subs) == subject_indices(table, "d,sub-a").tolist() == [3, 0]
+    with pytest.raises(InputError, match=r"split\.tsv: no subjects of the 'test' split"):
+        select_subjects("test", ["sub-x"], split=split)
+    with pytest.raises(InputError, match="needs a split"):
+        subject_indices(table.assign(split="all"), "test")
+    with pytest.raises(InputError, match="no subjects in split 'foo'"):
+        parse_subjects(str(split), split="foo")

@@ -209,3 +209,97 @@ def test_write_evaluation_and_cli(cohort, tmp_path):
         )
         == 2
     )
+
+
+def _manifest_copy(maps, tmp_path, methods=("perfect", "random", "wrong")):
+    """A copy of the toy maps as a stage folder with its maps manifest."""
+    import shutil
+
+    from neuroexplain.stage import write_maps_manifest
+
+    stage = tmp_path / "stage"
+    shutil.copytree(maps, stage)
+    written = {
+        sub.name: {m: sub / f"{sub.name}_desc-{m}_saliency.nii.gz" for m in methods}
+        for sub in sorted(stage.glob("sub-*"))
+    }
+    path = write_maps_manifest(
+        stage, "saliency", written, dict.fromkeys(methods, "saliency"), provenance={"seed": 1}
+    )
+    return stage, path
+
+
+def test_manifest_lists_exactly_the_maps_written(cohort, tmp_path):
+    from neuroexplain.stage import read_maps_manifest
+
+    _, maps = cohort
+    stage, path = _manifest_copy(maps, tmp_path)
+    assert path == stage / "maps.json"
+    raw = json.loads(path.read_text())
+    assert raw["stage"] == "saliency" and raw["subjects"] == ["sub-01", "sub-02", "sub-03"]
+    assert [m["name"] for m in raw["methods"]] == ["perfect", "random", "wrong"]
+    listed = {stage / rel for m in raw["methods"] for rel in m["files"].values()}
+    assert listed == set(stage.glob("sub-*/*.nii.gz"))
+    assert all(not p.startswith("/") for m in raw["methods"] for p in m["files"].values())
+    man = read_maps_manifest(stage)  # the folder works too
+    assert man.path == path and man.stage == "saliency"
+    assert man.primary == ["perfect", "random", "wrong"]
+    assert man.methods == dict.fromkeys(man.primary, "saliency")
+    assert man.files["random"].path("02") == stage / "sub-02" / "sub-02_desc-random_saliency.nii.gz"
+
+
+def test_evaluate_maps_manifest_equals_maps(cohort, tmp_path):
+    root, maps = cohort
+    stage, manifest = _manifest_copy(maps, tmp_path)
+    out = {}
+    for how, args in {
+        "maps": [a for m in ("perfect", "random", "wrong") for a in ("--maps", f"{m}={stage}")],
+        "manifest": ["--manifest", str(manifest)],
+    }.items():
+        out[how] = tmp_path / how / "table"
+        cmd = ["evaluate-maps", "--cohort", str(root), "--out", str(out[how]), *args]
+        assert main([*cmd, "--subjects", "sub-02,sub-01,sub-03"]) == 0
+    a, b = (json.loads(out[h].with_suffix(".json").read_text()) for h in ("maps", "manifest"))
+    assert a["methods"] == b["methods"] and a["subjects"] == b["subjects"]
+    assert list(b["methods"]) == ["perfect", "random", "wrong"]
+    ta, tb = (pd.read_csv(out[h].parent / "table_subjects.tsv", sep="\t") for h in out)
+    pd.testing.assert_frame_equal(ta, tb)  # same rows, order and map paths
+    assert (
+        out["maps"].with_suffix(".md").read_text() == out["manifest"].with_suffix(".md").read_text()
+    )
+
+
+def test_manifest_errors_name_the_file(cohort, tmp_path, capsys):
+    from neuroexplain.stage import read_maps_manifest
+
+    root, maps = cohort
+    stage, manifest = _manifest_copy(maps, tmp_path)
+    with pytest.raises(InputError, match="maps manifest not found"):
+        read_maps_manifest(tmp_path / "nothere.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match=r"bad\.json: not a readable JSON maps manifest"):
+        read_maps_manifest(bad)
+    bad.write_text('{"methods": []}')
+    with pytest.raises(InputError, match="expected a maps manifest"):
+        read_maps_manifest(bad)
+    # a map the manifest lists is gone
+    (stage / "sub-02" / "sub-02_desc-wrong_saliency.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"maps.json: lists 1 missing maps of 'wrong'"):
+        read_maps_manifest(manifest)
+    # a subject the stage did not explain
+    _, only = _manifest_copy(maps, tmp_path / "b", methods=("perfect",))
+    raw = json.loads(only.read_text())
+    del raw["methods"][0]["files"]["sub-01"]
+    only.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="lists no map of 'perfect' for sub-01"):
+        evaluate_maps(root, {"perfect": read_maps_manifest(only).files["perfect"]}, ["sub-01"])
+    # the command: one line naming the manifest; a method also given by --maps is refused
+    out = str(tmp_path / "ev" / "t")
+    assert main(["evaluate-maps", "--cohort", str(root), "--manifest", str(bad), "--out", out]) == 2
+    assert "bad.json" in capsys.readouterr().err
+    cmd = ["evaluate-maps", "--cohort", str(root), "--out", out, "--manifest", str(only)]
+    assert main([*cmd, "--maps", f"perfect={maps}"]) == 2
+    assert "also in" in capsys.readouterr().err
+    assert main(["evaluate-maps", "--cohort", str(root), "--out", out]) == 2
+    assert not (tmp_path / "ev").exists()

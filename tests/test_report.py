@@ -249,3 +249,40 @@ def test_cli_figures(study, capsys) -> None:
     code = main(["figures", "--subjects", str(study["subjects"]), "--out", str(out), "--maps", "x"])
     assert code == 2
     assert "expected METHOD=PATH" in capsys.readouterr().err
+
+
+def test_cli_figures_from_manifests_equals_maps(study) -> None:
+    """--manifest gives the same methods, maps and region table as --maps/--logjacobian-maps;
+    the log-Jacobian maps come from the manifest's kinds."""
+    from neuroexplain.stage import write_maps_manifest
+
+    root = study["root"]
+    for stage, method, kind, suffix in (
+        ("saliency", "ig", "saliency", "saliency"),
+        ("simulator", "simulator", "log-jacobian", "logjacobian"),
+    ):
+        written = {
+            sub: {method: root / stage / sub / f"{sub}_desc-{method}_{suffix}.nii.gz"}
+            for sub in SUBJECTS
+        }
+        write_maps_manifest(root / stage, stage, written, {method: kind})
+    common = [
+        "figures", "--subjects", str(study["subjects"]), "--cohort", str(study["cohort"]),
+        "--split", str(study["split"]), "--regions", f"hippocampus={HIPPO}", "--n-subjects", "1",
+    ]  # fmt: skip
+    by_maps = [
+        "--maps", f"ig={study['saliency']}", "--maps", f"simulator={study['simulator']}",
+        "--logjacobian-maps", "simulator",
+    ]  # fmt: skip
+    by_manifest = ["--manifest", str(root / "saliency" / "maps.json"), "--manifest",
+                   str(root / "simulator")]  # fmt: skip
+    for name, args in (("a", by_maps), ("b", by_manifest)):
+        out = root / name / "maps"
+        bars = ["--regions-figure", str(root / name / "bars.png")]
+        assert main([*common, "--out", str(out), *bars, *args]) == 0
+    a, b = (json.loads((root / n / "maps" / "figures.json").read_text()) for n in "ab")
+    assert a["figures"] == b["figures"] and list(b["figures"]) == [GROUND_TRUTH, "ig", "simulator"]
+    assert a["subjects"] == b["subjects"] and a["cut_coords_mm"] == b["cut_coords_mm"]
+    assert b["provenance"]["params"]["logjacobian_maps"] == ["simulator"]
+    ta, tb = (pd.read_csv(root / n / "bars.tsv", sep="\t") for n in "ab")
+    pd.testing.assert_frame_equal(ta, tb)

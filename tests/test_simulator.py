@@ -716,6 +716,17 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     a = nib.load(folder / "sub-05_desc-simulator_logjacobian.nii.gz").get_fdata()
     b = nib.load(folder / "sub-05_desc-simulatorremove_logjacobian.nii.gz").get_fdata()
     np.testing.assert_array_equal(a, b)
+    # the maps manifest: the three log-Jacobian maps of each subject, the chosen one primary
+    from neuroexplain.stage import read_maps_manifest
+
+    man = read_maps_manifest(out / "maps.json")
+    assert man.stage == "simulate" and man.primary == ["simulator"]
+    assert man.methods == dict.fromkeys(
+        ["simulator", "simulatorinject", "simulatorremove"], "log-jacobian"
+    )
+    listed = {f for files in man.files.values() for f in files.values()}
+    assert listed == set(out.glob("sub-*/*_logjacobian.nii.gz"))
+    assert set(man.files["simulator"]) == {"sub-04", "sub-05"}
     regions = pd.read_csv(out / "regions.tsv", sep="\t")
     assert set(regions["region"]) == {"blob", "tissue"}
     group = pd.read_csv(out / "group.tsv", sep="\t")

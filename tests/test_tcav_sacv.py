@@ -542,4 +542,14 @@ def test_cli_sacv_writes_native_maps_that_find_the_concept_region(toy, tmp_path)
     assert side["CheckpointSha256"] == res["checkpoint_sha256"]
     scores = (out / "sacv_scores.tsv").read_text().splitlines()
     assert len(scores) == 13 and "spatial_contribution" in scores[0]
+    # the maps manifest (sacv_maps.json: several concepts can share a folder) lists every map
+    from neuroexplain.stage import read_maps_manifest
+
+    man = read_maps_manifest(out / "sacv_maps.json")
+    assert man.stage == "sacv" and man.methods == {
+        "sacvrelevance": "concept-relevance",
+        "sacvcontribution": "concept-contribution",
+    }
+    listed = {f for files in man.files.values() for f in files.values()}
+    assert listed == set(out.glob("sub-*/*_map.nii.gz")) and len(listed) == 24
     assert main([*args[:-2], "--concept", "nonexistent"]) == 2

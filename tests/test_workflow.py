@@ -138,7 +138,6 @@ EXPLANATION_RULES = (
     "evaluate_maps",
     "figures",
 )
-SIMULATOR_MAP = "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz"
 
 
 def _shell_command(out: str, command: str) -> str:
@@ -147,6 +146,12 @@ def _shell_command(out: str, command: str) -> str:
     lines = [line for line in lines if not line.lstrip().startswith(("input:", "output:"))]
     assert len(lines) == 1, (command, lines)
     return lines[0]
+
+
+def _option(out: str, command: str, option: str) -> str:
+    """The value of ``option`` in the dry-run command line of ``neuroexplain <command>``."""
+    args = shlex.split(_shell_command(out, command).split("Shell command:", 1)[-1])
+    return args[args.index(option) + 1]
 
 
 def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path) -> None:
@@ -169,15 +174,22 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     assert f"--concepts {repo_root / 'config/concepts3d.yaml'}" in sacv
     assert "--participants results/cohort/participants.tsv" in sacv
     assert "--concept plantedregions --desc-label plantedregions" in sacv
-    # evaluate-maps and figures get every registered map, the simulator's by its template
+    # evaluate-maps and figures get the maps manifest of every map stage, in the folder the
+    # stage writes (the method names and files come from the manifests)
+    from neuroexplain.concepts3d.run import sacv_manifest_name
+
+    manifests = [
+        f"{_option(out, 'saliency', '--out')}/maps.json",
+        f"{_option(out, 'simulate', '--out')}/maps.json",
+        f"{_option(out, 'sacv', '--out')}/{sacv_manifest_name('plantedregions')}",
+        f"{_option(out, 'xnn-explain', '--out')}/maps.json",
+    ]
+    assert manifests[2] == "results/concepts3d/sacv/plantedregions/sacvplantedregions_maps.json"
     for command in ("evaluate-maps", "figures"):
         line = _shell_command(out, command)
-        assert f"--maps {shlex.quote('simulator=' + SIMULATOR_MAP)}" in line, command
-        for method in ("ig", "gradcam", "xnnfeature5"):
-            assert f"--maps {method}=" in line, (command, method)
-        assert "--maps sacvrelevanceplantedregions=results/concepts3d/sacv/plantedregions" in line
+        assert " ".join(f"--manifest {m}" for m in manifests) in line, command
+        assert "--maps" not in line and "--logjacobian-maps" not in line, command
     figures = _shell_command(out, "figures")
-    assert "--logjacobian-maps simulator" in figures
     assert "--regions-figure results/figures/regions_logjacobian.png" in figures
     assert (
         "--regions hippocampus=47,48 --regions thalamus=59,60 --regions putamen=57,58 "
@@ -223,8 +235,8 @@ def test_dry_run_tiny_config_with_every_stage(repo_root: Path, tmp_path: Path) -
     assert "--max-steps 2" in _shell_command(out, "train-simulator")
     assert "--no-images" in _shell_command(out, "simulate")
     figures = _shell_command(out, "figures")
-    assert "--maps xnnfeature2=results/xnn" in figures
-    assert "--maps xnnfeature3=" not in figures
+    assert "--manifest results/xnn/maps.json" in figures
+    assert "--n-features 2" in _shell_command(out, "xnn-train")  # xnnfeature1, xnnfeature2
     assert "--n-subjects 2" in figures
 
 

@@ -273,6 +273,13 @@ def test_cli_xnn_train_and_explain(toy, tmp_path):
     assert nib.load(maps[0]).shape == t1.shape
     feats = (out / "xnn_features.tsv").read_text().splitlines()
     assert len(feats) == 37 and "xnnfeature1_contribution" in feats[0]
+    from neuroexplain.stage import read_maps_manifest
+
+    man = read_maps_manifest(out)  # the folder's maps.json
+    assert man.stage == "xnn-explain" and man.primary == [f"xnnfeature{i}" for i in (1, 2, 3)]
+    assert set(man.methods.values()) == {"feature-attribution"}
+    listed = {f for files in man.files.values() for f in files.values()}
+    assert listed == set(out.glob("sub-*/*_map.nii.gz")) and len(listed) == 6
     # an SRAE of another checkpoint is refused
     other = write_cohort(tmp_path / "other", n=6, epochs=1)
     code = main(

@@ -1,17 +1,66 @@
-"""Plumbing shared by the stage runners of the concept stage (TCAV, SACV, XNN).
+"""Plumbing shared by the stage runners (saliency, simulator, TCAV, SACV, XNN).
 
-One owner for what :mod:`neuroexplain.concepts3d.run` and :mod:`neuroexplain.xnn.run` both do
-around their methods: the provenance block of their outputs and the scoring of their maps with
-the evaluation harness (:mod:`neuroexplain.evaluate.harness`).
+One owner for what the MRI stages do around their methods: the provenance block of their
+outputs, the scoring of their maps with the evaluation harness
+(:mod:`neuroexplain.evaluate.harness`), and the **maps manifest** every stage that writes
+per-subject NIfTI maps leaves in its output folder.
+
+A maps manifest (:func:`write_maps_manifest`, read back with :func:`read_maps_manifest`) is a
+small JSON file naming the stage, and for each method (in the stage's order) its name, its kind
+(:data:`MAP_KINDS`), whether it is one of the stage's primary explanations (the ones
+``evaluate-maps`` and ``figures`` take from the manifest) and, per subject, the map's path
+relative to the manifest's folder::
+
+    {"format": "neuroexplain-maps", "version": 1, "stage": "saliency",
+     "methods": [{"name": "ig", "kind": "saliency", "primary": true,
+                  "files": {"sub-01": "sub-01/sub-01_desc-ig_saliency.nii.gz"}}],
+     "subjects": ["sub-01"], "provenance": {...}}
+
+Consumers read the methods and files from it instead of rebuilding the stage's method names
+(``evaluate-maps --manifest``, ``figures --manifest``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import os
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["harness_means", "stage_provenance"]
+from neuroexplain.errors import InputError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MAP_KINDS",
+    "SPLIT_NAMES",
+    "MapFiles",
+    "MapsManifest",
+    "harness_means",
+    "manifest_maps",
+    "read_maps_manifest",
+    "select_subjects",
+    "stage_provenance",
+    "write_maps_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``format`` entry of every maps manifest
+MANIFEST_FORMAT = "neuroexplain-maps"
+#: version of the manifest layout written by :func:`write_maps_manifest`
+MANIFEST_VERSION = 1
+#: what a method's maps are: attribution of the logit (baselines), disease log-Jacobian
+#: (simulator), SACV concept relevance / contribution, attribution of an XNN feature
+MAP_KINDS = (
+    "saliency",
+    "log-jacobian",
+    "concept-relevance",
+    "concept-contribution",
+    "feature-attribution",
+)
 
 
 def stage_provenance(
@@ -71,3 +120,287 @@ def harness_means(
             for met in sorted({c[0] for c in table.columns if c[0] != "n_subjects"})
         }
     return out
+
+
+# ------------------------------------------------------------------------ subject selection
+
+#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``train.classifier.SPLITS``)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def select_subjects(
+    spec: str | Sequence[str] | None,
+    subjects: Sequence[str],
+    splits: Sequence[str | None] | None = None,
+    *,
+    split_source: str | os.PathLike[str] | None = None,
+    among: str = "the preprocessed data",
+) -> list[int]:
+    """Indices of the subjects a ``--subjects`` value chooses (the one rule of every stage).
+
+    Args:
+        spec: ``None`` / ``"all"`` (every subject); split names, one or several
+            (``"test"``, ``"val,test"``: the subjects of those splits, in ``subjects`` order);
+            or subject ids (comma-separated string or a sequence, ``sub-`` prefix optional, in
+            the given order).
+        subjects: the ids to choose from (e.g. ``preproc.pt``'s, in its order).
+        splits: each subject's split (``None`` / ``""`` where ``split.tsv`` does not list it),
+            or ``None`` when no ``split.tsv`` is known.
+        split_source: the ``split.tsv``, named when a split selects nobody.
+        among: what ``subjects`` are, for the error messages.
+
+    Returns:
+        Indices into ``subjects``.
+
+    Raises:
+        InputError: split names without a ``split.tsv``, unknown subjects, or an empty selection.
+
+    Example:
+        >>> select_subjects("test", ["sub-a", "sub-b"], ["train", "test"])
+        [1]
+        >>> select_subjects("b,sub-a", ["sub-a", "sub-b"])
+        [1, 0]
+    """
+    subs = [str(s) for s in subjects]
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(len(subs)))
+    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise InputError("--subjects", "expected a split name, 'all' or subject ids, got nothing")
+    if all(s in SPLIT_NAMES for s in items):
+        if splits is None:
+            raise InputError(
+                "--subjects", f"selecting the {spec!r} split needs a split.tsv (--split)"
+            )
+        idx = [i for i, sp in enumerate(splits) if sp in items]
+        if not idx:
+            raise InputError(
+                split_source or "--subjects",
+                f"no subjects of the {spec!r} split are in {among}",
+            )
+        return idx
+    known = {_subject_id(s): i for i, s in enumerate(subs)}
+    known.update({s: i for i, s in enumerate(subs)})
+    missing = [s for s in items if s not in known and _subject_id(s) not in known]
+    if missing:
+        raise InputError("--subjects", f"subjects not in {among}: {missing[:5]}")
+    return [known[s] if s in known else known[_subject_id(s)] for s in items]
+
+
+# --------------------------------------------------------------------------- maps manifest
+
+
+def _subject_id(subject: str) -> str:
+    s = str(subject).strip()
+    return s if s.startswith("sub-") else f"sub-{s}"
+
+
+def write_maps_manifest(
+    out_dir: str | os.PathLike[str],
+    stage: str,
+    written: Mapping[str, Mapping[str, str | os.PathLike[str]]],
+    kinds: Mapping[str, str],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    primary: Collection[str] | None = None,
+    name: str = "maps.json",
+) -> Path:
+    """Write the maps manifest of a stage run into its output folder (atomically).
+
+    Args:
+        out_dir: the stage's output folder; the manifest's paths are relative to it.
+        stage: the stage (``neuroexplain`` subcommand) that wrote the maps, e.g. ``"saliency"``.
+        written: ``{subject: {method: path}}`` of every map written (e.g. what
+            :func:`neuroexplain.attribution.export.write_subject_maps` returns per subject).
+        kinds: ``{method: kind}`` (:data:`MAP_KINDS`), in the stage's method order; every
+            method of ``written`` must be here.
+        provenance: the run's provenance block.
+        primary: the methods that are the stage's explanations (default: all); the others
+            (e.g. the simulator's per-direction maps) are listed but not taken by default.
+        name: file name of the manifest inside ``out_dir``.
+
+    Returns:
+        The manifest's path.
+
+    Raises:
+        ValueError: a method without a kind, an unknown kind, a map outside ``out_dir`` or a
+            map that does not exist (a bug of the stage, not of its input).
+
+    Example:
+        >>> write_maps_manifest("results/saliency", "saliency",
+        ...                     {"sub-01": {"ig": "results/saliency/sub-01/..."}},
+        ...                     {"ig": "saliency"})  # doctest: +SKIP
+    """
+    from neuroexplain.io.atomic import write_json
+
+    out = Path(out_dir)
+    bad = sorted({k for k in kinds.values() if k not in MAP_KINDS})
+    if bad:
+        raise ValueError(f"expected map kinds from {MAP_KINDS}, got {bad}")
+    files: dict[str, dict[str, str]] = {m: {} for m in kinds}
+    for subject, maps in written.items():
+        sub = _subject_id(subject)
+        for method, path in maps.items():
+            if method not in files:
+                raise ValueError(f"map of method {method!r} written without a kind")
+            p = Path(path)
+            if not p.is_file():
+                raise ValueError(f"map {p} of {method!r} for {sub} does not exist")
+            try:
+                rel = p.relative_to(out)
+            except ValueError:
+                rel = Path(os.path.relpath(p, out))
+            if rel.parts and rel.parts[0] == "..":
+                raise ValueError(f"map {p} is outside the stage folder {out}")
+            files[method][sub] = rel.as_posix()
+    keep = set(kinds) if primary is None else set(primary)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "stage": stage,
+        "methods": [
+            {"name": m, "kind": kinds[m], "primary": m in keep, "files": files[m]} for m in kinds
+        ],
+        "subjects": sorted({_subject_id(s) for s in written}),
+        "provenance": dict(provenance or {}),
+    }
+    path = write_json(manifest, out / name)
+    logger.debug("wrote the maps manifest of %s (%d methods) to %s", stage, len(kinds), path)
+    return path
+
+
+class MapFiles(dict[str, Path]):
+    """``{subject: map path}`` of one method, read from a manifest (named in errors)."""
+
+    def __init__(self, files: Mapping[str, Path], manifest: Path, method: str) -> None:
+        super().__init__(files)
+        self.manifest = manifest
+        self.method = method
+
+    def __str__(self) -> str:  # recorded as the manifest in provenance and errors
+        return str(self.manifest)
+
+    def path(self, subject: str) -> Path:
+        """The map of ``subject`` (``sub-`` prefix optional).
+
+        Raises:
+            InputError: the manifest lists no map of this method for the subject.
+        """
+        sub = _subject_id(subject)
+        if sub not in self:
+            raise InputError(
+                self.manifest, f"lists no map of {self.method!r} for {sub} (stage run on it?)"
+            )
+        return self[sub]
+
+
+@dataclass(frozen=True)
+class MapsManifest:
+    """A maps manifest read by :func:`read_maps_manifest` (paths resolved against its folder).
+
+    Attributes:
+        path: the manifest file.
+        stage: the stage that wrote it.
+        methods: ``{method: kind}`` in the stage's order.
+        primary: the primary methods, in order.
+        files: ``{method: MapFiles}``.
+        provenance: the stage run's provenance block.
+    """
+
+    path: Path
+    stage: str
+    methods: dict[str, str]
+    primary: list[str]
+    files: dict[str, MapFiles]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def maps(self, *, primary_only: bool = True) -> dict[str, MapFiles]:
+        """``{method: MapFiles}`` of the primary methods (or of all)."""
+        names = self.primary if primary_only else list(self.methods)
+        return {m: self.files[m] for m in names}
+
+
+def read_maps_manifest(path: str | os.PathLike[str]) -> MapsManifest:
+    """Read and check a maps manifest; every map it lists must exist.
+
+    Args:
+        path: the manifest (``maps.json``), or a stage folder holding exactly one
+            (``maps.json`` or ``*_maps.json``).
+
+    Raises:
+        InputError: a missing or malformed manifest, or a map it lists that does not exist
+            (one line naming the manifest and the problem).
+    """
+    p = Path(path)
+    if p.is_dir():
+        hits = sorted(p.glob("maps.json")) or sorted(p.glob("*_maps.json"))
+        if len(hits) != 1:
+            found = "none" if not hits else ", ".join(h.name for h in hits)
+            raise InputError(p, f"expected one maps manifest (maps.json) in it, got {found}")
+        p = hits[0]
+    if not p.is_file():
+        raise InputError(p, "maps manifest not found (did the stage finish?)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(p, f"not a readable JSON maps manifest ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise InputError(p, f"expected a maps manifest (format {MANIFEST_FORMAT!r}), got {got!r}")
+    if data.get("version") != MANIFEST_VERSION:
+        raise InputError(
+            p, f"expected manifest version {MANIFEST_VERSION}, got {data.get('version')!r}"
+        )
+    entries = data.get("methods")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(p, "expected a non-empty list of methods")
+    folder = p.parent
+    methods: dict[str, str] = {}
+    primary: list[str] = []
+    files: dict[str, MapFiles] = {}
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InputError(p, f"method {k + 1}: expected an object with a name")
+        name = entry["name"]
+        kind, listed = entry.get("kind"), entry.get("files")
+        if kind not in MAP_KINDS:
+            raise InputError(p, f"method {name!r}: expected a kind from {MAP_KINDS}, got {kind!r}")
+        if name in methods:
+            raise InputError(p, f"method {name!r} listed twice")
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise InputError(p, f"method {name!r}: expected files as {{subject: relative path}}")
+        resolved = {_subject_id(s): folder / rel for s, rel in listed.items()}
+        missing = [str(f) for f in resolved.values() if not f.is_file()]
+        if missing:
+            raise InputError(p, f"lists {len(missing)} missing maps of {name!r}, e.g. {missing[0]}")
+        methods[name] = kind
+        if entry.get("primary", True):
+            primary.append(name)
+        files[name] = MapFiles(resolved, p, name)
+    return MapsManifest(
+        p, str(data.get("stage", "")), methods, primary, files, dict(data.get("provenance") or {})
+    )
+
+
+def manifest_maps(
+    manifests: Sequence[str | os.PathLike[str]] | None,
+) -> tuple[dict[str, MapFiles], dict[str, str]]:
+    """The primary methods of several manifests, in order, and their kinds.
+
+    Returns:
+        ``({method: MapFiles}, {method: kind})``.
+
+    Raises:
+        InputError: a bad manifest (:func:`read_maps_manifest`) or a method in two manifests.
+    """
+    maps: dict[str, MapFiles] = {}
+    kinds: dict[str, str] = {}
+    for path in manifests or []:
+        man = read_maps_manifest(path)
+        for method, files in man.maps().items():
+            if method in maps:
+                raise InputError(man.path, f"method {method!r} is also in {maps[method].manifest}")
+            maps[method] = files
+            kinds[method] = man.methods[method]
+    return maps, kinds

@@ -153,7 +153,7 @@ if (
     ALL_TARGETS.append(SALIENCY_DIR)
 
 
-if config["mri"]["activate"] and config["cohort"]["activate"] and EVAL_MAPS:
+if config["mri"]["activate"] and config["cohort"]["activate"] and MAP_MANIFESTS:
 
     rule evaluate_maps:
         input:

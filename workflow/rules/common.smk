@@ -1,7 +1,6 @@
 # Helpers shared by all stages (config validation, dataset resolution, result paths, named
 # input / params functions, the registry of final targets). Keep rules out of this file.
 
-import itertools
 import shlex
 from pathlib import Path
 
@@ -54,6 +53,7 @@ RELIANCE = {
     "json": "results/classifier/reliance.json",
 }
 SALIENCY_DIR = "results/saliency"
+SALIENCY_MANIFEST = "results/saliency/maps.json"
 EVALUATION = {
     "json": "results/evaluation/maps.json",
     "md": "results/evaluation/maps.md",
@@ -64,8 +64,9 @@ SIMULATOR = {
     "train_log": "results/simulator_model/train_log.tsv",
     "train_summary": "results/simulator_model/train_summary.json",
     "maps": "results/simulator",
-    # the disease map of each subject (remove for diseased, inject for healthy subjects)
-    "map": "results/simulator/{subject}/{subject}_desc-simulator_logjacobian.nii.gz",
+    # its maps manifest: the disease map of each subject (remove for diseased, inject for
+    # healthy subjects) is its primary method, `simulator`
+    "manifest": "results/simulator/maps.json",
 }
 CONCEPTS3D = {
     "tcav": "results/concepts3d/tcav/tcav.json",
@@ -73,12 +74,15 @@ CONCEPTS3D = {
     "tcav_figure": "results/concepts3d/tcav/tcav.png",
     "tcav_cache": "results/concepts3d/tcav/cavs.pt",
     "sacv": "results/concepts3d/sacv/{concept}",
+    # the maps manifest of a concept's SACV run (neuroexplain.concepts3d.run.sacv_manifest_name)
+    "sacv_manifest": "results/concepts3d/sacv/{concept}/sacv{concept}_maps.json",
 }
 XNN = {
     "model": "results/xnn_model/srae.pt",
     "train": "results/xnn_model/srae_train.json",
     "train_log": "results/xnn_model/srae_train_log.tsv",
     "maps": "results/xnn",
+    "manifest": "results/xnn/maps.json",
 }
 FIGURES = {
     "maps": "results/figures/maps",
@@ -86,52 +90,46 @@ FIGURES = {
     "regions_table": "results/figures/regions_logjacobian.tsv",
 }
 
-# method -> its per-subject native-space maps: the stage's folder (maps found as
-# <folder>/sub-X/sub-X_desc-<method>_*.nii.gz) or a {subject} template inside it; each
-# map-writing stage registers its methods here (evaluate_maps scores every registered method
-# against the cohort's ground truth, figures draws them)
-EVAL_MAPS = {}
-# methods of EVAL_MAPS whose maps are log-Jacobians (the region bars of the report)
-LOGJACOBIAN_MAPS = []
+# the maps manifest of each map-writing stage that is on (written into the stage's folder:
+# its methods, their kinds and per-subject files; neuroexplain.stage.write_maps_manifest).
+# evaluate_maps scores the manifests' methods against the cohort's ground truth, figures draws
+# them; the method names are the package's, not rebuilt here
+MAP_MANIFESTS = []
+# stages among them whose maps are log-Jacobians (the region bars of the report)
+LOGJACOBIAN_STAGES = []
 if (
     config["mri"]["activate"]
     and config["classifier"]["activate"]
     and config["saliency"]["activate"]
 ):
-    EVAL_MAPS.update({method: SALIENCY_DIR for method in config["saliency"]["methods"]})
+    MAP_MANIFESTS.append(SALIENCY_MANIFEST)
 if (
     config["mri"]["activate"]
     and config["classifier"]["activate"]
     and config["simulator"]["activate"]
 ):
-    EVAL_MAPS["simulator"] = SIMULATOR["map"]
-    LOGJACOBIAN_MAPS.append("simulator")
+    MAP_MANIFESTS.append(SIMULATOR["manifest"])
+    LOGJACOBIAN_STAGES.append("simulate")
 if (
     config["mri"]["activate"]
     and config["classifier"]["activate"]
     and config["concepts3d"]["activate"]
 ):
-    for _concept in config["concepts3d"]["sacv_concepts"]:
-        _folder = CONCEPTS3D["sacv"].format(concept=_concept)
-        EVAL_MAPS[f"sacvrelevance{_concept}"] = _folder
-        EVAL_MAPS[f"sacvcontribution{_concept}"] = _folder
+    MAP_MANIFESTS.extend(
+        CONCEPTS3D["sacv_manifest"].format(concept=concept)
+        for concept in config["concepts3d"]["sacv_concepts"]
+    )
 if (
     config["mri"]["activate"]
     and config["classifier"]["activate"]
     and config["xnn"]["activate"]
 ):
-    EVAL_MAPS.update(
-        {
-            f"xnnfeature{i}": XNN["maps"]
-            for i in range(1, config["xnn"]["n_features"] + 1)
-        }
-    )
+    MAP_MANIFESTS.append(XNN["manifest"])
 
 
-def map_folder(spec):
-    """The stage folder of a registered map spec: the spec, or a template's leading folders."""
-    parts = Path(spec).parts
-    return str(Path(*itertools.takewhile(lambda part: "{" not in part, parts)))
+def map_folders():
+    """The stage folders (directory outputs) holding the registered manifests."""
+    return sorted({str(Path(manifest).parent) for manifest in MAP_MANIFESTS})
 
 
 ST_CONCEPTS = {
@@ -436,11 +434,11 @@ def saliency_args(wildcards):
 
 
 def evaluate_maps_input(wildcards):
-    """The cohort (ground truth), the split, and every registered map folder."""
+    """The cohort (ground truth), the split, and the folder of every registered manifest."""
     return {
         "cohort": COHORT_DIR,
         "split": CLASSIFIER["split"],
-        "maps": sorted({map_folder(spec) for spec in EVAL_MAPS.values()}),
+        "maps": map_folders(),
     }
 
 
@@ -453,7 +451,7 @@ def evaluate_maps_args(wildcards, input):
     subjects = config["evaluation"]["subjects"]
     return _args(
         ("--subjects", "all" if subjects == "all" else input.split),
-        *[("--maps", f"{method}={spec}") for method, spec in EVAL_MAPS.items()],
+        ("--manifest", MAP_MANIFESTS),
         ("--split-name", subjects),
         ("--topk", ",".join(str(k) for k in config["evaluation"]["topk"])),
         ("--label-column", config["mri"]["label_column"]),
@@ -592,10 +590,11 @@ def xnn_explain_args(wildcards):
 
 
 def figures_input(wildcards):
-    """Native T1w / dseg paths (ingest), the cohort, the split and every registered map folder."""
+    """Native T1w / dseg paths (ingest), the cohort, the split and the folder of every
+    registered manifest."""
     inputs = {
         "subjects": MRI_INGEST["subjects"],
-        "maps": sorted({map_folder(spec) for spec in EVAL_MAPS.values()}),
+        "maps": map_folders(),
     }
     if config["cohort"]["activate"]:
         inputs["cohort"] = COHORT_DIR
@@ -607,7 +606,7 @@ def figures_input(wildcards):
 def figures_regions_output():
     """The region bar figure and its table: only with a log-Jacobian to plot (the cohort's
     ground truth or the simulator's maps)."""
-    if not (config["cohort"]["activate"] or LOGJACOBIAN_MAPS):
+    if not (config["cohort"]["activate"] or LOGJACOBIAN_STAGES):
         return {}
     caption = "../report/figures_regions.rst"
     category = "Figures"
@@ -625,8 +624,8 @@ def figures_args(wildcards, input, output):
         ("--cohort", input.cohort if "cohort" in input.keys() else None),
         ("--split", input.split if has_split else None),
         ("--split-name", config["evaluation"]["subjects"] if has_split else None),
-        *[("--maps", f"{method}={spec}") for method, spec in EVAL_MAPS.items()],
-        ("--logjacobian-maps", ",".join(LOGJACOBIAN_MAPS) or None),
+        # the log-Jacobian maps (region bars) are the manifests' methods of that kind
+        ("--manifest", MAP_MANIFESTS),
         ("--regions", _regions()),
         ("--regions-figure", output.regions if "regions" in output.keys() else None),
         ("--n-subjects", config["figures"]["n_subjects"]),

@@ -6,7 +6,7 @@
 if (
     config["mri"]["activate"]
     and config["figures"]["activate"]
-    and (config["cohort"]["activate"] or EVAL_MAPS)
+    and (config["cohort"]["activate"] or MAP_MANIFESTS)
 ):
 
     rule figures:

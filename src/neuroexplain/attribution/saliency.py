@@ -4,9 +4,10 @@ For each selected subject, every requested baseline method (:mod:`.baselines`) e
 classifier's positive-class logit on the model grid; the maps are mapped to the subject's native
 T1w grid and written as ``<out>/sub-X/sub-X_desc-<method>_saliency.nii.gz`` + JSON sidecar
 (:func:`.export.write_subject_maps`). ``<out>/saliency.json`` lists the maps, the parameters,
-the checkpoint hash, timings and provenance. The methods and their parameters are a
-:class:`~neuroexplain.settings.SaliencyConfig` (the command's options and the workflow's
-``saliency`` section).
+the checkpoint hash, timings and provenance; ``<out>/maps.json`` is the stage's maps manifest
+(:func:`neuroexplain.stage.write_maps_manifest`: methods, kind ``saliency``, files). The
+methods and their parameters are a :class:`~neuroexplain.settings.SaliencyConfig` (the
+command's options and the workflow's ``saliency`` section).
 
 Example:
     >>> run_saliency("preproc.pt", "model.pt", "results/saliency",
@@ -36,10 +37,10 @@ def select_subjects(
     *,
     split: str | os.PathLike[str] | None = None,
 ) -> list[int]:
-    """Indices of the subjects chosen by ``spec``.
+    """Indices of the subjects chosen by ``spec`` (:func:`neuroexplain.stage.select_subjects`).
 
     Args:
-        spec: ``"test"`` / ``"val"`` / ``"train"`` (rows of ``split``), ``"all"``, or ids
+        spec: split names (``"test"``, ``"val,test"``: rows of ``split``), ``"all"``, or ids
             (comma-separated string or a sequence; ``sub-`` prefix optional).
         subjects: the ``preproc.pt`` subject ids.
         split: the classifier's ``split.tsv`` (needed for a split name).
@@ -47,33 +48,15 @@ def select_subjects(
     Raises:
         InputError: unknown subjects, a split name without a split file, or an empty selection.
     """
-    from neuroexplain.train.classifier import SPLITS, read_split
+    from neuroexplain.stage import select_subjects as select
+    from neuroexplain.train.classifier import read_split
 
-    subs = [str(s) for s in subjects]
-    if isinstance(spec, str) and spec in SPLITS:
-        if split is None:
-            raise InputError(
-                "--subjects", f"selecting the {spec!r} split needs a split.tsv (--split)"
-            )
+    splits = None
+    if split is not None:
         df = read_split(split)
-        wanted = set(df.loc[df["split"] == spec, "subject"])
-        idx = [i for i, s in enumerate(subs) if s in wanted]
-        if not idx:
-            raise InputError(
-                split, f"no subjects of the {spec!r} split are in the preprocessed data"
-            )
-        return idx
-    if isinstance(spec, str) and spec == "all":
-        return list(range(len(subs)))
-    ids = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    norm = {s if s.startswith("sub-") else f"sub-{s}": i for i, s in enumerate(subs)}
-    norm.update({s: i for i, s in enumerate(subs)})
-    missing = [s for s in ids if s not in norm and f"sub-{s}" not in norm]
-    if missing:
-        raise InputError("--subjects", f"subjects not in the preprocessed data: {missing[:5]}")
-    if not ids:
-        raise InputError("--subjects", "expected 'test', 'all' or subject ids, got nothing")
-    return [norm[s] if s in norm else norm[f"sub-{s}"] for s in ids]
+        by_subject = dict(zip(df["subject"], df["split"], strict=True))
+        splits = [by_subject.get(str(s)) for s in subjects]
+    return select(spec, subjects, splits, split_source=split)
 
 
 def run_saliency(
@@ -118,6 +101,7 @@ def run_saliency(
     from neuroexplain.io.atomic import write_json
     from neuroexplain.models import default_target_layer, load_classifier
     from neuroexplain.provenance import provenance, sha256_file
+    from neuroexplain.stage import write_maps_manifest
     from neuroexplain.train.classifier import load_preproc_dict
     from neuroexplain.utils import resolve_device
 
@@ -205,6 +189,9 @@ def run_saliency(
         "provenance": prov,
     }
     write_json(summary, out / "saliency.json")
+    write_maps_manifest(
+        out, "saliency", written, dict.fromkeys(methods, "saliency"), provenance=prov
+    )
     logger.info(
         "wrote %d maps for %d subjects to %s (s/subject: %s)",
         len(methods) * len(idx),

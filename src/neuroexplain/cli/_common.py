@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +20,7 @@ __all__ = [
     "CohortOption",
     "DerivativesOption",
     "DeviceOption",
+    "ManifestOption",
     "PreprocOption",
     "RegionLabelsOption",
     "RegionsOption",
@@ -30,6 +31,7 @@ __all__ = [
     "WorkersOption",
     "parse_int_list",
     "parse_maps",
+    "parse_maps_sources",
     "parse_named_lists",
     "parse_regions",
     "set_threads",
@@ -82,6 +84,15 @@ RegionsOption = Annotated[
 ]
 #: ``--workers`` of the commands that process subjects in parallel processes
 WorkersOption = Annotated[int, typer.Option("--workers", help="Parallel worker processes.")]
+#: ``--manifest`` of the commands that read the maps of the MRI stages
+ManifestOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--manifest",
+        help="Maps manifest of a stage (e.g. results/saliency/maps.json, or its folder): its "
+        "primary methods and files; repeat per stage.",
+    ),
+]
 #: ``--derivatives`` of the commands that read a cohort's label maps
 DerivativesOption = Annotated[
     str, typer.Option("--derivatives", help="Cohort derivatives folder with the dseg.")
@@ -112,6 +123,28 @@ def parse_maps(items: Sequence[str] | None) -> dict[str, str]:
             raise InputError("--maps", f"method {name!r} given twice")
         spec[name] = path
     return spec
+
+
+def parse_maps_sources(
+    manifests: Sequence[str | Path] | None, items: Sequence[str] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The methods of ``--manifest`` files (in order) followed by those of ``--maps`` items.
+
+    Returns:
+        ``({method: MapFiles or PATH}, {method: kind})`` (kinds of the manifests' methods).
+
+    Raises:
+        InputError: a bad manifest or ``--maps`` item, or a method given twice.
+    """
+    from neuroexplain.stage import manifest_maps
+
+    spec: dict[str, Any]
+    spec, kinds = manifest_maps(manifests)
+    for name, path in parse_maps(items).items():
+        if name in spec:
+            raise InputError("--maps", f"method {name!r} is also in {spec[name]}")
+        spec[name] = path
+    return spec, kinds
 
 
 def parse_named_lists(

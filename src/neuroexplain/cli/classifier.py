@@ -12,6 +12,7 @@ from neuroexplain.cli._common import (
     CheckpointOption,
     DerivativesOption,
     DeviceOption,
+    ManifestOption,
     PreprocOption,
     RegionLabelsOption,
     RegionsOption,
@@ -20,7 +21,7 @@ from neuroexplain.cli._common import (
     TargetOption,
     ThreadsOption,
     parse_int_list,
-    parse_maps,
+    parse_maps_sources,
     parse_regions,
     set_threads,
 )
@@ -117,18 +118,19 @@ def evaluate_maps_cmd(
     cohort: Annotated[
         Path, typer.Option("--cohort", help="Synthetic cohort from make-cohort (ground truth).")
     ],
-    maps: Annotated[
-        list[str],
-        typer.Option(
-            "--maps",
-            help="METHOD=FOLDER or METHOD=TEMPLATE with {subject} (sub-X), {label} (X), "
-            "{method}; repeat per method.",
-        ),
-    ],
     out: Annotated[
         Path,
         typer.Option("--out", help="Output stem: writes OUT.json, OUT.md and OUT_subjects.tsv."),
     ],
+    manifest: ManifestOption = None,
+    maps: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--maps",
+            help="METHOD=FOLDER or METHOD=TEMPLATE with {subject} (sub-X), {label} (X), "
+            "{method}; repeat per method (after the --manifest methods).",
+        ),
+    ] = None,
     subjects: Annotated[
         str,
         typer.Option(
@@ -151,7 +153,10 @@ def evaluate_maps_cmd(
     ] = "disease",
     derivatives: DerivativesOption = "dlmuse",
 ) -> None:
-    """Score attribution maps against the planted ground truth (NCC, top-k % in regions)."""
+    """Score attribution maps against the planted ground truth (NCC, top-k % in regions).
+
+    The methods come from the stages' maps manifests (--manifest) and/or --maps.
+    """
     from neuroexplain.evaluate import (
         evaluate_maps,
         markdown_table,
@@ -165,7 +170,7 @@ def evaluate_maps_cmd(
     stem = out.with_suffix("") if out.suffix in (".json", ".md", ".tsv") else out
     names = (".json", ".md", "_subjects.tsv")
     check_outputs((stem.with_name(stem.name + n), "file", "--out") for n in names)
-    spec = parse_maps(maps)
+    spec, _ = parse_maps_sources(manifest, maps)
     try:
         ks = [float(k) for k in topk.split(",") if k.strip()]
     except ValueError as exc:
@@ -186,7 +191,8 @@ def evaluate_maps_cmd(
     )
     params = {
         "cohort": str(cohort),
-        "maps": spec,
+        "manifests": [str(m) for m in manifest or []],
+        "maps": {m: str(v) for m, v in spec.items()},
         "subjects": subjects,
         "split_name": split_name,
         "regions": region_list,

@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from neuroexplain.cli import app
-from neuroexplain.cli._common import DerivativesOption, RegionsOption, parse_maps, parse_regions
+from neuroexplain.cli._common import (
+    DerivativesOption,
+    ManifestOption,
+    RegionsOption,
+    parse_maps_sources,
+    parse_regions,
+)
 from neuroexplain.errors import InputError
 
 
@@ -24,6 +30,7 @@ def figures_cmd(
         Path | None,
         typer.Option("--cohort", help="Synthetic cohort from make-cohort: show its ground truth."),
     ] = None,
+    manifest: ManifestOption = None,
     maps: Annotated[
         list[str] | None,
         typer.Option(
@@ -36,7 +43,8 @@ def figures_cmd(
         str,
         typer.Option(
             "--logjacobian-maps",
-            help="Comma-separated methods of --maps that are log-Jacobian maps (region bars).",
+            help="Comma-separated methods of --maps that are log-Jacobian maps (region bars); "
+            "the --manifest methods of kind log-jacobian are added.",
         ),
     ] = "",
     split: Annotated[
@@ -70,7 +78,9 @@ def figures_cmd(
 
     check_output(out, "folder")
     check_output(regions_figure, "file", option="--regions-figure")
-    spec = parse_maps(maps)
+    spec, kinds = parse_maps_sources(manifest, maps)
+    logj = [m for m, kind in kinds.items() if kind == "log-jacobian"]
+    logj += [m.strip() for m in logjacobian_maps.split(",") if m.strip() and m.strip() not in logj]
     if split_name not in ("test", "val", "train", "all"):
         raise InputError("--split-name", f"expected test, val, train or all, got {split_name!r}")
     with output_group(out):  # all or nothing
@@ -79,7 +89,7 @@ def figures_cmd(
             out,
             cohort=cohort,
             maps=spec,
-            logjacobian_maps=[m.strip() for m in logjacobian_maps.split(",") if m.strip()],
+            logjacobian_maps=logj,
             split=split,
             split_name=split_name,
             n_subjects=n_subjects,

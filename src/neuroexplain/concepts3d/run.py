@@ -14,7 +14,9 @@ Outputs (``out`` = e.g. ``results/concepts3d``):
   (significant / not significant / inconclusive, with its reason); ``tcav.png``;
 - ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
   the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
-  ``sacv.png``;
+  ``sacv.png`` and ``sacv_maps.json``, the maps manifest of the two maps
+  (:func:`neuroexplain.stage.write_maps_manifest`; ``sacv<label>_maps.json`` with a
+  ``desc_label``);
 - ``cavs.pt``: the concept vectors, tied to the checkpoint's sha256 (see
   :class:`~neuroexplain.concepts3d.store.CAVStore`).
 """
@@ -33,7 +35,7 @@ import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SACVConfig, TCAVConfig
-from neuroexplain.stage import harness_means, stage_provenance
+from neuroexplain.stage import harness_means, stage_provenance, write_maps_manifest
 
 __all__ = [
     "Context",
@@ -41,12 +43,11 @@ __all__ = [
     "load_context",
     "run_sacv",
     "run_tcav",
+    "sacv_manifest_name",
     "subject_indices",
 ]
 
 logger = logging.getLogger(__name__)
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
@@ -126,7 +127,8 @@ def load_context(
 
 
 def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
-    """Preproc indices of the subjects selected by ``spec``.
+    """Preproc indices of the subjects selected by ``spec``
+    (:func:`neuroexplain.stage.select_subjects`).
 
     Args:
         table: :func:`~neuroexplain.concepts3d.concepts.subject_table`.
@@ -136,28 +138,12 @@ def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
     Raises:
         InputError: unknown subjects or an empty selection.
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return np.arange(len(table))
-    items = (
-        [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
-    )
-    items = [s for s in items if s]
-    if items and all(s in SPLIT_NAMES for s in items):
-        if (table["split"] == "all").all():
-            raise InputError("--subjects", f"split {items} requested but no split.tsv is known")
-        idx = np.flatnonzero(table["split"].isin(items).to_numpy())
-    else:
-        ids = [s if s.startswith("sub-") else f"sub-{s}" for s in items]
-        known = dict(zip(table["subject"], table["index"], strict=True))
-        unknown = [s for s in ids if s not in known]
-        if unknown:
-            raise InputError(
-                "--subjects", f"{len(unknown)} subjects not in preproc.pt, e.g. {unknown[:3]}"
-            )
-        idx = np.asarray([known[s] for s in ids], dtype=int)
-    if len(idx) == 0:
-        raise InputError("--subjects", f"no subjects selected by {spec!r}")
-    return idx
+    from neuroexplain.stage import select_subjects
+
+    known = not (table["split"] == "all").all()  # "all": no split.tsv was found
+    splits = table["split"].tolist() if known else None
+    rows = select_subjects(spec, table["subject"].tolist(), splits)
+    return table["index"].to_numpy()[rows].astype(int)
 
 
 def class_indices(table: Any, split: str | Sequence[str] | None, target_class: int) -> np.ndarray:
@@ -610,6 +596,11 @@ def plot_tcav(
 # ----------------------------------------------------------------------------------- SACV
 
 
+def sacv_manifest_name(desc_label: str = "") -> str:
+    """File name of the maps manifest of a SACV run (several labels can share a folder)."""
+    return f"sacv{desc_label}_maps.json"
+
+
 def run_sacv(
     preproc: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -685,7 +676,7 @@ def run_sacv(
     m_rel, m_con = f"sacvrelevance{desc_label}", f"sacvcontribution{desc_label}"
     params = _sacv_params(run, sc, concepts, subjects, target_class, target)
     prov = stage_provenance(params, sc.seed, [concepts, run.ctx.split_path], "sacv")
-    rows, examples = _sacv_subject_maps(
+    rows, examples, written = _sacv_subject_maps(
         run,
         out_dir,
         _sacv_sidecars(run, sc, prov, m_rel, m_con),
@@ -698,6 +689,14 @@ def run_sacv(
     df = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(df, out_dir / f"sacv{desc_label}_scores.tsv")
+    write_maps_manifest(
+        out_dir,
+        "sacv",
+        written,
+        {m_rel: "concept-relevance", m_con: "concept-contribution"},
+        provenance=prov,
+        name=sacv_manifest_name(desc_label),
+    )
     result = _sacv_result(run, df, m_rel, m_con, prov)
     if cohort is not None:
         result["evaluation"] = harness_means(
@@ -841,8 +840,9 @@ def _sacv_subject_maps(
     target_class: int,
     plot: bool,
     progress: bool | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Explain every chosen subject and write its maps; score rows and a few plot examples."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Path]]]:
+    """Explain every chosen subject and write its maps; score rows, a few plot examples and
+    ``{subject: {method: path}}`` of the maps."""
     from tqdm.auto import tqdm
 
     from neuroexplain.attribution.export import write_subject_maps
@@ -852,6 +852,7 @@ def _sacv_subject_maps(
     table, sign = run.table, run.sign
     rows = []
     examples: list[dict[str, Any]] = []
+    written: dict[str, dict[str, Path]] = {}
     for i in tqdm(
         run.idx.tolist(),
         desc="sacv maps",
@@ -861,7 +862,7 @@ def _sacv_subject_maps(
         x = run.ctx.preproc["images"][i : i + 1].float()
         res = run.explainer.explain(x, target, sign=sign)
         maps = {m_rel: res["relevance"][0, 0], m_con: res["contribution"][0, 0]}
-        write_subject_maps(
+        written[str(table["subject"][i])] = write_subject_maps(
             maps,
             run.ctx.preproc,
             i,
@@ -893,7 +894,7 @@ def _sacv_subject_maps(
                     "contribution": maps[m_con].numpy(),
                 }
             )
-    return rows, examples
+    return rows, examples, written
 
 
 def _sacv_result(

@@ -226,11 +226,15 @@ def ground_truth_paths(
     return {"logjacobian": logj, "dseg": dseg, "mask": Path(masks[0]) if masks else None}
 
 
-def resolve_map(spec: str | os.PathLike[str], subject: str, method: str) -> Path:
-    """Find one subject's map for ``method`` from a folder or a path template.
+def resolve_map(
+    spec: str | os.PathLike[str] | Mapping[str, Path], subject: str, method: str
+) -> Path:
+    """Find one subject's map for ``method`` from a manifest, a folder or a path template.
 
     Args:
-        spec: either a template containing ``{subject}`` (``sub-X``), ``{label}`` (``X``) and/or
+        spec: the method's ``{subject: path}`` of a maps manifest
+            (:class:`neuroexplain.stage.MapFiles`, see :func:`neuroexplain.stage.manifest_maps`);
+            or a template containing ``{subject}`` (``sub-X``), ``{label}`` (``X``) and/or
             ``{method}``, optionally with glob wildcards, e.g.
             ``results/saliency/{subject}/{subject}_desc-ig_saliency.nii.gz``; or a folder laid
             out as ``<folder>/sub-X/sub-X_desc-<method>_*.nii.gz`` (BIDS derivative), where a
@@ -245,6 +249,14 @@ def resolve_map(spec: str | os.PathLike[str], subject: str, method: str) -> Path
         InputError: no file or several files match.
     """
     sub = _full_id(subject)
+    if isinstance(spec, Mapping):
+        from neuroexplain.stage import MapFiles
+
+        if isinstance(spec, MapFiles):
+            return spec.path(sub)
+        if sub not in spec:
+            raise InputError(f"maps of {method!r}", f"no map listed for {sub}")
+        return Path(spec[sub])
     text = str(spec)
     if "{" in text:
         pattern = text.format(subject=sub, label=sub[4:], method=method)
@@ -276,9 +288,11 @@ def parse_subjects(spec: str | Sequence[str] | None, *, split: str = "test") -> 
 
     Args:
         spec: ``None`` / ``"all"`` (every diseased subject); a ``split.tsv`` file (columns
-            ``subject``, ``split``; rows of ``split`` are taken); a text file with one id per line;
+            ``subject``, ``split``; rows of ``split`` are taken, in the file's order, by
+            :func:`neuroexplain.stage.select_subjects`); a text file with one id per line;
             a comma-separated list; or a sequence of ids.
-        split: which split of a ``split.tsv`` to take.
+        split: which split(s) of a ``split.tsv`` to take (``"test"``, ``"val,test"``,
+            ``"all"``).
 
     Returns:
         ``sub-...`` ids, or ``None`` for all.
@@ -296,11 +310,16 @@ def parse_subjects(spec: str | Sequence[str] | None, *, split: str = "test") -> 
         text = p.read_text().splitlines()
         header = text[0].split("\t") if text else []
         if "subject" in header and "split" in header:
+            from neuroexplain.stage import SPLIT_NAMES, select_subjects
+
             df = pd.read_csv(p, sep="\t", dtype=str)
-            ids = df.loc[df["split"] == split, "subject"].tolist()
-            if not ids:
+            ids, names = df["subject"].tolist(), [n.strip() for n in split.split(",")]
+            if not (split.strip().lower() == "all" or all(n in SPLIT_NAMES for n in names)):
                 raise InputError(p, f"no subjects in split {split!r}")
-            return [_full_id(s) for s in ids]
+            rows = select_subjects(
+                split, ids, df["split"].tolist(), split_source=p, among=f"the {p.name}"
+            )
+            return [_full_id(ids[i]) for i in rows]
         return [_full_id(line) for line in text if line.strip()]
     if spec.endswith((".tsv", ".txt", ".csv")) or os.sep in spec:
         raise InputError(spec, "subject list file not found")
@@ -331,7 +350,7 @@ def _load_float(path: Path) -> tuple[Any, np.ndarray]:
 
 def evaluate_maps(
     cohort_dir: str | os.PathLike[str],
-    maps: Mapping[str, str | os.PathLike[str]],
+    maps: Mapping[str, str | os.PathLike[str] | Mapping[str, Path]],
     subjects: Sequence[str] | None = None,
     *,
     regions: Sequence[int] | None = None,
@@ -345,7 +364,7 @@ def evaluate_maps(
 
     Args:
         cohort_dir: ``neuroexplain make-cohort`` output (BIDS with ground-truth derivatives).
-        maps: ``{method: folder or path template}`` (see :func:`resolve_map`).
+        maps: ``{method: folder, path template or manifest files}`` (see :func:`resolve_map`).
         subjects: ids to evaluate (e.g. the test split); only diseased ones are scored. ``None``:
             all diseased subjects.
         regions: dseg label indices of the planted regions; ``None``: the cohort's planted masks.
@@ -371,7 +390,7 @@ def evaluate_maps(
 
     cohort = Path(cohort_dir)
     if not maps:
-        raise InputError("--maps", "expected at least one method=path")
+        raise InputError("--maps", "expected at least one METHOD=PATH or a --manifest")
     part = _read_participants(cohort)
     diseased = set(
         diseased_subjects(cohort, label_column=label_column, positive_class=positive_class)

@@ -554,17 +554,23 @@ def _write_subject_maps(
     maps_native: dict[str, np.ndarray],
     jac: np.ndarray,
     side: dict[str, Any],
-) -> None:
-    """Write the subject's native disease maps: logJ of the chosen and of each direction, J."""
+) -> dict[str, Path]:
+    """Write the subject's native disease maps: logJ of the chosen and of each direction, J.
+
+    Returns:
+        ``{method: path}`` of the log-Jacobian maps (the ones the maps manifest lists).
+    """
     from neuroexplain.attribution.export import map_path
     from neuroexplain.io.nifti import save_map
 
+    written: dict[str, Path] = {}
     for key, arr in maps_native.items():
         direction = chosen if key == "simulator" else key.removeprefix("simulator")
+        written[key] = map_path(ctx.out, sub, key, "logjacobian")
         save_map(
             arr,
             img,
-            map_path(ctx.out, sub, key, "logjacobian"),
+            written[key],
             description=f"neuroexplain simulator: disease logJ ({direction})",
             intent_name="logjacobian",
             sidecar={**side, "Method": key, "Direction": direction, "Space": "native T1w"},
@@ -577,6 +583,7 @@ def _write_subject_maps(
         intent_name="jacobian",
         sidecar={**side, "Method": "simulator", "Direction": chosen, "Space": "native T1w"},
     )
+    return written
 
 
 def _write_subject_images(
@@ -669,8 +676,9 @@ def _simulate_subject(
     j: int,
     l_in: torch.Tensor,
     res: dict[str, dict[str, torch.Tensor]],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Table rows of subject ``i`` (``j`` in its batch); writes its native-space outputs."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Path]]:
+    """Table rows of subject ``i`` (``j`` in its batch) and its log-Jacobian maps; writes its
+    native-space outputs."""
     from neuroexplain.attribution.export import native_reference, subject_label
     from neuroexplain.mri.preprocess import to_native
 
@@ -692,12 +700,12 @@ def _simulate_subject(
     maps_native = {k: to_native(v, model_affine, img) for k, v in maps_model.items()}
     side = {**ctx.common, "Subject": f"sub-{subject_label(sub)}"}
     jac = 1.0 + to_native(np.exp(maps_model["simulator"]) - 1.0, model_affine, img)
-    _write_subject_maps(ctx, sub, chosen, img, maps_native, jac, side)
+    written = _write_subject_maps(ctx, sub, chosen, img, maps_native, jac, side)
     if ctx.write_images:
         ddfs = {name: res[name]["ddf"][j].numpy() for name in DIRECTIONS}
         _write_subject_images(ctx, sub, img, model_affine, ddfs, side)
     regions = _subject_region_rows(ctx, data, i, head, img, maps_model, maps_native)
-    return row, regions
+    return row, regions, written
 
 
 def _write_simulate_tables(
@@ -803,8 +811,10 @@ def run_simulate(
 
     In ``out/``: ``subjects.tsv`` (logits before / after, flips, cycle errors, direction,
     displacement sizes), ``regions.tsv`` (mean log-Jacobian per subject, map and region, on the
-    native dseg), ``group.tsv`` (per map, group and region: n, mean, sd, one-sample t and p) and
-    ``simulate.json`` (summary and provenance).
+    native dseg), ``group.tsv`` (per map, group and region: n, mean, sd, one-sample t and p),
+    ``simulate.json`` (summary and provenance) and ``maps.json``, the maps manifest
+    (:func:`neuroexplain.stage.write_maps_manifest`) of the three log-Jacobian maps, kind
+    ``log-jacobian``, ``simulator`` the primary one.
 
     Args:
         preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
@@ -830,6 +840,7 @@ def run_simulate(
     from tqdm.auto import tqdm
 
     from neuroexplain.io.atomic import write_json
+    from neuroexplain.stage import write_maps_manifest
 
     if map_direction not in MAP_DIRECTIONS:
         raise InputError(
@@ -859,6 +870,7 @@ def run_simulate(
     )
     subj_rows: list[dict[str, Any]] = []
     region_rows: list[dict[str, Any]] = []
+    written: dict[str, dict[str, Path]] = {}
     idx = inp.idx
     disable = None if progress is None else not progress
     bar = tqdm(total=len(idx), desc="simulate", unit="subject", disable=disable)
@@ -866,7 +878,7 @@ def run_simulate(
         bidx = idx[start : start + batch_size]
         l_in, res = _simulate_batch(inp, inp.images[bidx].to(inp.dev))
         for j, i in enumerate(bidx):
-            row, rows = _simulate_subject(ctx, inp, i, j, l_in, res)
+            row, rows, written[row["subject"]] = _simulate_subject(ctx, inp, i, j, l_in, res)
             subj_rows.append(row)
             region_rows.extend(rows)
             bar.update(1)
@@ -875,6 +887,14 @@ def run_simulate(
     subj_df, group_df = _write_simulate_tables(ctx.out, subj_rows, region_rows)
     summary = _simulate_summary(ctx, subj_df, group_df, inp.region_notes)
     write_json(summary, ctx.out / "simulate.json")
+    write_maps_manifest(
+        ctx.out,
+        "simulate",
+        written,
+        dict.fromkeys(("simulator", "simulatorinject", "simulatorremove"), "log-jacobian"),
+        provenance=ctx.prov,
+        primary=["simulator"],
+    )
     logger.info(
         "simulated %d subjects: flip rate inject %s, remove %s -> %s",
         len(subj_df),

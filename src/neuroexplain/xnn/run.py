@@ -12,6 +12,8 @@ logits, and writes (``out`` = e.g. ``results/xnn``):
 
 - ``sub-X/sub-X_desc-xnnfeature<i>_map.nii.gz`` (+ sidecar): attribution of feature ``i``'s
   logit contribution over the input, in the subject's native T1w space;
+- ``maps.json``: the maps manifest of the feature maps, kind ``feature-attribution``
+  (:func:`neuroexplain.stage.write_maps_manifest`);
 - ``xnn_features.tsv``: per subject the features, contributions and significant features;
 - ``xnn_metrics.json``: faithfulness (R², RMSE, decision agreement), reconstruction error,
   orthogonality, sparsity per split, and (with a cohort) the harness score of each feature's
@@ -32,7 +34,7 @@ import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SRAEConfig, XNNExplainConfig, XNNTrainConfig
-from neuroexplain.stage import harness_means, stage_provenance
+from neuroexplain.stage import harness_means, stage_provenance, write_maps_manifest
 
 __all__ = ["run_xnn_explain", "run_xnn_train"]
 
@@ -258,11 +260,18 @@ def run_xnn_explain(
     }
     prov = stage_provenance(params, ld.seed, [srae_path, ctx.split_path], "xnn-explain")
     sidecars = _xnn_sidecars(ld, names, method, prov)
-    examples = _xnn_subject_maps(
+    examples, written = _xnn_subject_maps(
         ld, feats, explainer, idx, out_dir, sidecars, plot=plot, progress=progress
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(feats.table, out_dir / "xnn_features.tsv")
+    write_maps_manifest(
+        out_dir,
+        "xnn-explain",
+        written,
+        dict.fromkeys(names, "feature-attribution"),
+        provenance=prov,
+    )
     result = _xnn_result(ld, feats, method, len(idx), prov)
     if cohort is not None:
         ev = harness_means(
@@ -428,8 +437,9 @@ def _xnn_subject_maps(
     *,
     plot: bool,
     progress: bool | None,
-) -> list[dict[str, Any]]:
-    """Write every chosen subject's feature maps; a few diseased examples for the figure."""
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Path]]]:
+    """Write every chosen subject's feature maps; a few diseased examples for the figure and
+    ``{subject: {feature: path}}`` of the maps."""
     from tqdm.auto import tqdm
 
     from neuroexplain.attribution.export import write_subject_maps
@@ -437,6 +447,7 @@ def _xnn_subject_maps(
     ctx, table, names = ld.ctx, ld.table, feats.names
     side, method_side, descs = sidecars
     examples: list[dict[str, Any]] = []
+    written: dict[str, dict[str, Path]] = {}
     for i in tqdm(
         idx.tolist(),
         desc="xnn maps",
@@ -445,7 +456,7 @@ def _xnn_subject_maps(
     ):
         xi = ctx.preproc["images"][i : i + 1].float().to(ctx.device)
         maps = explainer.attribute_all(xi)[0].cpu()
-        write_subject_maps(
+        written[str(table["subject"][i])] = write_subject_maps(
             {n: maps[j] for j, n in enumerate(names)},
             ctx.preproc,
             i,
@@ -466,7 +477,7 @@ def _xnn_subject_maps(
                     "top feature": maps[top].numpy(),
                 }
             )
-    return examples
+    return examples, written
 
 
 def _xnn_result(
