@@ -18,6 +18,12 @@ Usage:
     python benchmarks/bench_robustness.py                      # every cohort, seeds 0 and 1
     python benchmarks/bench_robustness.py --cohorts small_paired --seeds 0 --shape 48 \\
         --set epochs=20                                         # a quick look
+    python benchmarks/bench_robustness.py --cohorts age --seeds 0 --simulator \
+        --sim-tag valobj                   # simulator on the age task: train / val / test flips
+
+With ``--simulator`` a cohort with a planted effect also gets the simulator's and a gradient
+baseline's maps scored against the ground truth; the age task (no ground truth) gets the flip
+rates and the mean log-Jacobian of its ``expected`` regions.
 """
 
 from __future__ import annotations
@@ -166,12 +172,38 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
     return row
 
 
-def _planted_regions(spec: dict) -> list[tuple[str, int, int]]:
-    """``(name, label, expected sign)`` of every planted label (shrink -1, enlarge +1)."""
+def _planted_regions(spec: dict) -> list[tuple[str, str, int]]:
+    """``(name, labels, expected sign)`` of every planted label (shrink -1, enlarge +1), or of
+    the ``expected`` regions of a cohort without a planted effect (the age task)."""
     c = spec.get("cohort") or {}
-    return [(f"shrink{lab}", int(lab), -1) for lab in c.get("shrink", [])] + [
-        (f"enlarge{lab}", int(lab), 1) for lab in c.get("enlarge", [])
+    if not c:
+        return [
+            (r["name"], ",".join(str(int(v)) for v in r["labels"]), int(r["sign"]))
+            for r in spec.get("expected", [])
+        ]
+    return [(f"shrink{lab}", str(int(lab)), -1) for lab in c.get("shrink", [])] + [
+        (f"enlarge{lab}", str(int(lab)), 1) for lab in c.get("enlarge", [])
     ]
+
+
+def _score_maps(common: list[str], model: str, split: str, out: Path, cohort: Path) -> dict:
+    """A gradient baseline and both maps scored against the cohort's ground truth."""
+    maps, sal, evaluation = out / "simulator", out / "saliency", out / "evaluation" / "maps"
+    if not (sal / "saliency.json").exists() and not any(sal.glob("sub-*")):
+        _run(
+            ["saliency", *common, "--checkpoint", model, "--split", split, "--out", str(sal),
+             "--subjects", "test", "--methods", "gradient"],
+            out / "saliency.log",
+        )  # fmt: skip
+    if not evaluation.with_suffix(".json").exists():
+        template = str(maps / "{subject}" / "{subject}_desc-simulator_logjacobian.nii.gz")
+        _run(
+            ["evaluate-maps", "--cohort", str(cohort), "--maps", f"simulator={template}",
+             "--maps", f"gradient={sal}", "--subjects", split, "--split-name", "test",
+             "--out", str(evaluation)],
+            out / "evaluate.log",
+        )  # fmt: skip
+    return json.loads(evaluation.with_suffix(".json").read_text())["methods"]
 
 
 def explain(
@@ -183,15 +215,15 @@ def explain(
     threads: int,
     overrides: list[str] | None = None,
 ) -> dict:
-    """Simulator stage (default settings) + a gradient baseline on the test split, scored
-    against the cohort's ground truth; returns the simulator's result row."""
+    """Simulator stage (default settings) on the test split; with a planted effect a gradient
+    baseline too, both scored against the cohort's ground truth (without one, the age task:
+    flip rates and the expected regions' mean log-Jacobian only); returns the simulator's
+    result row."""
     import pandas as pd
     import torch
 
     sim_model = out / "simulator_model" / "model.pt"
     maps = out / "simulator"
-    sal = out / "saliency"
-    evaluation = out / "evaluation" / "maps"
     regions = _planted_regions(spec)
     region_args = [a for name, lab, _ in regions for a in ("--regions", f"{name}={lab}")]
     common = ["--preproc", str(preproc), "--threads", str(threads)]
@@ -213,24 +245,10 @@ def explain(
              *region_args],
             out / "simulate.log",
         )  # fmt: skip
-    if not (sal / "saliency.json").exists() and not any(sal.glob("sub-*")):
-        _run(
-            ["saliency", *common, "--checkpoint", model, "--split", split, "--out", str(sal),
-             "--subjects", "test", "--methods", "gradient"],
-            out / "saliency.log",
-        )  # fmt: skip
-    if not evaluation.with_suffix(".json").exists():
-        template = str(maps / "{subject}" / "{subject}_desc-simulator_logjacobian.nii.gz")
-        _run(
-            ["evaluate-maps", "--cohort", str(cohort), "--maps", f"simulator={template}",
-             "--maps", f"gradient={sal}", "--subjects", split, "--split-name", "test",
-             "--out", str(evaluation)],
-            out / "evaluate.log",
-        )  # fmt: skip
+    ev = _score_maps(common, model, split, out, cohort) if "cohort" in spec else {}
     ckpt = torch.load(sim_model, weights_only=True)
     objective = (ckpt.get("summary") or {}).get("objective", {})
     sim = json.loads((maps / "simulate.json").read_text())
-    ev = json.loads(evaluation.with_suffix(".json").read_text())["methods"]
     group = pd.DataFrame(sim.get("group", []))
     region_rows = []
     for name, _, sign in regions:
@@ -269,9 +287,10 @@ def _fmt(v: float | None, digits: int) -> str:
 
 def _sim_table(results: dict) -> str:
     lines = [
-        "| cohort | seed | objective met (epochs) | train flip inj / rem | test flip inj / rem "
-        "| NCC simulator | NCC gradient | signed NCC | regions right sign |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cohort | seed | objective met on (kept pass / passes) | train flip inj / rem "
+        "| val flip inj / rem | test flip inj / rem | NCC simulator | NCC gradient | signed NCC "
+        "| regions right sign |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(v: float | None) -> str:
@@ -283,10 +302,13 @@ def _sim_table(results: dict) -> str:
             if not s:
                 continue
             o, fr = s.get("objective", {}), s.get("flip_rate") or {}
+            v, kept = o.get("validation") or {}, (o.get("selected") or {}).get("pass")
             right = [x["right_sign"] for x in s["regions"]]
             lines.append(
-                f"| {name} | {r['seed']} | {o.get('met')} ({o.get('epochs')}) | "
+                f"| {name} | {r['seed']} | {o.get('met')} {o.get('measured_on', 'train')} "
+                f"({kept} / {o.get('epochs')}) | "
                 f"{f(o.get('flipped_inject'))} / {f(o.get('flipped_remove'))} | "
+                f"{f(v.get('flipped_inject'))} / {f(v.get('flipped_remove'))} | "
                 f"{f(fr.get('inject'))} / {f(fr.get('remove'))} | "
                 f"{f(s['ncc_abs'].get('simulator'))} | {f(s['ncc_abs'].get('gradient'))} | "
                 f"{f(s['ncc_signed'].get('simulator'))} | {sum(bool(x) for x in right)} of "
@@ -358,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.work / name / f"classifier_{args.shape}{tag}_seed{seed}"
                 res["runs"].append(train(preproc, run_dir, seed, args.set, args.threads))
                 print(f"{name} seed {seed}: {res['runs'][-1]}", flush=True)
-                if args.simulator and "cohort" in spec:
+                if args.simulator and ("cohort" in spec or "expected" in spec):
                     auc = res["runs"][-1]["cnn_test_auc"] or 0.0
                     if auc < 0.7:
                         res["runs"][-1]["simulator"] = None

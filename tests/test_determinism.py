@@ -163,7 +163,8 @@ def test_saliency_and_simulator_maps_are_bitwise_reproducible(tmp_path: Path) ->
         )  # fmt: skip
         with torch.no_grad():
             logits = net(pre["images"])[:, 0].numpy()
-        split = split_table(len(pre["subjects"]))
+        # two validation subjects: the simulator's objective is measured on them
+        split = ["val" if i in (4, 5) else s for i, s in enumerate(split_table(10))]
         table = pd.DataFrame(
             {"subject": pre["subjects"], "split": split, "y": pre["y"].numpy(), "logit": logits}
         )
@@ -212,6 +213,7 @@ def test_saliency_and_simulator_maps_are_bitwise_reproducible(tmp_path: Path) ->
         assert_provenance(json.loads((out / name).read_text()), name)
     ckpt = torch.load(sim / "model.pt", weights_only=True)
     assert_provenance(ckpt["provenance"], "simulator/model.pt")
+    assert ckpt["summary"]["objective"]["measured_on"] == "val" and len(ckpt["val_subjects"]) == 2
     assert_provenance(json.loads((sal / "saliency.json").read_text()), "saliency.json")
 
 

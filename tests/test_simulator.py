@@ -42,6 +42,7 @@ from neuroexplain.simulator.train import (
     epoch_objective,
     hinge_values,
     objective_met,
+    select_pass,
     volume_change_loss,
 )
 
@@ -282,6 +283,7 @@ def test_remove_map_is_expressed_in_the_input_space() -> None:
 def _train(steps: int, tmp: Path | None = None, **kw) -> tuple[SimulatorNet, list, nn.Module]:
     x, y = toy_images(4)
     clf = toy_classifier()
+    val = kw.pop("val", None)
     cfg = TrainConfig(
         epochs=kw.pop("epochs", 10),
         batch_size=2,
@@ -300,6 +302,8 @@ def _train(steps: int, tmp: Path | None = None, **kw) -> tuple[SimulatorNet, lis
         net_config=TINY,
         state_path=None if tmp is None else tmp / "state.pt",
         progress=False,
+        val_images=None if val is None else val[0],
+        val_conditions=None if val is None else val[1],
     )
     return net, hist, clf
 
@@ -356,6 +360,25 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path: Path) -> None:
     other, _, _ = _train(4, tmp_path, checkpoint_every=2, w_cycle=0.0)
     assert not all(
         torch.equal(p, q) for p, q in zip(ref.parameters(), other.parameters(), strict=True)
+    )
+
+
+def test_resumed_training_keeps_the_best_validation_weights(tmp_path: Path) -> None:
+    x, _ = toy_images(4)
+    val = (torch.zeros(2, *x.shape[1:]), torch.tensor([-1.0, -1.0]))  # never flipped: ties
+    ref, href, _ = _train(5, epochs=1, val=val)
+    assert select_pass(href, TrainConfig(epochs=1))["epoch"] == 0
+    assert "val_n_inject" in href[-1]  # stopped within pass 2: its last weights were measured
+    _train(3, tmp_path, checkpoint_every=2, epochs=1, val=val)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["best"]["step"] == 2 and "val_n_inject" not in state["history"][-1]
+    res, hres, _ = _train(5, tmp_path, checkpoint_every=2, epochs=1, val=val)
+    assert hres == href
+    for (k, va), vb in zip(ref.state_dict().items(), res.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    last, _, _ = _train(5, epochs=1, val=val, objective_on="train")  # the last weights differ
+    assert not all(
+        torch.equal(p, q) for p, q in zip(ref.parameters(), last.parameters(), strict=True)
     )
 
 
@@ -479,6 +502,138 @@ def test_training_goes_on_until_the_objective_and_says_when_it_is_not_met() -> N
     assert [h["w_cls"] for h in hist if h["step"] % 2 == 0] == [1.0, 2.0, 4.0]
 
 
+def _val_row(epoch: int, step: int, n: tuple[int, int], flipped: tuple[int, int]) -> dict:
+    return {
+        "epoch": epoch, "step": step, "w_cls": 1.0,
+        "val_n_inject": n[0], "val_n_remove": n[1],
+        "val_flipped_inject": flipped[0], "val_flipped_remove": flipped[1],
+        "val_reached_inject": flipped[0], "val_reached_remove": flipped[1],
+    }  # fmt: skip
+
+
+def test_select_pass_keeps_the_best_validation_pass() -> None:
+    cfg = TrainConfig(epochs=2, objective=0.95)
+    hist = [
+        _val_row(0, 1, (4, 4), (4, 4)),  # best of all, but before the minimum `epochs`
+        _val_row(1, 2, (4, 4), (2, 4)),  # worse direction 0.5
+        _val_row(2, 3, (4, 4), (3, 2)),  # 0.5 again, lower mean
+        _val_row(3, 4, (4, 4), (3, 3)),  # 0.75: the best candidate
+        _val_row(4, 5, (4, 4), (4, 3)),  # 0.75, higher mean: wins the tie
+        _val_row(5, 6, (4, 4), (3, 4)),  # same scores, later: loses the tie
+    ]
+    sel = select_pass(hist, cfg)
+    assert (sel["epoch"], sel["pass"], sel["step"]) == (4, 5, 5)
+    assert "not met" in sel["reason"]
+    assert select_pass(hist[:3], cfg)["epoch"] == 1  # ties: the earlier pass
+    # stopped (max_steps) before `epochs` passes: the last pass
+    assert select_pass(hist[:1], TrainConfig(epochs=5))["epoch"] == 0
+    # a direction without validation subjects does not count
+    one_way = [_val_row(1, 2, (4, 0), (4, 0)), _val_row(2, 3, (4, 0), (3, 0))]
+    sel = select_pass(one_way, cfg)
+    assert sel["epoch"] == 1 and "met" in sel["reason"] and "not met" not in sel["reason"]
+    st = epoch_objective(one_way, 1, validation=True)
+    assert st["flipped_inject"] == 1.0 and st["flipped_remove"] is None
+    # the objective on the training subjects (or no validation rows): the last pass
+    assert select_pass(hist, TrainConfig(epochs=2, objective_on="train"))["epoch"] == 5
+    train_rows = [{"epoch": 0, "step": 1, "w_cls": 1.0}, {"epoch": 1, "step": 2, "w_cls": 1.0}]
+    sel = select_pass(train_rows, cfg)
+    assert sel["epoch"] == 1 and "no validation subjects" in sel["reason"]
+    assert select_pass([], cfg) is None
+    with pytest.raises(InputError, match="--objective-on"):
+        TrainConfig(objective_on="test")
+
+
+def _toy_run(val: tuple[torch.Tensor, torch.Tensor] | None, **kw) -> tuple[SimulatorNet, list]:
+    """Train on the toy (8 subjects, 12³, the paper's regularisers: flips within a few passes)."""
+    x, y = toy_images(8, size=12, seed=1)
+    cfg = TrainConfig(
+        batch_size=4,
+        lr=3e-3,
+        device="cpu",
+        checkpoint_every=0,
+        smoothness="bending",
+        w_volume=0.0,
+        **{"epochs": 1, "objective": 0.5, **kw},
+    )
+    return train_simulator(
+        x,
+        torch.where(y == 1, 1.0, -1.0),
+        toy_classifier(12),
+        config=cfg,
+        net_config=SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1),
+        progress=False,
+        val_images=None if val is None else val[0],
+        val_conditions=None if val is None else val[1],
+    )
+
+
+def _strip_val(hist: list) -> list:
+    return [{k: v for k, v in h.items() if not k.startswith("val_")} for h in hist]
+
+
+def test_objective_on_validation_subjects_keeps_the_best_validation_pass() -> None:
+    x, y = toy_images(8, size=12, seed=1)
+    # validation: two black images asked to inject (nothing to warp: never flipped) and two
+    # diseased training images asked to remove (flippable)
+    vx = torch.cat([torch.zeros(2, *x.shape[1:]), x[y == 1][:2]])
+    vc = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    net, hist = _toy_run((vx, vc), max_epochs=8)
+    val_rows = [h for h in hist if "val_n_inject" in h]
+    # counted on the validation subjects only, once per pass, after the pass's last step
+    assert [h["step"] for h in val_rows] == list(range(2, 17, 2))
+    assert all(h["val_n_inject"] == 2 and h["val_n_remove"] == 2 for h in val_rows)
+    assert all(h["val_flipped_inject"] == 0 for h in val_rows)
+    assert max(h["n_inject"] + h["n_remove"] for h in hist) == 4  # training batches
+    assert sum(h["flipped_inject"] for h in hist) > 0  # training injections do flip
+    # the objective is unmet on validation: all passes (the training objective is easy)
+    assert int(hist[-1]["epoch"]) == 7
+    _, hist_train = _toy_run((vx, vc), max_epochs=8, objective_on="train")
+    assert int(hist_train[-1]["epoch"]) < 7
+    # the kept pass is the best validation pass; its weights give the recorded counts
+    cfg = TrainConfig(epochs=1, objective=0.5)
+    sel = select_pass(hist, cfg)
+    rem = [h["val_flipped_remove"] for h in val_rows]
+    assert sel["epoch"] == rem.index(max(rem)) and 0 < sel["epoch"] < 7  # neither first nor last
+    with torch.no_grad():
+        sim, _ = net(vx, vc)
+        l_sim = toy_classifier(12)(sim)[:, 0]
+    assert int((l_sim[2:] < 0).sum()) == val_rows[sel["epoch"]]["val_flipped_remove"]
+    # ... and are those of a run that stopped after that pass (bitwise, CPU)
+    short, _ = _toy_run((vx, vc), max_epochs=sel["epoch"] + 1)
+    for (k, va), vb in zip(net.state_dict().items(), short.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_validation_ties_keep_the_earlier_pass_not_the_last() -> None:
+    x, _ = toy_images(8, size=12, seed=1)
+    vx, vc = torch.zeros(2, *x.shape[1:]), torch.tensor([-1.0, -1.0])  # never flipped
+    net, hist = _toy_run((vx, vc), max_epochs=3, w_cls_growth=2.0)
+    assert int(hist[-1]["epoch"]) == 2 and hist[-1]["w_cls"] == 4.0
+    sel = select_pass(hist, TrainConfig(epochs=1))
+    assert sel["epoch"] == 0 and sel["w_cls"] == 1.0  # all tied at 0: the first candidate
+    first, _ = _toy_run((vx, vc), max_epochs=1)
+    for (k, va), vb in zip(net.state_dict().items(), first.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_objective_on_train_and_no_validation_subjects_train_as_before() -> None:
+    x, _ = toy_images(8, size=12, seed=1)
+    vx, vc = torch.zeros(2, *x.shape[1:]), torch.tensor([-1.0, -1.0])
+    # no validation subjects: the objective on the training subjects, the last pass kept
+    ref, href = _toy_run(None, max_epochs=30)
+    assert not any(k.startswith("val_") for h in href for k in h)
+    last = int(href[-1]["epoch"])
+    assert objective_met(epoch_objective(href, last), 0.5)
+    assert all(not objective_met(epoch_objective(href, e), 0.5) for e in range(last))
+    assert "no validation subjects" in select_pass(href, TrainConfig(epochs=1))["reason"]
+    # objective_on train with validation subjects: the same run, validation only reported
+    net, hist = _toy_run((vx, vc), max_epochs=30, objective_on="train")
+    assert _strip_val(hist) == href
+    assert sum("val_n_inject" in h for h in hist) == last + 1
+    for (k, va), vb in zip(ref.state_dict().items(), net.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
 def test_volume_change_loss_counts_volume_change_not_motion() -> None:
     g = torch.tensor(_grid(10), dtype=torch.float64)[None]
     shift = torch.ones_like(g) * 2.5
@@ -578,7 +733,9 @@ def test_world_displacement_and_native_warp_follow_the_affine() -> None:
 # ---------------------------------------------------------------------------- command line
 
 
-def _write_pipeline(root: Path, n: int = 6, size: int = 16) -> dict[str, Path]:
+def _write_pipeline(
+    root: Path, n: int = 6, size: int = 16, splits: list[str] | None = None
+) -> dict[str, Path]:
     """A tiny preproc.pt + native T1w/dseg on a permuted grid + classifier files."""
     from neuroexplain.models import build_model, save_classifier
     from neuroexplain.mri.preprocess import to_native
@@ -636,7 +793,7 @@ def _write_pipeline(root: Path, n: int = 6, size: int = 16) -> dict[str, Path]:
         seed=0,
         best_metric={"name": "val_loss", "value": 0.0},
     )
-    splits = ["train"] * (n - 2) + ["test"] * 2
+    splits = splits or ["train"] * (n - 2) + ["test"] * 2
     logits = [(-1.0 if v == 0 else 1.0) for v in y.tolist()]
     logits[0] = 0.5  # misclassified healthy training subject: not used for training
     pd.DataFrame({"subject": subs, "split": splits, "y": y.tolist(), "logit": logits}).to_csv(
@@ -678,6 +835,10 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     assert objective["epochs"] == 1 and objective["hinge"] == "flip"
     assert objective["n_inject"] == 1 and objective["n_remove"] == 2
     assert isinstance(objective["met"], bool)
+    # no validation subjects in the split: measured on the training subjects, and said so
+    assert objective["measured_on"] == "train" and objective["validation"] is None
+    assert "no validation subjects" in objective["note"]
+    assert objective["selected"]["pass"] == 1 and "no validation" in objective["selected"]["reason"]
     on_disk = json.loads((out / "train_summary.json").read_text())
     assert on_disk["objective"] == objective and "seconds" not in on_disk
     assert on_disk["provenance"]["command"] == "train-simulator"
@@ -739,3 +900,41 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     assert rc == 2
+
+
+def test_run_train_simulator_measures_the_objective_on_the_validation_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from neuroexplain.simulator import run_train_simulator
+
+    splits = ["train"] * 4 + ["val"] * 3 + ["test"]
+    p = _write_pipeline(tmp_path, n=8, splits=splits)
+    lg = pd.read_csv(p["logits"], sep="\t")
+    lg.loc[6, "logit"] = -lg.loc[6, "logit"]  # a misclassified validation subject: left out
+    lg.to_csv(p["logits"], sep="\t", index=False)
+    out = tmp_path / "sim" / "model.pt"
+    cfg = TrainConfig(epochs=1, max_epochs=2, batch_size=2, device="cpu", checkpoint_every=0)
+    net_cfg = SimulatorConfig(channels=(4, 8), num_experts=2, downsample=1)
+    with caplog.at_level("WARNING"):
+        summary = run_train_simulator(
+            p["preproc"], p["model"], p["logits"], out, config=cfg, net_config=net_cfg
+        )
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["val_subjects"] == ["sub-04", "sub-05"] and ckpt["val_conditions"] == [-1.0, 1.0]
+    obj = summary["objective"]
+    assert obj["objective_on"] == "val" and obj["measured_on"] == "val" and obj["note"] is None
+    assert obj["validation"]["n_inject"] == 1 and obj["validation"]["n_remove"] == 1
+    assert obj["n_inject"] == 1 and obj["n_remove"] == 2  # training subjects (sub-00 left out)
+    assert obj["met_on_validation"] == obj["met"]
+    sel = obj["selected"]
+    assert sel["pass"] in (1, 2) and sel["rule"].startswith("the pass whose validation")
+    log = pd.read_csv(out.parent / "train_log.tsv", sep="\t")
+    rows = log[log["val_n_inject"].notna()]
+    assert list(rows["step"]) == [2 * (e + 1) for e in range(obj["epochs"])]
+    assert set(rows["val_n_inject"]) == {1} and set(rows["val_n_remove"]) == {1}
+    picked = rows[rows["epoch"] == sel["epoch"]].iloc[0]
+    assert obj["validation"]["flipped_inject"] == picked["val_flipped_inject"]
+    on_disk = json.loads((out.parent / "train_summary.json").read_text())
+    assert on_disk["objective"] == obj and on_disk["n_validation"] == 2
+    if not obj["met"]:  # the warning states the validation rates
+        assert any("validation subjects" in r.message for r in caplog.records)

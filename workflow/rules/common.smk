@@ -486,6 +486,7 @@ def train_simulator_args(wildcards):
             ("--epochs", sim["epochs"]),
             ("--max-epochs", sim["max_epochs"]),
             ("--objective", sim["objective"]),
+            ("--objective-on", sim["objective_on"]),
             ("--w-cls-growth", sim["w_cls_growth"]),
             ("--batch-size", sim["batch_size"]),
             ("--lr", sim["lr"]),

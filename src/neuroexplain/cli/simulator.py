@@ -90,16 +90,26 @@ def train_simulator_cmd(
             resume=resume,
         )
     obj = summary.get("objective", {})
+    val = obj.get("validation") or {}
+    sel = obj.get("selected") or {}
 
-    def pct(key: str) -> str:
-        return format_rate(obj.get(key))
+    def pct(key: str, d: dict | None = None) -> str:
+        return format_rate((obj if d is None else d).get(key))
 
+    on = "validation" if obj.get("measured_on") == "val" else "training"
+    held_out = (
+        f"{pct('flipped_inject', val)} inject / {pct('flipped_remove', val)} remove of the "
+        f"{summary.get('n_validation', 0)} validation subjects, "
+        if val
+        else "(no validation subjects) "
+    )
     typer.echo(
         f"trained on {summary['n_subjects']} subjects, {summary['steps']} steps "
-        f"({obj.get('epochs')} passes) in {summary['seconds']:.0f} s; last pass: target reached "
-        f"by {pct('reached_inject')} inject / {pct('reached_remove')} remove, flipped "
-        f"{pct('flipped_inject')} / {pct('flipped_remove')}; objective "
-        f"{'met' if obj.get('met') else 'NOT met'} -> {out}"
+        f"({obj.get('epochs')} passes) in {summary['seconds']:.0f} s; kept pass "
+        f"{sel.get('pass')}: flipped {held_out}{pct('flipped_inject')} / "
+        f"{pct('flipped_remove')} of the training subjects (target reached "
+        f"{pct('reached_inject')} / {pct('reached_remove')}); objective "
+        f"{'met' if obj.get('met') else 'NOT met'} on the {on} subjects -> {out}"
     )
 
 

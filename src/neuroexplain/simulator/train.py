@@ -31,6 +31,15 @@ subjects the classifier gets right are used. The classifier is frozen: eval mode
 running statistics untouched), ``requires_grad=False`` on every parameter, and it is not part of
 the optimiser; gradients flow through it to the simulated image only.
 
+Objective and model selection (``objective_on="val"``, the default): after every pass the
+simulator (eval mode, no gradient) warps the validation subjects (the classifier split's ``val``
+subjects, selected like the training ones); training stops, from ``epochs`` passes on, once
+their simulations flip ``objective`` of each direction, and the weights of the best validation
+pass are kept (:data:`SELECTION_RULE`), not the last ones: the training subjects alone say "met"
+for a simulator that flips them and few others. Without validation subjects, or with
+``objective_on="train"``, the objective is measured on the training subjects of each pass and
+the last pass is kept.
+
 Checkpoints (every ``checkpoint_every`` steps, atomically) hold the weights, the optimiser and
 AMP-scaler states, the step and the RNG states; the batch order of epoch ``e`` comes from a
 generator seeded with ``(seed, e)``, so a run resumed from a checkpoint ends with the same
@@ -62,14 +71,17 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "TrainConfig",
     "class_targets",
+    "epoch_objective",
     "freeze",
     "hinge_values",
     "load_simulator",
     "logit_of",
     "logit_shift_loss",
+    "objective_met",
     "read_logits",
     "run_train_simulator",
     "save_simulator",
+    "select_pass",
     "select_training_subjects",
     "train_simulator",
 ]
@@ -87,9 +99,20 @@ MAX_CLS_GROWTH = 10.0
 OBJECTIVE_DEFINITION = (
     "reached_<direction>: fraction of the training subjects of that direction (inject = healthy, "
     "remove = diseased) whose simulated logit satisfied the hinge (with hinge 'target': reached "
-    "the other class's median logit) in the last pass; flipped_<direction>: whose decision "
-    "flipped; met: every direction flipped >= objective (the target is what the hinge asks "
-    "for; reaching it is reported, not required: half of the other class lies beyond its median)"
+    "the other class's median logit) in the selected pass (counted on the batches as they were "
+    "simulated during it); flipped_<direction>: whose decision flipped; validation: the same "
+    "for the validation subjects, simulated by the weights at the end of the selected pass "
+    "(eval mode); met: every direction flipped >= objective on the subjects of measured_on "
+    "(the target is what the hinge asks for; reaching it is reported, not required: half of the "
+    "other class lies beyond its median)"
+)
+
+#: how the kept weights are chosen with the objective on the validation subjects
+SELECTION_RULE = (
+    "the pass whose validation simulations flip the most subjects of their worse direction "
+    "(min over inject / remove of the validation flip rate); ties: the higher mean of the two "
+    "rates, then the earlier pass (smaller w_cls, typically a smaller field); candidates: the "
+    "passes from the minimum `epochs` on, or the last pass when training stopped before"
 )
 
 #: the simulator's training options (defined once in :mod:`neuroexplain.settings`)
@@ -362,6 +385,7 @@ def _save_state(
     step: int,
     key: dict[str, Any],
     history: list[dict[str, float]],
+    best: dict[str, Any] | None = None,
 ) -> None:
     from neuroexplain.io.atomic import save_torch
 
@@ -374,6 +398,8 @@ def _save_state(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "rng": _rng_state(),
         "history": _plain(history),
+        # the weights of the best validation pass so far (kept at the end unless beaten)
+        "best": best if best is not None else {},
     }
     save_torch(state, path)  # fixed archive name: same bytes
 
@@ -506,13 +532,23 @@ def _input_logits(run: _SimulatorRun, images: torch.Tensor) -> torch.Tensor:
         )
 
 
+@dataclass
+class _Progress:
+    """Where a training run is: its history, steps done and the best validation weights."""
+
+    history: list[dict[str, Any]]
+    step: int = 0
+    best: dict[str, Any] | None = None
+
+
 def _resume_state(
     run: _SimulatorRun, sp: Path | None, resume: bool, key: dict[str, Any], total: int
-) -> tuple[list[dict[str, float]], int]:
-    """``(history, step)`` of the training state at ``sp`` (loaded into the run) when it
-    belongs to this run, else ``([], 0)``."""
+) -> _Progress:
+    """The progress of the training state at ``sp`` (loaded into the run) when it belongs to
+    this run, else a fresh start."""
     history: list[dict[str, float]] = []
     step = 0
+    best = None
     if sp is not None and resume and sp.is_file():
         state = _load_state(sp, key)
         if state is not None:
@@ -523,8 +559,9 @@ def _resume_state(
             _set_rng_state(state["rng"])
             history = [dict(h) for h in state["history"]]
             step = int(state["step"])
+            best = state.get("best") or None
             logger.info("resuming simulator training from %s at step %d / %d", sp, step, total)
-    return history, step
+    return _Progress(history, step, best)
 
 
 def _simulator_losses(
@@ -577,14 +614,29 @@ def _optimise_step(
     return s
 
 
+def _direction_counts(
+    o: torch.Tensor, logit_simulated: torch.Tensor, hinge: torch.Tensor, prefix: str = ""
+) -> dict[str, int]:
+    """Per direction: subjects, decisions flipped (the simulated logit on the other class's
+    side) and hinges satisfied, keys ``<prefix>n_inject``, ``<prefix>flipped_remove``, ..."""
+    flips = (logit_simulated.detach() > 0) == (o < 0)
+    reached = hinge.detach() <= 0
+    inj = o < 0
+    return {
+        f"{prefix}n_inject": int(inj.sum()),
+        f"{prefix}n_remove": int((~inj).sum()),
+        f"{prefix}flipped_inject": int((flips & inj).sum()),
+        f"{prefix}flipped_remove": int((flips & ~inj).sum()),
+        f"{prefix}reached_inject": int((reached & inj).sum()),
+        f"{prefix}reached_remove": int((reached & ~inj).sum()),
+    }
+
+
 def _step_record(
     step: int, epoch: int, w_cls: float, o: torch.Tensor, s: _SimulatorStep
 ) -> dict[str, Any]:
     """The history row of one step: losses, flip rate and per-direction counts."""
-    flips = (s.logit_simulated.detach() > 0) == (o < 0)
-    reached = s.hinge.detach() <= 0
-    inj = o < 0
-    flipped = flips.float().mean()
+    flipped = ((s.logit_simulated.detach() > 0) == (o < 0)).float().mean()
     return {
         "step": step,
         "epoch": epoch,
@@ -596,13 +648,53 @@ def _step_record(
         "volume": float(s.volume.detach()),
         "flipped": float(flipped),
         "w_cls": float(w_cls),
-        "n_inject": int(inj.sum()),
-        "n_remove": int((~inj).sum()),
-        "flipped_inject": int((flips & inj).sum()),
-        "flipped_remove": int((flips & ~inj).sum()),
-        "reached_inject": int((reached & inj).sum()),
-        "reached_remove": int((reached & ~inj).sum()),
+        **_direction_counts(o, s.logit_simulated, s.hinge),
     }
+
+
+@dataclass
+class _ValData:
+    """The validation subjects of a run: images, directions and input logits."""
+
+    images: torch.Tensor
+    cond: torch.Tensor
+    logit_in: torch.Tensor
+
+
+def _validation_data(
+    run: _SimulatorRun, images: torch.Tensor | None, conditions: torch.Tensor | None
+) -> _ValData | None:
+    """The validation subjects (``None`` without any)."""
+    if images is None or int(images.shape[0]) == 0:
+        return None
+    cond = torch.as_tensor(conditions, dtype=torch.float32).reshape(-1)
+    if cond.shape[0] != images.shape[0] or not torch.all((cond == -1) | (cond == 1)):
+        raise InputError(
+            "val_conditions",
+            f"expected {int(images.shape[0])} values in {{-1, +1}}, got {cond.tolist()[:8]}",
+        )
+    return _ValData(images, cond, _input_logits(run, images))
+
+
+def _validation_counts(run: _SimulatorRun, val: _ValData) -> dict[str, int]:
+    """Simulate the validation subjects with the current weights (eval mode, no gradient) and
+    count them like the training rows (keys ``val_n_inject``, ``val_flipped_inject``, ...)."""
+    cfg, model, device = run.cfg, run.model, run.device
+    model.eval()
+    counts: dict[str, int] = {}
+    with torch.no_grad(), torch.autocast(device.type, enabled=run.use_amp):
+        for i in range(0, int(val.images.shape[0]), cfg.batch_size):
+            sl = slice(i, i + cfg.batch_size)
+            x = val.images[sl].to(device, torch.float32)
+            o = val.cond[sl].to(device)
+            sim, _ = model(x, o)
+            l_sim = logit_of(run.classifier(sim)).float()
+            l_in = val.logit_in[sl].to(device)
+            h = hinge_values(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge, targets=run.targets)
+            for k, v in _direction_counts(o, l_sim, h, "val_").items():
+                counts[k] = counts.get(k, 0) + v
+    model.train()
+    return counts
 
 
 def _total_steps(cfg: TrainConfig, n: int) -> tuple[int, int]:
@@ -645,6 +737,8 @@ def train_simulator(
     progress: bool | None = None,
     data_key: dict[str, Any] | None = None,
     source: str | os.PathLike[str] | None = None,
+    val_images: torch.Tensor | None = None,
+    val_conditions: torch.Tensor | None = None,
 ) -> tuple[SimulatorNet, list[dict[str, float]]]:
     """Train a :class:`SimulatorNet` to move a frozen classifier's logit.
 
@@ -665,17 +759,23 @@ def train_simulator(
         source: the file the images came from, named in the error when the estimated memory
             of a training step (:func:`neuroexplain.utils.estimate_training_memory`) exceeds
             what is available (``NEUROEXPLAIN_MEMORY_LIMIT_MB`` overrides that).
+        val_images: ``(M, C, X, Y, Z)`` validation images, simulated (eval mode, no gradient)
+            after every pass and after the last step; their counts go to that step's history
+            row (``val_n_inject``, ``val_flipped_inject``, ...). With
+            ``config.objective_on == "val"`` they decide when training stops and which pass's
+            weights are returned (:func:`select_pass`); ``None`` or empty: the objective is
+            measured on the training subjects and the last weights are returned.
+        val_conditions: ``(M,)`` directions of the validation images (as ``conditions``).
 
     Returns:
-        ``(model, history)``: the trained simulator (eval mode, on CPU) and one dict of losses per
-        step (``step, epoch, loss, cls, cycle, smooth, magnitude, flipped``).
+        ``(model, history)``: the trained simulator (eval mode, on CPU; the weights of the pass
+        :func:`select_pass` chooses) and one dict of losses per step (``step, epoch, loss, cls,
+        cycle, smooth, magnitude, flipped``, per-direction counts, validation counts).
 
     Raises:
         InputError: no training images, conditions not in ``{-1, +1}``, or a training step
             needs more memory than is available.
     """
-    from tqdm.auto import tqdm
-
     cfg = config or TrainConfig()
     n, cond = _check_conditions(images, conditions)
     run = _setup_run(images, classifier, cfg, net_config)
@@ -687,24 +787,54 @@ def train_simulator(
             "simulator targets: inject -> logit %.3g, remove -> logit %.3g (scale %.3g)",
             *run.targets,
         )
-    steps_per_epoch, total = _total_steps(cfg, n)
+    val = _validation_data(run, val_images, val_conditions)
+    total = _total_steps(cfg, n)[1]
     key = {
         "train": cfg.run_key(),
         "net": run.net_config.to_dict(),
         "n": n,
+        "n_val": 0 if val is None else int(val.images.shape[0]),
         "shape": list(images.shape[1:]),
         "data": data_key or {},
     }
     sp = Path(state_path) if state_path is not None else None
-    history, step = _resume_state(run, sp, resume, key, total)
-
-    disable = None if progress is None else not progress
-    bar = tqdm(total=total, initial=step, desc="train simulator", unit="step", disable=disable)
-    model = run.model
-    model.train()
+    prog = _resume_state(run, sp, resume, key, total)
     t0 = time.perf_counter()
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
+    _run_passes(run, images, cond, logit_in, val, prog, total, sp, key, progress)
+    if val is not None and prog.history and "val_n_inject" not in prog.history[-1]:
+        # stopped within a pass (max_steps): the last weights are a candidate too (not in the
+        # resumable state, so a run resumed with more steps is the uninterrupted one)
+        prog.history[-1].update(_validation_counts(run, val))
+    logger.info("trained the simulator for %d steps in %.1f s", prog.step, time.perf_counter() - t0)
+    _restore_selected(run, prog)
+    run.model.eval()
+    return run.model.cpu(), prog.history
+
+
+def _run_passes(
+    run: _SimulatorRun,
+    images: torch.Tensor,
+    cond: torch.Tensor,
+    logit_in: torch.Tensor,
+    val: _ValData | None,
+    prog: _Progress,
+    total: int,
+    sp: Path | None,
+    key: dict[str, Any],
+    progress: bool | None,
+) -> None:
+    """The training loop: passes until the objective or ``total`` steps; validation after
+    every pass."""
+    from tqdm.auto import tqdm
+
+    cfg, model, history = run.cfg, run.model, prog.history
+    n = int(images.shape[0])
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    disable = None if progress is None else not progress
+    bar = tqdm(total=total, initial=prog.step, desc="train simulator", unit="step", disable=disable)
+    model.train()
+    while prog.step < total:
+        epoch, pos = divmod(prog.step, steps_per_epoch)
         if pos == 0 and epoch > 0 and _objective_done(history, epoch, cfg):
             break
         w_cls = cls_weight(cfg, epoch)
@@ -713,38 +843,75 @@ def train_simulator(
         x = images[idx].to(run.device, torch.float32)
         o = cond[idx].to(run.device)
         s = _optimise_step(run, x, o, logit_in[idx].to(run.device), w_cls)
-        step += 1
-        rec = _step_record(step, epoch, w_cls, o, s)
+        prog.step += 1
+        rec = _step_record(prog.step, epoch, w_cls, o, s)
+        if val is not None and prog.step % steps_per_epoch == 0:
+            rec.update(_validation_counts(run, val))
         history.append(rec)
+        _track_best(run, prog)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", flip=f"{rec['flipped']:.2f}")
-        if sp is not None and _checkpoint_due(cfg, history, step, steps_per_epoch, total):
-            _save_state(sp, model, run.opt, run.scaler, step, key, history)
+        if sp is not None and _checkpoint_due(cfg, history, prog.step, steps_per_epoch, total):
+            _save_state(sp, model, run.opt, run.scaler, prog.step, key, history, prog.best)
     bar.close()
-    elapsed = time.perf_counter() - t0
-    logger.info("trained the simulator for %d steps in %.1f s", step, elapsed)
-    model.eval()
-    return model.cpu(), history
+
+
+def _track_best(run: _SimulatorRun, prog: _Progress) -> None:
+    """Keep a copy of the weights when the step just done is the one :func:`select_pass`
+    chooses so far (only with the objective on validation subjects)."""
+    last = prog.history[-1]
+    if "val_n_inject" not in last or objective_source(prog.history, run.cfg) != "val":
+        return
+    sel = select_pass(prog.history, run.cfg)
+    if sel is not None and sel["step"] == int(last["step"]):
+        weights = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+        prog.best = {"epoch": int(last["epoch"]), "step": int(last["step"]), "model": weights}
+
+
+def _restore_selected(run: _SimulatorRun, prog: _Progress) -> None:
+    """Load the weights of the selected pass when it is not the last one."""
+    sel = select_pass(prog.history, run.cfg)
+    if sel is None or sel["step"] == int(prog.history[-1]["step"]):
+        return
+    if prog.best is None or int(prog.best["step"]) != sel["step"]:  # pragma: no cover
+        raise RuntimeError(f"the weights of the selected step {sel['step']} were not kept")
+    run.model.load_state_dict(prog.best["model"])
+    logger.info(
+        "kept the weights of pass %d (%s), not those of the last pass %d",
+        sel["pass"],
+        sel["reason"],
+        int(prog.history[-1]["epoch"]) + 1,
+    )
 
 
 def cls_weight(cfg: TrainConfig, epoch: int) -> float:
     """Weight of the hinge in pass ``epoch`` (0-based): ``w_cls``, grown by ``w_cls_growth``
-    for every pass from ``epochs`` on (training only gets there while the objective is unmet),
-    at most ``MAX_CLS_GROWTH * w_cls``."""
+    for every pass from ``epochs`` on, at most ``MAX_CLS_GROWTH * w_cls``. Training only gets
+    there while the objective is unmet on the subjects it is measured on (the validation
+    subjects by default), so the weight grows with every pass that leaves them short."""
     k = max(0, epoch - cfg.epochs + 1) if cfg.objective > 0 else 0
     return float(cfg.w_cls * min(cfg.w_cls_growth**k, MAX_CLS_GROWTH))
 
 
-def epoch_objective(history: Sequence[dict[str, float]], epoch: int) -> dict[str, Any]:
-    """Training subjects of pass ``epoch`` (0-based) that reached the target / flipped, per
-    direction (counted on the batches as they were simulated during the pass)."""
-    rows = [h for h in history if int(h["epoch"]) == epoch and "n_inject" in h]
+def epoch_objective(
+    history: Sequence[dict[str, Any]], epoch: int, *, validation: bool = False
+) -> dict[str, Any]:
+    """Subjects of pass ``epoch`` (0-based) that reached the target / flipped, per direction.
+
+    Training subjects (default): counted on the batches as they were simulated during the
+    pass. ``validation``: the validation subjects simulated after the pass (the pass's last
+    validation row; rates ``None`` when it has none).
+    """
+    pre = "val_" if validation else ""
+    rows = [h for h in history if int(h["epoch"]) == epoch and f"{pre}n_inject" in h]
+    if validation:
+        rows = rows[-1:]
     out: dict[str, Any] = {"epoch": epoch}
     for d in ("inject", "remove"):
-        n = sum(int(h[f"n_{d}"]) for h in rows)
+        n = sum(int(h[f"{pre}n_{d}"]) for h in rows)
         out[f"n_{d}"] = n
         for what in ("reached", "flipped"):
-            k = sum(int(h[f"{what}_{d}"]) for h in rows)
+            k = sum(int(h[f"{pre}{what}_{d}"]) for h in rows)
             out[f"{what}_{d}"] = k / n if n else None
     return out
 
@@ -755,12 +922,76 @@ def objective_met(stats: dict[str, Any], objective: float) -> bool:
     return bool(rates) and all(r >= objective for r in rates)
 
 
-def _objective_done(history: Sequence[dict[str, float]], done: int, cfg: TrainConfig) -> bool:
+def has_validation(history: Sequence[dict[str, Any]]) -> bool:
+    """Did the run simulate validation subjects (validation counts in its history)?"""
+    return any("val_n_inject" in h for h in history)
+
+
+def objective_source(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> str:
+    """``"val"`` when the objective is measured on the validation subjects
+    (``objective_on="val"`` and a run with validation subjects), else ``"train"``."""
+    return "val" if cfg.objective_on == "val" and has_validation(history) else "train"
+
+
+def _objective_done(history: Sequence[dict[str, Any]], done: int, cfg: TrainConfig) -> bool:
     """Stop after ``done`` complete passes? Only from ``epochs`` passes on, when the objective
-    is off or met by the last pass."""
+    is off or met by the last pass (on the subjects of :func:`objective_source`)."""
     if done < cfg.epochs:
         return False
-    return cfg.objective <= 0 or objective_met(epoch_objective(history, done - 1), cfg.objective)
+    if cfg.objective <= 0:
+        return True
+    val = objective_source(history, cfg) == "val"
+    return objective_met(epoch_objective(history, done - 1, validation=val), cfg.objective)
+
+
+def _val_score(stats: dict[str, Any]) -> tuple[float, float]:
+    """``(worse direction's, mean)`` validation flip rate of :func:`epoch_objective` stats."""
+    rates = [stats[f"flipped_{d}"] for d in ("inject", "remove") if stats[f"n_{d}"]]
+    return min(rates), float(np.mean(rates))
+
+
+def select_pass(history: Sequence[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any] | None:
+    """The pass whose weights a run keeps (``None`` before the first step).
+
+    With the objective on the validation subjects (:func:`objective_source`), the best
+    validation pass by :data:`SELECTION_RULE`; else the last pass.
+
+    Returns:
+        ``{"epoch" (0-based), "pass" (1-based), "step" (the history row after which the weights
+        were taken), "w_cls", "reason"}``.
+    """
+    if not history:
+        return None
+    last = history[-1]
+    if objective_source(history, cfg) == "train":
+        if cfg.objective_on == "train":
+            return _selected(last, "the last pass (objective_on: train)")
+        return _selected(last, "the last pass (no validation subjects: objective on training)")
+    rows = {int(h["epoch"]): h for h in history if "val_n_inject" in h}  # last per pass
+    cands = [e for e in rows if e >= cfg.epochs - 1] or [max(rows)]
+    scores = {e: _val_score(epoch_objective(history, e, validation=True)) for e in cands}
+    best = max(cands, key=lambda e: (*scores[e], -e))
+    worst, mean = scores[best]
+    if cfg.objective > 0 and worst >= cfg.objective:
+        reason = f"validation objective met: worse direction flips {format_rate(worst)}"
+    else:
+        reason = (
+            f"best validation pass: worse direction flips {format_rate(worst)} "
+            f"(mean {format_rate(mean)}"
+            + (f", objective {format_rate(cfg.objective)} not met)" if cfg.objective > 0 else ")")
+        )
+    return _selected(rows[best], reason)
+
+
+def _selected(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    e = int(row["epoch"])
+    return {
+        "epoch": e,
+        "pass": e + 1,
+        "step": int(row["step"]),
+        "w_cls": row["w_cls"],
+        "reason": reason,
+    }
 
 
 # ----------------------------------------------------------------------------- from files
@@ -799,6 +1030,9 @@ class _TrainingInputs:
     idx: np.ndarray
     cond: torch.Tensor
     train_subjects: list[str]
+    val_idx: np.ndarray
+    val_cond: torch.Tensor
+    val_subjects: list[str]
 
 
 def _load_training_inputs(
@@ -832,9 +1066,78 @@ def _load_training_inputs(
         raise InputError(
             logits, "no correctly classified subjects in the train split to train the simulator on"
         )
-    y = np.asarray(data["y"], dtype=np.float64)[idx]
-    cond = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
-    return _TrainingInputs(images, clf, idx, cond, [subjects[i] for i in idx])
+    # validation subjects: selected like the training ones (the objective's held-out subjects)
+    val_idx = select_training_subjects(
+        subjects, data["y"], logit, split_of, which="val", correct_only=correct_only
+    )
+    y_all = np.asarray(data["y"], dtype=np.float64)
+
+    def directions(ix: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(y_all[ix] == 1, 1.0, -1.0).astype(np.float32))
+
+    return _TrainingInputs(
+        images,
+        clf,
+        idx,
+        directions(idx),
+        [subjects[i] for i in idx],
+        val_idx,
+        directions(val_idx),
+        [subjects[i] for i in val_idx],
+    )
+
+
+def _objective_summary(history: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """The ``objective`` of the summary: training and validation rates per direction at the
+    selected pass, which pass and why, met on which subjects."""
+    sel = select_pass(history, cfg) if history else None
+    e = sel["epoch"] if sel is not None else 0
+    train = epoch_objective(history, e) if history else {}
+    val = epoch_objective(history, e, validation=True) if has_validation(history) else None
+    measured_on = objective_source(history, cfg)
+    met_stats = val if measured_on == "val" else train
+    note = None
+    if cfg.objective_on == "val" and val is None:
+        note = "no validation subjects: the objective was measured on the training subjects"
+    return {
+        "hinge": cfg.hinge,
+        "objective": cfg.objective,
+        "objective_on": cfg.objective_on,
+        "measured_on": measured_on,
+        "note": note,
+        "met": bool(history) and objective_met(met_stats, cfg.objective or 1.0),
+        "met_on_validation": None if val is None else objective_met(val, cfg.objective or 1.0),
+        "epochs": int(history[-1]["epoch"]) + 1 if history else 0,
+        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
+        "selected": None if sel is None else {**sel, "rule": SELECTION_RULE},
+        # training subjects (as before): the selected pass's counts
+        **{k: v for k, v in train.items() if k != "epoch"},
+        "validation": None if val is None else {k: v for k, v in val.items() if k != "epoch"},
+    }
+
+
+def _warn_objective(objective: dict[str, Any], cfg: TrainConfig) -> None:
+    """A warning when the objective was not met, with the validation and training rates."""
+    if cfg.objective <= 0 or objective["met"]:
+        return
+    val = objective["validation"] or {}
+    sel = objective["selected"] or {}
+    logger.warning(
+        "simulator objective not met after %d passes (kept pass %s): the simulations flip %s "
+        "of the inject and %s of the remove validation subjects, %s / %s of the training "
+        "subjects (target reached: %s / %s; objective %.2f on the %s subjects); the maps show "
+        "less than what separates the classes: try a larger --max-epochs",
+        objective["epochs"],
+        sel.get("pass"),
+        format_rate(val.get("flipped_inject")),
+        format_rate(val.get("flipped_remove")),
+        format_rate(objective.get("flipped_inject")),
+        format_rate(objective.get("flipped_remove")),
+        format_rate(objective.get("reached_inject")),
+        format_rate(objective.get("reached_remove")),
+        cfg.objective,
+        "validation" if objective["measured_on"] == "val" else "training",
+    )
 
 
 def _training_summary(
@@ -844,34 +1147,14 @@ def _training_summary(
     objective was not met."""
     cond = inputs.cond
     last = history[-min(len(history), 10) :]
-    n_epochs = int(history[-1]["epoch"]) + 1 if history else 0
-    final = epoch_objective(history, n_epochs - 1) if history else {}
-    met = bool(history) and objective_met(final, cfg.objective or 1.0)
-    objective = {
-        "hinge": cfg.hinge,
-        "objective": cfg.objective,
-        "met": met,
-        "epochs": n_epochs,
-        "w_cls_final": float(history[-1].get("w_cls", cfg.w_cls)) if history else cfg.w_cls,
-        **{k: v for k, v in final.items() if k != "epoch"},
-    }
-    if cfg.objective > 0 and not met:
-        logger.warning(
-            "simulator objective not met after %d passes: the simulations flip %s of the inject "
-            "and %s of the remove training subjects (target reached: %s / %s; objective %.2f); "
-            "the maps show less than what separates the classes: try a larger --max-epochs",
-            n_epochs,
-            format_rate(final.get("flipped_inject")),
-            format_rate(final.get("flipped_remove")),
-            format_rate(final.get("reached_inject")),
-            format_rate(final.get("reached_remove")),
-            cfg.objective,
-        )
+    objective = _objective_summary(history, cfg)
+    _warn_objective(objective, cfg)
     return {
         "objective": objective,
         "n_subjects": len(inputs.train_subjects),
         "n_inject": int((cond < 0).sum()),
         "n_remove": int((cond > 0).sum()),
+        "n_validation": len(inputs.val_subjects),
         "steps": len(history),
         "seconds": round(seconds, 2),
         "final": {
@@ -909,6 +1192,8 @@ def _write_simulator_outputs(
         extra={
             "train_subjects": inputs.train_subjects,
             "train_conditions": inputs.cond.tolist(),
+            "val_subjects": inputs.val_subjects,
+            "val_conditions": inputs.val_cond.tolist(),
             "classifier": classifier,
             "classifier_sha256": classifier_sha256,
             "history": history,
@@ -928,6 +1213,33 @@ def _write_simulator_outputs(
     )
 
 
+def _log_subjects(inputs: _TrainingInputs, cfg: TrainConfig, correct_only: bool) -> None:
+    """Say how many training and validation subjects there are (a warning without any
+    validation subject when the objective should be measured on them)."""
+    cond = inputs.cond
+    logger.info(
+        "training the simulator on %d subjects (%d inject, %d remove)",
+        inputs.idx.size,
+        int((cond < 0).sum()),
+        int((cond > 0).sum()),
+    )
+    vc = inputs.val_cond
+    if inputs.val_idx.size:
+        logger.info(
+            "validation: %d subjects (%d inject, %d remove) simulated after every pass%s",
+            inputs.val_idx.size,
+            int((vc < 0).sum()),
+            int((vc > 0).sum()),
+            "; the objective is measured on them" if cfg.objective_on == "val" else "",
+        )
+    elif cfg.objective_on == "val":
+        logger.warning(
+            "no %svalidation subjects in the split: the simulator's objective is measured on "
+            "the training subjects and the last pass is kept",
+            "correctly classified " if correct_only else "",
+        )
+
+
 def run_train_simulator(
     preproc: str | os.PathLike[str],
     classifier: str | os.PathLike[str],
@@ -945,13 +1257,18 @@ def run_train_simulator(
 
     Training subjects: the ``train`` split (``logits.tsv``'s ``split`` column, or ``split``),
     correctly classified by the classifier (``correct_only``). Healthy subjects are trained to
-    inject, diseased ones to remove the disease effect.
+    inject, diseased ones to remove the disease effect. Validation subjects: the ``val`` split,
+    selected the same way; with ``config.objective_on == "val"`` the objective is measured on
+    them and the best validation pass is kept (:func:`train_simulator`); without any, on the
+    training subjects (a warning, and ``note`` in the summary's ``objective``).
 
     Writes ``out`` (the checkpoint, :func:`save_simulator`), ``train_log.tsv`` next to it (one
-    row per step) and ``train_summary.json`` (subjects, steps, the objective: reached / flipped
-    per direction and whether it was met; provenance). While training, ``<out stem>.state.pt``
-    holds the resumable state (every ``config.checkpoint_every`` steps); rerunning the same
-    command after an interruption resumes from it, and it is removed once ``out`` is written.
+    row per step; the ``val_*`` counts on the rows after which the validation subjects were
+    simulated) and ``train_summary.json`` (subjects, steps, the objective: reached / flipped
+    per direction on the training and the validation subjects, the kept pass and why, whether
+    it was met; provenance). While training, ``<out stem>.state.pt`` holds the resumable state
+    (every ``config.checkpoint_every`` steps); rerunning the same command after an
+    interruption resumes from it, and it is removed once ``out`` is written.
 
     Returns:
         A summary: subjects, steps, seconds, final losses and the training flip rate.
@@ -961,28 +1278,28 @@ def run_train_simulator(
     cfg = config or TrainConfig()
     ncfg = net_config or SimulatorConfig()
     inputs = _load_training_inputs(preproc, classifier, logits, split, correct_only)
-    cond = inputs.cond
-    logger.info(
-        "training the simulator on %d subjects (%d inject, %d remove)",
-        inputs.idx.size,
-        int((cond < 0).sum()),
-        int((cond > 0).sum()),
-    )
+    _log_subjects(inputs, cfg, correct_only)
     clf_sha = sha256_file(classifier)
     out = Path(out)
     state_path = out.with_name(out.name.split(".")[0] + ".state.pt")
     t0 = time.perf_counter()
     model, history = train_simulator(
         inputs.images[torch.from_numpy(inputs.idx)],
-        cond,
+        inputs.cond,
         inputs.clf,
         config=cfg,
         net_config=ncfg,
         state_path=state_path,
         resume=resume,
         progress=progress,
-        data_key={"subjects": inputs.train_subjects, "classifier_sha256": clf_sha},
+        data_key={
+            "subjects": inputs.train_subjects,
+            "val_subjects": inputs.val_subjects,
+            "classifier_sha256": clf_sha,
+        },
         source=preproc,
+        val_images=inputs.images[torch.from_numpy(inputs.val_idx)],
+        val_conditions=inputs.val_cond,
     )
     seconds = time.perf_counter() - t0
     params = {
