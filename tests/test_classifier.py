@@ -501,6 +501,49 @@ def _weak_linear_preproc(n: int = 48, size: int = 16, seed: int = 3) -> dict:
     return pre
 
 
+def test_reference_mode_linear_path_is_the_linear_reference(tmp_path, monkeypatch):
+    from neuroexplain.evaluate import quality
+    from neuroexplain.models import save_classifier
+
+    monkeypatch.setattr(quality, "MAX_REFERENCE_VOXELS", 1000)  # 17³ (odd) pooled by 2 to 8³
+    pre = _weak_linear_preproc(n=40, size=17)
+    x, y = pre["images"], pre["y"].numpy()
+    parts = {"train": np.arange(24), "val": np.arange(24, 32), "test": np.arange(32, 40)}
+    ref, ref_model = quality.fit_linear_reference(x, y, parts, seed=0)
+    assert ref["pool"] == 2 and 0 < ref["n_features"] <= 8**3
+    kwargs = dict(channels=(4, 8), hidden=(6,), linear_pool=2, linear_reference=True)
+    model = build_model("small", spatial_size=(17,) * 3, standardize=True, **kwargs)
+    model.input_norm.fit(torch.cat([x[:24], x[:24].flip(2)]), eps=0.05)
+    model.linear_path.set_reference(ref_model, model.input_norm)
+    with torch.no_grad():
+        model.classifier[-1].weight.zero_()
+        model.classifier[-1].bias.zero_()
+        logits = model.eval()(x)[:, 0].double().numpy()
+    want = ref_model.estimator.decision_function(ref_model.features(x))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    for split in ("train", "val", "test"):
+        assert binary_metrics(y[parts[split]], logits[parts[split]])["auc"] == ref[split]["auc"]
+    # differentiable: image gradients flow through the inverse standardisation, pool and linear
+    xg = x[:2].clone().requires_grad_(True)
+    model(xg).sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    # a checkpoint rebuilds the reference mode; one written without the flag loads as before
+    for name, ref_mode in (("new.pt", True), ("old.pt", False)):
+        kw = {**kwargs, "standardize": True}
+        if not ref_mode:
+            del kw["linear_reference"]
+            model = build_model("small", spatial_size=(17,) * 3, **kw).eval()
+        save_classifier(
+            tmp_path / name, model, arch="small", model_kwargs=kw, input_shape=[1, 17, 17, 17],
+            config={}, epoch=0, seed=0, best_metric={},
+        )  # fmt: skip
+        back, _ = load_classifier(tmp_path / name)
+        assert back.linear_path.reference is ref_mode
+        assert ("linear_path.feature_sd" in back.state_dict()) is ref_mode
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x))
+
+
 def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tmp_path):
     pre = _weak_linear_preproc()
     common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
@@ -509,12 +552,23 @@ def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tm
     assert ref_val >= 0.9  # the data hold a linear signal
     cnn, linear = metrics["phases"]
     assert cnn["name"] == "cnn" and cnn["val_auc"] < ref_val - 0.03  # a CNN that learned nothing
-    assert linear["name"] == "cnn+linear" and linear["linear_init"]["val_auc"] >= 0.9
-    assert metrics["model"] == "cnn+linear"
-    assert metrics["val"]["auc"] >= ref_val - 0.1
+    # the linear phase starts as the reference itself: its C, its val AUC, its logits
+    init = linear["linear_init"]
+    assert linear["name"] == "cnn+linear" and init["source"] == "linear_reference"
+    assert init["C"] == metrics["reference"]["C"] and init["val_auc"] == ref_val
+    assert init["max_abs_logit_diff"] < 1e-4
+    log = pd.read_csv(tmp_path / "fb" / "train_log.tsv", sep="\t")
+    epoch0 = log[(log["phase"] == "cnn+linear") & (log["epoch"] == 0)]
+    assert epoch0["val_auc"].tolist() == [ref_val]
+    # a later epoch replaces it only with a strictly higher val AUC (not a lower loss at a tie)
+    later = log[(log["phase"] == "cnn+linear") & (log["epoch"] > 0)]
+    assert later["val_auc"].max() <= ref_val and linear["best_epoch"] == 0
+    assert metrics["model"] == "cnn+linear" and linear["val_auc"] >= ref_val
+    assert metrics["val"]["auc"] >= ref_val
     # the checkpoint rebuilds the model with its linear path and gives the logits written
     model, ckpt = load_classifier(tmp_path / "fb" / "model.pt")
-    assert ckpt["model_kwargs"]["linear_pool"] == 2 and model.linear_path is not None
+    assert ckpt["model_kwargs"]["linear_pool"] == metrics["reference"]["pool"]
+    assert ckpt["model_kwargs"]["linear_reference"] is True and model.linear_path.reference
     logits = pd.read_csv(tmp_path / "fb" / "logits.tsv", sep="\t")["logit"].to_numpy()
     with torch.no_grad():
         again = model(pre["images"])[:, 0].numpy()
@@ -523,6 +577,12 @@ def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tm
         "cnn",
         "cnn+linear",
     }
+    # deterministic: the same seed gives the same model
+    again = train_classifier(pre, tmp_path / "again", reference_fallback=True, **common)
+    assert (tmp_path / "fb" / "logits.tsv").read_bytes() == (
+        tmp_path / "again" / "logits.tsv"
+    ).read_bytes()
+    assert again["phases"][1]["linear_init"] == init and again["val"] == metrics["val"]
     # off: the CNN alone, whatever its AUC
     off = train_classifier(pre, tmp_path / "off", reference_fallback=False, **common)
     assert [p["name"] for p in off["phases"]] == ["cnn"] and off["model"] == "cnn"

@@ -20,6 +20,7 @@ from neuroexplain.evaluate import quality
 from neuroexplain.evaluate.quality import (
     bootstrap_auc,
     check_classifier_quality,
+    fit_linear_reference,
     linear_reference,
     quality_table,
     write_quality_table,
@@ -142,6 +143,27 @@ def test_large_volumes_are_average_pooled(monkeypatch) -> None:
     xs, ys = _planted(n=24)
     ref = linear_reference(xs, ys, _parts(24, 6, 6))
     assert ref["pool"] == 2 and ref["n_features"] == 8**3
+
+
+def test_fitted_reference_reproduces_its_decision_function(monkeypatch) -> None:
+    from neuroexplain.train import binary_metrics
+
+    monkeypatch.setattr(quality, "MAX_REFERENCE_VOXELS", 1000)  # 15³ (odd) pooled by 2 to 7³
+    x, y = _planted(n=32, size=15)
+    x[:, :, :3] = 0.25  # constant voxels: dropped features
+    parts = _parts(32, 8, 8)
+    metrics, model = fit_linear_reference(x, y, parts, seed=1)
+    assert metrics == {**linear_reference(x, y, parts, seed=1), "seconds": metrics["seconds"]}
+    assert model.pool == metrics["pool"] == 2 and model.shape == (1, 15, 15, 15)
+    assert len(model.keep) == 7**3 and int(model.keep.sum()) == metrics["n_features"] < 7**3
+    assert model.C == metrics["C"]
+    assert np.all(model.coef[~model.keep] == 0) and np.all(model.sd[~model.keep] == 1)
+    logits = model.decision_function(x)
+    np.testing.assert_allclose(
+        logits, model.estimator.decision_function(model.features(x)), rtol=0, atol=1e-12
+    )
+    for split in ("train", "val", "test"):
+        assert binary_metrics(y[parts[split]], logits[parts[split]]) == metrics[split]
 
 
 def test_linear_reference_needs_both_classes() -> None:

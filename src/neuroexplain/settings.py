@@ -276,8 +276,10 @@ class ClassifierConfig(_Settings):
             ``REFERENCE_MARGIN`` (0.03) below the linear reference's (an L2 logistic regression
             on the standardised voxels, same split), train it a second time with a
             :class:`~neuroexplain.models.classifier.LinearPath` (a logistic-regression term on
-            the 2x-pooled standardised input) initialised from a logistic regression fitted on
-            the model's own input, and keep whichever model is better on validation. A CNN
+            the input) that starts as the linear reference itself (same features, ``C`` and
+            coefficients; the CNN's logit layer starts at zero), so the second phase starts at
+            the reference's validation AUC and leaves it only for a higher one; keep whichever
+            model is better on validation. A CNN
             that learns the data's signal (the demo) never triggers it; one stuck at chance on
             small effects gets at least the linear signal. ``metrics.json`` records both phases.
     """

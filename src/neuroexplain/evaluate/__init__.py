@@ -19,6 +19,7 @@ from neuroexplain.evaluate.harness import (
 from neuroexplain.evaluate.quality import (
     bootstrap_auc,
     check_classifier_quality,
+    fit_linear_reference,
     linear_reference,
     quality_table,
     write_quality_table,
@@ -29,6 +30,7 @@ __all__ = [
     "check_classifier_quality",
     "diseased_subjects",
     "evaluate_maps",
+    "fit_linear_reference",
     "ground_truth_paths",
     "linear_reference",
     "markdown_table",

@@ -26,6 +26,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ __all__ = [
     "DEFAULT_CS",
     "MAX_REFERENCE_VOXELS",
     "TABLE_SUFFIXES",
+    "LinearReferenceModel",
     "bootstrap_auc",
     "check_classifier_quality",
+    "fit_linear_reference",
     "linear_reference",
     "quality_table",
     "select_logistic",
@@ -120,6 +123,48 @@ def _indices(parts: Mapping[str, Any], name: str, n: int) -> np.ndarray:
     return idx
 
 
+@dataclass(frozen=True)
+class LinearReferenceModel:
+    """The fitted model of :func:`fit_linear_reference`: enough to reproduce its decision function.
+
+    Features live on the pooled grid, flattened in ``(C, X', Y', Z')`` order (``n`` of them);
+    the ones the reference did not use have ``keep`` False, ``mean`` 0, ``sd`` 1 and ``coef`` 0.
+
+    Attributes:
+        pool: average-pooling factor per axis (1 = none; a trailing remainder is dropped).
+        shape: the image shape ``(C, X, Y, Z)`` it was fitted on.
+        keep: ``(n,)`` bool, the features used.
+        mean: ``(n,)`` float64 training mean of each feature.
+        sd: ``(n,)`` float64 training sd (``ddof=0``) of each feature.
+        coef: ``(n,)`` float64 coefficients of the standardised features.
+        intercept: the intercept.
+        C: the chosen inverse L2 penalty.
+        estimator: the fitted scikit-learn model (on the kept features), for checks.
+    """
+
+    pool: int
+    shape: tuple[int, ...]
+    keep: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    C: float
+    estimator: Any = None
+
+    def features(self, images: Any) -> np.ndarray:
+        """The standardised kept features ``(N, n_kept)`` float32 of images ``(N, C, X, Y, Z)``."""
+        x = _as_array(images)
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            raise ValueError(f"expected images of shape (N, *{self.shape}), got {x.shape}")
+        flat = _pool(x, self.pool).reshape(len(x), -1)[:, self.keep]
+        return ((flat - self.mean[self.keep]) / self.sd[self.keep]).astype(np.float32)
+
+    def decision_function(self, images: Any) -> np.ndarray:
+        """The log-odds ``(N,)`` of images ``(N, C, X, Y, Z)`` (as the fitted estimator's)."""
+        return self.features(images) @ self.coef[self.keep] + self.intercept
+
+
 def linear_reference(
     images: Any,
     y: Sequence[float],
@@ -174,11 +219,13 @@ def linear_reference(
         >>> ref["val"]["auc"] > 0.9
         True
     """
+    return fit_linear_reference(images, y, parts, mask=mask, seed=seed, Cs=Cs)[0]
 
-    from neuroexplain.train.classifier import binary_metrics
 
-    t0 = time.perf_counter()
-    x = _as_array(images)
+def _check_reference_inputs(
+    x: np.ndarray, y: Sequence[float], parts: Mapping[str, Sequence[int]], Cs: Sequence[float]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels ``(N,)`` int 0/1 and the split indices; both classes in train and val."""
     yy = np.asarray(y, dtype=np.float64).reshape(-1)
     if len(yy) != len(x):
         raise ValueError(f"expected {len(x)} labels (one per image), got {len(yy)}")
@@ -195,7 +242,29 @@ def linear_reference(
             )
     if not Cs:
         raise ValueError("expected at least one C, got none")
+    return yy, idx
 
+
+def fit_linear_reference(
+    images: Any,
+    y: Sequence[float],
+    parts: Mapping[str, Sequence[int]],
+    *,
+    mask: Any = None,
+    seed: int = 0,
+    Cs: Sequence[float] = DEFAULT_CS,
+) -> tuple[dict[str, Any], LinearReferenceModel]:
+    """:func:`linear_reference` and the fitted model that gives its metrics.
+
+    Same arguments and metrics as :func:`linear_reference`; the second item is a
+    :class:`LinearReferenceModel` whose ``decision_function`` reproduces the reported logits
+    (the classifier's linear path starts from it; its arrays do not belong in ``metrics.json``).
+    """
+    from neuroexplain.train.classifier import binary_metrics
+
+    t0 = time.perf_counter()
+    x = _as_array(images)
+    yy, idx = _check_reference_inputs(x, y, parts, Cs)
     factor = _pool_factor(x.shape[2:])
     pooled = _pool(x, factor)
     flat = pooled.reshape(len(pooled), -1)
@@ -239,7 +308,34 @@ def linear_reference(
         _fmt(out.get("test", {}).get("auc")),
         out["seconds"],
     )
-    return out
+    return out, _reference_model(model, x.shape[1:], factor, keep, mean, sd, best_c)
+
+
+def _reference_model(
+    estimator: Any,
+    shape: Sequence[int],
+    factor: int,
+    keep: np.ndarray,
+    mean: np.ndarray,
+    sd: np.ndarray,
+    c: float,
+) -> LinearReferenceModel:
+    """The fitted reference on the whole pooled grid (unused features: mean 0, sd 1, coef 0)."""
+    n = len(keep)
+    full_mean, full_sd, coef = np.zeros(n), np.ones(n), np.zeros(n)
+    full_mean[keep], full_sd[keep] = mean, sd
+    coef[keep] = np.asarray(estimator.coef_, dtype=np.float64).reshape(-1)
+    return LinearReferenceModel(
+        pool=int(factor),
+        shape=tuple(int(s) for s in shape),
+        keep=keep.copy(),
+        mean=full_mean,
+        sd=full_sd,
+        coef=coef,
+        intercept=float(np.asarray(estimator.intercept_).reshape(-1)[0]),
+        C=float(c),
+        estimator=estimator,
+    )
 
 
 def select_logistic(

@@ -50,6 +50,9 @@ class SmallCNN3D(nn.Module):
         dropout: dropout probability before the logit layer.
         norm: MONAI norm name or ``(name, kwargs)`` for the ADN block.
         act: MONAI activation name or ``(name, kwargs)`` for the ADN block.
+        linear_pool: when nonzero, add a :class:`LinearPath` ``linear_path`` on the input
+            pooled by this factor, its logit added to the CNN's.
+        linear_reference: build that path in its exact linear-reference mode.
 
     Shapes:
         ``forward(x)``: ``(B, C, X, Y, Z) -> (B, out_channels)`` logits.
@@ -75,6 +78,7 @@ class SmallCNN3D(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = "relu",
         linear_pool: int = 0,
+        linear_reference: bool = False,
     ) -> None:
         super().__init__()
         spatial = tuple(int(s) for s in spatial_size)
@@ -119,7 +123,9 @@ class SmallCNN3D(nn.Module):
         head += [nn.Dropout(dropout), nn.Linear(width, out_channels)]
         self.classifier = nn.Sequential(*head)
         self.linear_path = (
-            LinearPath(spatial, in_channels, out_channels, pool=linear_pool)
+            LinearPath(
+                spatial, in_channels, out_channels, pool=linear_pool, reference=linear_reference
+            )
             if linear_pool
             else None
         )
@@ -143,17 +149,44 @@ class LinearPath(nn.Module):
     linear signal from the first step, at the resolution of ``pool``-voxel blocks, while the
     convolutional path learns; zero-initialised, so it starts as no change.
 
+    With ``reference=True`` it is exactly the model class of the linear reference
+    (:func:`neuroexplain.evaluate.quality.fit_linear_reference`), so that
+    :meth:`set_reference` can make it that fitted model: the input ``x_n`` (the model's
+    standardised input) is taken back to image units, ``x = x_n / input_scale + input_mean``
+    (the inverse of :class:`InputStandardize`; identity buffers when the model does not
+    standardise), average-pooled by ``pool`` (``avg_pool3d`` drops a trailing remainder, as the
+    reference does), standardised per feature by ``(f - feature_mean) / feature_sd``, features
+    outside ``keep`` set to 0, then the linear layer. All differentiable, so gradients with
+    respect to the image flow as through the CNN.
+
+    Args:
+        spatial_size: ``(X, Y, Z)`` of the input.
+        in_channels: image channels ``C``.
+        out_channels: logits.
+        pool: average-pooling factor per axis.
+        reference: the exact-reference mode above (buffers ``input_mean``, ``input_scale``
+            ``(1, C, X, Y, Z)``; ``feature_mean``, ``feature_sd``, ``keep`` ``(1, n)``); saved
+            in a checkpoint's ``model_kwargs`` as ``linear_reference``. Without it (checkpoints
+            written before it existed) the path reads ``x_n`` directly.
+
     Shapes:
         ``forward(x)``: ``(B, C, X, Y, Z) -> (B, out_channels)``.
     """
 
     def __init__(
-        self, spatial_size: Sequence[int], in_channels: int, out_channels: int, *, pool: int = 2
+        self,
+        spatial_size: Sequence[int],
+        in_channels: int,
+        out_channels: int,
+        *,
+        pool: int = 2,
+        reference: bool = False,
     ) -> None:
         super().__init__()
         if pool < 1:
             raise ValueError(f"expected pool >= 1, got {pool}")
         self.pool = int(pool)
+        self.reference = bool(reference)
         n = int(in_channels) * int(np.prod([int(s) // self.pool for s in spatial_size]))
         self.linear = nn.Linear(n, out_channels)
         nn.init.zeros_(self.linear.weight)
@@ -161,11 +194,57 @@ class LinearPath(nn.Module):
         # a sum over ~1e4-1e5 standardised voxels: scaled by 1 / sqrt(n) so that an optimiser
         # step of the CNN's size moves the logit by O(1), not O(sqrt(n))
         self.scale = float(n) ** -0.5
+        if self.reference:
+            shape = (1, int(in_channels), *(int(s) for s in spatial_size))
+            self.register_buffer("input_mean", torch.zeros(shape))
+            self.register_buffer("input_scale", torch.ones(shape))
+            self.register_buffer("feature_mean", torch.zeros(1, n))
+            self.register_buffer("feature_sd", torch.ones(1, n))
+            self.register_buffer("keep", torch.ones(1, n))
+
+    @torch.no_grad()
+    def set_reference(self, ref: Any, input_norm: InputStandardize | None = None) -> LinearPath:
+        """Make the path the fitted linear reference ``ref`` (a ``LinearReferenceModel``).
+
+        ``input_norm`` is the model's input standardisation (its buffers are copied, so the path
+        undoes it); ``None`` when the model feeds raw images. Requires ``reference=True`` and the
+        reference's pooling factor.
+        """
+        if not self.reference:
+            raise ValueError("set_reference needs a LinearPath built with reference=True")
+        if self.linear.out_features != 1:
+            raise ValueError(f"expected one logit, got {self.linear.out_features}")
+        if int(ref.pool) != self.pool or len(ref.keep) != self.linear.in_features:
+            raise ValueError(
+                f"expected a reference pooled by {self.pool} with {self.linear.in_features} "
+                f"features, got pool {ref.pool} with {len(ref.keep)}"
+            )
+        if input_norm is not None:
+            self.input_mean.copy_(input_norm.mean)
+            self.input_scale.copy_(input_norm.scale)
+        else:
+            self.input_mean.zero_()
+            self.input_scale.fill_(1.0)
+
+        def row(a: Any) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.float64)).reshape(1, -1)
+
+        self.feature_mean.copy_(row(ref.mean))
+        self.feature_sd.copy_(row(ref.sd))
+        self.keep.copy_(row(ref.keep))
+        self.linear.weight.copy_(row(ref.coef) / self.scale)
+        self.linear.bias.fill_(float(ref.intercept) / self.scale)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            x = x / self.input_scale + self.input_mean
         if self.pool > 1:
             x = F.avg_pool3d(x, self.pool)
-        return self.linear(x.reshape(x.shape[0], -1)) * self.scale
+        x = x.reshape(x.shape[0], -1)
+        if self.reference:
+            x = (x - self.feature_mean) / self.feature_sd * self.keep
+        return self.linear(x) * self.scale
 
 
 class InputStandardize(nn.Module):

@@ -581,8 +581,14 @@ def _train_phases(
     model_kwargs: dict[str, Any],
     out: Path,
     reference: Mapping[str, Any],
+    ref_model: Any,
 ) -> list[_Phase]:
-    """The CNN phase, and the CNN with a linear path when the CNN stays below the reference."""
+    """The CNN phase, and the CNN with a linear path when the CNN stays below the reference.
+
+    The linear path starts as the reference itself (``ref_model``, the
+    :class:`~neuroexplain.evaluate.quality.LinearReferenceModel` behind ``reference``), so the
+    second phase's validation AUC is never below the reference's.
+    """
     cfg = run.cfg
     run_key = _run_key(cfg, cohort.images, cohort.y, cohort.split_df, cohort.subjects)
     phases = [_fit_phase(run, "cnn", model, out / STATE_FILE, run_key, model_kwargs)]
@@ -595,17 +601,18 @@ def _train_phases(
     ):
         logger.warning(
             "the CNN reached val AUC %.3f, below the linear reference's %.3f: training it again "
-            "with a linear path initialised from a logistic regression on its own input",
+            "with a linear path that starts as the linear reference",
             phases[0].val_auc,
             ref_auc,
         )
-        kwargs = {**model_kwargs, "linear_pool": LINEAR_POOL}
+        kwargs = {**model_kwargs, "linear_pool": ref_model.pool, "linear_reference": True}
         model = _build(cfg, cohort.data, cohort.images, cohort.parts, kwargs)
-        init = _init_linear_path(model, run)
+        init = _init_linear_path(model, run, reference, ref_model)
         phases.append(
             _fit_phase(
                 run, "cnn+linear", model.to(run.device), out / STATE_FILE_LINEAR,
-                {**run_key, "phase": "cnn+linear"}, kwargs, linear_init=init, monitor="auc",
+                {**run_key, "phase": "cnn+linear", "init": "linear_reference"}, kwargs,
+                linear_init=init, monitor="auc",
             )
         )  # fmt: skip
     return phases
@@ -736,7 +743,7 @@ def train_classifier(
     """
     import torch
 
-    from neuroexplain.evaluate.quality import linear_reference
+    from neuroexplain.evaluate.quality import fit_linear_reference
     from neuroexplain.provenance import provenance
 
     cfg = _resolve_config(config, overrides)
@@ -745,13 +752,15 @@ def train_classifier(
     images, y, parts = cohort.images, cohort.y, cohort.parts
 
     # what a linear model on the standardised voxels reaches on the same split: tells whether
-    # the data hold a signal the network should find (seconds; see evaluate/quality.py)
-    reference = linear_reference(images, y, parts, seed=cfg.seed)
+    # the data hold a signal the network should find (seconds; see evaluate/quality.py); its
+    # fitted model is where the linear path starts if the CNN falls short of it
+    reference, ref_model = fit_linear_reference(images, y, parts, seed=cfg.seed)
 
     run, model, model_kwargs = _prepare_run(cfg, cohort, resume, progress)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs and resources are checked
-    phases = _train_phases(run, cohort, model, model_kwargs, out, reference)
-    chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))  # tie: the first
+    phases = _train_phases(run, cohort, model, model_kwargs, out, reference, ref_model)
+    # best val AUC, a tie to the first phase (the CNN); cnn+linear never ends below the reference
+    chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))
     best = chosen.best
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
@@ -870,53 +879,51 @@ def _build(
     return model
 
 
-def _init_linear_path(model: Any, run: _Run) -> dict[str, Any]:
-    """Set ``model.linear_path`` to an L2 logistic regression on the model's own input.
+def _init_linear_path(
+    model: Any, run: _Run, reference: Mapping[str, Any], ref_model: Any
+) -> dict[str, Any]:
+    """Make ``model`` start as the linear reference fitted in this run.
 
-    The features are what the linear path sees: the (standardised) training images,
-    average-pooled by the path's factor; flipped copies join when the training flips. The
-    inverse penalty ``C`` is chosen on validation AUC (ties: the stronger penalty). The CNN path
-    is freshly initialised with a zero logit layer, so the model starts as this regression
-    (epoch 0 of the phase, a candidate for the best state) and training refines it.
+    ``model.linear_path`` (built in its reference mode with the reference's pooling factor)
+    takes the reference's feature mask, per-feature training mean and sd, coefficients and
+    intercept, and undoes the model's input standardisation, so it computes the reference's
+    decision function; the CNN path is freshly initialised with a zero logit layer. Epoch 0 of
+    the phase is then the reference itself (same validation AUC, a candidate for the best
+    state) and training only moves off it for a better validation AUC.
 
     Returns:
-        ``{"C", "val_auc", "val_auc_by_C"}``.
+        ``{"C", "val_auc", "val_auc_by_C", "source", "max_abs_logit_diff"}``: the reference's
+        ``C`` and validation AUCs, and the largest difference between the model's initial
+        validation logits and the reference's decision function (float32 round-off).
     """
     import torch
-    import torch.nn.functional as F
-
-    from neuroexplain.evaluate.quality import select_logistic
 
     path = model.linear_path
-
-    def features(x: Any) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(x), 16):
-                xb = x[i : i + 16].float()
-                if hasattr(model, "input_norm"):
-                    xb = model.input_norm(xb)
-                if path.pool > 1:
-                    xb = F.avg_pool3d(xb, path.pool)
-                out.append(xb.reshape(len(xb), -1).numpy())
-        return np.concatenate(out)
-
-    tr, va = run.parts["train"], run.parts["val"]
-    x_tr, y_tr = run.images[tr], run.y[tr]
-    if run.cfg.flip and run.cfg.augment:
-        x_tr, y_tr = torch.cat([x_tr, x_tr.flip(2 + run.lr_axis)]), np.concatenate([y_tr, y_tr])
-    f_tr, f_va = features(x_tr), features(run.images[va])
-    reg, c, by_c, _ = select_logistic(f_tr, y_tr, f_va, run.y[va], Cs=LINEAR_CS, seed=run.cfg.seed)
-    auc = by_c[f"{c:g}"] or 0.5
+    norm = getattr(model, "input_norm", None)
+    path.set_reference(ref_model, norm)
     with torch.no_grad():
-        path.linear.weight.copy_(torch.as_tensor(reg.coef_, dtype=torch.float32) / path.scale)
-        path.linear.bias.copy_(torch.as_tensor(reg.intercept_, dtype=torch.float32) / path.scale)
-        # the CNN path's logit layer starts at zero: the model starts as the regression itself
+        # the CNN path's logit layer starts at zero: the model starts as the reference itself
         last = model.classifier[-1]
         last.weight.zero_()
         last.bias.zero_()
-    logger.info("linear path initialised: C %g, val AUC %.3f", c, auc)
-    return {"C": c, "val_auc": auc, "val_auc_by_C": by_c}
+        x_val = run.images[run.parts["val"]].float()
+        xv = x_val.to(path.linear.weight.device)
+        logits = path(norm(xv) if norm is not None else xv)[:, 0].double().cpu().numpy()
+    diff = float(np.max(np.abs(logits - ref_model.decision_function(x_val))))
+    auc = reference["val"]["auc"]
+    logger.info(
+        "linear path initialised as the linear reference: C %g, val AUC %s (logits within %.2g)",
+        ref_model.C,
+        _fmt_auc(auc),
+        diff,
+    )
+    return {
+        "C": ref_model.C,
+        "val_auc": auc,
+        "val_auc_by_C": dict(reference.get("val_auc_by_C", {})),
+        "source": "linear_reference",
+        "max_abs_logit_diff": diff,
+    }
 
 
 @dataclass
@@ -1131,7 +1138,10 @@ def _fit_phase(
     """Train ``model`` (early stopping, best validation state, resumable) and return the phase.
 
     ``monitor`` overrides ``cfg.monitor`` (the linear phase selects on validation AUC: it
-    exists to reach the reference's AUC, and its epoch 0 is the regression itself).
+    exists to reach the reference's AUC, and its epoch 0 is the reference itself). An epoch
+    replaces the best one when its key is smaller: on ``"auc"``, a higher AUC, or an equal AUC
+    with a lower validation loss; epoch 0 of the linear phase is replaced only by a strictly
+    higher AUC (an epoch of the same AUC and a lower loss does not displace the reference).
     """
     from tqdm.auto import tqdm
 
@@ -1139,9 +1149,12 @@ def _fit_phase(
     cfg = run.cfg
     fit = _fit_setup(run, name, model, state_path, run_key, monitor)
     t_start = time.perf_counter()
-    if linear_init is not None:  # the initial model (the regression alone) is a candidate too
+    if linear_init is not None:  # the initial model (the reference alone) is a candidate too
         val_loss, vm, auc = _validate(run, fit)
-        fit.best = _candidate(fit, _monitor_key(monitor, val_loss, auc), auc, val_loss, 0)
+        key = _monitor_key(monitor, val_loss, auc)
+        if monitor == "auc":  # no loss tie-break against it: only a higher AUC replaces it
+            key = (key[0], -math.inf)
+        fit.best = _candidate(fit, key, auc, val_loss, 0)
         fit.log_rows.append(_log_row(name, 0, None, val_loss, vm, None, 0.0))
     _resume_fit(run, fit)
     disable = None if run.progress is None else not run.progress  # None: only on a terminal
@@ -1194,10 +1207,6 @@ STATE_FILE = "train_state.pt"
 STATE_FILE_LINEAR = "train_state_linear.pt"
 #: a CNN this far below the linear reference's validation AUC is trained again with a linear path
 REFERENCE_MARGIN = 0.03
-#: average-pooling factor of the linear path's input
-LINEAR_POOL = 2
-#: inverse L2 penalties of the linear path's initialisation (chosen on validation AUC)
-LINEAR_CS = (1e-3, 1e-2, 1e-1, 1.0)
 STATE_FORMAT = "neuroexplain-classifier-state/1"
 
 
