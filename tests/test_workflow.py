@@ -164,6 +164,10 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     assert "--classifier results/classifier/model.pt" in train
     assert "--out results/simulator_model/model.pt" in train
     assert "--channels 8,16,32,32" in train and "--correct-only" in train
+    # compute.precision reaches both trainings
+    assert "--precision fp32" in train and "--precision fp32" in _shell_command(
+        out, "train-classifier"
+    )
     # the demo concepts ship with the workflow; selectors come from the cohort's participants
     sacv = _shell_command(out, "sacv")
     assert f"--concepts {repo_root / 'config/concepts3d.yaml'}" in sacv

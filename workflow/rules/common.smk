@@ -435,6 +435,7 @@ def train_classifier_args(wildcards):
     return (
         _args(
             ("--arch", clf["arch"]),
+            ("--precision", config["compute"]["precision"]),
             ("--epochs", clf["epochs"]),
             ("--batch-size", clf["batch_size"]),
             ("--lr", clf["lr"]),
@@ -542,6 +543,7 @@ def train_simulator_args(wildcards):
             ("--w-volume", sim["w_volume"]),
             ("--smoothness", sim["smoothness"]),
             ("--max-steps", sim["max_steps"]),
+            ("--precision", config["compute"]["precision"]),
             ("--seed", config["seed"]),
         )
         + (" --diffeomorphic" if sim["diffeomorphic"] else " --no-diffeomorphic")

@@ -12,6 +12,7 @@ from neuroexplain.cli._common import (
     CheckpointOption,
     DerivativesOption,
     DeviceOption,
+    PrecisionOption,
     PreprocOption,
     RegionLabelsOption,
     RegionsOption,
@@ -47,6 +48,7 @@ def train_classifier_cmd(
     ] = None,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
+    precision: PrecisionOption = "fp32",
     resume: Annotated[
         bool,
         typer.Option(
