@@ -726,10 +726,12 @@ def train_classifier(
 
     Returns:
         The ``metrics.json`` content (``{"val": ..., "test": ..., "train": ..., "best_epoch",
-        "epochs_run", "seconds", "reference", ...}``): per split the
+        "epochs_run", "seconds", "reference", "precision", ...}``): per split the
         :func:`binary_metrics` plus ``auc_ci`` (95 % stratified bootstrap interval);
         ``reference`` is the :func:`neuroexplain.evaluate.quality.linear_reference` fitted on
-        the same split (does a linear model find a signal the network should?).
+        the same split (does a linear model find a signal the network should?); ``precision``
+        the arithmetic of the training forward passes (``config.precision`` resolved:
+        :func:`neuroexplain.utils.resolve_precision`).
 
     Example:
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
