@@ -842,6 +842,8 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     on_disk = json.loads((out / "train_summary.json").read_text())
     assert on_disk["objective"] == objective and "seconds" not in on_disk
     assert on_disk["provenance"]["command"] == "train-simulator"
+    assert on_disk["precision"] == "fp32"  # the default (compute.precision)
+    assert on_disk["provenance"]["params"]["train"]["precision"] == "fp32"
     rc = main(
         [
             "simulate",

@@ -169,6 +169,10 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     assert "--classifier results/classifier/model.pt" in train
     assert "--out results/simulator_model/model.pt" in train
     assert "--channels 8,16,32,32" in train and "--correct-only" in train
+    # compute.precision reaches both trainings
+    assert "--precision fp32" in train and "--precision fp32" in _shell_command(
+        out, "train-classifier"
+    )
     # the demo concepts ship with the workflow; selectors come from the cohort's participants
     sacv = _shell_command(out, "sacv")
     assert f"--concepts {repo_root / 'config/concepts3d.yaml'}" in sacv
@@ -212,6 +216,51 @@ def test_dry_run_default_config_has_every_stage(repo_root: Path, tmp_path: Path)
     )
     sal = _shell_command(out, "saliency")
     assert "--ig-steps 16" in sal and "--occlusion-mask 16" in sal
+
+
+def _rule_settings(out: str) -> dict[str, dict[str, str]]:
+    """``{rule: {"threads": ..., resource: value}}`` of the jobs a dry run prints."""
+    rules = {}
+    for block in out.split("\nrule ")[1:]:
+        name, _, body = block.partition(":\n")
+        found = {"threads": "1"}
+        for line in body.splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key == "threads":
+                found["threads"] = value
+            elif key == "resources":
+                found |= dict(item.split("=", 1) for item in value.split(", "))
+        rules[name] = found
+    return rules
+
+
+BRANCH_RULES = ("saliency", "train_simulator", "simulate", "tcav", "sacv", "xnn_train")
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpu", "branch_threads", "gpus"),
+    [("2", "auto", "1", "0"), ("4", "auto", "2", "0"), ("2", "1", "1", "1")],
+)
+def test_independent_branches_run_side_by_side(
+    repo_root: Path, tmp_path: Path, monkeypatch, cores, gpu, branch_threads, gpus
+) -> None:
+    """Locally without a GPU, no job holds the profile's single `gpu`, and on 2 cores the jobs
+    of the branches after the classifier take 1 thread each, so two of them run together; the
+    classifier's training keeps its 2 threads."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, even on a machine with one
+    override = tmp_path / "compute.yaml"
+    override.write_text(f"compute:\n  gpu: {gpu}\n")
+    profile = str(repo_root / "workflow/profiles/default")
+    args = ("-n", "--workflow-profile", profile, "--cores", cores)
+    configfile = ["config/config.yaml", str(override)]
+    out = _ok(_snakemake(repo_root, tmp_path, *args, configfile=configfile, mirror=tmp_path))
+    rules = _rule_settings(out)
+    assert rules["train_classifier"]["threads"] == "2"
+    assert rules["train_classifier"]["gpu"] == gpus
+    for rule in BRANCH_RULES:
+        assert rules[rule]["threads"] == branch_threads, (rule, rules[rule])
+        assert rules[rule]["gpu"] == gpus, (rule, rules[rule])
+    assert "gpu" not in rules["evaluate_maps"]
 
 
 def test_dry_run_tiny_config_with_every_stage(repo_root: Path, tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ __all__ = [
     "NORM_METHODS",
     "OBJECTIVE_SUBJECTS",
     "OCCLUSION_MODES",
+    "PRECISIONS",
+    "PRECISION_HELP",
     "SACV_NEGATIVES",
     "SACV_RELEVANCE",
     "SACV_TRANSFORMS",
@@ -105,6 +107,13 @@ ST_CONCEPT_METHODS = ("attribute", "probe")
 ST_SALIENCY_METHODS = ("gradient", "grad_x_input", "smoothgrad", "ig")
 LABEL_INTERPOLATIONS = ("linear", "nearest")
 NORM_METHODS = ("percentile", "zscore", "none")
+#: arithmetic of the training forward passes (workflow: compute.precision; see
+#: :func:`neuroexplain.utils.resolve_precision`); fp32 by default until bf16's quality is measured
+PRECISIONS = ("fp32", "bf16", "auto")
+PRECISION_HELP = (
+    "Training forward passes: fp32, bf16 (autocast) or auto (bf16 on CPUs with AVX-512 BF16 / "
+    "AMX, CUDA AMP on a GPU, else fp32)."
+)
 #: largest fractional volume change a planted effect may have
 MAX_MAGNITUDE = 0.9
 
@@ -265,6 +274,9 @@ class ClassifierConfig(_Settings):
         elastic_vox: largest smooth random displacement (voxels) added to the affine.
         intensity: maximum relative intensity scaling and shift.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        precision: arithmetic of the training forward passes (:data:`PRECISIONS`): ``"fp32"``,
+            ``"bf16"`` (``torch.autocast`` to bfloat16; loss and metrics stay float32) or
+            ``"auto"`` (bf16 on CPUs with AVX-512 BF16 / AMX, CUDA AMP on a GPU, else fp32).
         channels_last: use the channels-last 3D memory layout (faster convolutions on CPU).
         standardize: standardise every voxel by the training images' voxel-wise mean and
             standard deviation (``(x - mean) / (sd + standardize_eps)``; with ``flip``, the
@@ -312,6 +324,7 @@ class ClassifierConfig(_Settings):
     elastic_vox: float = setting(0.0, "Augmentation: largest smooth random displacement (voxels).")
     intensity: float = setting(0.0, "Augmentation: max intensity scale / shift.")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu or cuda.", config=None)
+    precision: str = setting("fp32", PRECISION_HELP, config=None)
     channels_last: bool = setting(
         True, "Channels-last 3D memory layout (faster on CPU).", config=None, cli=False
     )
@@ -351,6 +364,7 @@ class ClassifierConfig(_Settings):
                 ),
                 "standardize_eps": (self.standardize_eps > 0, "expected > 0"),
                 "elastic_vox": (self.elastic_vox >= 0, "expected >= 0"),
+                "precision": (self.precision in PRECISIONS, f"expected one of {PRECISIONS}"),
             },
             self,
         )
@@ -454,6 +468,8 @@ class SimulatorTrainConfig(_Settings):
         checkpoint_every: steps between checkpoints (0 = only at the end).
         max_steps: stop after this many steps in total (``None``: ``epochs`` full epochs).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        precision: arithmetic of the forward passes of training (see
+            :attr:`ClassifierConfig.precision`); the losses stay float32.
     """
 
     SECTION: ClassVar[str] = "simulator"
@@ -491,6 +507,7 @@ class SimulatorTrainConfig(_Settings):
     checkpoint_every: int = setting(50, "Steps between resumable checkpoints.", config=None)
     max_steps: int | None = setting(None, "Stop after this many steps in total.")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu or cuda.", config=None)
+    precision: str = setting("fp32", PRECISION_HELP, config=None)
 
     def __post_init__(self) -> None:
         _check(
@@ -512,6 +529,7 @@ class SimulatorTrainConfig(_Settings):
                     for n in ("margin", "w_cls", "w_cycle", "w_smooth", "w_magnitude", "w_volume")
                 },
                 "max_steps": (self.max_steps is None or self.max_steps >= 1, "expected >= 1"),
+                "precision": (self.precision in PRECISIONS, f"expected one of {PRECISIONS}"),
             },
             self,
         )

@@ -6,21 +6,27 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "BF16_CPU_FLAGS",
     "MEMORY_LIMIT_ENV",
+    "Precision",
     "amp_enabled",
     "available_memory",
     "case_clashes",
     "check_memory_fits",
     "check_region_labels",
+    "cpu_flags",
     "estimate_activation_memory",
     "estimate_training_memory",
     "format_bytes",
     "resolve_device",
+    "resolve_precision",
     "seed_everything",
 ]
 
@@ -120,24 +126,123 @@ def check_region_labels(
     return notes
 
 
-def resolve_device(device: str = "auto"):
+def resolve_device(device: str = "auto", *, log: bool = True):
     """Resolve ``"auto"`` once: CUDA if available (e.g. a Slurm job with ``--gpus``), else CPU.
 
     Returns:
-        A ``torch.device``.
+        A ``torch.device`` (logged unless ``log`` is false).
     """
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    logger.info("using device %s", dev)
+    if log:
+        logger.info("using device %s", dev)
     return dev
 
 
 def amp_enabled(device) -> bool:
     """Mixed precision only on CUDA; CPU runs stay in float32 (and bitwise reproducible)."""
     return getattr(device, "type", str(device)) == "cuda"
+
+
+#: ``/proc/cpuinfo`` flags of CPUs with native bfloat16 matrix arithmetic (AVX-512 BF16, AMX)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic of the training forward passes (losses and metrics stay float32).
+
+    Attributes:
+        name: ``"fp32"`` (no autocast), ``"bf16"`` (``torch.autocast`` to bfloat16, CPU or
+            CUDA) or ``"fp16"`` (CUDA automatic mixed precision with a gradient scaler).
+        device_type: ``"cpu"`` or ``"cuda"``.
+        requested: the setting it was resolved from (``fp32``, ``bf16`` or ``auto``).
+    """
+
+    name: str
+    device_type: str
+    requested: str
+
+    @property
+    def enabled(self) -> bool:
+        """Forward passes run under ``torch.autocast``."""
+        return self.name != "fp32"
+
+    def autocast(self) -> Any:
+        """The autocast context of a forward pass (a no-op for ``fp32``)."""
+        import torch
+
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(self.device_type, dtype=dtype, enabled=self.enabled)
+
+    def grad_scaler(self) -> Any:
+        """A ``torch.amp.GradScaler``, enabled only for ``fp16`` (bfloat16 needs none)."""
+        import torch
+
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def resolve_precision(
+    precision: str, device: Any, *, flags: Iterable[str] | None = None, log: bool = True
+) -> Precision:
+    """The :class:`Precision` of setting ``precision`` on ``device``.
+
+    ``fp32`` and ``bf16`` are taken as they are (bfloat16 on a CPU without native support is
+    emulated: correct but slow, and logged as a warning); ``auto`` is CUDA's mixed precision
+    (``fp16``) on a GPU, ``bf16`` on a CPU with one of :data:`BF16_CPU_FLAGS`, else ``fp32``.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"``.
+        device: a ``torch.device`` or its name.
+        flags: the CPU flags (default: :func:`cpu_flags`; tests pass their own).
+        log: log the result (and the warning of emulated bfloat16).
+
+    Raises:
+        InputError: another ``precision``.
+
+    Example:
+        >>> resolve_precision("auto", "cpu", flags={"avx512f", "amx_bf16"}).name
+        'bf16'
+        >>> resolve_precision("auto", "cpu", flags={"avx512f"}).name
+        'fp32'
+    """
+    from neuroexplain.errors import InputError
+    from neuroexplain.settings import PRECISIONS
+
+    if precision not in PRECISIONS:
+        expected = ", ".join(PRECISIONS)
+        raise InputError("--precision", f"expected one of {expected}, got {precision!r}")
+    device_type = getattr(device, "type", str(device)).split(":")[0]
+    flags = cpu_flags() if flags is None else flags
+    native = device_type == "cuda" or bool(set(BF16_CPU_FLAGS) & set(flags))
+    if precision == "auto":
+        name = "fp16" if device_type == "cuda" else ("bf16" if native else "fp32")
+    else:
+        name = precision
+    if log and name == "bf16" and not native:
+        logger.warning(
+            "bf16 on a CPU without %s: emulated, expect slower training than fp32",
+            " / ".join(BF16_CPU_FLAGS),
+        )
+    if log:
+        logger.info("precision %s (requested %s) on %s", name, precision, device_type)
+    return Precision(name=name, device_type=device_type, requested=precision)
 
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:

@@ -30,7 +30,7 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
         resources:
             mem_mb=6000,
             runtime=120,
-            gpu=1,
+            gpu=gpu,
         params:
             out=out_dir,
             args=train_classifier_args,
@@ -138,11 +138,11 @@ if (
             "results/benchmarks/saliency/saliency.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=120,
-            gpu=1,
+            gpu=gpu,
         params:
             args=saliency_args,
         shell:

@@ -1,7 +1,10 @@
 # Helpers shared by all stages (config validation, dataset resolution, result paths, named
 # input / params functions, the registry of final targets). Keep rules out of this file.
 
+import functools
+import os
 import shlex
+import shutil
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -165,6 +168,42 @@ if len(_st_sources) > 1:
     _config_error("st", f"set only one of counts, h5ad, visium (got {_st_sources})")
 if config["st"]["spots"] and not config["st"]["counts"]:
     _config_error("st.spots", "a spot table goes with st.counts")
+
+
+##### threads and GPUs #####
+
+
+def branch_threads(n=2):
+    """Threads of a job that runs beside other branches (baseline maps, simulator, TCAV / SACV,
+    XNN): `n`, but at most half the cores of a local run, so that on 2 cores two such jobs run
+    side by side instead of one after the other. A cluster job (no local core count; or the
+    job itself, running on its node) keeps `n`."""
+    cores = workflow.global_resources.get("_cores")
+    if workflow.remote_exec or not isinstance(cores, int):
+        return n
+    return max(1, min(n, cores // 2))
+
+
+@functools.cache
+def _local_gpu():
+    """A GPU on this machine: `nvidia-smi` on the PATH and CUDA_VISIBLE_DEVICES not hiding it
+    (a cheap check; importing torch to ask CUDA takes seconds)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return shutil.which("nvidia-smi") is not None
+
+
+def gpu(wildcards):
+    """The `gpu` resource of the GPU-capable rules, compute.gpu: 0 or 1 as configured; `auto` asks
+    for a GPU (Slurm: --gpus=1) on a cluster, and locally only when the machine has one, so a
+    CPU-only machine does not run its torch jobs one at a time under the profile's `gpu: 1`
+    limit. Evaluated when a job is scheduled (when workflow.local_exec is known)."""
+    setting = config["compute"]["gpu"]
+    if setting != "auto":
+        return int(setting)
+    if not workflow.local_exec:
+        return 1
+    return int(_local_gpu())
 
 
 ##### datasets: configured path > local mirror > download into resources/ #####
@@ -394,6 +433,7 @@ def train_classifier_args(wildcards):
     return (
         _args(
             ("--arch", clf["arch"]),
+            ("--precision", config["compute"]["precision"]),
             ("--epochs", clf["epochs"]),
             ("--batch-size", clf["batch_size"]),
             ("--lr", clf["lr"]),
@@ -502,6 +542,7 @@ def train_simulator_args(wildcards):
             ("--w-volume", sim["w_volume"]),
             ("--smoothness", sim["smoothness"]),
             ("--max-steps", sim["max_steps"]),
+            ("--precision", config["compute"]["precision"]),
             ("--seed", config["seed"]),
         )
         + (" --diffeomorphic" if sim["diffeomorphic"] else " --no-diffeomorphic")

@@ -38,11 +38,11 @@ if (
             "results/benchmarks/concepts3d/tcav.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=gpu,
         params:
             out=out_dir,
             participants=participants_args,
@@ -72,11 +72,11 @@ if (
             concept="[A-Za-z0-9]+",
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=gpu,
         params:
             participants=participants_args,
             args=sacv_args,
@@ -117,11 +117,11 @@ if (
             "results/benchmarks/xnn/xnn_train.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=gpu,
         params:
             out=out_dir,
             args=xnn_train_args,
@@ -150,11 +150,11 @@ if (
             "results/benchmarks/xnn/xnn_explain.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=gpu,
         params:
             args=xnn_explain_args,
         shell:

@@ -30,11 +30,11 @@ if (
             "results/benchmarks/simulator/train_simulator.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=8000,
             runtime=240,
-            gpu=1,
+            gpu=gpu,
         params:
             args=train_simulator_args,
         shell:
@@ -62,11 +62,11 @@ if (
             "results/benchmarks/simulator/simulate.tsv"
         conda:
             "../envs/neuroexplain.yaml"
-        threads: 2
+        threads: branch_threads()
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=gpu,
         params:
             args=simulate_args,
         shell:

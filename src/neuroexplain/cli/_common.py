@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from neuroexplain.errors import InputError
+from neuroexplain.settings import PRECISION_HELP
 
 __all__ = [
     "CheckpointOption",
@@ -21,6 +22,7 @@ __all__ = [
     "DerivativesOption",
     "DeviceOption",
     "ManifestOption",
+    "PrecisionOption",
     "PreprocOption",
     "RegionLabelsOption",
     "RegionsOption",
@@ -41,6 +43,8 @@ __all__ = [
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")
 ]
+#: ``--precision`` of the training commands (fills their settings' ``precision`` field)
+PrecisionOption = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
 #: ``--threads`` of every command that runs torch on the CPU
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")

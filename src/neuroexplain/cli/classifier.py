@@ -13,6 +13,7 @@ from neuroexplain.cli._common import (
     DerivativesOption,
     DeviceOption,
     ManifestOption,
+    PrecisionOption,
     PreprocOption,
     RegionLabelsOption,
     RegionsOption,
@@ -48,6 +49,7 @@ def train_classifier_cmd(
     ] = None,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
+    precision: PrecisionOption = "fp32",
     resume: Annotated[
         bool,
         typer.Option(

@@ -10,6 +10,7 @@ import typer
 from neuroexplain.cli import app
 from neuroexplain.cli._common import (
     DeviceOption,
+    PrecisionOption,
     PreprocOption,
     RegionsOption,
     SplitOption,
@@ -59,6 +60,7 @@ def train_simulator_cmd(
     ] = True,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
+    precision: PrecisionOption = "fp32",
 ) -> None:
     """Train the conditional warping simulator against the frozen classifier.
 

@@ -66,6 +66,7 @@ from neuroexplain.io.checkpoint import to_plain as _plain
 from neuroexplain.jacobian import jacobian_determinant
 from neuroexplain.settings import HINGES, SimulatorTrainConfig
 from neuroexplain.simulator.network import SimulatorConfig, SimulatorNet
+from neuroexplain.utils import Precision
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -427,7 +428,7 @@ class _SimulatorRun:
     scaler: Any
     smooth: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
-    use_amp: bool
+    precision: Precision
     net_config: SimulatorConfig
     targets: tuple[float, float, float] | None = None
 
@@ -468,10 +469,10 @@ def _setup_run(
     net_config: SimulatorConfig | None,
 ) -> _SimulatorRun:
     """Seed, build the simulator and its optimiser, freeze the classifier."""
-    from neuroexplain.utils import amp_enabled, resolve_device, seed_everything
+    from neuroexplain.utils import resolve_device, resolve_precision, seed_everything
 
     device = resolve_device(cfg.device)
-    use_amp = amp_enabled(device)
+    precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
 
     ncfg = net_config or SimulatorConfig()
@@ -481,10 +482,10 @@ def _setup_run(
     classifier = freeze(classifier).to(device)
     clf_params = [p for p in classifier.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = precision.grad_scaler() if precision.name == "fp16" else None
     smooth = _smooth_loss(cfg.smoothness)
     return _SimulatorRun(
-        cfg, model, classifier, clf_params, opt, scaler, smooth, device, use_amp, ncfg
+        cfg, model, classifier, clf_params, opt, scaler, smooth, device, precision, ncfg
     )
 
 
@@ -500,7 +501,7 @@ def _check_step_memory(
         estimate_training_memory,
     )
 
-    cfg, model, use_amp = run.cfg, run.model, run.use_amp
+    cfg, model, use_amp = run.cfg, run.model, run.precision.enabled
     shape = tuple(int(s) for s in images.shape[1:])
     bs = min(cfg.batch_size, int(images.shape[0]))
 
@@ -523,7 +524,7 @@ def _check_step_memory(
 def _input_logits(run: _SimulatorRun, images: torch.Tensor) -> torch.Tensor:
     """Logits ``(N,)`` of the input images, once (the classifier is fixed)."""
     bs, device = run.cfg.batch_size, run.device
-    with torch.no_grad(), torch.autocast(device.type, enabled=run.use_amp):
+    with torch.no_grad(), run.precision.autocast():
         return torch.cat(
             [
                 logit_of(run.classifier(images[i : i + bs].to(device))).float().cpu()
@@ -567,18 +568,22 @@ def _resume_state(
 def _simulator_losses(
     run: _SimulatorRun, x: torch.Tensor, o: torch.Tensor, l_in: torch.Tensor, w_cls: float
 ) -> _SimulatorStep:
-    """The weighted losses of one batch (inside the autocast region)."""
+    """The weighted losses of one batch: the forward passes under the run's precision, the
+    losses in float32."""
     cfg, model, device, smooth = run.cfg, run.model, run.device, run.smooth
-    sim, ddf, low = model(x, o, return_lowres=True)
-    l_sim = logit_of(run.classifier(sim)).float()
+    with run.precision.autocast():
+        sim, ddf, low = model(x, o, return_lowres=True)
+        l_sim = logit_of(run.classifier(sim))
+        if cfg.w_cycle > 0:
+            back, _, low_back = model(sim, -o, return_lowres=True)
+    l_sim, ddf, low = l_sim.float(), ddf.float(), low.float()
     h = hinge_values(l_in, l_sim, o, cfg.margin, hinge=cfg.hinge, targets=run.targets)
     loss_cls = torch.relu(h).mean()
     loss = w_cls * loss_cls
     loss_cycle = torch.zeros((), device=device)
-    loss_smooth = smooth(low.float())
+    loss_smooth = smooth(low)
     fields = [low]
     if cfg.w_cycle > 0:
-        back, _, low_back = model(sim, -o, return_lowres=True)
         loss_cycle = (back.float() - x).abs().mean()
         loss_smooth = 0.5 * (loss_smooth + smooth(low_back.float()))
         fields.append(low_back)
@@ -600,8 +605,7 @@ def _optimise_step(
     """One optimiser step of the simulator on a batch; the classifier stays frozen."""
     run.classifier.eval()  # never let BatchNorm statistics move
     run.opt.zero_grad(set_to_none=True)
-    with torch.autocast(run.device.type, enabled=run.use_amp):
-        s = _simulator_losses(run, x, o, l_in, w_cls)
+    s = _simulator_losses(run, x, o, l_in, w_cls)
     if run.scaler is not None:
         run.scaler.scale(s.loss).backward()
         run.scaler.step(run.opt)
@@ -1143,8 +1147,12 @@ def _warn_objective(objective: dict[str, Any], cfg: TrainConfig) -> None:
 def _training_summary(
     history: list[dict[str, float]], cfg: TrainConfig, inputs: _TrainingInputs, seconds: float
 ) -> dict[str, Any]:
-    """The summary of a training run (objective per direction, final losses); warns when the
-    objective was not met."""
+    """The summary of a training run (objective per direction, final losses, the precision of
+    its forward passes); warns when the objective was not met."""
+    from neuroexplain.utils import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device, log=False)
+    precision = resolve_precision(cfg.precision, device, log=False).name  # as train_simulator's
     cond = inputs.cond
     last = history[-min(len(history), 10) :]
     objective = _objective_summary(history, cfg)
@@ -1156,6 +1164,7 @@ def _training_summary(
         "n_remove": int((cond > 0).sum()),
         "n_validation": len(inputs.val_subjects),
         "steps": len(history),
+        "precision": precision,
         "seconds": round(seconds, 2),
         "final": {
             k: float(np.mean([h[k] for h in last]))

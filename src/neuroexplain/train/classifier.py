@@ -34,6 +34,7 @@ import numpy as np
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import ClassifierConfig
+from neuroexplain.utils import Precision
 
 __all__ = [
     "SPLITS",
@@ -532,16 +533,16 @@ def _prepare_run(
         ``(run, model on its device, model_kwargs)``.
     """
     from neuroexplain.utils import (
-        amp_enabled,
         check_memory_fits,
         estimate_training_memory,
         resolve_device,
+        resolve_precision,
         seed_everything,
     )
 
     data, images, parts = cohort.data, cohort.images, cohort.parts
     device = resolve_device(cfg.device)
-    amp = amp_enabled(device)
+    precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     in_shape = list(images.shape[1:])
     model_kwargs: dict[str, Any] = {"dropout": cfg.dropout} if cfg.arch == "small" else {}
@@ -549,7 +550,7 @@ def _prepare_run(
         model_kwargs["standardize"] = True
     model = _build(cfg, data, images, parts, model_kwargs)
     model = model.to(device)
-    need = estimate_training_memory(model, in_shape, cfg.batch_size, amp)
+    need = estimate_training_memory(model, in_shape, cfg.batch_size, precision.enabled)
     need += int(images.element_size() * images.nelement())  # the cached volumes
     check_memory_fits(
         need,
@@ -567,7 +568,7 @@ def _prepare_run(
         groups=data.get("groups"),
         lr_axis=_lr_axis(data),
         device=device,
-        amp=amp,
+        precision=precision,
         resume=resume,
         progress=progress,
     )
@@ -732,10 +733,12 @@ def train_classifier(
 
     Returns:
         The ``metrics.json`` content (``{"val": ..., "test": ..., "train": ..., "best_epoch",
-        "epochs_run", "seconds", "reference", ...}``): per split the
+        "epochs_run", "seconds", "reference", "precision", ...}``): per split the
         :func:`binary_metrics` plus ``auc_ci`` (95 % stratified bootstrap interval);
         ``reference`` is the :func:`neuroexplain.evaluate.quality.linear_reference` fitted on
-        the same split (does a linear model find a signal the network should?).
+        the same split (does a linear model find a signal the network should?); ``precision``
+        the arithmetic of the training forward passes (``config.precision`` resolved:
+        :func:`neuroexplain.utils.resolve_precision`).
 
     Example:
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
@@ -788,6 +791,7 @@ def train_classifier(
                 sum(len(parts["train"]) for _ in log_rows) / max(train_seconds, 1e-9), 3
             ),
             "device": str(run.device),
+            "precision": run.precision.name,
             "input_shape": list(images.shape[1:]),
             "pos_weight": _pos_weight(y[parts["train"]]),
             "positive_class": cohort.data.get("positive_class"),
@@ -832,7 +836,7 @@ class _Run:
     groups: Any
     lr_axis: int
     device: Any
-    amp: bool
+    precision: Precision
     resume: bool
     progress: bool | None
 
@@ -963,7 +967,7 @@ def _fit_setup(
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
+    scaler = run.precision.grad_scaler()
     aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Fit(
@@ -1079,8 +1083,9 @@ def _train_epoch(run: _Run, fit: _Fit, epoch: int, train_groups: list[np.ndarray
         xb = xb.contiguous(memory_format=fit.mem_format)
         yb = torch.as_tensor(y[idx], device=device)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=run.amp):
-            loss = fit.loss_fn(model(xb)[:, 0].float(), yb)
+        with run.precision.autocast():  # the forward pass; the loss in float32
+            logit = model(xb)[:, 0]
+        loss = fit.loss_fn(logit.float(), yb)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
