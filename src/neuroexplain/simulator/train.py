@@ -686,7 +686,7 @@ def _validation_counts(run: _SimulatorRun, val: _ValData) -> dict[str, int]:
     cfg, model, device = run.cfg, run.model, run.device
     model.eval()
     counts: dict[str, int] = {}
-    with torch.no_grad(), torch.autocast(device.type, enabled=run.use_amp):
+    with torch.no_grad(), run.precision.autocast():
         for i in range(0, int(val.images.shape[0]), cfg.batch_size):
             sl = slice(i, i + cfg.batch_size)
             x = val.images[sl].to(device, torch.float32)
