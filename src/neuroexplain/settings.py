@@ -86,6 +86,9 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("constant", "cosine")
+#: when the final classifier is its ensemble with the linear reference
+#: (``classifier.reference_ensemble``)
+ENSEMBLE_RULES = ("always", "separated", "never")
 HINGES = ("relative", "flip", "target")
 #: the subjects the simulator's objective is measured on: the validation split or training
 OBJECTIVE_SUBJECTS = ("val", "train")

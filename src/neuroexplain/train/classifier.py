@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from neuroexplain.errors import InputError
-from neuroexplain.settings import ClassifierConfig
+from neuroexplain.settings import ENSEMBLE_RULES, ClassifierConfig
 from neuroexplain.utils import Precision
 
 __all__ = [
@@ -41,10 +41,12 @@ __all__ = [
     "BatchAugment",
     "TrainConfig",
     "binary_metrics",
+    "ensemble_weights",
     "load_preproc_dict",
     "make_split",
     "predict_logits",
     "read_split",
+    "select_final",
     "train_classifier",
 ]
 
@@ -812,6 +814,84 @@ def train_classifier(
     return metrics
 
 
+def ensemble_weights(scale_model: float, scale_reference: float) -> tuple[float, float]:
+    """Weights ``(w_model, w_reference)`` of the ensemble logit ``w_m l_m + w_r l_r``.
+
+    Each model's logit is divided by its own scale (its logit sd on the training subjects), the
+    two are averaged, and the average is multiplied by the geometric mean of the scales so the
+    ensemble's logits stay on the models' scale: ``w_m = sqrt(s_r / s_m) / 2``,
+    ``w_r = sqrt(s_m / s_r) / 2``. Scale-free: rescaling either model's logits does not change
+    the ensemble's ranking (its AUC); a logit of 0 in both models stays 0.
+
+    Example:
+        >>> ensemble_weights(4.0, 1.0)
+        (0.25, 1.0)
+    """
+    sm, sr = float(scale_model), float(scale_reference)
+    if not (sm > 0 and sr > 0 and math.isfinite(sm) and math.isfinite(sr)):
+        raise ValueError(f"expected positive finite logit scales, got {sm}, {sr}")
+    return 0.5 * math.sqrt(sr / sm), 0.5 * math.sqrt(sm / sr)
+
+
+def select_final(
+    y_val: Sequence[float],
+    model_val: Sequence[float],
+    reference_val: Sequence[float],
+    *,
+    rule: str = "separated",
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Decide between the trained model alone and its ensemble with the linear reference.
+
+    Validation information only. ``rule``:
+
+    - ``"separated"``: the ensemble, unless the validation split tells the trained model apart
+      from the reference in its favour: the paired stratified bootstrap interval
+      (:func:`neuroexplain.evaluate.quality.paired_auc_difference`, ``level``) of
+      ``AUC(model) - AUC(reference)`` lies above 0. On a split of a few dozen subjects the
+      interval is wide, so a small validation advantage (which the model's own early stopping
+      inflates) does not discard the reference;
+    - ``"always"``: the ensemble;
+    - ``"never"``: the model.
+
+    Returns:
+        ``{"choice": "model" | "ensemble", "rule", "reason", "val_auc_model",
+        "val_auc_reference", "difference"}`` (``difference``: the bootstrap result, computed
+        under every rule, ``None`` for a one-class split).
+    """
+    from neuroexplain.evaluate.quality import paired_auc_difference
+
+    if rule not in FINAL_RULES:
+        raise ValueError(f"unknown final-model rule {rule!r}; expected one of {FINAL_RULES}")
+    auc_m = binary_metrics(y_val, model_val)["auc"]
+    auc_r = binary_metrics(y_val, reference_val)["auc"]
+    out: dict[str, Any] = {
+        "rule": rule,
+        "val_auc_model": auc_m,
+        "val_auc_reference": auc_r,
+    }
+    diff = paired_auc_difference(y_val, model_val, reference_val, seed=seed, level=level)
+    out["difference"] = diff
+    if rule == "always":
+        return {**out, "choice": "ensemble", "reason": "rule 'always'"}
+    if rule == "never":
+        return {**out, "choice": "model", "reason": "rule 'never'"}
+    if diff is None:
+        return {**out, "choice": "ensemble", "reason": "one class in validation: no comparison"}
+    if diff["low"] > 0:
+        reason = (
+            f"validation separates the model from the reference: AUC difference "
+            f"{diff['diff']:.3f}, {level:.0%} interval [{diff['low']:.3f}, {diff['high']:.3f}]"
+        )
+        return {**out, "choice": "model", "reason": reason}
+    reason = (
+        f"validation does not show the model above the reference: AUC difference "
+        f"{diff['diff']:.3f}, {level:.0%} interval [{diff['low']:.3f}, {diff['high']:.3f}]"
+    )
+    return {**out, "choice": "ensemble", "reason": reason}
+
+
 def _monitor_key(monitor: str, val_loss: float, auc: float) -> tuple[float, ...]:
     """Sort key of an epoch (smaller is better): validation loss, or AUC then loss."""
     if monitor == "loss":
@@ -1212,6 +1292,8 @@ STATE_FILE = "train_state.pt"
 STATE_FILE_LINEAR = "train_state_linear.pt"
 #: a CNN this far below the linear reference's validation AUC is trained again with a linear path
 REFERENCE_MARGIN = 0.03
+#: rules of :func:`select_final` (config ``classifier.reference_ensemble``)
+FINAL_RULES = ENSEMBLE_RULES
 STATE_FORMAT = "neuroexplain-classifier-state/1"
 
 
