@@ -6,7 +6,9 @@ control and diseased version of one anatomy in a paired synthetic cohort, share 
 training batch), trains with class balancing (``pos_weight``), light MONAI
 augmentation and early stopping on the validation loss (or AUC), keeps the best epoch, and writes:
 
-- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`),
+- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`) of the final model: by
+  default (``reference_ensemble="always"``) the ensemble of the trained network and the linear
+  reference as one module (:func:`ensemble_weights`, :func:`select_final`),
 - ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
   (and train), plus provenance,
 - ``logits.tsv``: per subject ``subject, split, y, label, logit, prob``,
@@ -621,6 +623,121 @@ def _train_phases(
     return phases
 
 
+def _final_model(
+    run: _Run,
+    cohort: _ClassifierData,
+    phases: Sequence[_Phase],
+    chosen: _Phase,
+    ref_model: Any,
+    model_kwargs: dict[str, Any],
+) -> tuple[_Phase, np.ndarray, dict[str, Any]]:
+    """The final model (``cfg.reference_ensemble``), its logits and the decision's record.
+
+    The trained model (``chosen``: the CNN, or the CNN with a linear path) is kept, or combined
+    with the linear reference as one module: the CNN with a reference-mode linear path, its
+    logit layer scaled by ``w_m`` and the path set to ``w_m`` times its trained weights (if
+    any) plus ``w_r`` times the reference's (:func:`ensemble_weights` of the two models' logit
+    sds on the training subjects). No training; the record holds the validation and test AUC of
+    the CNN alone, the trained model, the reference and the ensemble, and why the final model
+    was chosen.
+    """
+    import dataclasses
+
+    import torch
+
+    cfg, images, y, parts = run.cfg, cohort.images, cohort.y, cohort.parts
+    trained = chosen.model.to(memory_format=torch.contiguous_format)
+    lm = predict_logits(trained, images, batch_size=cfg.batch_size, device=run.device)
+    cnn = phases[0]
+    if cnn is chosen:
+        lc = lm
+    else:
+        cnn_model = cnn.model.to(memory_format=torch.contiguous_format)
+        lc = predict_logits(cnn_model, images, batch_size=cfg.batch_size, device=run.device)
+    lr = ref_model.decision_function(images)
+    tr, va = parts["train"], parts["val"]
+    s_m, s_r = float(np.std(lm[tr])), float(np.std(lr[tr]))
+    can = cfg.arch == "small" and s_m > 0 and s_r > 0
+    if can:
+        decision = select_final(y[va], lm[va], lr[va], rule=cfg.reference_ensemble, seed=cfg.seed)
+    else:
+        why = "no linear path" if cfg.arch != "small" else "constant training logits"
+        decision = {"choice": "model", "rule": cfg.reference_ensemble, "reason": why}
+    record: dict[str, Any] = {
+        "rule": cfg.reference_ensemble,
+        "choice": decision["choice"],
+        "reason": decision["reason"],
+        "val_difference": decision.get("difference"),
+        "trained_model": chosen.name,
+        "logit_sd_train": {"model": s_m, "reference": s_r},
+    }
+
+    def aucs(lg: np.ndarray) -> dict[str, float | None]:
+        return {s: binary_metrics(y[parts[s]], lg[parts[s]])["auc"] for s in ("val", "test")}
+
+    record["auc"] = {"cnn": aucs(lc), "trained": aucs(lm), "reference": aucs(lr)}
+    if can:
+        w_m, w_r = ensemble_weights(s_m, s_r)
+        record["weights"] = {"model": w_m, "reference": w_r}
+        record["auc"]["ensemble"] = aucs(w_m * lm + w_r * lr)
+    if decision["choice"] != "ensemble":
+        logger.info("final model: %s (%s)", chosen.name, decision["reason"])
+        return dataclasses.replace(chosen, model=trained), lm, record
+    kwargs = {**model_kwargs, "linear_pool": ref_model.pool, "linear_reference": True}
+    ens = _ensemble_module(cfg, cohort, trained, ref_model, kwargs, w_m, w_r)
+    le = predict_logits(ens, images, batch_size=cfg.batch_size, device=run.device)
+    record["max_abs_logit_diff"] = float(np.max(np.abs(le - (w_m * lm + w_r * lr))))
+    logger.info(
+        "final model: the ensemble of %s and the linear reference (%s; weights %.3g, %.3g)",
+        chosen.name,
+        decision["reason"],
+        w_m,
+        w_r,
+    )
+    return dataclasses.replace(chosen, name="ensemble", model=ens, model_kwargs=kwargs), le, record
+
+
+def _ensemble_module(
+    cfg: TrainConfig,
+    cohort: _ClassifierData,
+    trained: Any,
+    ref_model: Any,
+    kwargs: dict[str, Any],
+    w_m: float,
+    w_r: float,
+) -> Any:
+    """``w_m * trained(x) + w_r * reference(x)`` as one CNN-with-linear-path module."""
+    import torch
+
+    device = next(trained.parameters()).device
+    ens = _build(cfg, cohort.data, cohort.images, cohort.parts, kwargs)
+    state = ens.state_dict()
+    for k, v in trained.state_dict().items():
+        if not k.startswith("linear_path."):
+            state[k] = v.detach().cpu().clone()
+    ens.load_state_dict(state)
+    norm = getattr(ens, "input_norm", None)
+    path = ens.linear_path
+    path.set_reference(ref_model, norm)
+    with torch.no_grad():
+        last = ens.classifier[-1]
+        last.weight.mul_(w_m)
+        last.bias.mul_(w_m)
+        weight, bias = path.linear.weight * w_r, path.linear.bias * w_r
+        old = getattr(trained, "linear_path", None)
+        if old is not None:  # a trained linear path: its term is part of the trained logit
+            if not (old.reference and old.pool == path.pool):
+                raise ValueError("expected the trained linear path in the reference's mode")
+            for name in ("input_mean", "input_scale", "feature_mean", "feature_sd", "keep"):
+                if not torch.equal(getattr(old, name).cpu(), getattr(path, name)):
+                    raise ValueError(f"the trained linear path's {name} is not the reference's")
+            weight = weight + w_m * old.linear.weight.detach().cpu()
+            bias = bias + w_m * old.linear.bias.detach().cpu()
+        path.linear.weight.copy_(weight)
+        path.linear.bias.copy_(bias)
+    return ens.to(device).to(memory_format=torch.contiguous_format).eval()
+
+
 def _split_metrics(cohort: _ClassifierData, logits: np.ndarray, seed: int) -> dict[str, Any]:
     """:func:`binary_metrics` and the bootstrap AUC interval of every non-empty split."""
     from neuroexplain.evaluate.quality import bootstrap_auc
@@ -738,7 +855,11 @@ def train_classifier(
         "epochs_run", "seconds", "reference", "precision", ...}``): per split the
         :func:`binary_metrics` plus ``auc_ci`` (95 % stratified bootstrap interval);
         ``reference`` is the :func:`neuroexplain.evaluate.quality.linear_reference` fitted on
-        the same split (does a linear model find a signal the network should?); ``precision``
+        the same split (does a linear model find a signal the network should?); ``model`` the
+        final model (``cnn``, ``cnn+linear`` or ``ensemble`` with the reference, config
+        ``reference_ensemble``) and ``final_selection`` why (:func:`select_final`, with the
+        validation / test AUC of the CNN alone, the trained model, reference and ensemble);
+        ``precision``
         the arithmetic of the training forward passes (``config.precision`` resolved:
         :func:`neuroexplain.utils.resolve_precision`).
 
@@ -746,7 +867,6 @@ def train_classifier(
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
         ...                  epochs=30, seed=0)  # doctest: +SKIP
     """
-    import torch
 
     from neuroexplain.evaluate.quality import fit_linear_reference
     from neuroexplain.provenance import provenance
@@ -769,10 +889,12 @@ def train_classifier(
     best = chosen.best
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
-    model = chosen.model.to(memory_format=torch.contiguous_format)
-    logits = predict_logits(model, images, batch_size=cfg.batch_size, device=run.device)
+    # the final model: the trained one, or its ensemble with the reference (one module)
+    chosen, logits, selection = _final_model(run, cohort, phases, chosen, ref_model, model_kwargs)
+    model = chosen.model
     metrics = _split_metrics(cohort, logits, cfg.seed)
     metrics["reference"] = reference
+    metrics["final_selection"] = selection
     params = {**asdict(cfg), "split_file": None if split is None else str(split)}
     prov = provenance(
         params,
