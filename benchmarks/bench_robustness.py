@@ -162,6 +162,8 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
         "cnn_test_balanced_accuracy": m.get("test", {}).get("balanced_accuracy"),
         "reference_val_auc": (ref.get("val") or {}).get("auc"),
         "reference_test_auc": (ref.get("test") or {}).get("auc"),
+        "model": m.get("model"),
+        "final_selection": m.get("final_selection"),
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
         "train_seconds": m.get("train_seconds"),

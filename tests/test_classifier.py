@@ -501,6 +501,75 @@ def _weak_linear_preproc(n: int = 48, size: int = 16, seed: int = 3) -> dict:
     return pre
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_reference_ensemble_is_one_module_combining_the_two_logits(tmp_path, fallback):
+    """The final model = w_m * trained + w_r * reference, as saved, reloaded and recorded."""
+    from neuroexplain.evaluate.quality import fit_linear_reference
+    from neuroexplain.train.classifier import ensemble_weights
+
+    pre = _weak_linear_preproc()
+    common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
+    never = train_classifier(
+        pre, tmp_path / "never", reference_fallback=fallback, reference_ensemble="never", **common
+    )
+    ens = train_classifier(
+        pre, tmp_path / "ens", reference_fallback=fallback, reference_ensemble="always", **common
+    )
+    trained = "cnn+linear" if fallback else "cnn"
+    assert never["model"] == trained and ens["model"] == "ensemble"
+    sel = ens["final_selection"]
+    assert sel["choice"] == "ensemble" and sel["trained_model"] == trained
+    assert sel["val_difference"] is not None and sel["max_abs_logit_diff"] < 1e-4
+    # the ensemble's logits are the combination of the trained model's and the reference's
+    split = pd.read_csv(tmp_path / "ens" / "split.tsv", sep="\t")
+    parts = {s: np.flatnonzero(split["split"].to_numpy() == s) for s in ("train", "val", "test")}
+    _, ref_model = fit_linear_reference(pre["images"], pre["y"].numpy(), parts, seed=0)
+    lr = ref_model.decision_function(pre["images"])
+    lm = pd.read_csv(tmp_path / "never" / "logits.tsv", sep="\t")["logit"].to_numpy()
+    w_m, w_r = ensemble_weights(np.std(lm[parts["train"]]), np.std(lr[parts["train"]]))
+    assert sel["weights"] == pytest.approx({"model": w_m, "reference": w_r}, rel=1e-4)
+    le = pd.read_csv(tmp_path / "ens" / "logits.tsv", sep="\t")["logit"].to_numpy()
+    np.testing.assert_allclose(le, w_m * lm + w_r * lr, rtol=1e-4, atol=1e-4)
+    assert ens["test"]["auc"] == sel["auc"]["ensemble"]["test"]
+    assert sel["auc"]["trained"]["val"] == never["val"]["auc"]
+    assert sel["auc"]["reference"]["test"] == ens["reference"]["test"]["auc"]
+    # one module, rebuilt by the checkpoint loader (weights_only), with the same logits
+    raw = torch.load(tmp_path / "ens" / "model.pt", weights_only=True)
+    assert raw["model_kwargs"]["linear_reference"] is True
+    model, _ = load_classifier(tmp_path / "ens" / "model.pt")
+    with torch.no_grad():
+        again = model(pre["images"])[:, 0].double().numpy()
+    np.testing.assert_allclose(again, le, rtol=1e-4, atol=1e-4)
+
+
+def test_select_final_keeps_the_model_only_when_validation_separates_it():
+    from neuroexplain.train.classifier import ensemble_weights, select_final
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(20), np.ones(20)]
+    perfect = y * 4 + rng.normal(0, 0.1, 40)
+    weak = y * 0.3 + rng.normal(0, 1, 40)
+    close = y * 4 + rng.normal(0, 1.5, 40)
+    # clearly better on validation: the model alone
+    sep = select_final(y, perfect, weak, rule="separated")
+    assert sep["choice"] == "model" and sep["difference"]["low"] > 0
+    # indistinguishable on validation: the ensemble
+    tie = select_final(y, close, perfect, rule="separated")
+    assert tie["choice"] == "ensemble" and tie["difference"]["low"] <= 0
+    # the reference clearly better: the ensemble too
+    assert select_final(y, weak, perfect, rule="separated")["choice"] == "ensemble"
+    assert select_final(y, perfect, weak, rule="always")["choice"] == "ensemble"
+    assert select_final(y, weak, perfect, rule="never")["choice"] == "model"
+    with pytest.raises(ValueError, match="unknown final-model rule"):
+        select_final(y, weak, perfect, rule="best")
+    # scale-free: rescaling one model's logits does not change the ensemble's ranking
+    w1 = ensemble_weights(np.std(close), np.std(weak))
+    w2 = ensemble_weights(np.std(10 * close), np.std(weak))
+    np.testing.assert_allclose(
+        np.argsort(w1[0] * close + w1[1] * weak), np.argsort(w2[0] * 10 * close + w2[1] * weak)
+    )
+
+
 def test_reference_mode_linear_path_is_the_linear_reference(tmp_path, monkeypatch):
     from neuroexplain.evaluate import quality
     from neuroexplain.models import save_classifier
@@ -547,6 +616,7 @@ def test_reference_mode_linear_path_is_the_linear_reference(tmp_path, monkeypatc
 def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tmp_path):
     pre = _weak_linear_preproc()
     common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
+    common["reference_ensemble"] = "never"  # the phases' own model (the ensemble: below)
     metrics = train_classifier(pre, tmp_path / "fb", reference_fallback=True, **common)
     ref_val = metrics["reference"]["val"]["auc"]
     assert ref_val >= 0.9  # the data hold a linear signal

@@ -477,3 +477,25 @@ def test_a_cohort_without_signal_stops_at_the_gate(tmp_path: Path, capsys) -> No
     assert f"a linear reference on the same split reaches only {ref:.2f}" in line
     assert "no learnable signal" in line
     assert not out.exists() and not out.with_suffix(".html").exists()
+
+
+def test_paired_auc_difference_is_paired_and_deterministic():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(15), np.ones(15)]
+    a = y * 2 + rng.normal(0, 1, 30)
+    b = y * 0.2 + rng.normal(0, 1, 30)
+    res = quality.paired_auc_difference(y, a, b, seed=3)
+    assert res["diff"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    assert res["low"] <= res["diff"] <= res["high"] and res["separated"] == (res["low"] > 0)
+    assert quality.paired_auc_difference(y, a, b, seed=3) == res
+    # the same ranking (any monotone rescaling): no difference, an interval of width 0
+    same = quality.paired_auc_difference(y, a, 5 * a + 1)
+    assert same["diff"] == same["low"] == same["high"] == 0 and not same["separated"]
+    # pairing: a model against a small perturbation of itself has a narrower interval than
+    # the unpaired intervals of the two AUCs would suggest
+    near = quality.paired_auc_difference(y, a, a + rng.normal(0, 0.05, 30))
+    lo, hi = quality.bootstrap_auc(y, a)
+    assert near["high"] - near["low"] < (hi - lo) / 2
+    assert quality.paired_auc_difference(np.zeros(4), a[:4], b[:4]) is None
+    with pytest.raises(ValueError, match="one score per label"):
+        quality.paired_auc_difference(y, a[:5], b)

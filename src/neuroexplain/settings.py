@@ -86,6 +86,9 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("constant", "cosine")
+#: when the final classifier is its ensemble with the linear reference
+#: (``classifier.reference_ensemble``)
+ENSEMBLE_RULES = ("always", "separated", "never")
 HINGES = ("relative", "flip", "target")
 #: the subjects the simulator's objective is measured on: the validation split or training
 OBJECTIVE_SUBJECTS = ("val", "train")
@@ -294,6 +297,15 @@ class ClassifierConfig(_Settings):
             model is better on validation. A CNN
             that learns the data's signal (the demo) never triggers it; one stuck at chance on
             small effects gets at least the linear signal. ``metrics.json`` records both phases.
+        reference_ensemble: when the final model (small network) is the trained model combined
+            with the linear reference: ``"always"``, ``"separated"`` (unless the paired bootstrap
+            95 % interval of the validation AUC difference, trained model minus reference, lies
+            above 0) or ``"never"``. The ensemble averages the two logits, each divided by its
+            sd on the training subjects (:func:`neuroexplain.train.classifier.ensemble_weights`),
+            in one module (the CNN with a linear path, no extra training). A validation split
+            of a few dozen subjects, which also chose the network's epoch and the reference's
+            ``C``, cannot tell the two apart reliably
+            (``benchmarks/results/selection_analysis.md``).
     """
 
     SECTION: ClassVar[str] = "classifier"
@@ -339,6 +351,11 @@ class ClassifierConfig(_Settings):
         "Small network below the linear reference's val AUC: train it again with a linear "
         "path initialised from a logistic regression; keep the better on validation.",
     )
+    reference_ensemble: str = setting(
+        "always",
+        "Final model = trained model + linear reference ensemble: always, separated (unless "
+        "validation shows the model above the reference) or never.",
+    )
 
     def __post_init__(self) -> None:
         both = self.val_fraction + self.test_fraction
@@ -365,6 +382,10 @@ class ClassifierConfig(_Settings):
                 "standardize_eps": (self.standardize_eps > 0, "expected > 0"),
                 "elastic_vox": (self.elastic_vox >= 0, "expected >= 0"),
                 "precision": (self.precision in PRECISIONS, f"expected one of {PRECISIONS}"),
+                "reference_ensemble": (
+                    self.reference_ensemble in ENSEMBLE_RULES,
+                    f"expected one of {ENSEMBLE_RULES}",
+                ),
             },
             self,
         )

@@ -446,6 +446,7 @@ def train_classifier_args(wildcards):
             ("--patience", clf["patience"]),
             ("--val-fraction", clf["val_fraction"]),
             ("--test-fraction", clf["test_fraction"]),
+            ("--reference-ensemble", clf["reference_ensemble"]),
             ("--seed", config["seed"]),
         )
         + (" --augment" if clf["augment"] else " --no-augment")

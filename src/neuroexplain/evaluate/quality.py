@@ -43,6 +43,7 @@ __all__ = [
     "check_classifier_quality",
     "fit_linear_reference",
     "linear_reference",
+    "paired_auc_difference",
     "quality_table",
     "select_logistic",
     "write_quality_table",
@@ -475,6 +476,80 @@ def bootstrap_auc(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(aucs, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def paired_auc_difference(
+    y: Sequence[float],
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any] | None:
+    """Paired stratified bootstrap of ``AUC(a) - AUC(b)`` on the same subjects.
+
+    Positives and negatives are resampled separately (as :func:`bootstrap_auc`), and each
+    resample scores both models on the same subjects, so the interval accounts for their
+    correlation (two models that rank the subjects alike have a narrow interval).
+
+    Args:
+        y: labels 0/1 ``(N,)``.
+        scores_a: scores of model a ``(N,)``.
+        scores_b: scores of model b ``(N,)``.
+        n_boot: number of resamples.
+        seed: seed of the resampling.
+        level: coverage of the percentile interval, in (0, 1).
+
+    Returns:
+        ``{"diff", "low", "high", "level", "n_boot", "separated"}`` (``separated``: the interval
+        excludes 0, i.e. the split tells the two models apart), or ``None`` when ``y`` holds
+        one class only.
+
+    Example:
+        >>> y = [0, 0, 0, 1, 1, 1]
+        >>> paired_auc_difference(y, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])["separated"]
+        False
+    """
+    yy = np.asarray(y, dtype=np.float64).reshape(-1)
+    a = np.asarray(scores_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(scores_b, dtype=np.float64).reshape(-1)
+    if not (len(yy) == len(a) == len(b)):
+        raise ValueError(f"expected one score per label, got {len(a)}, {len(b)} for {len(yy)}")
+    if not np.isin(yy, (0.0, 1.0)).all():
+        raise ValueError(f"expected labels 0/1, got values {np.unique(yy).tolist()}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("expected finite scores, got NaN or infinity")
+    if not 0 < level < 1:
+        raise ValueError(f"expected a level in (0, 1), got {level}")
+    pos, neg = yy == 1, yy == 0
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    if not n_pos or not n_neg:
+        return None
+
+    def wins(s: np.ndarray) -> np.ndarray:  # (P, M): 1 positive above, 1/2 tie, 0 below
+        d = s[pos][:, None] - s[neg][None, :]
+        return (d > 0) + 0.5 * (d == 0)
+
+    w = wins(a) - wins(b)
+    diff = float(w.mean())
+    rng = np.random.default_rng(seed)
+    cp = np.zeros((n_boot, n_pos))
+    cn = np.zeros((n_boot, n_neg))
+    rows = np.arange(n_boot)[:, None]
+    np.add.at(cp, (rows, rng.integers(0, n_pos, size=(n_boot, n_pos))), 1.0)
+    np.add.at(cn, (rows, rng.integers(0, n_neg, size=(n_boot, n_neg))), 1.0)
+    boots = np.einsum("bp,pm,bm->b", cp, w, cn) / (n_pos * n_neg)
+    alpha = (1.0 - level) / 2.0
+    low, high = (float(v) for v in np.quantile(boots, [alpha, 1.0 - alpha]))
+    return {
+        "diff": diff,
+        "low": low,
+        "high": high,
+        "level": level,
+        "n_boot": int(n_boot),
+        "separated": bool(low > 0 or high < 0),
+    }
 
 
 # ------------------------------------------------------------------------------ quality gate

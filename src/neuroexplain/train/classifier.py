@@ -6,7 +6,9 @@ control and diseased version of one anatomy in a paired synthetic cohort, share 
 training batch), trains with class balancing (``pos_weight``), light MONAI
 augmentation and early stopping on the validation loss (or AUC), keeps the best epoch, and writes:
 
-- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`),
+- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`) of the final model: by
+  default (``reference_ensemble="always"``) the ensemble of the trained network and the linear
+  reference as one module (:func:`ensemble_weights`, :func:`select_final`),
 - ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
   (and train), plus provenance,
 - ``logits.tsv``: per subject ``subject, split, y, label, logit, prob``,
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from neuroexplain.errors import InputError
-from neuroexplain.settings import ClassifierConfig
+from neuroexplain.settings import ENSEMBLE_RULES, ClassifierConfig
 from neuroexplain.utils import Precision
 
 __all__ = [
@@ -41,10 +43,12 @@ __all__ = [
     "BatchAugment",
     "TrainConfig",
     "binary_metrics",
+    "ensemble_weights",
     "load_preproc_dict",
     "make_split",
     "predict_logits",
     "read_split",
+    "select_final",
     "train_classifier",
 ]
 
@@ -619,6 +623,121 @@ def _train_phases(
     return phases
 
 
+def _final_model(
+    run: _Run,
+    cohort: _ClassifierData,
+    phases: Sequence[_Phase],
+    chosen: _Phase,
+    ref_model: Any,
+    model_kwargs: dict[str, Any],
+) -> tuple[_Phase, np.ndarray, dict[str, Any]]:
+    """The final model (``cfg.reference_ensemble``), its logits and the decision's record.
+
+    The trained model (``chosen``: the CNN, or the CNN with a linear path) is kept, or combined
+    with the linear reference as one module: the CNN with a reference-mode linear path, its
+    logit layer scaled by ``w_m`` and the path set to ``w_m`` times its trained weights (if
+    any) plus ``w_r`` times the reference's (:func:`ensemble_weights` of the two models' logit
+    sds on the training subjects). No training; the record holds the validation and test AUC of
+    the CNN alone, the trained model, the reference and the ensemble, and why the final model
+    was chosen.
+    """
+    import dataclasses
+
+    import torch
+
+    cfg, images, y, parts = run.cfg, cohort.images, cohort.y, cohort.parts
+    trained = chosen.model.to(memory_format=torch.contiguous_format)
+    lm = predict_logits(trained, images, batch_size=cfg.batch_size, device=run.device)
+    cnn = phases[0]
+    if cnn is chosen:
+        lc = lm
+    else:
+        cnn_model = cnn.model.to(memory_format=torch.contiguous_format)
+        lc = predict_logits(cnn_model, images, batch_size=cfg.batch_size, device=run.device)
+    lr = ref_model.decision_function(images)
+    tr, va = parts["train"], parts["val"]
+    s_m, s_r = float(np.std(lm[tr])), float(np.std(lr[tr]))
+    can = cfg.arch == "small" and s_m > 0 and s_r > 0
+    if can:
+        decision = select_final(y[va], lm[va], lr[va], rule=cfg.reference_ensemble, seed=cfg.seed)
+    else:
+        why = "no linear path" if cfg.arch != "small" else "constant training logits"
+        decision = {"choice": "model", "rule": cfg.reference_ensemble, "reason": why}
+    record: dict[str, Any] = {
+        "rule": cfg.reference_ensemble,
+        "choice": decision["choice"],
+        "reason": decision["reason"],
+        "val_difference": decision.get("difference"),
+        "trained_model": chosen.name,
+        "logit_sd_train": {"model": s_m, "reference": s_r},
+    }
+
+    def aucs(lg: np.ndarray) -> dict[str, float | None]:
+        return {s: binary_metrics(y[parts[s]], lg[parts[s]])["auc"] for s in ("val", "test")}
+
+    record["auc"] = {"cnn": aucs(lc), "trained": aucs(lm), "reference": aucs(lr)}
+    if can:
+        w_m, w_r = ensemble_weights(s_m, s_r)
+        record["weights"] = {"model": w_m, "reference": w_r}
+        record["auc"]["ensemble"] = aucs(w_m * lm + w_r * lr)
+    if decision["choice"] != "ensemble":
+        logger.info("final model: %s (%s)", chosen.name, decision["reason"])
+        return dataclasses.replace(chosen, model=trained), lm, record
+    kwargs = {**model_kwargs, "linear_pool": ref_model.pool, "linear_reference": True}
+    ens = _ensemble_module(cfg, cohort, trained, ref_model, kwargs, w_m, w_r)
+    le = predict_logits(ens, images, batch_size=cfg.batch_size, device=run.device)
+    record["max_abs_logit_diff"] = float(np.max(np.abs(le - (w_m * lm + w_r * lr))))
+    logger.info(
+        "final model: the ensemble of %s and the linear reference (%s; weights %.3g, %.3g)",
+        chosen.name,
+        decision["reason"],
+        w_m,
+        w_r,
+    )
+    return dataclasses.replace(chosen, name="ensemble", model=ens, model_kwargs=kwargs), le, record
+
+
+def _ensemble_module(
+    cfg: TrainConfig,
+    cohort: _ClassifierData,
+    trained: Any,
+    ref_model: Any,
+    kwargs: dict[str, Any],
+    w_m: float,
+    w_r: float,
+) -> Any:
+    """``w_m * trained(x) + w_r * reference(x)`` as one CNN-with-linear-path module."""
+    import torch
+
+    device = next(trained.parameters()).device
+    ens = _build(cfg, cohort.data, cohort.images, cohort.parts, kwargs)
+    state = ens.state_dict()
+    for k, v in trained.state_dict().items():
+        if not k.startswith("linear_path."):
+            state[k] = v.detach().cpu().clone()
+    ens.load_state_dict(state)
+    norm = getattr(ens, "input_norm", None)
+    path = ens.linear_path
+    path.set_reference(ref_model, norm)
+    with torch.no_grad():
+        last = ens.classifier[-1]
+        last.weight.mul_(w_m)
+        last.bias.mul_(w_m)
+        weight, bias = path.linear.weight * w_r, path.linear.bias * w_r
+        old = getattr(trained, "linear_path", None)
+        if old is not None:  # a trained linear path: its term is part of the trained logit
+            if not (old.reference and old.pool == path.pool):
+                raise ValueError("expected the trained linear path in the reference's mode")
+            for name in ("input_mean", "input_scale", "feature_mean", "feature_sd", "keep"):
+                if not torch.equal(getattr(old, name).cpu(), getattr(path, name)):
+                    raise ValueError(f"the trained linear path's {name} is not the reference's")
+            weight = weight + w_m * old.linear.weight.detach().cpu()
+            bias = bias + w_m * old.linear.bias.detach().cpu()
+        path.linear.weight.copy_(weight)
+        path.linear.bias.copy_(bias)
+    return ens.to(device).to(memory_format=torch.contiguous_format).eval()
+
+
 def _split_metrics(cohort: _ClassifierData, logits: np.ndarray, seed: int) -> dict[str, Any]:
     """:func:`binary_metrics` and the bootstrap AUC interval of every non-empty split."""
     from neuroexplain.evaluate.quality import bootstrap_auc
@@ -736,7 +855,11 @@ def train_classifier(
         "epochs_run", "seconds", "reference", "precision", ...}``): per split the
         :func:`binary_metrics` plus ``auc_ci`` (95 % stratified bootstrap interval);
         ``reference`` is the :func:`neuroexplain.evaluate.quality.linear_reference` fitted on
-        the same split (does a linear model find a signal the network should?); ``precision``
+        the same split (does a linear model find a signal the network should?); ``model`` the
+        final model (``cnn``, ``cnn+linear`` or ``ensemble`` with the reference, config
+        ``reference_ensemble``) and ``final_selection`` why (:func:`select_final`, with the
+        validation / test AUC of the CNN alone, the trained model, reference and ensemble);
+        ``precision``
         the arithmetic of the training forward passes (``config.precision`` resolved:
         :func:`neuroexplain.utils.resolve_precision`).
 
@@ -744,7 +867,6 @@ def train_classifier(
         >>> train_classifier("results/ingest/mri/preproc.pt", "results/classifier",
         ...                  epochs=30, seed=0)  # doctest: +SKIP
     """
-    import torch
 
     from neuroexplain.evaluate.quality import fit_linear_reference
     from neuroexplain.provenance import provenance
@@ -767,10 +889,12 @@ def train_classifier(
     best = chosen.best
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
-    model = chosen.model.to(memory_format=torch.contiguous_format)
-    logits = predict_logits(model, images, batch_size=cfg.batch_size, device=run.device)
+    # the final model: the trained one, or its ensemble with the reference (one module)
+    chosen, logits, selection = _final_model(run, cohort, phases, chosen, ref_model, model_kwargs)
+    model = chosen.model
     metrics = _split_metrics(cohort, logits, cfg.seed)
     metrics["reference"] = reference
+    metrics["final_selection"] = selection
     params = {**asdict(cfg), "split_file": None if split is None else str(split)}
     prov = provenance(
         params,
@@ -810,6 +934,84 @@ def train_classifier(
     )
     _write_classifier_outputs(out, cfg, cohort, chosen, model, logits, log_rows, metrics, params)
     return metrics
+
+
+def ensemble_weights(scale_model: float, scale_reference: float) -> tuple[float, float]:
+    """Weights ``(w_model, w_reference)`` of the ensemble logit ``w_m l_m + w_r l_r``.
+
+    Each model's logit is divided by its own scale (its logit sd on the training subjects), the
+    two are averaged, and the average is multiplied by the geometric mean of the scales so the
+    ensemble's logits stay on the models' scale: ``w_m = sqrt(s_r / s_m) / 2``,
+    ``w_r = sqrt(s_m / s_r) / 2``. Scale-free: rescaling either model's logits does not change
+    the ensemble's ranking (its AUC); a logit of 0 in both models stays 0.
+
+    Example:
+        >>> ensemble_weights(4.0, 1.0)
+        (0.25, 1.0)
+    """
+    sm, sr = float(scale_model), float(scale_reference)
+    if not (sm > 0 and sr > 0 and math.isfinite(sm) and math.isfinite(sr)):
+        raise ValueError(f"expected positive finite logit scales, got {sm}, {sr}")
+    return 0.5 * math.sqrt(sr / sm), 0.5 * math.sqrt(sm / sr)
+
+
+def select_final(
+    y_val: Sequence[float],
+    model_val: Sequence[float],
+    reference_val: Sequence[float],
+    *,
+    rule: str = "separated",
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Decide between the trained model alone and its ensemble with the linear reference.
+
+    Validation information only. ``rule``:
+
+    - ``"separated"``: the ensemble, unless the validation split tells the trained model apart
+      from the reference in its favour: the paired stratified bootstrap interval
+      (:func:`neuroexplain.evaluate.quality.paired_auc_difference`, ``level``) of
+      ``AUC(model) - AUC(reference)`` lies above 0. On a split of a few dozen subjects the
+      interval is wide, so a small validation advantage (which the model's own early stopping
+      inflates) does not discard the reference;
+    - ``"always"``: the ensemble;
+    - ``"never"``: the model.
+
+    Returns:
+        ``{"choice": "model" | "ensemble", "rule", "reason", "val_auc_model",
+        "val_auc_reference", "difference"}`` (``difference``: the bootstrap result, computed
+        under every rule, ``None`` for a one-class split).
+    """
+    from neuroexplain.evaluate.quality import paired_auc_difference
+
+    if rule not in FINAL_RULES:
+        raise ValueError(f"unknown final-model rule {rule!r}; expected one of {FINAL_RULES}")
+    auc_m = binary_metrics(y_val, model_val)["auc"]
+    auc_r = binary_metrics(y_val, reference_val)["auc"]
+    out: dict[str, Any] = {
+        "rule": rule,
+        "val_auc_model": auc_m,
+        "val_auc_reference": auc_r,
+    }
+    diff = paired_auc_difference(y_val, model_val, reference_val, seed=seed, level=level)
+    out["difference"] = diff
+    if rule == "always":
+        return {**out, "choice": "ensemble", "reason": "rule 'always'"}
+    if rule == "never":
+        return {**out, "choice": "model", "reason": "rule 'never'"}
+    if diff is None:
+        return {**out, "choice": "ensemble", "reason": "one class in validation: no comparison"}
+    if diff["low"] > 0:
+        reason = (
+            f"validation separates the model from the reference: AUC difference "
+            f"{diff['diff']:.3f}, {level:.0%} interval [{diff['low']:.3f}, {diff['high']:.3f}]"
+        )
+        return {**out, "choice": "model", "reason": reason}
+    reason = (
+        f"validation does not show the model above the reference: AUC difference "
+        f"{diff['diff']:.3f}, {level:.0%} interval [{diff['low']:.3f}, {diff['high']:.3f}]"
+    )
+    return {**out, "choice": "ensemble", "reason": reason}
 
 
 def _monitor_key(monitor: str, val_loss: float, auc: float) -> tuple[float, ...]:
@@ -1212,6 +1414,8 @@ STATE_FILE = "train_state.pt"
 STATE_FILE_LINEAR = "train_state_linear.pt"
 #: a CNN this far below the linear reference's validation AUC is trained again with a linear path
 REFERENCE_MARGIN = 0.03
+#: rules of :func:`select_final` (config ``classifier.reference_ensemble``)
+FINAL_RULES = ENSEMBLE_RULES
 STATE_FORMAT = "neuroexplain-classifier-state/1"
 
 

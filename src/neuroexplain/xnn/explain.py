@@ -63,7 +63,8 @@ def default_layer(model: nn.Module) -> str:
     ]
     if getattr(model, "linear_path", None) is not None:
         logger.warning(
-            "the classifier has a linear path on its input (classifier.reference_fallback): the "
+            "the classifier has a linear path on its input (classifier.reference_fallback or "
+            "reference_ensemble): the "
             "part of the logit it carries is not in any layer's activations, so the explanation "
             "features can only be as faithful as the CNN path is to the logit (see R^2)"
         )
