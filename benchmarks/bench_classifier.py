@@ -40,8 +40,8 @@ def run_one(size: int, batch_size: int, steps: int, threads: int) -> dict:
 
     import torch
 
-    from neuroexplain.models import build_model
-    from neuroexplain.train.classifier import TrainConfig, _augmenter
+    from neuroexplain.classifier import build_model
+    from neuroexplain.classifier.train import TrainConfig, _augmenter
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -244,12 +244,12 @@ class _Settings:
 
 @dataclass
 class ClassifierConfig(_Settings):
-    """Options of :func:`neuroexplain.train.train_classifier` (recorded in checkpoint and metrics).
+    """Options of :func:`neuroexplain.classifier.train_classifier` (kept in checkpoint and metrics).
 
     The defaults are the workflow's measured ones (README, "classifier").
 
     Attributes:
-        arch: network name (see :data:`neuroexplain.models.ARCHITECTURES`).
+        arch: network name (see :data:`neuroexplain.classifier.ARCHITECTURES`).
         epochs: maximum number of epochs.
         batch_size: training batch size.
         lr: AdamW learning rate (the peak rate with ``lr_schedule="cosine"``).
@@ -287,7 +287,7 @@ class ClassifierConfig(_Settings):
         reference_fallback: when the small network's best validation AUC is more than
             ``REFERENCE_MARGIN`` (0.03) below the linear reference's (an L2 logistic regression
             on the standardised voxels, same split), train it a second time with a
-            :class:`~neuroexplain.models.classifier.LinearPath` (a logistic-regression term on
+            :class:`~neuroexplain.classifier.network.LinearPath` (a logistic-regression term on
             the input) that starts as the linear reference itself (same features, ``C`` and
             coefficients; the CNN's logit layer starts at zero), so the second phase starts at
             the reference's validation AUC and leaves it only for a higher one; keep whichever

@@ -133,7 +133,7 @@ def harness_means(
 
 # ------------------------------------------------------------------------ subject selection
 
-#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``train.classifier.SPLITS``)
+#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``classifier.SPLITS``)
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -256,7 +256,7 @@ class MRIContext:
     @cached_property
     def split(self) -> Any:
         """The ``split.tsv`` DataFrame, or ``None`` without one."""
-        from neuroexplain.train.classifier import read_split
+        from neuroexplain.classifier.train import read_split
 
         if self.split_path is None:
             return None
@@ -285,7 +285,7 @@ def load_mri_context(
         checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
         split: the ``split.tsv`` for split names (default: ``split.tsv`` next to the checkpoint).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a resolved ``torch.device``.
-        labelled: load with :func:`neuroexplain.train.classifier.load_preproc_dict` (binary
+        labelled: load with :func:`neuroexplain.classifier.train.load_preproc_dict` (binary
             labels required, float32 images), not :func:`neuroexplain.mri.ingest.load_preproc`.
         strict_split: a given ``split`` must exist and list every subject (read now); without
             one and none next to the checkpoint, a warning. Otherwise a split file that does not
@@ -297,11 +297,11 @@ def load_mri_context(
     """
     import torch
 
-    from neuroexplain.models.classifier import load_classifier
+    from neuroexplain.classifier.network import load_classifier
     from neuroexplain.utils import resolve_device
 
     if labelled:
-        from neuroexplain.train.classifier import load_preproc_dict as load
+        from neuroexplain.classifier.train import load_preproc_dict as load
     else:
         from neuroexplain.mri.ingest import load_preproc as load
     pre = load(preproc)

@@ -48,9 +48,9 @@ def select_subjects(
     Raises:
         InputError: unknown subjects, a split name without a split file, or an empty selection.
     """
+    from neuroexplain.classifier.train import read_split
     from neuroexplain.stage import select_subjects as select
     from neuroexplain.stage import subject_splits
-    from neuroexplain.train.classifier import read_split
 
     splits = subject_splits(read_split(split) if split is not None else None, subjects)
     return select(spec, subjects, splits, split_source=split)
@@ -95,8 +95,8 @@ def run_saliency(
 
     from neuroexplain.attribution.baselines import BaselineExplainer
     from neuroexplain.attribution.export import write_subject_maps
+    from neuroexplain.classifier import default_target_layer
     from neuroexplain.io.atomic import write_json
-    from neuroexplain.models import default_target_layer
     from neuroexplain.provenance import provenance
     from neuroexplain.stage import load_mri_context, write_maps_manifest
 

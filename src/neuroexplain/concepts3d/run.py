@@ -230,8 +230,8 @@ def _load_tcav(
     progress: bool | None,
 ) -> _TCAVRun:
     """Load the cohort, classifier and concepts; set up TCAV; choose the class inputs."""
+    from neuroexplain.classifier.network import default_target_layer
     from neuroexplain.concepts3d.tcav import TCAV
-    from neuroexplain.models.classifier import default_target_layer
 
     ctx, cfg = src.load()
     table = context_table(ctx, src.participants or cfg.participants)
@@ -679,13 +679,13 @@ def _load_sacv(
     progress: bool | None,
 ) -> _SACVRun:
     """Load the cohort, classifier and concept; train the SACV; choose the subjects."""
+    from neuroexplain.classifier.network import default_target_layer
     from neuroexplain.concepts3d.concepts import (
         build_concept,
         concept_pool,
         with_positions,
     )
     from neuroexplain.concepts3d.sacv import SACV, train_sacv
-    from neuroexplain.models.classifier import default_target_layer
 
     ctx, cfg = src.load()
     spec = cfg.get(concept) if concept else cfg.concepts[0]

@@ -1047,8 +1047,8 @@ def _load_training_inputs(
     correct_only: bool,
 ) -> _TrainingInputs:
     """Read the images, classifier, logits and split; select the training subjects."""
+    from neuroexplain.classifier.train import read_split
     from neuroexplain.stage import load_mri_context
-    from neuroexplain.train.classifier import read_split
 
     # on the CPU (the training moves it); its split is not used: the logits' (or --split) is
     ctx = load_mri_context(preproc, classifier, device=torch.device("cpu"), labelled=True)

@@ -6,7 +6,7 @@ control and diseased version of one anatomy in a paired synthetic cohort, share 
 training batch), trains with class balancing (``pos_weight``), light MONAI
 augmentation and early stopping on the validation loss (or AUC), keeps the best epoch, and writes:
 
-- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`),
+- ``model.pt``: checkpoint (:func:`neuroexplain.classifier.save_classifier`),
 - ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
   (and train), plus provenance,
 - ``logits.tsv``: per subject ``subject, split, y, label, logit, prob``,
@@ -663,8 +663,8 @@ def _write_classifier_outputs(
     and remove the training states."""
     import pandas as pd
 
+    from neuroexplain.classifier.network import save_classifier
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import save_classifier
 
     best, data, y, split_df = chosen.best, cohort.data, cohort.y, cohort.split_df
     logit_df = pd.DataFrame(
@@ -869,7 +869,7 @@ def _build(
     """The network of ``cfg`` with its input standardisation fitted on the training images."""
     import torch
 
-    from neuroexplain.models import build_model
+    from neuroexplain.classifier.network import build_model
 
     in_shape = list(images.shape[1:])
     model = build_model(
