@@ -336,7 +336,7 @@ def test_cli_train_classifier(tmp_path):
 
 
 def test_batch_augmentation_is_seeded_and_light():
-    from neuroexplain.classifier.train import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     x = torch.zeros(6, 1, 16, 16, 16)
     x[:, :, 4:12, 5:11, 6:10] = 1.0
@@ -365,7 +365,7 @@ def test_batch_augmentation_is_seeded_and_light():
 
 
 def test_default_augmentation_shifts_whole_voxels():
-    from neuroexplain.classifier.train import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     x = torch.rand(4, 1, 12, 12, 12)
     out = BatchAugment(intensity=0, seed=0)(x)
@@ -379,7 +379,7 @@ def test_default_augmentation_shifts_whole_voxels():
 def test_elastic_augmentation_is_a_bounded_smooth_seeded_warp():
     import torch.nn.functional as F
 
-    from neuroexplain.classifier.train import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     kw = {"rotate_deg": 0, "translate_vox": 0, "scale": 0, "intensity": 0, "prob": 1.0}
     aug = BatchAugment(elastic_vox=1.5, seed=5, **kw)

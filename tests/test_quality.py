@@ -84,9 +84,9 @@ def test_linear_reference_chooses_c_on_validation(monkeypatch) -> None:
     x, y = _planted(effect=0.8)
     parts = _parts(40, 10, 0)
     aucs = {1.0: 0.6, 10.0: 0.9, 100.0: 0.9}  # a tie between 10 and 100: the smaller wins
-    from neuroexplain.classifier import train as train_classifier_module
+    from neuroexplain.classifier import metrics as metrics_module
 
-    real = train_classifier_module.binary_metrics
+    real = metrics_module.binary_metrics
     calls: list[int] = []
 
     def fake(y_true, logits):
@@ -96,7 +96,7 @@ def test_linear_reference_chooses_c_on_validation(monkeypatch) -> None:
             calls.append(1)
         return out
 
-    monkeypatch.setattr(train_classifier_module, "binary_metrics", fake)
+    monkeypatch.setattr(metrics_module, "binary_metrics", fake)
     ref = linear_reference(x, y, parts, Cs=(100.0, 1.0, 10.0))
     assert ref["val_auc_by_C"] == {"1": 0.6, "10": 0.9, "100": 0.9}
     assert ref["C"] == 10.0

@@ -256,7 +256,7 @@ class MRIContext:
     @cached_property
     def split(self) -> Any:
         """The ``split.tsv`` DataFrame, or ``None`` without one."""
-        from neuroexplain.classifier.train import read_split
+        from neuroexplain.classifier.data import read_split
 
         if self.split_path is None:
             return None
@@ -285,7 +285,7 @@ def load_mri_context(
         checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
         split: the ``split.tsv`` for split names (default: ``split.tsv`` next to the checkpoint).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a resolved ``torch.device``.
-        labelled: load with :func:`neuroexplain.classifier.train.load_preproc_dict` (binary
+        labelled: load with :func:`neuroexplain.classifier.data.load_preproc_dict` (binary
             labels required, float32 images), not :func:`neuroexplain.mri.ingest.load_preproc`.
         strict_split: a given ``split`` must exist and list every subject (read now); without
             one and none next to the checkpoint, a warning. Otherwise a split file that does not
@@ -301,7 +301,7 @@ def load_mri_context(
     from neuroexplain.utils import resolve_device
 
     if labelled:
-        from neuroexplain.classifier.train import load_preproc_dict as load
+        from neuroexplain.classifier.data import load_preproc_dict as load
     else:
         from neuroexplain.mri.ingest import load_preproc as load
     pre = load(preproc)

@@ -48,7 +48,7 @@ def select_subjects(
     Raises:
         InputError: unknown subjects, a split name without a split file, or an empty selection.
     """
-    from neuroexplain.classifier.train import read_split
+    from neuroexplain.classifier.data import read_split
     from neuroexplain.stage import select_subjects as select
     from neuroexplain.stage import subject_splits
 

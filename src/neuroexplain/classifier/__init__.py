@@ -3,6 +3,10 @@
 - :mod:`~neuroexplain.classifier.network`: the networks (MONAI blocks, dotted layer names) and
   their checkpoints (:func:`~neuroexplain.classifier.network.save_classifier`,
   :func:`~neuroexplain.classifier.network.load_classifier`);
+- :mod:`~neuroexplain.classifier.data`: ``preproc.pt`` loading and the subject split
+  (``split.tsv``) the explanation stages also read;
+- :mod:`~neuroexplain.classifier.metrics`: binary metrics and a model's logits;
+- :mod:`~neuroexplain.classifier.augment`: the batched training augmentation;
 - :mod:`~neuroexplain.classifier.train`: the training loop (``neuroexplain train-classifier``),
   its phases, model selection and resumable state.
 
@@ -25,13 +29,14 @@ _EXPORTS = {
     "layer_names": "network",
     "load_classifier": "network",
     "save_classifier": "network",
-    "SPLITS": "train",
+    "SPLITS": "data",
+    "load_preproc_dict": "data",
+    "make_split": "data",
+    "read_split": "data",
+    "binary_metrics": "metrics",
+    "predict_logits": "metrics",
+    "BatchAugment": "augment",
     "TrainConfig": "train",
-    "binary_metrics": "train",
-    "load_preproc_dict": "train",
-    "make_split": "train",
-    "predict_logits": "train",
-    "read_split": "train",
     "train_classifier": "train",
 }
 

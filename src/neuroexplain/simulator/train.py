@@ -1047,7 +1047,7 @@ def _load_training_inputs(
     correct_only: bool,
 ) -> _TrainingInputs:
     """Read the images, classifier, logits and split; select the training subjects."""
-    from neuroexplain.classifier.train import read_split
+    from neuroexplain.classifier.data import read_split
     from neuroexplain.stage import load_mri_context
 
     # on the CPU (the training moves it); its split is not used: the logits' (or --split) is
