@@ -8,7 +8,7 @@ against the run's ``metrics.json``), and the validation / test AUC of three mode
 computed: the stage's trained model (``logits.tsv``: the CNN, or the CNN with a linear path
 when the reference fallback chose it), the reference, and their ensemble (each model's
 logits divided by its own logit sd on the training subjects, averaged:
-``neuroexplain.train.classifier.ensemble_weights``). No training.
+``neuroexplain.classifier.train.ensemble_weights``). No training.
 
 Decision rules, each using validation information only, are then scored on the test split:
 
@@ -16,7 +16,7 @@ Decision rules, each using validation information only, are then scored on the t
 - ``always``: the ensemble;
 - ``separated``: the ensemble unless the paired stratified bootstrap 95 % interval of the
   validation AUC difference (model - reference) lies above 0
-  (``neuroexplain.train.classifier.select_final``);
+  (``neuroexplain.classifier.train.select_final``);
 - ``val_argmax``: whichever of model, reference and ensemble has the best validation AUC (ties:
   model, ensemble, reference), the naive selection.
 
@@ -52,8 +52,8 @@ def analyze_run(run: Path, preproc: dict, seed: int) -> dict:
     """Refit the reference on the run's split and score model, reference and ensemble."""
     import pandas as pd
 
+    from neuroexplain.classifier.train import ensemble_weights, select_final
     from neuroexplain.evaluate.quality import fit_linear_reference
-    from neuroexplain.train.classifier import ensemble_weights, select_final
 
     subjects = preproc["subjects"]
     split = pd.read_csv(run / "split.tsv", sep="\t", dtype={"subject": str})
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
+    from neuroexplain.classifier.data import load_preproc_dict
     from neuroexplain.provenance import provenance
-    from neuroexplain.train.classifier import load_preproc_dict
 
     runs = []
     for cohort in args.cohorts:

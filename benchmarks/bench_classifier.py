@@ -40,8 +40,9 @@ def run_one(size: int, batch_size: int, steps: int, threads: int) -> dict:
 
     import torch
 
-    from neuroexplain.models import build_model
-    from neuroexplain.train.classifier import TrainConfig, _augmenter
+    from neuroexplain.classifier import build_model
+    from neuroexplain.classifier.augment import build_augmenter
+    from neuroexplain.classifier.train import TrainConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def run_one(size: int, batch_size: int, steps: int, threads: int) -> dict:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     x = torch.rand(batch_size, 1, *shape)
     y = (torch.arange(batch_size) % 2).float()
-    aug = _augmenter(TrainConfig(), 0, 0)
+    aug = build_augmenter(TrainConfig(), 0, 0)
     rss_model = _rss_mb()
 
     def step(augment: bool) -> None:

@@ -54,7 +54,7 @@ def _classifier_step(size: int, batch_size: int, precision) -> Callable[[], floa
     """One training step of the default classifier, as ``train-classifier`` takes it."""
     import torch
 
-    from neuroexplain.models import build_model
+    from neuroexplain.classifier import build_model
     from neuroexplain.settings import ClassifierConfig
 
     cfg = ClassifierConfig()
@@ -86,7 +86,7 @@ def _simulator_step(size: int, batch_size: int, precision_name: str) -> Callable
     """One step of ``train-simulator`` (its own code path) with the default simulator."""
     import torch
 
-    from neuroexplain.models import build_model
+    from neuroexplain.classifier import build_model
     from neuroexplain.settings import SimulatorConfig, SimulatorTrainConfig
     from neuroexplain.simulator.train import _optimise_step, _setup_run
 

@@ -56,7 +56,7 @@ def _train_seconds(x, cond, clf, *, steps: int, cycle: bool, batch_size: int) ->
 def _measure(args: argparse.Namespace, threads: int) -> dict:
     import torch
 
-    from neuroexplain.models import build_model
+    from neuroexplain.classifier import build_model
     from neuroexplain.simulator import SimulatorConfig, SimulatorNet, disease_log_jacobian, simulate
 
     torch.set_num_threads(threads)

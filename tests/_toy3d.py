@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from neuroexplain.models import build_model, save_classifier
+from neuroexplain.classifier import build_model, save_classifier
 
 SIZE = 16
 CENTRE_A = (4.5, 5.0, 8.0)

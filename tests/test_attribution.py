@@ -13,8 +13,8 @@ from torch import nn
 from neuroexplain.attribution import METHODS, BaselineExplainer, attribute_baselines
 from neuroexplain.attribution.export import map_path, write_subject_maps
 from neuroexplain.attribution.saliency import select_subjects
+from neuroexplain.classifier import build_model, save_classifier
 from neuroexplain.cli import main
-from neuroexplain.models import build_model, save_classifier
 from neuroexplain.mri.preprocess import to_model
 
 SIZE = 16

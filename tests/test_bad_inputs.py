@@ -1247,7 +1247,7 @@ def _(tmp: Path, k: Kit) -> Case:
 def _(tmp: Path, k: Kit) -> Case:
     from _toy3d import MODEL_KW
 
-    from neuroexplain.models import build_model, save_classifier
+    from neuroexplain.classifier import build_model, save_classifier
 
     other = tmp / "model24.pt"
     net = build_model("small", spatial_size=(24, 24, 24), **MODEL_KW)

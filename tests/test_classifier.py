@@ -10,17 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from neuroexplain.cli import main
-from neuroexplain.errors import InputError
-from neuroexplain.models import (
+from neuroexplain.classifier import (
     SmallCNN3D,
+    binary_metrics,
     build_model,
     default_target_layer,
     get_layer,
     layer_names,
     load_classifier,
+    make_split,
+    read_split,
+    train_classifier,
 )
-from neuroexplain.train import binary_metrics, make_split, read_split, train_classifier
+from neuroexplain.cli import main
+from neuroexplain.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -333,7 +336,7 @@ def test_cli_train_classifier(tmp_path):
 
 
 def test_batch_augmentation_is_seeded_and_light():
-    from neuroexplain.train.classifier import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     x = torch.zeros(6, 1, 16, 16, 16)
     x[:, :, 4:12, 5:11, 6:10] = 1.0
@@ -362,7 +365,7 @@ def test_batch_augmentation_is_seeded_and_light():
 
 
 def test_default_augmentation_shifts_whole_voxels():
-    from neuroexplain.train.classifier import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     x = torch.rand(4, 1, 12, 12, 12)
     out = BatchAugment(intensity=0, seed=0)(x)
@@ -376,7 +379,7 @@ def test_default_augmentation_shifts_whole_voxels():
 def test_elastic_augmentation_is_a_bounded_smooth_seeded_warp():
     import torch.nn.functional as F
 
-    from neuroexplain.train.classifier import BatchAugment
+    from neuroexplain.classifier.augment import BatchAugment
 
     kw = {"rotate_deg": 0, "translate_vox": 0, "scale": 0, "intensity": 0, "prob": 1.0}
     aug = BatchAugment(elastic_vox=1.5, seed=5, **kw)
@@ -467,7 +470,7 @@ def test_training_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, monkey
 
 
 def test_cosine_schedule_warms_up_decays_and_is_logged(tmp_path):
-    from neuroexplain.train.classifier import TrainConfig, lr_at
+    from neuroexplain.classifier.train import TrainConfig, lr_at
 
     cfg = TrainConfig(lr=1e-2, epochs=5, lr_schedule="cosine")
     rates = [lr_at(cfg, s, 4) for s in range(20)]
@@ -504,8 +507,8 @@ def _weak_linear_preproc(n: int = 48, size: int = 16, seed: int = 3) -> dict:
 @pytest.mark.parametrize("fallback", [False, True])
 def test_reference_ensemble_is_one_module_combining_the_two_logits(tmp_path, fallback):
     """The final model = w_m * trained + w_r * reference, as saved, reloaded and recorded."""
+    from neuroexplain.classifier.train import ensemble_weights
     from neuroexplain.evaluate.quality import fit_linear_reference
-    from neuroexplain.train.classifier import ensemble_weights
 
     pre = _weak_linear_preproc()
     common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
@@ -543,7 +546,7 @@ def test_reference_ensemble_is_one_module_combining_the_two_logits(tmp_path, fal
 
 
 def test_select_final_keeps_the_model_only_when_validation_separates_it():
-    from neuroexplain.train.classifier import ensemble_weights, select_final
+    from neuroexplain.classifier.train import ensemble_weights, select_final
 
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(20), np.ones(20)]
@@ -571,8 +574,8 @@ def test_select_final_keeps_the_model_only_when_validation_separates_it():
 
 
 def test_reference_mode_linear_path_is_the_linear_reference(tmp_path, monkeypatch):
+    from neuroexplain.classifier import save_classifier
     from neuroexplain.evaluate import quality
-    from neuroexplain.models import save_classifier
 
     monkeypatch.setattr(quality, "MAX_REFERENCE_VOXELS", 1000)  # 17³ (odd) pooled by 2 to 8³
     pre = _weak_linear_preproc(n=40, size=17)

@@ -145,7 +145,7 @@ def test_saliency_and_simulator_maps_are_bitwise_reproducible(tmp_path: Path) ->
     simulated disease maps: identical bytes from two runs."""
     from _toy3d import MODEL_KW, SIZE, make_preproc, split_table, train_toy
 
-    from neuroexplain.models import save_classifier
+    from neuroexplain.classifier import save_classifier
 
     inputs = tmp_path / "in"
     pre = make_preproc(inputs / "bids", n=10, seed=0)

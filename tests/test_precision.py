@@ -12,10 +12,10 @@ import yaml
 from test_classifier import _toy_preproc
 from test_simulator import _train
 
+from neuroexplain.classifier import train_classifier
 from neuroexplain.cli import main
 from neuroexplain.errors import InputError
 from neuroexplain.settings import PRECISIONS, ClassifierConfig, SimulatorTrainConfig
-from neuroexplain.train import train_classifier
 from neuroexplain.utils import cpu_flags, resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -84,9 +84,9 @@ def test_linear_reference_chooses_c_on_validation(monkeypatch) -> None:
     x, y = _planted(effect=0.8)
     parts = _parts(40, 10, 0)
     aucs = {1.0: 0.6, 10.0: 0.9, 100.0: 0.9}  # a tie between 10 and 100: the smaller wins
-    from neuroexplain.train import classifier as train_classifier_module
+    from neuroexplain.classifier import metrics as metrics_module
 
-    real = train_classifier_module.binary_metrics
+    real = metrics_module.binary_metrics
     calls: list[int] = []
 
     def fake(y_true, logits):
@@ -96,7 +96,7 @@ def test_linear_reference_chooses_c_on_validation(monkeypatch) -> None:
             calls.append(1)
         return out
 
-    monkeypatch.setattr(train_classifier_module, "binary_metrics", fake)
+    monkeypatch.setattr(metrics_module, "binary_metrics", fake)
     ref = linear_reference(x, y, parts, Cs=(100.0, 1.0, 10.0))
     assert ref["val_auc_by_C"] == {"1": 0.6, "10": 0.9, "100": 0.9}
     assert ref["C"] == 10.0
@@ -146,7 +146,7 @@ def test_large_volumes_are_average_pooled(monkeypatch) -> None:
 
 
 def test_fitted_reference_reproduces_its_decision_function(monkeypatch) -> None:
-    from neuroexplain.train import binary_metrics
+    from neuroexplain.classifier import binary_metrics
 
     monkeypatch.setattr(quality, "MAX_REFERENCE_VOXELS", 1000)  # 15³ (odd) pooled by 2 to 7³
     x, y = _planted(n=32, size=15)
@@ -441,7 +441,7 @@ def test_a_cohort_without_signal_stops_at_the_gate(tmp_path: Path, capsys) -> No
     (~0.62) is above the reference's (~0.60), so the linear-path retraining
     (``reference_fallback``) is not triggered either.
     """
-    from neuroexplain.train import train_classifier
+    from neuroexplain.classifier import train_classifier
 
     metrics_dir = tmp_path / "classifier"
     m = train_classifier(

@@ -737,7 +737,7 @@ def _write_pipeline(
     root: Path, n: int = 6, size: int = 16, splits: list[str] | None = None
 ) -> dict[str, Path]:
     """A tiny preproc.pt + native T1w/dseg on a permuted grid + classifier files."""
-    from neuroexplain.models import build_model, save_classifier
+    from neuroexplain.classifier import build_model, save_classifier
     from neuroexplain.mri.preprocess import to_native
 
     x, y = toy_images(n, size)

@@ -12,6 +12,7 @@ import torch
 from _toy3d import CONCEPTS_YAML, SIZE, shared_cohort
 from torch import nn
 
+from neuroexplain.classifier import build_model
 from neuroexplain.cli import main
 from neuroexplain.concepts3d import (
     CAV,
@@ -38,7 +39,6 @@ from neuroexplain.concepts3d.tcav import (
     summarize_experiment,
 )
 from neuroexplain.errors import InputError
-from neuroexplain.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from _toy3d import SIZE, shared_cohort, write_cohort
 
+from neuroexplain.classifier import build_model
 from neuroexplain.cli import main
-from neuroexplain.models import build_model
 from neuroexplain.xnn import (
     SRAE,
     LayerFeatures,

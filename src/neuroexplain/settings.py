@@ -247,12 +247,12 @@ class _Settings:
 
 @dataclass
 class ClassifierConfig(_Settings):
-    """Options of :func:`neuroexplain.train.train_classifier` (recorded in checkpoint and metrics).
+    """Options of :func:`neuroexplain.classifier.train_classifier` (kept in checkpoint and metrics).
 
     The defaults are the workflow's measured ones (README, "classifier").
 
     Attributes:
-        arch: network name (see :data:`neuroexplain.models.ARCHITECTURES`).
+        arch: network name (see :data:`neuroexplain.classifier.ARCHITECTURES`).
         epochs: maximum number of epochs.
         batch_size: training batch size.
         lr: AdamW learning rate (the peak rate with ``lr_schedule="cosine"``).
@@ -290,7 +290,7 @@ class ClassifierConfig(_Settings):
         reference_fallback: when the small network's best validation AUC is more than
             ``REFERENCE_MARGIN`` (0.03) below the linear reference's (an L2 logistic regression
             on the standardised voxels, same split), train it a second time with a
-            :class:`~neuroexplain.models.classifier.LinearPath` (a logistic-regression term on
+            :class:`~neuroexplain.classifier.network.LinearPath` (a logistic-regression term on
             the input) that starts as the linear reference itself (same features, ``C`` and
             coefficients; the CNN's logit layer starts at zero), so the second phase starts at
             the reference's validation AUC and leaves it only for a higher one; keep whichever
@@ -301,7 +301,7 @@ class ClassifierConfig(_Settings):
             with the linear reference: ``"always"``, ``"separated"`` (unless the paired bootstrap
             95 % interval of the validation AUC difference, trained model minus reference, lies
             above 0) or ``"never"``. The ensemble averages the two logits, each divided by its
-            sd on the training subjects (:func:`neuroexplain.train.classifier.ensemble_weights`),
+            sd on the training subjects (:func:`neuroexplain.classifier.train.ensemble_weights`),
             in one module (the CNN with a linear path, no extra training). A validation split
             of a few dozen subjects, which also chose the network's epoch and the reference's
             ``C``, cannot tell the two apart reliably

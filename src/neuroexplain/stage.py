@@ -1,7 +1,9 @@
 """Plumbing shared by the stage runners (saliency, simulator, TCAV, SACV, XNN).
 
-One owner for what the MRI stages do around their methods: the provenance block of their
-outputs, the scoring of their maps with the evaluation harness
+One owner for what the MRI stages do around their methods: their inputs (the **MRI stage
+context**, :func:`load_mri_context`: ``preproc.pt``, the classifier and its ``split.tsv``,
+loaded once, and the explained subjects chosen with :func:`select_subjects`), the provenance
+block of their outputs, the scoring of their maps with the evaluation harness
 (:mod:`neuroexplain.evaluate.harness`), and the **maps manifest** every stage that writes
 per-subject NIfTI maps leaves in its output folder.
 
@@ -27,22 +29,29 @@ import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuroexplain.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MANIFEST_FORMAT",
     "MAP_KINDS",
     "SPLIT_NAMES",
+    "MRIContext",
     "MapFiles",
     "MapsManifest",
     "harness_means",
+    "load_mri_context",
     "manifest_maps",
     "read_maps_manifest",
     "select_subjects",
     "stage_provenance",
+    "subject_splits",
     "write_maps_manifest",
 ]
 
@@ -124,7 +133,7 @@ def harness_means(
 
 # ------------------------------------------------------------------------ subject selection
 
-#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``train.classifier.SPLITS``)
+#: split names of ``split.tsv`` a ``--subjects`` value can name (as ``classifier.SPLITS``)
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -186,6 +195,134 @@ def select_subjects(
     if missing:
         raise InputError("--subjects", f"subjects not in {among}: {missing[:5]}")
     return [known[s] if s in known else known[_subject_id(s)] for s in items]
+
+
+def subject_splits(split: Any, subjects: Sequence[str]) -> list[str | None] | None:
+    """Each subject's split in a ``split.tsv`` DataFrame (``None`` where it is not listed), or
+    ``None`` without a split: the ``splits`` of :func:`select_subjects`."""
+    if split is None:
+        return None
+    by_subject = dict(zip(split["subject"], split["split"], strict=True))
+    return [by_subject.get(str(s)) for s in subjects]
+
+
+# ------------------------------------------------------------------------ MRI stage context
+
+
+@dataclass
+class MRIContext:
+    """The inputs of an MRI stage run, loaded once by :func:`load_mri_context`.
+
+    The split is read on first use (:attr:`split`), so a runner that does not choose subjects by
+    split never reads it.
+
+    Attributes:
+        preproc: the ``preproc.pt`` dict.
+        preproc_path: its path (``preproc.pt`` inside the folder when a folder was given).
+        model: the classifier in eval mode on ``device``.
+        checkpoint: the checkpoint dict.
+        checkpoint_path: ``model.pt`` path.
+        split_path: the ``split.tsv`` used for split names, or ``None`` (none given or found).
+        device: torch device.
+        strict_split: the split was checked to list every subject (:func:`load_mri_context`).
+    """
+
+    preproc: dict[str, Any]
+    preproc_path: Path
+    model: torch.nn.Module
+    checkpoint: dict[str, Any]
+    checkpoint_path: Path
+    split_path: Path | None
+    device: torch.device
+    strict_split: bool = False
+
+    @property
+    def arch(self) -> str:
+        """The classifier's architecture (``"small"`` when the checkpoint names none)."""
+        return str(self.checkpoint.get("arch", "small"))
+
+    @property
+    def subjects(self) -> list[Any]:
+        """The ``preproc.pt`` subject ids, in its order."""
+        return self.preproc["subjects"]
+
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        """sha256 of ``model.pt``."""
+        from neuroexplain.provenance import sha256_file
+
+        return sha256_file(self.checkpoint_path)
+
+    @cached_property
+    def split(self) -> Any:
+        """The ``split.tsv`` DataFrame, or ``None`` without one."""
+        from neuroexplain.classifier.data import read_split
+
+        if self.split_path is None:
+            return None
+        listed = [str(s) for s in self.subjects] if self.strict_split else None
+        return read_split(self.split_path, listed)
+
+    def select(self, spec: str | Sequence[str] | None) -> list[int]:
+        """Indices of the subjects ``spec`` chooses (:func:`select_subjects`, with the split)."""
+        splits = subject_splits(self.split, self.subjects)
+        return select_subjects(spec, self.subjects, splits, split_source=self.split_path)
+
+
+def load_mri_context(
+    preproc: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    *,
+    split: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    labelled: bool = False,
+    strict_split: bool = False,
+) -> MRIContext:
+    """Load ``preproc.pt``, the classifier (on the data's input shape) and find the split.
+
+    Args:
+        preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
+        checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
+        split: the ``split.tsv`` for split names (default: ``split.tsv`` next to the checkpoint).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a resolved ``torch.device``.
+        labelled: load with :func:`neuroexplain.classifier.data.load_preproc_dict` (binary
+            labels required, float32 images), not :func:`neuroexplain.mri.ingest.load_preproc`.
+        strict_split: a given ``split`` must exist and list every subject (read now); without
+            one and none next to the checkpoint, a warning. Otherwise a split file that does not
+            exist is not used (a split name then asks for one), and it is read on first use.
+
+    Raises:
+        InputError: unreadable inputs, a checkpoint trained on another input shape, or (strict)
+            a split that is missing or does not list the cohort's subjects.
+    """
+    import torch
+
+    from neuroexplain.classifier.network import load_classifier
+    from neuroexplain.utils import resolve_device
+
+    if labelled:
+        from neuroexplain.classifier.data import load_preproc_dict as load
+    else:
+        from neuroexplain.mri.ingest import load_preproc as load
+    pre = load(preproc)
+    pre_path = Path(preproc)
+    pre_path = pre_path / "preproc.pt" if pre_path.is_dir() else pre_path
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    ckpt_path = Path(checkpoint)
+    model, ckpt = load_classifier(
+        ckpt_path, input_shape=list(pre["images"].shape[1:]), map_location=dev
+    )
+    split_path: Path | None = Path(split) if split is not None else ckpt_path.parent / "split.tsv"
+    if not split_path.is_file() and not (strict_split and split is not None):
+        if strict_split:
+            logger.warning(
+                "no split.tsv given or next to %s: every subject counts as 'all'", ckpt_path
+            )
+        split_path = None
+    ctx = MRIContext(pre, pre_path, model, ckpt, ckpt_path, split_path, dev, strict_split)
+    if strict_split:
+        _ = ctx.split  # a bad split fails here, before the work
+    return ctx
 
 
 # --------------------------------------------------------------------------- maps manifest

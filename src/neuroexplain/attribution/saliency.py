@@ -48,14 +48,11 @@ def select_subjects(
     Raises:
         InputError: unknown subjects, a split name without a split file, or an empty selection.
     """
+    from neuroexplain.classifier.data import read_split
     from neuroexplain.stage import select_subjects as select
-    from neuroexplain.train.classifier import read_split
+    from neuroexplain.stage import subject_splits
 
-    splits = None
-    if split is not None:
-        df = read_split(split)
-        by_subject = dict(zip(df["subject"], df["split"], strict=True))
-        splits = [by_subject.get(str(s)) for s in subjects]
+    splits = subject_splits(read_split(split) if split is not None else None, subjects)
     return select(spec, subjects, splits, split_source=split)
 
 
@@ -98,21 +95,17 @@ def run_saliency(
 
     from neuroexplain.attribution.baselines import BaselineExplainer
     from neuroexplain.attribution.export import write_subject_maps
+    from neuroexplain.classifier import default_target_layer
     from neuroexplain.io.atomic import write_json
-    from neuroexplain.models import default_target_layer, load_classifier
-    from neuroexplain.provenance import provenance, sha256_file
-    from neuroexplain.stage import write_maps_manifest
-    from neuroexplain.train.classifier import load_preproc_dict
-    from neuroexplain.utils import resolve_device
+    from neuroexplain.provenance import provenance
+    from neuroexplain.stage import load_mri_context, write_maps_manifest
 
     cfg = SaliencyConfig.resolve(config, **overrides)
     methods = list(cfg.methods)
     all_params = cfg.method_params()
     params = {m: {} if m == "gradcam" else all_params[m] for m in methods}
-    data = load_preproc_dict(preproc)
-    images = data["images"]
-    dev = resolve_device(device)
-    model, ckpt = load_classifier(checkpoint, input_shape=list(images.shape[1:]), map_location=dev)
+    ctx = load_mri_context(preproc, checkpoint, split=split, device=device, labelled=True)
+    data, model, ckpt = ctx.preproc, ctx.model, ctx.checkpoint
     layer = None
     if "gradcam" in methods:
         layer = cfg.layer or default_target_layer(ckpt["arch"])
@@ -122,15 +115,13 @@ def run_saliency(
             raise InputError(
                 "--layer", f"no layer {layer!r} in the {ckpt['arch']} model; try {top}"
             )
-    split_path = split if split is not None else Path(checkpoint).parent / "split.tsv"
-    split_arg = split_path if Path(split_path).is_file() else None
-    idx = select_subjects(subjects, data["subjects"], split=split_arg)
+    idx = ctx.select(subjects)
 
     explainers = {
         m: BaselineExplainer(model, m, layer=layer if m == "gradcam" else None, **params[m])
         for m in methods
     }
-    ck_sha = sha256_file(checkpoint)
+    ck_sha = ctx.checkpoint_sha256
     run_params = {
         "methods": methods,
         "subjects": subjects if isinstance(subjects, str) else list(subjects),
@@ -158,7 +149,7 @@ def run_saliency(
     written: dict[str, dict[str, str]] = {}
     disable = None if progress is None else not progress
     for i in tqdm(idx, desc="saliency", unit="subject", disable=disable):
-        x = images[i : i + 1].to(dev)
+        x = data["images"][i : i + 1].to(ctx.device)
         maps = {}
         for m in methods:
             t0 = time.perf_counter()

@@ -59,11 +59,10 @@ def train_classifier_cmd(
     ] = True,
 ) -> None:
     """Train the 3D MRI classifier with a stratified subject split and early stopping."""
+    from neuroexplain.classifier import ARCHITECTURES, train_classifier
     from neuroexplain.errors import NeuroexplainError
     from neuroexplain.io.atomic import output_group
     from neuroexplain.io.paths import check_output
-    from neuroexplain.models import ARCHITECTURES
-    from neuroexplain.train import train_classifier
 
     check_output(out, "folder")
     set_threads(threads)

@@ -31,16 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SACVConfig, TCAVConfig
-from neuroexplain.stage import harness_means, stage_provenance, write_maps_manifest
+from neuroexplain.stage import (
+    MRIContext,
+    harness_means,
+    load_mri_context,
+    stage_provenance,
+    write_maps_manifest,
+)
 
 __all__ = [
-    "Context",
     "class_indices",
-    "load_context",
+    "context_table",
     "run_sacv",
     "run_tcav",
     "sacv_manifest_name",
@@ -50,80 +54,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Context:
-    """Everything a concept run needs, loaded once.
+def context_table(ctx: MRIContext, participants: str | os.PathLike[str] | None = None) -> Any:
+    """:func:`~neuroexplain.concepts3d.concepts.subject_table` of a run's cohort and split."""
+    from neuroexplain.concepts3d.concepts import subject_table
 
-    Attributes:
-        preproc: the ``preproc.pt`` dict.
-        preproc_path: its path.
-        model: the classifier in eval mode on ``device``.
-        checkpoint: the checkpoint dict.
-        checkpoint_path: ``model.pt`` path.
-        checkpoint_sha256: sha256 of ``model.pt``.
-        split: ``split.tsv`` DataFrame or ``None``.
-        split_path: its path or ``None``.
-        device: torch device.
-    """
-
-    preproc: dict[str, Any]
-    preproc_path: Path
-    model: torch.nn.Module
-    checkpoint: dict[str, Any]
-    checkpoint_path: Path
-    checkpoint_sha256: str
-    split: Any
-    split_path: Path | None
-    device: torch.device
-
-    @property
-    def arch(self) -> str:
-        return str(self.checkpoint.get("arch", "small"))
-
-    def table(self, participants: str | os.PathLike[str] | None = None) -> Any:
-        """:func:`~neuroexplain.concepts3d.concepts.subject_table` of this cohort."""
-        from neuroexplain.concepts3d.concepts import subject_table
-
-        return subject_table(self.preproc, split=self.split, participants=participants)
-
-
-def load_context(
-    preproc: str | os.PathLike[str],
-    checkpoint: str | os.PathLike[str],
-    *,
-    split: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-) -> Context:
-    """Load ``preproc.pt``, the classifier and its split (default: ``split.tsv`` next to it).
-
-    Raises:
-        InputError: unreadable inputs, a checkpoint trained on another input shape, or a split
-            that does not list the cohort's subjects.
-    """
-    from neuroexplain.models.classifier import load_classifier
-    from neuroexplain.mri.ingest import load_preproc
-    from neuroexplain.provenance import sha256_file
-    from neuroexplain.train.classifier import read_split
-    from neuroexplain.utils import resolve_device
-
-    pre = load_preproc(preproc)
-    pre_path = Path(preproc)
-    pre_path = pre_path / "preproc.pt" if pre_path.is_dir() else pre_path
-    dev = resolve_device(device)
-    ckpt_path = Path(checkpoint)
-    model, ckpt = load_classifier(
-        ckpt_path, input_shape=list(pre["images"].shape[1:]), map_location=dev
-    )
-    split_path = Path(split) if split is not None else ckpt_path.parent / "split.tsv"
-    split_df = None
-    if split is not None or split_path.is_file():
-        split_df = read_split(split_path, [str(s) for s in pre["subjects"]])
-    else:
-        split_path = None
-        logger.warning("no split.tsv given or next to %s: every subject counts as 'all'", ckpt_path)
-    return Context(
-        pre, pre_path, model, ckpt, ckpt_path, sha256_file(ckpt_path), split_df, split_path, dev
-    )
+    return subject_table(ctx.preproc, split=ctx.split, participants=participants)
 
 
 def subject_indices(table: Any, spec: str | Sequence[str] | None) -> np.ndarray:
@@ -166,7 +101,7 @@ def _class_sign(target_class: int) -> float:
 class _ConceptRun:
     """What a concept run has loaded: the context, the subject table, the sign, the cache."""
 
-    ctx: Context
+    ctx: MRIContext
     table: Any
     sign: float
     store: Any
@@ -184,14 +119,17 @@ class _ConceptSources:
     device: str
     cache: str | os.PathLike[str] | None
 
-    def load(self) -> tuple[Context, Any]:
-        """The :class:`Context` and the concept configuration."""
+    def load(self) -> tuple[MRIContext, Any]:
+        """The MRI stage context (:func:`~neuroexplain.stage.load_mri_context`, the split
+        checked) and the concept configuration."""
         from neuroexplain.concepts3d.concepts import load_concept_config
 
-        ctx = load_context(self.preproc, self.checkpoint, split=self.split, device=self.device)
+        ctx = load_mri_context(
+            self.preproc, self.checkpoint, split=self.split, device=self.device, strict_split=True
+        )
         return ctx, load_concept_config(self.concepts)
 
-    def cav_store(self, ctx: Context, out_dir: Path) -> Any:
+    def cav_store(self, ctx: MRIContext, out_dir: Path) -> Any:
         """The CAV cache (default ``out_dir/cavs.pt``), tied to the checkpoint's hash."""
         from neuroexplain.concepts3d.store import CAVStore
 
@@ -292,11 +230,11 @@ def _load_tcav(
     progress: bool | None,
 ) -> _TCAVRun:
     """Load the cohort, classifier and concepts; set up TCAV; choose the class inputs."""
+    from neuroexplain.classifier.network import default_target_layer
     from neuroexplain.concepts3d.tcav import TCAV
-    from neuroexplain.models.classifier import default_target_layer
 
     ctx, cfg = src.load()
-    table = ctx.table(src.participants or cfg.participants)
+    table = context_table(ctx, src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer_list = list(tc.layers or [default_target_layer(ctx.arch)])
     n_sets = int(tc.n_random or cfg.n_random)
@@ -741,17 +679,17 @@ def _load_sacv(
     progress: bool | None,
 ) -> _SACVRun:
     """Load the cohort, classifier and concept; train the SACV; choose the subjects."""
+    from neuroexplain.classifier.network import default_target_layer
     from neuroexplain.concepts3d.concepts import (
         build_concept,
         concept_pool,
         with_positions,
     )
     from neuroexplain.concepts3d.sacv import SACV, train_sacv
-    from neuroexplain.models.classifier import default_target_layer
 
     ctx, cfg = src.load()
     spec = cfg.get(concept) if concept else cfg.concepts[0]
-    table = ctx.table(src.participants or cfg.participants)
+    table = context_table(ctx, src.participants or cfg.participants)
     sign = _class_sign(target_class)
     layer = sc.layer or default_target_layer(ctx.arch)
     store = src.cav_store(ctx, out_dir)

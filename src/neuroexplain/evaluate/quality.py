@@ -203,7 +203,7 @@ def linear_reference(
     Returns:
         ``{"model": "l2_logistic_regression", "C", "n_features", "pool", "seed", "train", "val",
         "test", "val_auc_by_C", "converged_by_C", "seconds"}``: ``train`` / ``val`` / ``test`` are
-        :func:`neuroexplain.train.classifier.binary_metrics` of the chosen model's decision
+        :func:`neuroexplain.classifier.metrics.binary_metrics` of the chosen model's decision
         function (log-odds, so the 0.5 threshold is 0), ``test`` only when the test split is not
         empty; ``val_auc_by_C`` maps ``f"{C:g}"`` to the validation AUC; ``pool`` is the
         pooling factor per axis (1 = none).
@@ -261,7 +261,7 @@ def fit_linear_reference(
     :class:`LinearReferenceModel` whose ``decision_function`` reproduces the reported logits
     (the classifier's linear path starts from it; its arrays do not belong in ``metrics.json``).
     """
-    from neuroexplain.train.classifier import binary_metrics
+    from neuroexplain.classifier.metrics import binary_metrics
 
     t0 = time.perf_counter()
     x = _as_array(images)
@@ -365,7 +365,7 @@ def select_logistic(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from neuroexplain.train.classifier import binary_metrics
+    from neuroexplain.classifier.metrics import binary_metrics
 
     best: tuple[float, float, Any] | None = None  # (val AUC, C, model)
     by_c: dict[str, float | None] = {}

@@ -184,27 +184,20 @@ def run_region_reliance(
             or a region that is empty in every subject.
     """
     from neuroexplain import __version__
-    from neuroexplain.attribution.saliency import select_subjects
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import load_classifier
-    from neuroexplain.provenance import provenance, sha256_file
-    from neuroexplain.train.classifier import load_preproc_dict
-    from neuroexplain.utils import check_region_labels, resolve_device
+    from neuroexplain.provenance import provenance
+    from neuroexplain.stage import load_mri_context
+    from neuroexplain.utils import check_region_labels
 
     if not regions:
         raise InputError("--regions", "expected at least one NAME=LABEL,LABEL region")
     if dilate < 0:
         raise InputError("--dilate", f"expected a dilation >= 0 voxels, got {dilate}")
-    data = load_preproc_dict(preproc)
+    ctx = load_mri_context(preproc, checkpoint, split=split, device=device, labelled=True)
+    data = ctx.preproc
     if data.get("dseg") is None:
         raise InputError(preproc, "has no label maps (dseg): ingest with --derivatives")
-    images = data["images"]
-    dev = resolve_device(device)
-    model, _ = load_classifier(checkpoint, input_shape=list(images.shape[1:]), map_location=dev)
-    split_path = split if split is not None else Path(checkpoint).parent / "split.tsv"
-    idx = select_subjects(
-        subjects, data["subjects"], split=split_path if Path(split_path).is_file() else None
-    )
+    idx = ctx.select(subjects)
     groups = data.get("groups") or data["subjects"]
     pairs = paired_indices(groups, data["y"].tolist(), among=idx)
     if not pairs:
@@ -229,7 +222,14 @@ def run_region_reliance(
     )
     logger.info("region transplants: %d pairs x %d regions", len(pairs), len(regions))
     table = region_reliance(
-        model, images, dseg, pairs, regions, names=data["subjects"], dilate=dilate, target=target
+        ctx.model,
+        data["images"],
+        dseg,
+        pairs,
+        regions,
+        names=data["subjects"],
+        dilate=dilate,
+        target=target,
     )
     summary = summarize_reliance(table)
     stem = Path(out)
@@ -245,7 +245,7 @@ def run_region_reliance(
     }
     result = {
         **provenance(params, inputs=[preproc, checkpoint], command=COMMAND),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": ctx.checkpoint_sha256,
         "n_pairs": len(pairs),
         "warnings": notes,
         "summary": summary.to_dict(orient="records"),

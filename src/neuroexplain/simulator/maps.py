@@ -398,27 +398,21 @@ def _load_simulate_inputs(
     device: str,
 ) -> _SimInputs:
     """Load ``preproc.pt``, the simulator and the classifier; choose the subjects; check regions."""
-    from neuroexplain.attribution.saliency import select_subjects
-    from neuroexplain.models import load_classifier
-    from neuroexplain.mri.ingest import load_preproc
     from neuroexplain.simulator.train import freeze, load_simulator
-    from neuroexplain.utils import check_region_labels, resolve_device
+    from neuroexplain.stage import load_mri_context
+    from neuroexplain.utils import check_region_labels
 
-    data = load_preproc(preproc)
+    ctx = load_mri_context(preproc, classifier, split=split, device=device)
+    data, dev, clf = ctx.preproc, ctx.device, ctx.model
     images = data["images"].float()
     shape = list(images.shape[1:])
-    dev = resolve_device(device)
     model, sckpt = load_simulator(simulator, map_location=dev)
     if sckpt.get("input_shape") and list(sckpt["input_shape"]) != shape:
         raise InputError(
             simulator, f"simulator trained on inputs {sckpt['input_shape']}, got data {shape}"
         )
-    clf, _ = load_classifier(classifier, input_shape=shape, map_location=dev)
     freeze(clf)
-    split_path = Path(split) if split is not None else Path(classifier).parent / "split.tsv"
-    idx = select_subjects(
-        subjects, data["subjects"], split=split_path if split_path.is_file() else None
-    )
+    idx = ctx.select(subjects)
     n_all = images.shape[0]
     y_all = data["y"].double().numpy() if data["y"] is not None else np.full(n_all, np.nan)
     region_notes: list[str] = []

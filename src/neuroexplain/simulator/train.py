@@ -1047,13 +1047,14 @@ def _load_training_inputs(
     correct_only: bool,
 ) -> _TrainingInputs:
     """Read the images, classifier, logits and split; select the training subjects."""
-    from neuroexplain.models import load_classifier
-    from neuroexplain.train.classifier import load_preproc_dict, read_split
+    from neuroexplain.classifier.data import read_split
+    from neuroexplain.stage import load_mri_context
 
-    data = load_preproc_dict(preproc)
+    # on the CPU (the training moves it); its split is not used: the logits' (or --split) is
+    ctx = load_mri_context(preproc, classifier, device=torch.device("cpu"), labelled=True)
+    data, clf = ctx.preproc, ctx.model
     images = data["images"]
     subjects = [str(s) for s in data["subjects"]]
-    clf, _ = load_classifier(classifier, input_shape=list(images.shape[1:]))
     lg = read_logits(logits).set_index("subject")
     if split is not None or "split" not in lg.columns:
         sp_path = Path(split) if split is not None else Path(logits).parent / "split.tsv"

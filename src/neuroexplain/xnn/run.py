@@ -34,7 +34,12 @@ import torch
 
 from neuroexplain.errors import InputError
 from neuroexplain.settings import SRAEConfig, XNNExplainConfig, XNNTrainConfig
-from neuroexplain.stage import harness_means, stage_provenance, write_maps_manifest
+from neuroexplain.stage import (
+    harness_means,
+    load_mri_context,
+    stage_provenance,
+    write_maps_manifest,
+)
 
 __all__ = ["run_xnn_explain", "run_xnn_train"]
 
@@ -85,7 +90,7 @@ def run_xnn_train(
     """
     import pandas as pd
 
-    from neuroexplain.concepts3d.run import load_context, subject_indices
+    from neuroexplain.concepts3d.run import context_table, subject_indices
     from neuroexplain.io.atomic import write_json, write_table
     from neuroexplain.utils import seed_everything
     from neuroexplain.xnn.explain import default_layer, extract_activations
@@ -96,8 +101,8 @@ def run_xnn_train(
     pool = tcfg.pool
     seed_everything(cfg.seed)
     out_dir = Path(out)
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
-    table = ctx.table()
+    ctx = load_mri_context(preproc, checkpoint, split=split, device=device, strict_split=True)
+    table = context_table(ctx)
     try:
         layer = tcfg.layer or default_layer(ctx.model)
         acts, logits = extract_activations(
@@ -329,7 +334,7 @@ def _load_xnn(
     progress: bool | None,
 ) -> _XNNLoaded:
     """Load the SRAE and its classifier (refused if another), extract the layer's activations."""
-    from neuroexplain.concepts3d.run import load_context
+    from neuroexplain.concepts3d.run import context_table
     from neuroexplain.utils import seed_everything
     from neuroexplain.xnn.explain import extract_activations
     from neuroexplain.xnn.srae import load_srae
@@ -337,7 +342,7 @@ def _load_xnn(
     srae, sckpt = load_srae(srae_path)
     seed = int(sckpt["config"].get("seed", 0))
     seed_everything(seed)
-    ctx = load_context(preproc, checkpoint, split=split, device=device)
+    ctx = load_mri_context(preproc, checkpoint, split=split, device=device, strict_split=True)
     if sckpt.get("checkpoint_sha256") != ctx.checkpoint_sha256:
         raise InputError(
             srae_path,
@@ -349,7 +354,7 @@ def _load_xnn(
     cov = float(coverage if coverage is not None else sckpt["config"].get("coverage", 0.9))
     q = float(sckpt["config"].get("q", 1.0))
     layer, pool = str(sckpt["layer"]), str(sckpt["pool"])
-    table = ctx.table()
+    table = context_table(ctx)
     acts, logits = extract_activations(
         ctx.model,
         ctx.preproc["images"],

@@ -6,8 +6,8 @@ control and diseased version of one anatomy in a paired synthetic cohort, share 
 training batch), trains with class balancing (``pos_weight``), light MONAI
 augmentation and early stopping on the validation loss (or AUC), keeps the best epoch, and writes:
 
-- ``model.pt``: checkpoint (:func:`neuroexplain.models.save_classifier`) of the final model: by
-  default (``reference_ensemble="always"``) the ensemble of the trained network and the linear
+- ``model.pt``: checkpoint (:func:`neuroexplain.classifier.save_classifier`) of the final model:
+  by default (``reference_ensemble="always"``) the ensemble of the trained network and the linear
   reference as one module (:func:`ensemble_weights`, :func:`select_final`),
 - ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
   (and train), plus provenance,
@@ -34,420 +34,22 @@ from typing import Any
 
 import numpy as np
 
+from neuroexplain.classifier.augment import BatchAugment, build_augmenter
+from neuroexplain.classifier.data import SPLITS, load_preproc_dict, make_split, read_split
+from neuroexplain.classifier.metrics import binary_metrics, predict_logits
 from neuroexplain.errors import InputError
 from neuroexplain.settings import ENSEMBLE_RULES, ClassifierConfig
 from neuroexplain.utils import Precision
 
-__all__ = [
-    "SPLITS",
-    "BatchAugment",
-    "TrainConfig",
-    "binary_metrics",
-    "ensemble_weights",
-    "load_preproc_dict",
-    "make_split",
-    "predict_logits",
-    "read_split",
-    "select_final",
-    "train_classifier",
-]
+__all__ = ["TrainConfig", "ensemble_weights", "lr_at", "select_final", "train_classifier"]
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
 
 #: the classifier's options (defined once in :mod:`neuroexplain.settings`)
 TrainConfig = ClassifierConfig
 
 
-# --------------------------------------------------------------------------------------- data
-
-
-def load_preproc_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``preproc.pt`` (``neuroexplain ingest-mri``) and check the fields training needs.
-
-    Uses :func:`neuroexplain.mri.ingest.load_preproc` when available (it validates the file),
-    else ``torch.load(weights_only=True)``.
-
-    Returns:
-        The dict with ``images`` float32 ``(N, C, X, Y, Z)``, ``y`` float32 ``(N,)``,
-        ``subjects`` list[str] (and the rest of the ingest fields).
-
-    Raises:
-        InputError: unreadable file, missing fields, labels other than 0 / 1, or inconsistent
-            lengths.
-    """
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "preprocessed tensor file not found")
-    try:
-        from neuroexplain.mri.ingest import load_preproc
-    except ImportError:  # ingest module not installed: plain loader
-        load_preproc = None
-    if load_preproc is not None:
-        data = dict(load_preproc(p))
-    else:
-        try:
-            data = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(p, f"not a readable preproc.pt ({exc})") from exc
-    if not isinstance(data, Mapping):
-        raise InputError(p, f"expected a dict of tensors, got {type(data).__name__}")
-    missing = [k for k in ("images", "y", "subjects") if k not in data]
-    if missing:
-        raise InputError(p, f"expected fields images, y, subjects; missing {missing}")
-    images = torch.as_tensor(data["images"])
-    if images.ndim != 5:
-        raise InputError(p, f"expected images of shape (N, C, X, Y, Z), got {tuple(images.shape)}")
-    if data["y"] is None:
-        raise InputError(p, "no labels (y) in the preprocessed data; ingest with --label-column")
-    y = np.asarray(torch.as_tensor(data["y"]).float().numpy(), dtype=np.float32)
-    n = images.shape[0]
-    if y.shape != (n,) or len(data["subjects"]) != n:
-        raise InputError(
-            p,
-            f"expected {n} labels and subjects, "
-            f"got {y.shape} labels, {len(data['subjects'])} subjects",
-        )
-    if np.isnan(y).any():
-        raise InputError(
-            p, f"{int(np.isnan(y).sum())} subjects have no label; ingest with --label-column"
-        )
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise InputError(p, f"expected binary labels 0/1, got values {np.unique(y)[:10].tolist()}")
-    out = dict(data)
-    out["images"] = images.float()
-    out["y"] = y
-    out["subjects"] = [str(s) for s in data["subjects"]]
-    return out
-
-
-def make_split(
-    subjects: Sequence[str],
-    y: Sequence[float],
-    *,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    groups: Sequence[str] | None = None,
-) -> Any:
-    """Stratified subject-level train / validation / test split, optionally by groups.
-
-    Within each class, subjects are shuffled with ``seed`` and ``round(n_class * fraction)``
-    go to test and validation (at least one each when the class has >= 3 subjects). With
-    ``groups`` (e.g. the source anatomy of a paired synthetic cohort), whole groups are assigned:
-    groups are stratified by their class make-up (e.g. "one control + one diseased") and every
-    member of a group lands in the same split, so no anatomy is seen in training and test.
-
-    Args:
-        subjects: subject ids ``(N,)``.
-        y: class labels ``(N,)``.
-        val_fraction: validation fraction per class.
-        test_fraction: test fraction per class.
-        seed: shuffling seed.
-        groups: group of each subject ``(N,)``; ``None`` = every subject its own group.
-
-    Returns:
-        DataFrame ``subject, split, y`` in input order.
-
-    Example:
-        >>> df = make_split(["a", "b", "c", "d", "e", "f"], [0, 0, 0, 1, 1, 1])
-        >>> df.split.tolist().count("test")
-        2
-    """
-    import pandas as pd
-
-    subjects = [str(s) for s in subjects]
-    yy = np.asarray(y)
-    if len(set(subjects)) != len(subjects):
-        raise InputError("subjects", "expected unique subject ids")
-    rng = np.random.default_rng(seed)
-    split = np.array(["train"] * len(subjects), dtype=object)
-    if groups is not None and len(set(groups)) < len(subjects):
-        if len(groups) != len(subjects):
-            raise InputError("groups", f"expected {len(subjects)} groups, got {len(groups)}")
-        members: dict[str, list[int]] = {}
-        for i, g in enumerate(groups):
-            members.setdefault(str(g), []).append(i)
-        strata: dict[tuple, list[str]] = {}
-        for g, idx in members.items():  # stratum = the group's sorted class make-up
-            strata.setdefault(tuple(sorted(yy[idx].tolist())), []).append(g)
-        for key in sorted(strata):
-            gs = [strata[key][j] for j in rng.permutation(len(strata[key]))]
-            n_test, n_val = _split_sizes(len(gs), val_fraction, test_fraction)
-            for j, g in enumerate(gs):
-                part = "test" if j < n_test else "val" if j < n_test + n_val else "train"
-                split[members[g]] = part
-        return pd.DataFrame({"subject": subjects, "split": split.astype(str), "y": yy})
-    for cls in np.unique(yy):
-        idx = np.flatnonzero(yy == cls)
-        idx = idx[rng.permutation(len(idx))]
-        n_test, n_val = _split_sizes(len(idx), val_fraction, test_fraction)
-        split[idx[:n_test]] = "test"
-        split[idx[n_test : n_test + n_val]] = "val"
-    return pd.DataFrame({"subject": subjects, "split": split.astype(str), "y": yy})
-
-
-def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """Test and validation counts of a stratum of ``n`` (at least one each from 3 up)."""
-    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-    if n >= 3:
-        n_test = max(n_test, 1 if test_fraction > 0 else 0)
-        n_val = max(n_val, 1)
-    return n_test, n_val
-
-
-def read_split(path: str | os.PathLike[str], subjects: Sequence[str] | None = None) -> Any:
-    """Read a ``split.tsv`` (``subject``, ``split`` columns), checking it covers ``subjects``."""
-    import pandas as pd
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "split file not found")
-    df = pd.read_csv(p, sep="\t", dtype={"subject": str, "split": str})
-    if not {"subject", "split"} <= set(df.columns):
-        raise InputError(p, f"expected columns subject, split; got {list(df.columns)}")
-    bad = sorted(set(df["split"]) - set(SPLITS))
-    if bad:
-        raise InputError(p, f"expected splits {SPLITS}, got {bad}")
-    if subjects is not None:
-        missing = sorted(set(subjects) - set(df["subject"]))
-        if missing:
-            raise InputError(p, f"split does not list {len(missing)} subjects, e.g. {missing[:3]}")
-    return df
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-
-def binary_metrics(y: Sequence[float], logits: Sequence[float]) -> dict[str, Any]:
-    """Binary classification metrics at the logit-0 (probability 0.5) threshold.
-
-    Args:
-        y: true labels 0/1 ``(N,)``.
-        logits: positive-class logits ``(N,)``.
-
-    Returns:
-        ``{"n", "n_positive", "auc", "balanced_accuracy", "accuracy", "confusion_matrix"}`` with the
-        confusion matrix as ``[[tn, fp], [fn, tp]]``; ``auc`` is ``None`` when only one class is
-        present.
-    """
-    from sklearn.metrics import confusion_matrix, roc_auc_score
-
-    yt = np.asarray(y, dtype=int)
-    lg = np.asarray(logits, dtype=np.float64)
-    pred = (lg > 0).astype(int)
-    cm = confusion_matrix(yt, pred, labels=[0, 1])
-    tn, fp, fn, tp = (int(v) for v in cm.ravel())
-    sens = tp / (tp + fn) if tp + fn else float("nan")
-    spec = tn / (tn + fp) if tn + fp else float("nan")
-    both = [v for v in (sens, spec) if not np.isnan(v)]
-    auc = float(roc_auc_score(yt, lg)) if len(np.unique(yt)) == 2 else None
-    return {
-        "n": len(yt),
-        "n_positive": int(yt.sum()),
-        "auc": auc,
-        "balanced_accuracy": float(np.mean(both)) if both else None,
-        "accuracy": float((pred == yt).mean()) if len(yt) else None,
-        "sensitivity": None if np.isnan(sens) else float(sens),
-        "specificity": None if np.isnan(spec) else float(spec),
-        "confusion_matrix": [[tn, fp], [fn, tp]],
-    }
-
-
-def predict_logits(
-    model: Any, images: Any, *, batch_size: int = 8, device: Any = "cpu"
-) -> np.ndarray:
-    """Positive-class logits of ``model`` (eval mode, no grad) for ``images`` ``(N, C, X, Y, Z)``.
-
-    Returns:
-        ``(N,)`` float64 logits (first output column).
-    """
-    import torch
-
-    from neuroexplain.utils import amp_enabled
-
-    model.eval()
-    dev = torch.device(device)
-    out = []
-    with torch.no_grad(), torch.autocast(dev.type, enabled=amp_enabled(dev)):
-        for i in range(0, images.shape[0], batch_size):
-            xb = torch.as_tensor(images[i : i + batch_size]).to(dev, torch.float32)
-            out.append(model(xb)[:, 0].float().cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
-
-
 # ----------------------------------------------------------------------------------- training
-
-
-class BatchAugment:
-    """Light, batched training augmentation (one random draw per volume, seeded).
-
-    Random affine about the volume centre (rotation up to ``rotate_deg`` per axis, scaling
-    ``1 ± scale``, translation up to ``translate_vox`` voxels) resampled with MONAI's
-    ``AffineTransform`` (trilinear, zero padding), applied with probability ``prob`` (without
-    rotation and scaling, translations are whole voxels, which resample exactly); optional
-    left-right flips (probability 0.5) along ``flip_axis``; intensity scaling ``1 ± intensity``
-    and shift ``± intensity`` of the foreground (``> 0``; each with probability 0.5). With
-    ``elastic_vox > 0``, a smooth random displacement is added to the affine's sampling grid
-    (one resampling): normal coefficients on an ``elastic_grid``-point lattice per axis,
-    up-sampled trilinearly and scaled so that the largest displacement of the volume is
-    ``u * elastic_vox`` voxels, ``u ~ U(0, 1)`` (same probability ``prob``). Batched, so
-    augmentation costs a fraction of a training step on CPU.
-
-    Args:
-        rotate_deg: maximum absolute rotation angle in degrees, per axis.
-        translate_vox: maximum absolute translation in voxels, per axis.
-        scale: maximum relative scaling, per axis.
-        intensity: maximum relative intensity scaling and absolute shift.
-        flip_axis: spatial axis (0, 1, 2) of left-right flips, ``None`` for no flips.
-        elastic_vox: largest smooth random displacement in voxels (0 = none).
-        elastic_grid: lattice points per axis of the random displacement (its smoothness).
-        prob: probability of the random affine per volume.
-        seed: seed of the generator (same seed -> same augmentations).
-
-    Shapes:
-        ``__call__(x)``: ``(B, C, X, Y, Z) -> (B, C, X, Y, Z)``.
-    """
-
-    def __init__(
-        self,
-        *,
-        rotate_deg: float = 0.0,
-        translate_vox: float = 2.0,
-        scale: float = 0.0,
-        intensity: float = 0.1,
-        flip_axis: int | None = None,
-        elastic_vox: float = 0.0,
-        elastic_grid: int = 6,
-        prob: float = 0.8,
-        seed: int = 0,
-    ) -> None:
-        import torch
-        from monai.networks.layers import AffineTransform
-
-        self.rotate = float(np.deg2rad(rotate_deg))
-        self.translate = float(translate_vox)
-        self.scale = float(scale)
-        self.intensity = float(intensity)
-        self.flip_axis = flip_axis
-        self.elastic = float(elastic_vox)
-        self.elastic_grid = max(int(elastic_grid), 2)
-        self.prob = float(prob)
-        self.gen = torch.Generator().manual_seed(int(seed))
-        # theta on normalised (align_corners) coordinates in torch's (z, y, x) order: exact
-        # whole-voxel shifts and rotations about the volume centre in voxel units
-        self.warp = AffineTransform(
-            normalized=True,
-            reverse_indexing=False,
-            align_corners=True,
-            mode="bilinear",
-            padding_mode="zeros",
-        )
-
-    def _uniform(self, *shape: int, bound: float) -> Any:
-        import torch
-
-        return (torch.rand(*shape, generator=self.gen, dtype=torch.float64) * 2 - 1) * bound
-
-    def _thetas(self, b: int, spatial: Sequence[int]) -> Any:
-        """``(B, 3, 4)`` pull affines on normalised coordinates (torch's reversed axis order).
-
-        In centred voxel coordinates the pull map is ``in = R S out + t``; with
-        ``D = diag((n - 1) / 2)`` (``align_corners``) it is ``D^-1 R S D`` and ``D^-1 t`` on
-        normalised coordinates, then the axes are reversed for ``affine_grid``.
-        """
-        import torch
-
-        ang = self._uniform(b, 3, bound=self.rotate)
-        scl = 1.0 + self._uniform(b, 3, bound=self.scale)
-        trans = self._uniform(b, 3, bound=self.translate)
-        use = torch.rand(b, generator=self.gen, dtype=torch.float64) < self.prob
-        c, s = torch.cos(ang), torch.sin(ang)
-        one, zero = torch.ones(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
-        rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1)
-        ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
-        rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
-        rot = rx.view(b, 3, 3) @ ry.view(b, 3, 3) @ rz.view(b, 3, 3)
-        lin = rot * scl[:, None, :]
-        if self.rotate == 0 and self.scale == 0:
-            trans = torch.round(trans)  # whole-voxel shifts resample exactly (no blur)
-        lin[~use] = torch.eye(3, dtype=torch.float64)
-        trans[~use] = 0.0
-        half = torch.tensor([(n - 1) / 2 for n in spatial], dtype=torch.float64)
-        lin_n = lin * half[None, None, :] / half[None, :, None]
-        trans_n = trans / half[None, :]
-        rev = [2, 1, 0]
-        theta = torch.zeros(b, 3, 4, dtype=torch.float64)
-        theta[:, :, :3] = lin_n[:, rev][:, :, rev]
-        theta[:, :, 3] = trans_n[:, rev]
-        return theta
-
-    def __call__(self, x: Any) -> Any:
-        import torch
-
-        b = x.shape[0]
-        theta = self._thetas(b, x.shape[2:])
-        flip = torch.rand(b, generator=self.gen) < 0.5
-        gain = 1.0 + self._uniform(b, bound=self.intensity).float()
-        gain[torch.rand(b, generator=self.gen) >= 0.5] = 1.0
-        shift = self._uniform(b, bound=self.intensity).float()
-        shift[torch.rand(b, generator=self.gen) >= 0.5] = 0.0
-        if self.elastic > 0:
-            out = self._elastic_warp(x.float(), theta)
-        else:
-            out = self.warp(x.float(), theta.to(x.device, torch.float32))
-        if self.flip_axis is not None and flip.any():
-            dim = 2 + int(self.flip_axis)
-            out = torch.where(flip.view(b, 1, 1, 1, 1).to(x.device), out.flip(dim), out)
-        if self.intensity > 0:
-            view = (b,) + (1,) * (x.ndim - 1)
-            # background (0 after preprocessing) stays 0
-            fg = (out > 0).to(out.dtype)
-            out = out * gain.view(view).to(x.device) + shift.view(view).to(x.device) * fg
-        return out
-
-    def random_displacement(self, b: int, spatial: Sequence[int]) -> Any:
-        """``(B, 3, X, Y, Z)`` smooth random displacements in voxels (see the class notes)."""
-        import torch
-        import torch.nn.functional as F
-
-        g = self.elastic_grid
-        coarse = torch.randn(b, 3, g, g, g, generator=self.gen, dtype=torch.float64)
-        # the peak of a trilinear up-sampling is the peak of the lattice
-        peak = coarse.abs().amax(dim=(1, 2, 3, 4)).clamp_min(1e-12)
-        amp = torch.rand(b, generator=self.gen, dtype=torch.float64) * self.elastic
-        amp[torch.rand(b, generator=self.gen, dtype=torch.float64) >= self.prob] = 0.0
-        coarse = (coarse * (amp / peak).view(b, 1, 1, 1, 1)).float()
-        return F.interpolate(coarse, size=tuple(spatial), mode="trilinear", align_corners=True)
-
-    def _elastic_warp(self, x: Any, theta: Any) -> Any:
-        """Resample ``x`` once on the affine grid plus a random displacement (trilinear)."""
-        import torch
-        import torch.nn.functional as F
-
-        b, spatial = x.shape[0], x.shape[2:]
-        grid = F.affine_grid(theta, [b, 1, *spatial], align_corners=True)  # (B, X, Y, Z, 3)
-        disp = self.random_displacement(b, spatial)
-        half = torch.tensor([(n - 1) / 2 for n in spatial], dtype=torch.float32)
-        disp_n = (disp / half.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
-        grid = (grid.float() + disp_n).to(x.device)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-def _augmenter(cfg: TrainConfig, lr_axis: int, seed: int) -> BatchAugment:
-    return BatchAugment(
-        rotate_deg=cfg.rotate_deg,
-        translate_vox=cfg.translate_vox,
-        scale=cfg.scale,
-        intensity=cfg.intensity,
-        flip_axis=lr_axis if cfg.flip else None,
-        elastic_vox=cfg.elastic_vox,
-        seed=seed,
-    )
 
 
 def _lr_axis(preproc: Mapping[str, Any]) -> int:
@@ -782,8 +384,8 @@ def _write_classifier_outputs(
     and remove the training states."""
     import pandas as pd
 
+    from neuroexplain.classifier.network import save_classifier
     from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.models import save_classifier
 
     best, data, y, split_df = chosen.best, cohort.data, cohort.y, cohort.split_df
     logit_df = pd.DataFrame(
@@ -1071,7 +673,7 @@ def _build(
     """The network of ``cfg`` with its input standardisation fitted on the training images."""
     import torch
 
-    from neuroexplain.models import build_model
+    from neuroexplain.classifier.network import build_model
 
     in_shape = list(images.shape[1:])
     model = build_model(
@@ -1170,7 +772,7 @@ def _fit_setup(
     eval_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = run.precision.grad_scaler()
-    aug = _augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
+    aug = build_augmenter(cfg, run.lr_axis, cfg.seed) if cfg.augment else None
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Fit(
         name=name,
