@@ -5,9 +5,9 @@ to ``N`` cells: tile ``t`` holds every MOB spot once, its counts resampled as
 ``Poisson(original count)`` (zeros stay zero, so the sparsity is the original's), its layer
 label kept, and its array coordinates shifted so that the tiles lie side by side on a square
 grid of tiles (a tissue ``N / 262`` times larger, not spots stacked on one another). The last
-tile takes a random subset of the spots to reach ``N`` exactly. Genes: MOB's ``--n-genes``
-most highly variable ones (scanpy ``seurat`` flavour on the original data, the pipeline's own
-selection) plus the known markers and gene-mode seeds; ``--n-genes 0`` keeps all 15,928.
+tile takes a random subset of the spots to reach ``N`` exactly. Genes: ``--n-genes`` in all, the
+known markers and gene-mode seeds plus MOB's most highly variable genes (scanpy ``seurat``
+flavour on the original data, the pipeline's own selection); ``--n-genes 0`` keeps all 15,928.
 
 For each ``N`` the stage runs end to end, each step its own process with the options of the
 workflow (``config/config.yaml``, as ``workflow/rules/common.smk`` passes them):
@@ -119,8 +119,12 @@ def _mob(n_genes: int, keep: list[str]):
     if n_genes and n_genes < len(genes):
         tmp = ad.AnnData(X=x)
         tmp.var_names = genes
-        idx = set(select_genes(tmp, layer=None, n_top_genes=n_genes).tolist())
-        idx |= {int(np.flatnonzero(genes == g)[0]) for g in keep if g in set(genes)}
+        # the markers and seeds, then the most variable genes up to n_genes in all (so the
+        # stage's own 2,000-HVG selection keeps every gene, as on a targeted panel)
+        forced = {int(np.flatnonzero(genes == g)[0]) for g in keep if g in set(genes)}
+        hvg = select_genes(tmp, layer=None, n_top_genes=n_genes)
+        disp = [i for i in hvg.tolist() if i not in forced]
+        idx = forced | set(disp[: n_genes - len(forced)])
         gi = np.asarray(sorted(idx))
     else:
         gi = np.arange(len(genes))
