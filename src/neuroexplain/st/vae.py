@@ -138,8 +138,13 @@ def log_normalise(
         rows = np.repeat(np.arange(out.shape[0]), np.diff(out.indptr))
         out.data = np.log1p(out.data / lib[rows] * target_sum)
         return out.astype(np.float32)
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    return np.log1p(sub.astype(np.float64) / lib[:, None] * target_sum).astype(np.float32)
+    # block by block: the float64 intermediates stay at 8,192 rows (same values as at once)
+    out = np.empty(sub.shape, dtype=np.float32)
+    for a, b in iter_row_batches(sub.shape[0], 8192):
+        blk = sub[a:b]
+        blk = blk.toarray() if sp.issparse(blk) else np.asarray(blk)
+        out[a:b] = np.log1p(blk.astype(np.float64) / lib[a:b, None] * target_sum)
+    return out
 
 
 def iter_row_batches(n_rows: int, batch_size: int):
