@@ -1064,6 +1064,9 @@ class STConceptsConfig(_Settings):
             concepts) a run may compute; each keeps a spots x genes saliency layer in memory and
             in the output, so a label column of hundreds of categories (a cluster id, a barcode)
             is refused rather than run out of memory.
+        spot_gene_max_mb: largest size in MiB of the spots x genes saliency layers kept in the
+            output (concepts x spots x genes x 4 bytes); beyond it they are skipped with a
+            warning (0 = no limit). ``--spot-gene-out`` always writes them.
         seed: random seed (same seed -> identical outputs on CPU).
     """
 
@@ -1090,6 +1093,12 @@ class STConceptsConfig(_Settings):
         "Most concepts (layers + gene and spot concepts) a run may compute; each keeps a "
         "spots x genes saliency layer.",
     )
+    spot_gene_max_mb: int = setting(
+        2048,
+        "Largest size (MiB) of the spots x genes saliency layers kept in --out; larger ones are "
+        "skipped with a warning (0 = no limit; --spot-gene-out always writes them).",
+        config=None,
+    )
     seed: int = setting(0, "Random seed (same seed -> identical outputs on CPU).", config=None)
 
     def __post_init__(self) -> None:
@@ -1097,6 +1106,7 @@ class STConceptsConfig(_Settings):
             {
                 "n_latent": (self.n_latent >= 1, "expected >= 1"),
                 "n_top_genes": (self.n_top_genes >= 0, "expected >= 0"),
+                "spot_gene_max_mb": (self.spot_gene_max_mb >= 0, "expected >= 0"),
                 "likelihood": (self.likelihood in ST_LIKELIHOODS, "expected nb or gaussian"),
                 "method": (self.method in ST_CONCEPT_METHODS, "expected attribute or probe"),
                 "saliency": (

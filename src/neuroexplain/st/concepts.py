@@ -427,6 +427,7 @@ def concept_saliency(
     noise_level: float = 0.15,
     n_steps: int = 50,
     store_spot_gene: bool = True,
+    max_spot_gene_mb: float | None = None,
     seed: int = 0,
     inputs: Sequence[str | os.PathLike[str]] = (),
     key_added: str = K.DEFAULT_KEY,
@@ -461,6 +462,10 @@ def concept_saliency(
             paper's convention).
         n_steps: Integrated-Gradients steps (baseline: zero expression).
         store_spot_gene: write the per-concept spots x genes maps to ``.layers``.
+        max_spot_gene_mb: skip those layers (with a warning) when they would take more than
+            this many MiB (concepts x spots x all genes x 4 bytes; ``None``: no limit). The
+            saliency itself is computed in blocks of spots and aggregated as it streams, so
+            without the layers memory does not grow with spots x genes.
         seed: seed of the probe fit and SmoothGrad noise.
         inputs: input files to checksum into the provenance.
         key_added: prefix of all keys written.
@@ -474,7 +479,8 @@ def concept_saliency(
         - ``.varm["<key>_saliency"]``: saliency averaged over the concept's spots (signed),
           genes x concepts; 0 for genes that are not model inputs (their gradient is 0).
         - ``.varm["<key>_saliency_abs"]``: mean absolute saliency, genes x concepts.
-        - ``.layers["<key>_saliency_<concept>"]``: spots x genes saliency (``store_spot_gene``).
+        - ``.layers["<key>_saliency_<concept>"]``: spots x genes saliency (``store_spot_gene``
+          and within ``max_spot_gene_mb``; ``.uns["<key>"]["spot_gene_layers"]`` says whether).
         - ``.var["<key>_input"]``: bool, gene is a model input.
         - ``.uns["<key>"]``: ``concepts`` (names), ``concept_source``, ``concept_vectors``
           (concepts x n_latent), ``concept_spots`` (names of the spots carrying each concept),
@@ -509,21 +515,36 @@ def concept_saliency(
 
     vectors = np.stack([c.vector for c in concepts])  # (C, L)
     scores = latent @ vectors.T  # (N, C)
-    sal, stdevs = _concept_saliency_maps(
+    size_mb = _spot_gene_mb(len(concepts), adata.n_obs, adata.n_vars)
+    if store_spot_gene and max_spot_gene_mb is not None and size_mb > max_spot_gene_mb:
+        logger.warning(
+            "not storing the spots x genes saliency layers: %d concepts x %d spots x %d genes "
+            "need %.0f MiB, more than max_spot_gene_mb=%s (the per-gene saliency, ranked genes "
+            "and scores are computed as usual)",
+            len(concepts),
+            adata.n_obs,
+            adata.n_vars,
+            size_mb,
+            max_spot_gene_mb,
+        )
+        store_spot_gene = False
+
+    key = key_added
+    adata.obsm[K.latent_key(key)] = latent
+    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
+    ranked, stdevs = _saliency_and_store(
         adata,
         model,
+        key,
+        concepts,
         vectors,
         saliency=saliency,
         nt_samples=nt_samples,
         noise_level=noise_level,
         n_steps=n_steps,
         seed=seed,
-    )  # (C, N, G)
-
-    key = key_added
-    adata.obsm[K.latent_key(key)] = latent
-    adata.obsm[K.scores_key(key)] = scores.astype(np.float32)
-    ranked = _store_saliency(adata, model, key, concepts, sal, store_spot_gene=store_spot_gene)
+        store_spot_gene=store_spot_gene,
+    )
     params = {
         "label_key": label_key,
         "method": method,
@@ -550,6 +571,7 @@ def concept_saliency(
         prov=provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
     )
     adata.uns[key]["concept_vectors"] = vectors
+    adata.uns[key]["spot_gene_layers"] = bool(store_spot_gene)
     if isinstance(prev, Mapping) and "genemode" in prev:
         adata.uns[key]["genemode"] = prev["genemode"]
     logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
@@ -593,7 +615,12 @@ def _user_concepts(
     return concepts
 
 
-def _concept_saliency_maps(
+def _spot_gene_mb(n_concepts: int, n_spots: int, n_vars: int) -> float:
+    """Size of the per-concept spots x genes saliency layers (float32), in MiB."""
+    return n_concepts * n_spots * n_vars * 4 / 2**20
+
+
+def _saliency_batches(
     adata: Any,
     model: SpotVAE,
     vectors: np.ndarray,
@@ -603,45 +630,108 @@ def _concept_saliency_maps(
     noise_level: float,
     n_steps: int,
     seed: int,
-) -> tuple[np.ndarray, float]:
-    """Saliency of every concept score at every spot: ``(C, N, G)`` and the SmoothGrad sd."""
+):
+    """Saliency of every concept score, one block of spots at a time.
+
+    Yields ``(start, stop, sal)`` with ``sal`` float32 ``(C, stop - start, G)``; the input is
+    densified block by block from the sparse counts (:class:`~neuroexplain.st.vae.CountBatches`)
+    and the blocks are those :meth:`ConceptSaliency.attribute` would use with the same
+    ``batch_size`` (same SmoothGrad noise). The first item is the SmoothGrad sd (a float).
+    """
+    from neuroexplain.st.vae import iter_row_batches
+
+    data = model.batches(adata)
+    n, n_genes = len(data), data.n_genes
+    expand = {"smoothgrad": nt_samples, "ig": n_steps}.get(saliency, 1)
+    bs = _auto_batch(len(vectors), n_genes, expand)
+    # the value range of the whole input (SmoothGrad's noise scale), without densifying it
+    lo, hi = np.inf, -np.inf
+    for a, b in iter_row_batches(n, max(bs, 4096)):
+        xb = data.normalised(np.arange(a, b))
+        lo, hi = min(lo, float(xb.min())), max(hi, float(xb.max()))
+    # as ``noise_level * (x.max() - x.min())`` on the float32 input tensor
+    stdevs = float(noise_level * (torch.tensor(hi, dtype=torch.float32) - float(lo)))
+    yield stdevs
     from neuroexplain.utils import seed_everything
 
-    x = torch.from_numpy(model.get_normalized_input(adata)).to(model.device)  # (N, G)
     scorer = ConceptScorer(model.posterior_mean(), vectors).to(model.device).eval()
-    expand = {"smoothgrad": nt_samples, "ig": n_steps}.get(saliency, 1)
     seed_everything(seed)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    stdevs = float(noise_level * (x.max() - x.min()))
-    sal = ConceptSaliency(scorer).attribute(
-        x,
-        method=saliency,
-        nt_samples=nt_samples,
-        stdevs=stdevs,
-        n_steps=n_steps,
-        batch_size=_auto_batch(len(vectors), x.shape[1], expand),
-        generator=gen,
-    )
-    return sal.cpu().numpy().astype(np.float32), stdevs
+    expl = ConceptSaliency(scorer)
+    for a, b in iter_row_batches(n, bs):
+        x = torch.from_numpy(data.normalised(np.arange(a, b))).to(model.device)
+        sal = expl.attribute(
+            x,
+            method=saliency,
+            nt_samples=nt_samples,
+            stdevs=stdevs,
+            n_steps=n_steps,
+            batch_size=bs,
+            generator=gen,
+        )
+        yield a, b, sal.cpu().numpy().astype(np.float32)
 
 
-def _store_saliency(
+def _saliency_and_store(
     adata: Any,
     model: SpotVAE,
     key: str,
     concepts: list[Concept],
-    sal: np.ndarray,
+    vectors: np.ndarray,
     *,
+    saliency: SaliencyMethod,
+    nt_samples: int,
+    noise_level: float,
+    n_steps: int,
+    seed: int,
     store_spot_gene: bool,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Write the per-gene saliency (``.varm``, ``.var``, ``.layers``); the ranked genes."""
+) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+    """Saliency of all concepts at all spots, aggregated while it streams; stored in ``adata``.
+
+    Per concept, the signed and absolute saliency are summed over the concept's spots block by
+    block (float32 running sums; one block gives exactly ``mean(0)`` of the full map), so only
+    one block of ``(C, B, G)`` maps is in memory, never ``(C, n_spots, G)``. The spots x genes
+    layers are filled block by block when ``store_spot_gene``.
+
+    Returns:
+        ``(ranked genes, SmoothGrad sd)``.
+    """
     gi = model.gene_index
     n_spots, n_vars = adata.n_obs, adata.n_vars
-    agg = np.zeros((n_vars, len(concepts)), dtype=np.float32)
+    n_c, n_in = len(concepts), len(gi)
+    sums = np.zeros((n_c, n_in), dtype=np.float32)
+    sums_abs = np.zeros_like(sums)
+    layers = (
+        [np.zeros((n_spots, n_vars), dtype=np.float32) for _ in concepts]
+        if store_spot_gene
+        else None
+    )
+    stream = _saliency_batches(
+        adata,
+        model,
+        vectors,
+        saliency=saliency,
+        nt_samples=nt_samples,
+        noise_level=noise_level,
+        n_steps=n_steps,
+        seed=seed,
+    )
+    stdevs = next(stream)
+    for a, b, sal in stream:  # sal (C, b - a, G)
+        for j, c in enumerate(concepts):
+            m = c.spots[a:b]
+            if m.any():
+                sums[j] += sal[j][m].sum(0)
+                sums_abs[j] += np.abs(sal[j][m]).sum(0)
+            if layers is not None:
+                layers[j][a:b, gi] = sal[j]
+    agg = np.zeros((n_vars, n_c), dtype=np.float32)
     agg_abs = np.zeros_like(agg)
     for j, c in enumerate(concepts):
-        agg[gi, j] = sal[j][c.spots].mean(0)
-        agg_abs[gi, j] = np.abs(sal[j][c.spots]).mean(0)
+        k = int(c.spots.sum())
+        # numpy's ``mean``: the float32 sum divided by the count (float64 division, cast back)
+        agg[gi, j] = (sums[j].astype(np.float64) / k).astype(np.float32)
+        agg_abs[gi, j] = (sums_abs[j].astype(np.float64) / k).astype(np.float32)
     adata.varm[K.saliency_key(key)] = agg
     adata.varm[K.saliency_abs_key(key)] = agg_abs
     input_mask = np.zeros(n_vars, dtype=bool)
@@ -649,10 +739,8 @@ def _store_saliency(
     adata.var[K.input_var_key(key)] = input_mask
     for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
         del adata.layers[lk]
-    if store_spot_gene:
-        for j, c in enumerate(concepts):
-            full = np.zeros((n_spots, n_vars), dtype=np.float32)
-            full[:, gi] = sal[j]
+    if layers is not None:
+        for c, full in zip(concepts, layers, strict=True):
             adata.layers[K.spot_gene_layer_key(key, c.name)] = full
 
     ranked = {}
@@ -664,7 +752,7 @@ def _store_saliency(
             "saliency": agg[gi, j][order],
             "saliency_abs": agg_abs[gi, j][order],
         }
-    return ranked
+    return ranked, stdevs
 
 
 def _concepts_uns(
@@ -765,6 +853,7 @@ def genemode(
     lr: float = 3e-3,
     kl_warmup_epochs: int = 10,
     spacing: float | None = None,
+    max_grid: int | None = 128,
     target_sum: float = 1e4,
     seed: int = 0,
     device: str = "auto",
@@ -796,6 +885,8 @@ def genemode(
         saliency: saliency method (see :class:`ConceptSaliency`).
         max_epochs, batch_size, lr, kl_warmup_epochs: image-VAE training.
         spacing: grid spacing of the coordinates (``None``: median nearest-neighbour distance).
+        max_grid: largest side of the gene images in pixels (``None``: no limit); a finer grid
+            is coarsened, spots sharing a pixel are averaged (MOB's 33 x 35 array is unchanged).
         target_sum: normalisation target.
         seed: random seed.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -824,7 +915,7 @@ def genemode(
     )
     n_sim = max(1, min(int(n_similar), len(gene_names) - 1))
 
-    rows, cols, shape = rasterise_spots(coords[:, :2], spacing=spacing)
+    rows, cols, shape = rasterise_spots(coords[:, :2], spacing=spacing, max_side=max_grid)
     images = gene_images(expr, rows, cols, shape)  # (G, 1, H, W)
     seed_everything(seed)
     vae = GeneImageVAE(images, n_latent=n_latent, channels=channels, seed=seed, device=device)
@@ -864,6 +955,7 @@ def genemode(
                     "kl_warmup_epochs": kl_warmup_epochs,
                     "epochs_run": len(vae.history["train"]),
                     "spacing": spacing,
+                    "max_grid": max_grid,
                     "target_sum": target_sum,
                 },
                 seed=seed,

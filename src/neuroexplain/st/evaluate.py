@@ -103,10 +103,13 @@ def wilcoxon_ranking(
     import anndata as ad
     import pandas as pd
     import scanpy as sc
+    import scipy.sparse as sp
 
     labelled = labels.notna().to_numpy()
     gi = np.flatnonzero(genes_mask)
-    x = log_normalise(get_counts(adata, layer)[labelled], gi, target_sum=target_sum)
+    # sparse counts stay sparse (scanpy ranks sparse data chunk by chunk, with the same result)
+    counts = get_counts(adata, layer)
+    x = log_normalise(counts[labelled], gi, target_sum=target_sum, sparse_out=sp.issparse(counts))
     tmp = ad.AnnData(
         X=x,
         obs=pd.DataFrame(

@@ -161,7 +161,14 @@ def _load_st_inputs(
 
 
 def _train_and_explain(
-    adata_path: PathArg, label_key: str, cfg: Any, inp: _STInputs, *, key: str, device: str
+    adata_path: PathArg,
+    label_key: str,
+    cfg: Any,
+    inp: _STInputs,
+    *,
+    key: str,
+    device: str,
+    spot_gene_out: PathArg | None = None,
 ) -> Any:
     """Train the spot VAE; concept scores and saliency (and the gene mode) into the AnnData."""
     from neuroexplain.st.concepts import concept_saliency, genemode
@@ -189,6 +196,8 @@ def _train_and_explain(
             gene_concepts=inp.genes_c or None,
             min_spots=cfg.min_spots,
             store_spot_gene=True,
+            # asked for in a file of their own: always; in --out: within the size limit
+            max_spot_gene_mb=None if spot_gene_out else (cfg.spot_gene_max_mb or None),
             seed=seed,
             inputs=[adata_path],
             key_added=key,
@@ -295,7 +304,9 @@ def run_st_concepts(
         spot_concepts=spot_concepts,
         genemode_seeds=genemode_seeds,
     )
-    model = _train_and_explain(adata_path, label_key, config, inp, key=key, device=device)
+    model = _train_and_explain(
+        adata_path, label_key, config, inp, key=key, device=device, spot_gene_out=spot_gene_out
+    )
     _write_st_outputs(
         inp.adata,
         model,

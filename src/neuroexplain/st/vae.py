@@ -35,6 +35,7 @@ from neuroexplain.errors import InputError
 from neuroexplain.st.concept_keys import COUNTS_LAYER
 
 __all__ = [
+    "CountBatches",
     "GeneImageVAE",
     "PosteriorMean",
     "SpotVAE",
@@ -42,6 +43,7 @@ __all__ = [
     "fit_vae",
     "gene_images",
     "get_counts",
+    "iter_row_batches",
     "log_normalise",
     "rasterise_spots",
     "select_genes",
@@ -50,6 +52,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "model.pt"
+
+#: default training spots per epoch of :meth:`SpotVAE.train` (see :func:`fit_vae`): larger data
+#: sets train in rounds of this many spots (8 steps of 128), so the step budget (at most
+#: ``max_epochs`` rounds, early stopping after the warm-up) does not grow with the spots. MOB
+#: (236 training spots) converges in ~430 steps; a round-based budget of 640 (warm-up + patience)
+#: to 2,400 steps is several times that, and a data set of up to 1,137 spots trains exactly as
+#: with full passes
+EPOCH_SAMPLES = 1024
+#: default largest held-out set of :meth:`SpotVAE.train`: the same 1,024 spots every round
+#: (a paired comparison) resolve the round-to-round changes of the held-out ELBO, and checking
+#: them costs at most about a third of a round
+MAX_VALIDATION = 1024
 _FORMAT = "neuroexplain.SpotVAE/1"
 
 Likelihood = Literal["nb", "gaussian"]
@@ -93,8 +107,12 @@ def _library_sizes(counts) -> np.ndarray:
 
 
 def log_normalise(
-    counts, gene_index: np.ndarray | None = None, *, target_sum: float = 1e4
-) -> np.ndarray:
+    counts,
+    gene_index: np.ndarray | None = None,
+    *,
+    target_sum: float = 1e4,
+    sparse_out: bool = False,
+):
     """``log1p(counts / library_size * target_sum)`` for the genes in ``gene_index``.
 
     The library size is the spot's total over **all** genes (as ``scanpy.pp.normalize_total``),
@@ -104,17 +122,127 @@ def log_normalise(
         counts: raw counts, dense or scipy sparse, shape ``(n_spots, n_genes)``.
         gene_index: integer positions of the genes to return (``None``: all genes).
         target_sum: counts per spot after normalisation.
+        sparse_out: return a CSR matrix (sparse ``counts`` stay sparse; the same values).
 
     Returns:
-        float32 array, shape ``(n_spots, len(gene_index))``.
+        float32 array (CSR with ``sparse_out``), shape ``(n_spots, len(gene_index))``.
     """
     import scipy.sparse as sp
 
     lib = _library_sizes(counts)
     lib[lib == 0] = 1.0
     sub = counts if gene_index is None else counts[:, gene_index]
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    return np.log1p(sub.astype(np.float64) / lib[:, None] * target_sum).astype(np.float32)
+    if sparse_out:
+        out = sp.csr_matrix(sub, dtype=np.float64)
+        out.eliminate_zeros()
+        rows = np.repeat(np.arange(out.shape[0]), np.diff(out.indptr))
+        out.data = np.log1p(out.data / lib[rows] * target_sum)
+        return out.astype(np.float32)
+    # block by block: the float64 intermediates stay at 8,192 rows (same values as at once)
+    out = np.empty(sub.shape, dtype=np.float32)
+    for a, b in iter_row_batches(sub.shape[0], 8192):
+        blk = sub[a:b]
+        blk = blk.toarray() if sp.issparse(blk) else np.asarray(blk)
+        out[a:b] = np.log1p(blk.astype(np.float64) / lib[a:b, None] * target_sum)
+    return out
+
+
+def iter_row_batches(n_rows: int, batch_size: int):
+    """``(start, stop)`` of consecutive row blocks of at most ``batch_size`` rows."""
+    step = max(1, int(batch_size))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+class CountBatches:
+    """The spot VAE's training data, densified one mini-batch at a time.
+
+    Holds the raw counts of the model's input genes as a CSR matrix (``(n_spots, G)``, only the
+    selected genes, never all genes densified) and each spot's library size over **all** genes.
+    :meth:`take` returns the dense tensors of a few rows: the log-normalised input (exactly the
+    values of :func:`log_normalise`, computed in float64 then cast), the raw counts and
+    ``lgamma(counts + 1)``. Memory is ``O(nnz)`` for the whole data and ``O(B x G)`` per batch
+    instead of three dense ``(n_spots, G)`` float32 matrices.
+
+    Args:
+        counts: raw counts, dense or scipy sparse, ``(n_spots, n_genes)``.
+        gene_index: positions of the G input genes (``None``: all genes).
+        target_sum: counts per spot after normalisation.
+
+    Example:
+        >>> import scipy.sparse as sp
+        >>> data = CountBatches(sp.random(6, 5, density=0.5, format="csr") * 10, np.arange(3))
+        >>> [tuple(t.shape) for t in data.take(np.array([0, 4]))]
+        [(2, 3), (2, 3), (2, 3)]
+    """
+
+    def __init__(self, counts, gene_index: np.ndarray | None = None, *, target_sum: float = 1e4):
+        import scipy.sparse as sp
+
+        lib = _library_sizes(counts)
+        lib[lib == 0] = 1.0
+        self.library = lib  # float64 (n_spots,), over all genes (0 -> 1)
+        gi = None if gene_index is None else np.asarray(gene_index)
+        if gi is not None and np.array_equal(gi, np.arange(counts.shape[1])):
+            gi = None  # every gene in order: no copy
+        sub = counts if gi is None else counts[:, gi]
+        # CSR of the selected genes only (a copy only for a gene subset): row slices stay sparse
+        self.counts = sp.csr_matrix(sub) if sp.issparse(sub) else np.asarray(sub)
+        self.target_sum = float(target_sum)
+        # lgamma(counts + 1), a constant of the likelihood, once: 0 where the count is 0, so it
+        # shares the counts' sparsity pattern (4 bytes per stored count, no index copy)
+        self.log_factorial = None
+        if sp.issparse(self.counts):
+            c = self.counts
+            lf = torch.lgamma(torch.from_numpy(c.data.astype(np.float32)) + 1.0).numpy()
+            self.log_factorial = sp.csr_matrix((lf, c.indices, c.indptr), shape=c.shape)
+
+    def __len__(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.counts.shape[1])
+
+    def _dense(self, idx: np.ndarray) -> np.ndarray:
+        import scipy.sparse as sp
+
+        sub = self.counts[idx]
+        return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+
+    def normalised(self, idx: np.ndarray) -> np.ndarray:
+        """Log-normalised input of rows ``idx``: float32 ``(len(idx), G)``."""
+        return self._log(self._dense(idx), idx)
+
+    def _log(self, raw: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        # the same operations in the same order as :func:`log_normalise`: identical values
+        lib = self.library[idx]
+        return np.log1p(raw.astype(np.float64) / lib[:, None] * self.target_sum).astype(np.float32)
+
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, counts, lgamma(counts + 1))`` of rows ``idx``, each float32 ``(len(idx), G)``."""
+        idx = np.asarray(idx)
+        raw = self._dense(idx)
+        x = self._log(raw, idx)
+        c = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+        if self.log_factorial is None:
+            return torch.from_numpy(x), c, torch.lgamma(c + 1.0)
+        lf = torch.from_numpy(self.log_factorial[idx].toarray())
+        return torch.from_numpy(x), c, lf
+
+
+class _TensorRows:
+    """Rows of in-memory tensors (the gene-image VAE's data) behind :class:`CountBatches`' API."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return tuple(t[i] for t in self.tensors)
 
 
 def select_genes(
@@ -308,7 +436,7 @@ def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def fit_vae(
     module: nn.Module,
-    tensors: tuple[torch.Tensor, ...],
+    tensors: Any,
     nll_fn: Any,
     *,
     n_latent: int,
@@ -322,14 +450,29 @@ def fit_vae(
     validation_fraction: float = 0.1,
     early_stopping: bool = True,
     patience: int = 40,
+    epoch_samples: int | None = None,
+    max_validation: int | None = None,
+    eval_batch_size: int = 8192,
     progress: bool | None = None,
     desc: str = "VAE",
 ) -> tuple[dict[str, list[float]], int, dict[str, Any]]:
     """Train a VAE: Adam, linear KL warm-up, early stopping on a held-out random split.
 
+    **Epochs at scale.** An epoch is one pass over the training samples, or, when there are more
+    than ``epoch_samples`` of them, a round of ``epoch_samples`` samples drawn without
+    replacement from a running permutation (the next round continues it). ``max_epochs``,
+    ``kl_warmup_epochs`` and ``patience`` count these rounds, so the optimisation budget is at
+    most ``max_epochs * ceil(epoch_samples / batch_size)`` steps whatever the number of samples:
+    on 100,000 spots the held-out loss is checked every few seconds instead of once per long
+    pass, and training stops when it has converged rather than after a fixed number of full
+    passes. With at most ``epoch_samples`` training samples (or ``None``) nothing changes: the
+    same permutations, batches and noise as plain epochs.
+
     Args:
         module: the VAE; trained in place, left in eval mode with the best weights.
-        tensors: per-sample tensors, first dimension = samples (e.g. ``(x, counts)``).
+        tensors: per-sample tensors, first dimension = samples (e.g. ``(x, counts)``), or a
+            batch source with ``len()`` and ``take(rows) -> tuple of tensors`` (e.g.
+            :class:`CountBatches`, which densifies only the rows of one batch).
         nll_fn: ``nll_fn(batch, eps) -> (nll (B,), mu (B, L), logvar (B, L))``; ``eps`` is the
             reparameterisation noise ``(B, L)`` or ``None`` (decode the mean, for validation).
         n_latent: latent dimensions (size of ``eps``).
@@ -340,6 +483,10 @@ def fit_vae(
         validation_fraction: held-out fraction (none with fewer than 10 samples).
         early_stopping: stop after ``patience`` epochs without a better validation ELBO (only
             once the warm-up is over) and restore the best weights.
+        epoch_samples: training samples per epoch at most (``None``: a full pass; see above).
+        max_validation: most held-out samples (``None``: ``validation_fraction`` of all).
+        eval_batch_size: held-out samples per validation forward pass (bounds memory; a
+            validation set this small is evaluated in one pass, as before).
         progress: progress bar (``None``: when stderr is a terminal).
         desc: progress-bar label.
 
@@ -353,16 +500,23 @@ def fit_vae(
 
     if max_epochs < 1:
         raise InputError("max_epochs", f"expected at least 1 epoch, got {max_epochs}")
+    if epoch_samples is not None and epoch_samples < 1:
+        raise InputError("epoch_samples", f"expected at least 1 sample, got {epoch_samples}")
+    data = tensors if hasattr(tensors, "take") else _TensorRows(tuple(tensors))
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
-    n = tensors[0].shape[0]
+    n = len(data)
     perm = np.random.default_rng(seed).permutation(n)
     n_val = 0
     if n >= 10 and validation_fraction > 0:
         n_val = min(max(1, round(validation_fraction * n)), n - 1)
+        if max_validation is not None:
+            n_val = min(n_val, max(1, int(max_validation)))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    train = tuple(t[train_idx].to(device) for t in tensors)
-    val = tuple(t[val_idx].to(device) for t in tensors)
+
+    def rows(idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in data.take(idx))
+
     amp = amp_enabled(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
@@ -372,14 +526,19 @@ def fit_vae(
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(max_epochs), desc=desc, disable=not show, leave=False)
     n_tr = len(train_idx)
+    per_epoch = n_tr if epoch_samples is None else min(n_tr, int(epoch_samples))
+    steps_per_epoch = -(-per_epoch // batch_size)
+    order, pos, steps = torch.empty(0, dtype=torch.long), n_tr, 0
     for epoch in bar:
         beta = min(1.0, (epoch + 1) / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
         module.train()
-        order = torch.randperm(n_tr, generator=gen)
-        total = 0.0
-        for start in range(0, n_tr, batch_size):
-            idx = order[start : start + batch_size]
-            batch = tuple(t[idx.to(device)] for t in train)
+        total, seen = 0.0, 0
+        for _ in range(steps_per_epoch):
+            if pos >= n_tr:  # a fresh permutation: every epoch when an epoch is a full pass
+                order, pos = torch.randperm(n_tr, generator=gen), 0
+            idx = order[pos : pos + batch_size]
+            pos += len(idx)
+            batch = rows(train_idx[idx.numpy()])
             eps = torch.randn(len(idx), n_latent, generator=gen).to(device)
             with torch.autocast(device_type=device.type, enabled=amp):
                 nll, mu, logvar = nll_fn(batch, eps)
@@ -389,12 +548,17 @@ def fit_vae(
             scaler.step(opt)
             scaler.update()
             total += float(loss.detach()) * len(idx)
-        history["train"].append(total / n_tr)
+            seen += len(idx)
+        steps += steps_per_epoch
+        history["train"].append(total / seen)
         if n_val:
             module.eval()
             with torch.no_grad():
-                nll, mu, logvar = nll_fn(val, None)
-                v = float((nll.float() + _kl(mu.float(), logvar.float())).mean())
+                per_sample = []
+                for a, b in iter_row_batches(n_val, eval_batch_size):
+                    nll, mu, logvar = nll_fn(rows(val_idx[a:b]), None)
+                    per_sample.append(nll.float() + _kl(mu.float(), logvar.float()))
+                v = float(torch.cat(per_sample).mean())
         else:
             v = history["train"][-1]
         history["validation"].append(v)
@@ -416,9 +580,10 @@ def fit_vae(
         kept = len(history["train"])
     module.eval()
     logger.info(
-        "%s trained %d epochs (kept epoch %d), validation loss %.3f",
+        "%s trained %d epochs, %d steps (kept epoch %d), validation loss %.3f",
         desc,
         len(history["train"]),
+        steps,
         kept,
         history["validation"][kept - 1],
     )
@@ -434,6 +599,9 @@ def fit_vae(
         "epochs_run": len(history["train"]),
         "kept_epoch": int(kept),
         "n_validation": int(n_val),
+        "epoch_samples": None if epoch_samples is None else int(epoch_samples),
+        "max_validation": None if max_validation is None else int(max_validation),
+        "steps": int(steps),
     }
     return history, kept, params
 
@@ -444,7 +612,7 @@ def fit_vae(
 
 
 def rasterise_spots(
-    coords: np.ndarray, *, spacing: float | None = None
+    coords: np.ndarray, *, spacing: float | None = None, max_side: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Map spot coordinates to integer pixel positions on a grid.
 
@@ -455,6 +623,10 @@ def rasterise_spots(
     Args:
         coords: ``(n_spots, 2)`` (x, y).
         spacing: grid spacing in coordinate units.
+        max_side: largest grid side in pixels (``None``: no limit). A finer grid is coarsened
+            (the spacing grows until the longer side fits; neighbouring spots then share and
+            average a pixel), so the gene images of 100,000 cells do not grow with the tissue
+            area at cell resolution.
 
     Returns:
         ``(rows (n,), cols (n,), (H, W))``.
@@ -471,12 +643,27 @@ def rasterise_spots(
             spacing = float(np.median(nn_d)) if nn_d.size else 1.0
     if not spacing > 0:
         raise InputError("spacing", f"expected a positive grid spacing, got {spacing}")
+    coarsened = False
+    if max_side is not None and len(c):
+        extent = float((c.max(0) - c.min(0)).max())
+        if np.rint(extent / spacing) + 1 > max_side:
+            spacing = extent / max(1, int(max_side) - 1)
+            coarsened = True
     ij = np.rint((c - c.min(0)) / spacing).astype(int)
     cols, rows = ij[:, 0], ij[:, 1]
     shape = (int(rows.max()) + 1, int(cols.max()) + 1)
     n_unique = len({(r, q) for r, q in zip(rows.tolist(), cols.tolist(), strict=True)})
     if n_unique < len(c):
-        logger.warning("%d spots share a pixel with another spot", len(c) - n_unique)
+        if coarsened:
+            logger.info(
+                "grid coarsened to spacing %.3g (at most %d pixels a side): %d spots share a "
+                "pixel with another spot",
+                spacing,
+                max_side,
+                len(c) - n_unique,
+            )
+        else:
+            logger.warning("%d spots share a pixel with another spot", len(c) - n_unique)
     return rows, cols, shape
 
 
@@ -503,9 +690,14 @@ def gene_images(
     """
     h = max(8, -(-shape[0] // multiple) * multiple)
     w = max(8, -(-shape[1] // multiple) * multiple)
+    import scipy.sparse as sp
+
     flat = rows * w + cols
-    sums = np.zeros((h * w, expr.shape[1]), dtype=np.float64)
-    np.add.at(sums, flat, expr)
+    # pixel sums as one sparse (pixels x spots) indicator product: no per-element scatter
+    onehot = sp.csr_matrix(
+        (np.ones(len(flat)), (flat, np.arange(len(flat)))), shape=(h * w, len(flat))
+    )
+    sums = np.asarray(onehot @ np.asarray(expr, dtype=np.float64))
     hits = np.bincount(flat, minlength=h * w).astype(np.float64)
     img = sums / np.maximum(hits, 1.0)[:, None]
     mx = img.max(0)
@@ -771,12 +963,11 @@ class SpotVAE:
         counts = get_counts(adata, self.config["layer"])
         return log_normalise(counts, self.gene_index, target_sum=self.config["target_sum"])
 
-    def _input_counts(self, adata: Any) -> np.ndarray:
-        import scipy.sparse as sp
-
-        counts = get_counts(adata, self.config["layer"])[:, self.gene_index]
-        counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
-        return counts.astype(np.float32)
+    def batches(self, adata: Any | None = None) -> CountBatches:
+        """The model's input as a :class:`CountBatches` (sparse; densified per batch)."""
+        adata = self._validate(adata)
+        counts = get_counts(adata, self.config["layer"])
+        return CountBatches(counts, self.gene_index, target_sum=self.config["target_sum"])
 
     def _validate(self, adata: Any | None) -> Any:
         if adata is None:
@@ -796,6 +987,8 @@ class SpotVAE:
         validation_fraction: float = 0.1,
         early_stopping: bool = True,
         patience: int = 30,
+        epoch_samples: int | None = EPOCH_SAMPLES,
+        max_validation: int | None = MAX_VALIDATION,
         progress: bool | None = None,
     ) -> SpotVAE:
         """Fit the VAE (Adam, KL warm-up, early stopping on held-out spots).
@@ -811,14 +1004,22 @@ class SpotVAE:
             early_stopping: stop when the validation ELBO has not improved for ``patience``
                 epochs after the warm-up, and restore the best weights.
             patience: epochs without improvement before stopping.
+            epoch_samples: training spots per epoch at most (``None``: always a full pass).
+                With more training spots, an epoch is a round of this many spots and
+                ``max_epochs``, ``kl_warmup_epochs`` and ``patience`` count rounds (see
+                :func:`fit_vae`): the number of optimisation steps stops growing with the
+                number of spots. Data sets up to this size train exactly as with full passes.
+            max_validation: most held-out spots (``None``: ``validation_fraction`` of all);
+                the rest train.
             progress: show a progress bar (``None``: when stderr is a terminal).
 
         Returns:
             ``self`` (trained; :attr:`history` filled).
+
+        The counts stay sparse: each mini-batch (and each validation chunk) is densified on its
+        own, over the input genes only (:class:`CountBatches`).
         """
-        x_all = torch.from_numpy(self.get_normalized_input())
-        c_all = torch.from_numpy(self._input_counts(self.adata))
-        lf_all = torch.lgamma(c_all + 1.0)
+        data = self.batches()
         module = self.module
 
         def nll(batch: tuple[torch.Tensor, ...], eps: torch.Tensor | None):
@@ -828,7 +1029,7 @@ class SpotVAE:
 
         self.history, self.epoch, self.train_params = fit_vae(
             module,
-            (x_all, c_all, lf_all),
+            data,
             nll,
             n_latent=self.config["n_latent"],
             seed=self.seed,
@@ -841,6 +1042,8 @@ class SpotVAE:
             validation_fraction=validation_fraction,
             early_stopping=early_stopping,
             patience=patience,
+            epoch_samples=epoch_samples,
+            max_validation=max_validation,
             progress=progress,
             desc="SpotVAE",
         )
@@ -855,12 +1058,14 @@ class SpotVAE:
         """Posterior mean ``mu(x)`` of every spot (deterministic, never a sampled ``z``).
 
         Returns:
-            float32 array ``(n_spots, n_latent)``.
+            float32 array ``(n_spots, n_latent)``; the input is densified ``batch_size`` spots
+            at a time.
         """
-        x = torch.from_numpy(self.get_normalized_input(adata))
+        data = self.batches(adata)
         enc = self.posterior_mean().eval()
         out = [
-            enc(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)
+            enc(torch.from_numpy(data.normalised(np.arange(a, b))).to(self.device)).cpu()
+            for a, b in iter_row_batches(len(data), batch_size)
         ]
         return torch.cat(out).numpy().astype(np.float32)
 
