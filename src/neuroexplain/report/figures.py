@@ -442,6 +442,89 @@ def _cohort_magnitudes(cohort: Path | None) -> dict[str, str]:
     }
 
 
+def _subject_panels(
+    table: Any,
+    shown: Sequence[str],
+    methods: Mapping[str, Any],
+    *,
+    subjects: str | os.PathLike[str],
+    cohort_dir: Path | None,
+    derivatives: str,
+    first_region: Sequence[int] | None,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """The panels of each method's figure (one per shown subject) and the subjects' cut points.
+
+    The cut point of a subject is the voxel of largest ``|log J|`` of the cohort's ground truth,
+    else the centroid of ``first_region`` in its dseg, else ``None`` (nilearn's default).
+
+    Returns:
+        ``({method: [panel, ...]}, {subject: cut coordinates in mm or None})``; a panel holds
+        ``title``, ``t1``, ``map``, ``dseg`` and ``cut``.
+    """
+    from neuroexplain.evaluate.harness import ground_truth_paths, resolve_map
+    from neuroexplain.io.nifti import load_labels, load_volume
+
+    rows = table.set_index("subject")
+    magnitude = _cohort_magnitudes(cohort_dir)
+    panels: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    cuts: dict[str, Any] = {}
+    for sub in shown:
+        rec = rows.loc[sub]
+        t1 = _path(rec["t1"], subjects, f"T1w of {sub}")
+        dseg = str(_path(rec["dseg"], subjects, f"dseg of {sub}")) if rec["dseg"] else ""
+        gt = (
+            ground_truth_paths(cohort_dir, sub, derivatives=derivatives)["logjacobian"]
+            if cohort_dir is not None
+            else None
+        )
+        t1_img, _ = load_volume(t1)
+        if gt is not None:
+            _, values = _load_map(gt)
+            cut = cut_coords(t1_img.affine, values=values)
+        elif dseg:
+            _, labels = load_labels(dseg, t1_img, like_path=t1)
+            cut = cut_coords(t1_img.affine, labels=labels, region=first_region)
+        else:
+            cut = None
+        cuts[sub] = list(cut) if cut is not None else None
+        label = rec["label"] or ("disease" if rec["y"] == 1 else "")
+        mag = magnitude.get(sub, "")
+        title = f"{sub}  {label}" + (
+            f"  (effect {float(mag):.2f})" if mag not in ("", None) else ""
+        )
+        for method, spec in methods.items():
+            path = gt if method == GROUND_TRUTH else resolve_map(spec, sub, method)
+            panels[method].append(
+                {"title": title, "t1": str(t1), "map": str(path), "dseg": dseg, "cut": cut}
+            )
+    return panels, cuts
+
+
+def _write_method_figures(
+    panels: Mapping[str, list[dict[str, Any]]], out_dir: Path, *, threshold_fraction: float
+) -> dict[str, Any]:
+    """Write ``out_dir/<method>.png`` per method; returns ``{method: {"png", "maps"}}``."""
+    figures: dict[str, Any] = {}
+    for method, method_panels in panels.items():
+        png = plot_method_maps(
+            method, method_panels, out_dir / f"{method}.png", threshold_fraction=threshold_fraction
+        )
+        figures[method] = {"png": png.name, "maps": [p["map"] for p in method_panels]}
+        logger.info("wrote %s", png)
+    return figures
+
+
+def _write_region_figure(df: Any, fig_path: Path) -> dict[str, str]:
+    """Write the region bar figure ``fig_path`` and its table (same stem, ``.tsv``)."""
+    from neuroexplain.io.atomic import write_table
+
+    tsv = fig_path.with_suffix(".tsv")
+    write_table(df, tsv)
+    plot_region_bars(df, fig_path)
+    logger.info("wrote %s", fig_path)
+    return {"png": str(fig_path), "table": str(tsv)}
+
+
 def make_figures(
     subjects: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -486,9 +569,7 @@ def make_figures(
     Raises:
         InputError: bad inputs (missing files, maps on another grid, nothing to plot).
     """
-    from neuroexplain.evaluate.harness import ground_truth_paths, resolve_map
-    from neuroexplain.io.atomic import write_json, write_table
-    from neuroexplain.io.nifti import load_labels, load_volume
+    from neuroexplain.io.atomic import write_json
     from neuroexplain.provenance import provenance
 
     maps = dict(maps or {})
@@ -503,52 +584,21 @@ def make_figures(
     cohort_dir = Path(cohort) if cohort is not None else None
     table = read_subjects(subjects, split=split, split_name=split_name)
     shown = pick_subjects(table, n_subjects)
-    rows = table.set_index("subject")
-    magnitude = _cohort_magnitudes(cohort_dir)
 
     methods: dict[str, Any] = ({GROUND_TRUTH: None} if cohort_dir is not None else {}) | maps
-    first_region = next(iter(regions.values()), None)
-    panels: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    cuts: dict[str, Any] = {}
-    for sub in shown:
-        rec = rows.loc[sub]
-        t1 = _path(rec["t1"], subjects, f"T1w of {sub}")
-        dseg = str(_path(rec["dseg"], subjects, f"dseg of {sub}")) if rec["dseg"] else ""
-        gt = (
-            ground_truth_paths(cohort_dir, sub, derivatives=derivatives)["logjacobian"]
-            if cohort_dir is not None
-            else None
-        )
-        t1_img, _ = load_volume(t1)
-        if gt is not None:
-            _, values = _load_map(gt)
-            cut = cut_coords(t1_img.affine, values=values)
-        elif dseg:
-            _, labels = load_labels(dseg, t1_img, like_path=t1)
-            cut = cut_coords(t1_img.affine, labels=labels, region=first_region)
-        else:
-            cut = None
-        cuts[sub] = list(cut) if cut is not None else None
-        label = rec["label"] or ("disease" if rec["y"] == 1 else "")
-        mag = magnitude.get(sub, "")
-        title = f"{sub}  {label}" + (
-            f"  (effect {float(mag):.2f})" if mag not in ("", None) else ""
-        )
-        for method, spec in methods.items():
-            path = gt if method == GROUND_TRUTH else resolve_map(spec, sub, method)
-            panels[method].append(
-                {"title": title, "t1": str(t1), "map": str(path), "dseg": dseg, "cut": cut}
-            )
+    panels, cuts = _subject_panels(
+        table,
+        shown,
+        methods,
+        subjects=subjects,
+        cohort_dir=cohort_dir,
+        derivatives=derivatives,
+        first_region=next(iter(regions.values()), None),
+    )
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, Any] = {}
-    for method, method_panels in panels.items():
-        png = plot_method_maps(
-            method, method_panels, out_dir / f"{method}.png", threshold_fraction=threshold_fraction
-        )
-        figures[method] = {"png": png.name, "maps": [p["map"] for p in method_panels]}
-        logger.info("wrote %s", png)
+    figures = _write_method_figures(panels, out_dir, threshold_fraction=threshold_fraction)
 
     params = {
         "subjects": str(subjects),
@@ -579,11 +629,6 @@ def make_figures(
             derivatives=derivatives,
             table_path=subjects,
         )
-        fig_path = Path(regions_figure)
-        tsv = fig_path.with_suffix(".tsv")
-        write_table(df, tsv)
-        plot_region_bars(df, fig_path)
-        summary["regions_figure"] = {"png": str(fig_path), "table": str(tsv)}
-        logger.info("wrote %s", fig_path)
+        summary["regions_figure"] = _write_region_figure(df, Path(regions_figure))
     write_json(summary, out_dir / "figures.json")
     return summary

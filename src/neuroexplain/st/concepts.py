@@ -500,34 +500,21 @@ def concept_saliency(
     model._validate(adata)
     latent = model.get_latent_representation(adata)
 
-    concepts: list[Concept] = []
-    if label_key is not None:
-        labels = spot_labels(adata, label_key, min_spots=min_spots)
-        concepts += layer_concepts(latent, labels, method=method, seed=seed)
-    concepts += _user_concepts(
-        adata, model, latent, spot_concepts, gene_concepts, gene_concept_quantile
+    concepts = _all_concepts(
+        adata,
+        model,
+        latent,
+        label_key=label_key,
+        method=method,
+        min_spots=min_spots,
+        seed=seed,
+        spot_concepts=spot_concepts,
+        gene_concepts=gene_concepts,
+        gene_concept_quantile=gene_concept_quantile,
     )
-    if not concepts:
-        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
-    cnames = [c.name for c in concepts]
-    if len(set(map(K.safe_name, cnames))) != len(cnames):
-        raise InputError("concepts", f"concept names must be unique, got {cnames}")
-
     vectors = np.stack([c.vector for c in concepts])  # (C, L)
     scores = latent @ vectors.T  # (N, C)
-    size_mb = _spot_gene_mb(len(concepts), adata.n_obs, adata.n_vars)
-    if store_spot_gene and max_spot_gene_mb is not None and size_mb > max_spot_gene_mb:
-        logger.warning(
-            "not storing the spots x genes saliency layers: %d concepts x %d spots x %d genes "
-            "need %.0f MiB, more than max_spot_gene_mb=%s (the per-gene saliency, ranked genes "
-            "and scores are computed as usual)",
-            len(concepts),
-            adata.n_obs,
-            adata.n_vars,
-            size_mb,
-            max_spot_gene_mb,
-        )
-        store_spot_gene = False
+    store_spot_gene = store_spot_gene and _spot_gene_fits(adata, len(concepts), max_spot_gene_mb)
 
     key = key_added
     adata.obsm[K.latent_key(key)] = latent
@@ -559,23 +546,69 @@ def concept_saliency(
         "train": dict(model.train_params),
         "model_seed": model.seed,
     }
-    prev = adata.uns.get(key, {})
-    adata.uns[key] = _concepts_uns(
+    _write_concepts_uns(
         adata,
+        key,
         model,
         concepts,
+        vectors,
         ranked,
         label_key=label_key,
         method=method,
         saliency=saliency,
+        store_spot_gene=store_spot_gene,
         prov=provenance(params, seed=seed, inputs=inputs, command="st-concepts"),
     )
-    adata.uns[key]["concept_vectors"] = vectors
-    adata.uns[key]["spot_gene_layers"] = bool(store_spot_gene)
-    if isinstance(prev, Mapping) and "genemode" in prev:
-        adata.uns[key]["genemode"] = prev["genemode"]
     logger.info("concept saliency (%s, %s) for %d concepts", method, saliency, len(concepts))
     return adata if copy else None
+
+
+def _all_concepts(
+    adata: Any,
+    model: SpotVAE,
+    latent: np.ndarray,
+    *,
+    label_key: str | None,
+    method: ConceptMethod,
+    min_spots: int,
+    seed: int,
+    spot_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concepts: Mapping[str, Sequence[str]] | None,
+    gene_concept_quantile: float,
+) -> list[Concept]:
+    """The concepts of :func:`concept_saliency`: one per layer of ``label_key`` (if given),
+    then the user-defined ones; at least one, with unique (key-safe) names."""
+    concepts: list[Concept] = []
+    if label_key is not None:
+        labels = spot_labels(adata, label_key, min_spots=min_spots)
+        concepts += layer_concepts(latent, labels, method=method, seed=seed)
+    concepts += _user_concepts(
+        adata, model, latent, spot_concepts, gene_concepts, gene_concept_quantile
+    )
+    if not concepts:
+        raise InputError("concepts", "no concepts: give a label_key or user-defined concepts")
+    cnames = [c.name for c in concepts]
+    if len(set(map(K.safe_name, cnames))) != len(cnames):
+        raise InputError("concepts", f"concept names must be unique, got {cnames}")
+    return concepts
+
+
+def _spot_gene_fits(adata: Any, n_concepts: int, max_spot_gene_mb: float | None) -> bool:
+    """Whether the spots x genes saliency layers fit in ``max_spot_gene_mb`` (warns if not)."""
+    size_mb = _spot_gene_mb(n_concepts, adata.n_obs, adata.n_vars)
+    if max_spot_gene_mb is None or size_mb <= max_spot_gene_mb:
+        return True
+    logger.warning(
+        "not storing the spots x genes saliency layers: %d concepts x %d spots x %d genes "
+        "need %.0f MiB, more than max_spot_gene_mb=%s (the per-gene saliency, ranked genes "
+        "and scores are computed as usual)",
+        n_concepts,
+        adata.n_obs,
+        adata.n_vars,
+        size_mb,
+        max_spot_gene_mb,
+    )
+    return False
 
 
 def _user_concepts(
@@ -755,21 +788,26 @@ def _saliency_and_store(
     return ranked, stdevs
 
 
-def _concepts_uns(
+def _write_concepts_uns(
     adata: Any,
+    key: str,
     model: SpotVAE,
     concepts: list[Concept],
+    vectors: np.ndarray,
     ranked: dict[str, dict[str, np.ndarray]],
     *,
     label_key: str | None,
     method: str,
     saliency: str,
+    store_spot_gene: bool,
     prov: dict[str, Any],
-) -> dict[str, Any]:
-    """The ``.uns[key]`` block: concepts, their spots and members, ranked genes, provenance."""
+) -> None:
+    """Write the ``.uns[key]`` block: concepts, their vectors ``(C, L)``, spots and members, ranked
+    genes, provenance (an earlier gene-mode result under the key is kept)."""
     names = [str(n) for n in adata.obs_names]
     cnames = [c.name for c in concepts]
-    return _h5ad_safe(
+    prev = adata.uns.get(key, {})
+    adata.uns[key] = _h5ad_safe(
         {
             "concepts": cnames,
             "concept_source": [c.source for c in concepts],
@@ -789,6 +827,10 @@ def _concepts_uns(
             "params": prov,
         }
     )
+    adata.uns[key]["concept_vectors"] = vectors
+    adata.uns[key]["spot_gene_layers"] = bool(store_spot_gene)
+    if isinstance(prev, Mapping) and "genemode" in prev:
+        adata.uns[key]["genemode"] = prev["genemode"]
 
 
 def ranked_genes(adata: Any, concept: str, *, key: str = K.DEFAULT_KEY, n: int | None = None):
@@ -932,7 +974,46 @@ def genemode(
     maps = _genemode_spot_maps(
         vae, images, vectors, masks, (rows, cols), adata.n_obs, saliency=saliency, seed=seed
     )
-    key = key_added
+    prov = provenance(
+        {
+            "layer": layer,
+            "n_top_genes": n_top_genes,
+            "n_genes": len(gene_names),
+            "n_similar": n_sim,
+            "n_latent": n_latent,
+            "channels": list(channels),
+            "saliency": saliency,
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "kl_warmup_epochs": kl_warmup_epochs,
+            "epochs_run": len(vae.history["train"]),
+            "spacing": spacing,
+            "max_grid": max_grid,
+            "target_sum": target_sum,
+        },
+        seed=seed,
+        inputs=inputs,
+        command="st-concepts",
+    )
+    _write_genemode(adata, key_added, maps, seeds, concept_genes, shape, vectors, prov)
+    logger.info("gene-mode concept maps for seeds %s", seeds)
+    return adata if copy else None
+
+
+def _write_genemode(
+    adata: Any,
+    key: str,
+    maps: np.ndarray,
+    seeds: list[str],
+    concept_genes: dict[str, list[str]],
+    shape: tuple[int, int],
+    vectors: np.ndarray,
+    prov: dict[str, Any],
+) -> None:
+    """Write the gene-mode results: ``.obsm["<key>_genemode"]`` (``maps``, spots x seeds) and
+    ``.uns[key]["genemode"]`` (seeds, concept genes, grid shape, concept vectors ``(S, L)``,
+    provenance); the rest of ``.uns[key]`` is kept."""
     adata.obsm[K.genemode_key(key)] = maps
     uns = dict(adata.uns.get(key, {}))
     uns["genemode"] = _h5ad_safe(
@@ -940,34 +1021,11 @@ def genemode(
             "seeds": seeds,
             "concept_genes": concept_genes,
             "grid_shape": [int(shape[0]), int(shape[1])],
-            "params": provenance(
-                {
-                    "layer": layer,
-                    "n_top_genes": n_top_genes,
-                    "n_genes": len(gene_names),
-                    "n_similar": n_sim,
-                    "n_latent": n_latent,
-                    "channels": list(channels),
-                    "saliency": saliency,
-                    "max_epochs": max_epochs,
-                    "batch_size": batch_size,
-                    "lr": lr,
-                    "kl_warmup_epochs": kl_warmup_epochs,
-                    "epochs_run": len(vae.history["train"]),
-                    "spacing": spacing,
-                    "max_grid": max_grid,
-                    "target_sum": target_sum,
-                },
-                seed=seed,
-                inputs=inputs,
-                command="st-concepts",
-            ),
+            "params": prov,
         }
     )
     uns["genemode"]["concept_vectors"] = vectors
     adata.uns[key] = uns
-    logger.info("gene-mode concept maps for seeds %s", seeds)
-    return adata if copy else None
 
 
 def _genemode_expression(

@@ -165,6 +165,86 @@ def _cv_accuracy(
     }
 
 
+def _layer_overlaps(
+    ranked: Mapping[str, Any], wil: Mapping[str, Any], n_top_used: int, *, key: str
+) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """Per layer: top-``n_top_used`` overlap and Spearman correlation of the concept's saliency
+    ranking (``ranked``, from ``.uns[key]["ranked_genes"]``) with the Wilcoxon ranking ``wil``.
+
+    Returns:
+        ``(per-layer results, {layer: {gene: saliency rank (1-based)}})``; layers without a
+        concept are skipped with a warning.
+    """
+    from scipy.stats import spearmanr
+
+    layers_out: dict[str, Any] = {}
+    sal_rank: dict[str, dict[str, int]] = {}
+    for layer_name, wdf in wil.items():
+        ck = K.safe_name(layer_name)
+        if ck not in ranked:
+            logger.warning("no concept for layer %s in adata.uns[%r]", layer_name, key)
+            continue
+        names = np.asarray(ranked[ck]["names"]).astype(str)
+        sal = np.asarray(ranked[ck]["saliency"], dtype=float)
+        sal_rank[layer_name] = {g: i + 1 for i, g in enumerate(names)}
+        top_s = list(names[:n_top_used])
+        top_w = list(wdf["names"].astype(str)[:n_top_used])
+        common = [g for g in top_s if g in set(top_w)]
+        wscore = dict(zip(wdf["names"].astype(str), wdf["scores"].astype(float), strict=True))
+        rho = spearmanr(sal, [wscore[g] for g in names]).statistic
+        layers_out[layer_name] = {
+            "overlap": len(common) / float(n_top_used),
+            "overlap_genes": common,
+            "spearman": float(rho),
+            "top_saliency": top_s,
+            "top_wilcoxon": top_w,
+        }
+    return layers_out, sal_rank
+
+
+def _marker_ranks(
+    markers: Mapping[str, Sequence[str]],
+    sal_rank: Mapping[str, Mapping[str, int]],
+    wil: Mapping[str, Any],
+    *,
+    n_genes: int,
+    k_top: int,
+) -> dict[str, Any]:
+    """Saliency rank, percentile, top-``k_top`` flag and Wilcoxon rank of each known marker
+    (marker layers without a concept are skipped)."""
+    markers_out: dict[str, Any] = {}
+    for layer_name, genes in markers.items():
+        if layer_name not in sal_rank:
+            logger.info("marker layer %s not among the labels; skipped", layer_name)
+            continue
+        wr = {g: i + 1 for i, g in enumerate(wil[layer_name]["names"].astype(str))}
+        entry = {}
+        for g in genes:
+            r = sal_rank[layer_name].get(g)
+            entry[g] = {
+                "rank": r,
+                "percentile": None if r is None else 100.0 * r / n_genes,
+                "in_top": bool(r is not None and r <= k_top),
+                "wilcoxon_rank": wr.get(g),
+                "note": "" if r is not None else "not a model input gene",
+            }
+        markers_out[layer_name] = entry
+    return markers_out
+
+
+def _genemode_by_layer(maps: np.ndarray, uns: Mapping[str, Any], labels: Any) -> dict[str, Any]:
+    """Mean gene-mode map value per layer and the peak layer, per seed gene (``maps`` spots x
+    seeds)."""
+    seeds = [str(s) for s in np.asarray(uns["genemode"]["seeds"])]
+    gm = {}
+    for j, s in enumerate(seeds):
+        means = {
+            str(c): float(maps[(labels == c).to_numpy(), j].mean()) for c in labels.cat.categories
+        }
+        gm[s] = {"mean_by_layer": means, "peak_layer": max(means, key=lambda c: means[c])}
+    return gm
+
+
 def evaluate_concepts(
     adata: Any,
     *,
@@ -201,8 +281,6 @@ def evaluate_concepts(
         ``classification``, ``genemode`` (if present), ``n_genes_ranked``, ``n_top_used``,
         ``overlap_chance``, ``top_k``, ``small_panel`` and ``checks``.
     """
-    from scipy.stats import spearmanr
-
     uns = _uns(adata, key)
     mp = _model_params(uns)
     labels = spot_labels(adata, label_key, min_spots=min_spots)
@@ -220,51 +298,13 @@ def evaluate_concepts(
     wil = wilcoxon_ranking(
         adata, labels, genes_mask, layer=mp["layer"], target_sum=mp["target_sum"]
     )
-    ranked = uns["ranked_genes"]
-    layers_out: dict[str, Any] = {}
-    sal_rank: dict[str, dict[str, int]] = {}
-    for layer_name, wdf in wil.items():
-        ck = K.safe_name(layer_name)
-        if ck not in ranked:
-            logger.warning("no concept for layer %s in adata.uns[%r]", layer_name, key)
-            continue
-        names = np.asarray(ranked[ck]["names"]).astype(str)
-        sal = np.asarray(ranked[ck]["saliency"], dtype=float)
-        sal_rank[layer_name] = {g: i + 1 for i, g in enumerate(names)}
-        top_s = list(names[:n_top_used])
-        top_w = list(wdf["names"].astype(str)[:n_top_used])
-        common = [g for g in top_s if g in set(top_w)]
-        wscore = dict(zip(wdf["names"].astype(str), wdf["scores"].astype(float), strict=True))
-        rho = spearmanr(sal, [wscore[g] for g in names]).statistic
-        layers_out[layer_name] = {
-            "overlap": len(common) / float(n_top_used),
-            "overlap_genes": common,
-            "spearman": float(rho),
-            "top_saliency": top_s,
-            "top_wilcoxon": top_w,
-        }
+    layers_out, sal_rank = _layer_overlaps(uns["ranked_genes"], wil, n_top_used, key=key)
     if not layers_out:
         raise InputError(f"adata.uns[{key!r}]", f"no layer concepts match {label_key!r} labels")
     mean_overlap = float(np.mean([v["overlap"] for v in layers_out.values()]))
 
     markers = DEFAULT_MARKERS if markers is None else markers
-    markers_out: dict[str, Any] = {}
-    for layer_name, genes in markers.items():
-        if layer_name not in sal_rank:
-            logger.info("marker layer %s not among the labels; skipped", layer_name)
-            continue
-        wr = {g: i + 1 for i, g in enumerate(wil[layer_name]["names"].astype(str))}
-        entry = {}
-        for g in genes:
-            r = sal_rank[layer_name].get(g)
-            entry[g] = {
-                "rank": r,
-                "percentile": None if r is None else 100.0 * r / n_genes,
-                "in_top": bool(r is not None and r <= k_top),
-                "wilcoxon_rank": wr.get(g),
-                "note": "" if r is not None else "not a model input gene",
-            }
-        markers_out[layer_name] = entry
+    markers_out = _marker_ranks(markers, sal_rank, wil, n_genes=n_genes, k_top=k_top)
 
     latent_key = K.latent_key(key)
     if latent_key not in adata.obsm:
@@ -295,16 +335,7 @@ def evaluate_concepts(
     }
     gm_key = K.genemode_key(key)
     if gm_key in adata.obsm and "genemode" in uns:
-        maps = np.asarray(adata.obsm[gm_key])
-        seeds = [str(s) for s in np.asarray(uns["genemode"]["seeds"])]
-        gm = {}
-        for j, s in enumerate(seeds):
-            means = {
-                str(c): float(maps[(labels == c).to_numpy(), j].mean())
-                for c in labels.cat.categories
-            }
-            gm[s] = {"mean_by_layer": means, "peak_layer": max(means, key=lambda c: means[c])}
-        out["genemode"] = gm
+        out["genemode"] = _genemode_by_layer(np.asarray(adata.obsm[gm_key]), uns, labels)
     checks = {f"overlap_mean>={0.5}": mean_overlap >= 0.5}
     for layer_name, entry in markers_out.items():
         checks[f"{layer_name}_marker_in_top_{top_percent:g}pct"] = any(

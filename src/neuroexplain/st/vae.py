@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -434,6 +435,210 @@ def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
 
 
+@dataclass(frozen=True)
+class _FitOptions:
+    """The optimisation settings of :func:`fit_vae` (see there), checked on construction."""
+
+    max_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    kl_warmup_epochs: int
+    validation_fraction: float
+    early_stopping: bool
+    patience: int
+    epoch_samples: int | None
+    max_validation: int | None
+    eval_batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise InputError("max_epochs", f"expected at least 1 epoch, got {self.max_epochs}")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise InputError(
+                "epoch_samples", f"expected at least 1 sample, got {self.epoch_samples}"
+            )
+
+    def beta(self, epoch: int) -> float:
+        """KL weight of ``epoch`` (0-based): rises linearly to 1 over the warm-up epochs."""
+        warmup = self.kl_warmup_epochs
+        return min(1.0, (epoch + 1) / warmup) if warmup > 0 else 1.0
+
+    def params(
+        self, *, epochs_run: int, kept_epoch: int, n_validation: int, steps: int
+    ) -> dict[str, Any]:
+        """The ``train_params`` returned by :func:`fit_vae`: the settings and what was run."""
+        return {
+            "max_epochs": int(self.max_epochs),
+            "batch_size": int(self.batch_size),
+            "lr": float(self.lr),
+            "weight_decay": float(self.weight_decay),
+            "kl_warmup_epochs": int(self.kl_warmup_epochs),
+            "validation_fraction": float(self.validation_fraction),
+            "early_stopping": bool(self.early_stopping),
+            "patience": int(self.patience),
+            "epochs_run": epochs_run,
+            "kept_epoch": int(kept_epoch),
+            "n_validation": int(n_validation),
+            "epoch_samples": None if self.epoch_samples is None else int(self.epoch_samples),
+            "max_validation": None if self.max_validation is None else int(self.max_validation),
+            "steps": int(steps),
+        }
+
+
+def _split_validation(n: int, opts: _FitOptions, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out split of :func:`fit_vae`: ``(validation rows, training rows)``, both sorted.
+
+    A random permutation of the ``n`` samples (``numpy.random.default_rng(seed)``); its first
+    ``round(validation_fraction * n)`` samples (at least 1, at most ``n - 1`` and
+    ``max_validation``) are held out; none with fewer than 10 samples.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = 0
+    if n >= 10 and opts.validation_fraction > 0:
+        n_val = min(max(1, round(opts.validation_fraction * n)), n - 1)
+        if opts.max_validation is not None:
+            n_val = min(n_val, max(1, int(opts.max_validation)))
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
+class _TrainStep:
+    """Optimisation steps of :func:`fit_vae` (Adam, mixed precision on CUDA) and its held-out
+    loss.
+
+    Training batches come from a running permutation of the training rows: a fresh
+    ``torch.randperm(n, generator=gen)`` is drawn when the current one is used up (every epoch
+    when an epoch is a full pass; a round of ``epoch_samples`` continues the previous one), and
+    each batch's reparameterisation noise is drawn from ``gen`` right after it.
+
+    Args:
+        module, nll_fn: see :func:`fit_vae`.
+        data: batch source with ``len()`` and ``take(rows)``.
+        opts: the settings (``lr``, ``weight_decay``, ``batch_size``, ``eval_batch_size``).
+        gen: RNG of the permutations and the noise.
+        n_latent: latent dimensions (size of the noise).
+        device: where to train.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        nll_fn: Any,
+        data: Any,
+        opts: _FitOptions,
+        *,
+        gen: torch.Generator,
+        n_latent: int,
+        device: torch.device,
+    ) -> None:
+        from neuroexplain.utils import amp_enabled
+
+        self.module, self.nll_fn, self.data, self.opts = module, nll_fn, data, opts
+        self.gen, self.n_latent, self.device = gen, n_latent, device
+        self.amp = amp_enabled(device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.opt = torch.optim.Adam(module.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.pos = -1  # no permutation yet
+
+    def rows(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The samples ``idx`` of the data, on the device."""
+        return tuple(t.to(self.device) for t in self.data.take(idx))
+
+    def epoch(self, train_idx: np.ndarray, n_steps: int, beta: float) -> float:
+        """Train ``n_steps`` batches of ``train_idx`` with KL weight ``beta``; returns the mean
+        loss per sample."""
+        n_tr, bs = len(train_idx), self.opts.batch_size
+        self.module.train()
+        total, seen = 0.0, 0
+        for _ in range(n_steps):
+            if self.pos < 0 or self.pos >= n_tr:
+                self.order, self.pos = torch.randperm(n_tr, generator=self.gen), 0
+            idx = self.order[self.pos : self.pos + bs]
+            self.pos += len(idx)
+            batch = self.rows(train_idx[idx.numpy()])
+            eps = torch.randn(len(idx), self.n_latent, generator=self.gen).to(self.device)
+            with torch.autocast(device_type=self.device.type, enabled=self.amp):
+                nll, mu, logvar = self.nll_fn(batch, eps)
+            loss = (nll.float() + beta * _kl(mu.float(), logvar.float())).mean()
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        return total / seen
+
+    def validation_loss(self, val_idx: np.ndarray) -> float:
+        """Mean negative ELBO (mean code, full KL) of the held-out rows, in eval mode."""
+        self.module.eval()
+        with torch.no_grad():
+            per_sample = []
+            for a, b in iter_row_batches(len(val_idx), self.opts.eval_batch_size):
+                nll, mu, logvar = self.nll_fn(self.rows(val_idx[a:b]), None)
+                per_sample.append(nll.float() + _kl(mu.float(), logvar.float()))
+            return float(torch.cat(per_sample).mean())
+
+
+def _train_epochs(
+    step: _TrainStep,
+    opts: _FitOptions,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    *,
+    progress: bool | None,
+    desc: str,
+) -> tuple[dict[str, list[float]], int, int]:
+    """The epoch loop of :func:`fit_vae`, with early stopping; leaves the module in eval mode
+    with the kept weights.
+
+    Returns:
+        ``(history, steps, kept_epoch)`` (``kept_epoch`` 1-based).
+    """
+    from tqdm.auto import tqdm
+
+    module, n_val, n_tr = step.module, len(val_idx), len(train_idx)
+    stop = opts.early_stopping and n_val > 0
+    best, best_epoch, since_best = math.inf, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: dict[str, list[float]] = {"train": [], "validation": []}
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(opts.max_epochs), desc=desc, disable=not show, leave=False)
+    per_epoch = n_tr if opts.epoch_samples is None else min(n_tr, int(opts.epoch_samples))
+    steps_per_epoch, steps = -(-per_epoch // opts.batch_size), 0
+    for epoch in bar:
+        history["train"].append(step.epoch(train_idx, steps_per_epoch, opts.beta(epoch)))
+        steps += steps_per_epoch
+        v = step.validation_loss(val_idx) if n_val else history["train"][-1]
+        history["validation"].append(v)
+        bar.set_postfix(loss=f"{history['train'][-1]:.1f}", val=f"{v:.1f}")
+        if v < best - 1e-6:
+            best, best_epoch, since_best = v, epoch, 0
+            if stop:
+                best_state = copy.deepcopy(module.state_dict())
+        else:
+            since_best += 1
+        if stop and epoch + 1 >= opts.kl_warmup_epochs and since_best >= opts.patience:
+            logger.info("%s: early stopping at epoch %d (best %d)", desc, epoch + 1, best_epoch + 1)
+            break
+    bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+        kept = best_epoch + 1
+    else:
+        kept = len(history["train"])
+    module.eval()
+    logger.info(
+        "%s trained %d epochs, %d steps (kept epoch %d), validation loss %.3f",
+        desc,
+        len(history["train"]),
+        steps,
+        kept,
+        history["validation"][kept - 1],
+    )
+    return history, steps, kept
+
+
 def fit_vae(
     module: nn.Module,
     tensors: Any,
@@ -494,115 +699,32 @@ def fit_vae(
         ``(history, kept_epoch, train_params)``; ``history = {"train": [...], "validation":
         [...]}`` (negative ELBO per sample; validation uses the mean code and the full KL).
     """
-    from tqdm.auto import tqdm
+    from neuroexplain.utils import seed_everything
 
-    from neuroexplain.utils import amp_enabled, seed_everything
-
-    if max_epochs < 1:
-        raise InputError("max_epochs", f"expected at least 1 epoch, got {max_epochs}")
-    if epoch_samples is not None and epoch_samples < 1:
-        raise InputError("epoch_samples", f"expected at least 1 sample, got {epoch_samples}")
+    opts = _FitOptions(
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        kl_warmup_epochs=kl_warmup_epochs,
+        validation_fraction=validation_fraction,
+        early_stopping=early_stopping,
+        patience=patience,
+        epoch_samples=epoch_samples,
+        max_validation=max_validation,
+        eval_batch_size=eval_batch_size,
+    )
     data = tensors if hasattr(tensors, "take") else _TensorRows(tuple(tensors))
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
-    n = len(data)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = 0
-    if n >= 10 and validation_fraction > 0:
-        n_val = min(max(1, round(validation_fraction * n)), n - 1)
-        if max_validation is not None:
-            n_val = min(n_val, max(1, int(max_validation)))
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-
-    def rows(idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(device) for t in data.take(idx))
-
-    amp = amp_enabled(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_epoch, since_best = math.inf, 0, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    history: dict[str, list[float]] = {"train": [], "validation": []}
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(max_epochs), desc=desc, disable=not show, leave=False)
-    n_tr = len(train_idx)
-    per_epoch = n_tr if epoch_samples is None else min(n_tr, int(epoch_samples))
-    steps_per_epoch = -(-per_epoch // batch_size)
-    order, pos, steps = torch.empty(0, dtype=torch.long), n_tr, 0
-    for epoch in bar:
-        beta = min(1.0, (epoch + 1) / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
-        module.train()
-        total, seen = 0.0, 0
-        for _ in range(steps_per_epoch):
-            if pos >= n_tr:  # a fresh permutation: every epoch when an epoch is a full pass
-                order, pos = torch.randperm(n_tr, generator=gen), 0
-            idx = order[pos : pos + batch_size]
-            pos += len(idx)
-            batch = rows(train_idx[idx.numpy()])
-            eps = torch.randn(len(idx), n_latent, generator=gen).to(device)
-            with torch.autocast(device_type=device.type, enabled=amp):
-                nll, mu, logvar = nll_fn(batch, eps)
-            loss = (nll.float() + beta * _kl(mu.float(), logvar.float())).mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        steps += steps_per_epoch
-        history["train"].append(total / seen)
-        if n_val:
-            module.eval()
-            with torch.no_grad():
-                per_sample = []
-                for a, b in iter_row_batches(n_val, eval_batch_size):
-                    nll, mu, logvar = nll_fn(rows(val_idx[a:b]), None)
-                    per_sample.append(nll.float() + _kl(mu.float(), logvar.float()))
-                v = float(torch.cat(per_sample).mean())
-        else:
-            v = history["train"][-1]
-        history["validation"].append(v)
-        bar.set_postfix(loss=f"{history['train'][-1]:.1f}", val=f"{v:.1f}")
-        if v < best - 1e-6:
-            best, best_epoch, since_best = v, epoch, 0
-            if early_stopping and n_val:
-                best_state = copy.deepcopy(module.state_dict())
-        else:
-            since_best += 1
-        if early_stopping and n_val and epoch + 1 >= kl_warmup_epochs and since_best >= patience:
-            logger.info("%s: early stopping at epoch %d (best %d)", desc, epoch + 1, best_epoch + 1)
-            break
-    bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
-        kept = best_epoch + 1
-    else:
-        kept = len(history["train"])
-    module.eval()
-    logger.info(
-        "%s trained %d epochs, %d steps (kept epoch %d), validation loss %.3f",
-        desc,
-        len(history["train"]),
-        steps,
-        kept,
-        history["validation"][kept - 1],
+    val_idx, train_idx = _split_validation(len(data), opts, seed=seed)
+    step = _TrainStep(module, nll_fn, data, opts, gen=gen, n_latent=n_latent, device=device)
+    history, steps, kept = _train_epochs(
+        step, opts, train_idx, val_idx, progress=progress, desc=desc
     )
-    params = {
-        "max_epochs": int(max_epochs),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "kl_warmup_epochs": int(kl_warmup_epochs),
-        "validation_fraction": float(validation_fraction),
-        "early_stopping": bool(early_stopping),
-        "patience": int(patience),
-        "epochs_run": len(history["train"]),
-        "kept_epoch": int(kept),
-        "n_validation": int(n_val),
-        "epoch_samples": None if epoch_samples is None else int(epoch_samples),
-        "max_validation": None if max_validation is None else int(max_validation),
-        "steps": int(steps),
-    }
+    params = opts.params(
+        epochs_run=len(history["train"]), kept_epoch=kept, n_validation=len(val_idx), steps=steps
+    )
     return history, kept, params
 
 
