@@ -8,10 +8,12 @@ whose gradients are tested, and the subjects whose maps are written, from the te
 
 Outputs (``out`` = e.g. ``results/concepts3d``):
 
-- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV sign-count and magnitude
-  scores (mean, sd, per run), random-vs-random scores, two-sided test p-value (raw and corrected
-  for the concept x layer tests), effect sizes, CAV held-out accuracy and the verdict
-  (significant / not significant / inconclusive, with its reason); ``tcav.png``;
+- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: the permutation test of the
+  concept's mean-difference effect behind the verdict (``effect``, ``effect_z``, ``p_value`` raw
+  and ``p_adjusted`` corrected for the concept x layer tests, with their Monte Carlo intervals,
+  the direction test ``p_direction``), TCAV sign-count and magnitude scores (mean, sd, per run)
+  against random-vs-random scores (``p_value_sign_count``), effect sizes, CAV held-out accuracy
+  and the verdict (significant / not significant / inconclusive, with its reason); ``tcav.png``;
 - ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
   the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
   ``sacv.png`` and ``sacv_maps.json``, the maps manifest of the two maps

@@ -18,7 +18,19 @@ Activation Vectors (TCAV)", ICML (arXiv:1711.11279):
    (``p_value`` raw, ``p_adjusted`` corrected). The magnitude score gets its own p-value,
    reported beside the sign count's (informative when most derivatives share a sign: it still
    weighs how far each falls on either side);
-4. the **verdict**: ``significant`` (``p_adjusted < alpha``), ``not significant``, or
+4. the **verdict** of the default ``test="permutation"`` (:func:`permutation_test`): the
+   concept's effect, the mean directional derivative along the difference of the mean
+   activations of *all* concept examples and *all* random-pool examples, against random
+   relabellings of those examples; Holm over concepts x layers; ``significant`` when the
+   corrected p-value is below ``alpha`` over its whole Monte Carlo interval, ``inconclusive`` when
+   the interval straddles ``alpha``, when no outcome could pass, or when the layer does not tell
+   the concept from its pool (direction test), else ``not significant``. Why not the sign counts
+   of step 3: the ``N`` CAVs of a concept share its examples, so they are nearly parallel and
+   their scores are one bit repeated ``N`` times when the gradients share a sign; the
+   random-vs-random CAVs all share the set ``random_0``, so the null is about one bit too, drawn
+   afresh with each seed, and the verdict followed that draw (issue 23). With ``test`` =
+   ``"mannwhitney"`` / ``"welch"`` the verdict of step 3 is kept:
+   ``significant`` (``p_adjusted < alpha``), ``not significant``, or
    ``inconclusive`` when the test cannot answer: the CAVs do not separate concept from random
    on held-out examples (mean balanced accuracy below ``min_accuracy``, default 0.6), or the
    test has no power: even a concept scoring 1 (or 0, in the observed direction) in every run
