@@ -228,7 +228,8 @@ def compare_tcav(results: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str
 
     Returns:
         ``{"rows": [{"concept", "layer", "verdicts": {seed: verdict}, "tcav_score",
-        "random_score", "p_value", "p_adjusted" (each {seed: value}), "identical"}],
+        "random_score", "effect", "effect_z", "p_value", "p_adjusted", "p_direction",
+        "cav_accuracy" (each {seed: value}), "identical"}],
         "concepts": {concept: {"identical", "verdicts": {layer: [verdict per seed]}}},
         "criterion_met"}``. A concept x layer missing in a seed counts as verdict ``None``
         (not identical).
@@ -243,7 +244,8 @@ def compare_tcav(results: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str
         verdicts = {s: (r or {}).get("verdict") for s, r in per.items()}
         identical = len(set(verdicts.values())) == 1 and None not in verdicts.values()
         row = {"concept": concept, "layer": layer, "verdicts": verdicts, "identical": identical}
-        for field in ("tcav_score", "random_score", "p_value", "p_adjusted", "cav_accuracy"):
+        for field in ("tcav_score", "random_score", "effect", "effect_z", "p_value",
+                      "p_adjusted", "p_direction", "cav_accuracy"):  # fmt: skip
             row[field] = {s: _num((r or {}).get(field)) for s, r in per.items()}
         rows.append(row)
         c = concepts.setdefault(concept, {"identical": True, "verdicts": {}})
@@ -503,13 +505,13 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{_f(min(usage, default=None), 2)}, R² ≥ {_f(min(r2, default=None))}, agreement ≥ "
         f"{_f(min(ag, default=None))} | {_yes(xnn['criterion_met'])} |"
     )
-    lines += ["", "TCAV (verdict / score / corrected p per seed):", ""]
+    lines += ["", "TCAV (verdict / sign-count score / effect z / corrected p per seed):", ""]
     head = " | ".join(f"seed {s}" for s in seeds)
     lines += [f"| concept | layer | {head} | identical |", "|" + " --- |" * (3 + len(seeds))]
     for r in tcav["rows"]:
         cells = " | ".join(
             f"{r['verdicts'].get(s) or '–'} / {_f(r['tcav_score'].get(s), 2)} / "
-            f"{_p(r['p_adjusted'].get(s))}"
+            f"{_f(r.get('effect_z', {}).get(s), 2)} / {_p(r['p_adjusted'].get(s))}"
             for s in seeds
         )
         lines.append(f"| {r['concept']} | {r['layer']} | {cells} | {_yes(r['identical'])} |")

@@ -492,7 +492,9 @@ def test_cli_tcav_planted_concept_is_significant_unrelated_is_not(toy, tmp_path)
     assert rows["atrophyA"]["correction"] == "holm" and rows["atrophyA"]["n_tests"] == 2
     assert rows["regionB"]["p_value"] > 0.05 and not rows["regionB"]["significant"]
     assert rows["regionB"]["verdict"] in ("not significant", "inconclusive")
-    assert res["provenance"]["params"]["test"] == "mannwhitney"
+    assert res["provenance"]["params"]["test"] == "permutation"
+    assert rows["atrophyA"]["effect_z"] > 3 and rows["atrophyA"]["p_adjusted_high"] < 0.01
+    assert rows["regionB"]["verdict"] == "inconclusive"  # the layer does not tell it from random
     assert len(rows["atrophyA"]["scores"]) == 10
     test_split = {f"sub-{i:02d}" for i in range(24, 36)}
     assert res["class"]["subjects"] and set(res["class"]["subjects"]) <= test_split

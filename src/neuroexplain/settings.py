@@ -97,7 +97,7 @@ SALIENCY_METHODS = ("gradient", "gradxinput", "smoothgrad", "ig", "gradcam", "oc
 OCCLUSION_MODES = ("gaussian", "mean_patch", "mean_img")
 CAV_CLASSIFIERS = ("logistic", "sgd")
 #: tests of a concept's TCAV scores against the random-vs-random scores
-TCAV_TESTS = ("mannwhitney", "welch")
+TCAV_TESTS = ("permutation", "mannwhitney", "welch")
 #: multiple-testing corrections over the concept x layer tests of one TCAV run
 TCAV_CORRECTIONS = ("holm", "bonferroni", "bh", "none")
 SACV_TRANSFORMS = ("mask", "box", "none")
@@ -765,14 +765,22 @@ class TCAVConfig(_CAVSettings):
             ``min(concept, pool // 3)``).
         alpha: significance level of the (corrected) two-sided test against random-vs-random
             scores.
-        test: ``"mannwhitney"`` (two-sided Mann-Whitney U, rank-based: robust to the
-            all-or-nothing, tied scores TCAV produces) or ``"welch"`` (two-sided Welch t-test, as
-            Kim et al. 2018).
+        test: the test behind the verdict. ``"permutation"`` (default): the concept's
+            mean-difference effect on the class logit (all concept examples vs the whole random
+            pool) against random relabellings of those examples, exact under exchangeability and
+            free of random sets (:func:`neuroexplain.concepts3d.tcav.permutation_test`); the
+            sign counts are tested and reported beside it. ``"mannwhitney"`` (two-sided
+            Mann-Whitney U) or ``"welch"`` (two-sided Welch t-test, as Kim et al. 2018) of the
+            sign counts over the random sets against random-vs-random sign counts: these treat
+            the ``n_random`` CAVs of one concept as independent, which they are not (they share
+            the concept's examples), so their verdict depends on the random sets drawn.
+        n_permutations: relabellings of the permutation test.
         correction: multiple-testing correction over the concept x layer tests of the run:
             ``"holm"`` (Holm-Bonferroni, family-wise error), ``"bonferroni"``, ``"bh"``
             (Benjamini-Hochberg, false discovery rate) or ``"none"``.
-        min_accuracy: mean held-out CAV accuracy a concept needs for a verdict; below it the
-            verdict is ``inconclusive`` (0 disables; see
+        min_accuracy: (``mannwhitney`` / ``welch``) mean held-out CAV accuracy a concept needs
+            for a verdict; below it the verdict is ``inconclusive`` (0 disables; the permutation
+            test's own check is its direction test; see
             :func:`neuroexplain.concepts3d.tcav.summarize_experiment`).
         batch_size: volumes per forward / backward pass.
         classifier: ``"logistic"`` or ``"sgd"``.
@@ -794,9 +802,14 @@ class TCAVConfig(_CAVSettings):
     random_size: int | None = setting(None, "Examples per random set.", config=None)
     alpha: float = setting(0.01, "Significance level (after the correction).")
     test: str = setting(
-        "mannwhitney",
-        "Test of concept vs random-vs-random TCAV scores: mannwhitney or welch (two-sided).",
+        "permutation",
+        "Test behind the verdict: permutation (the concept's mean-difference effect on the logit "
+        "against relabellings of concept and pool examples), or mannwhitney / welch (sign counts "
+        "vs random-vs-random CAVs).",
         config=None,
+    )
+    n_permutations: int = setting(
+        10000, "Relabellings of the permutation test (its Monte Carlo error).", config=None
     )
     correction: str = setting(
         "holm", "Multiple-testing correction over concepts x layers: holm, bonferroni, bh, none."
@@ -818,6 +831,7 @@ class TCAVConfig(_CAVSettings):
                 ),
                 "alpha": (0 < self.alpha < 1, "expected a value in (0, 1)"),
                 "test": (self.test in TCAV_TESTS, f"expected one of {', '.join(TCAV_TESTS)}"),
+                "n_permutations": (self.n_permutations >= 1, "expected >= 1"),
                 "correction": (
                     self.correction in TCAV_CORRECTIONS,
                     f"expected one of {', '.join(TCAV_CORRECTIONS)}",

@@ -92,8 +92,9 @@ def tcav_cmd(
     for r in res["results"]:
         typer.echo(
             f"{r['concept']} @ {r['layer']}: TCAV {r['tcav_score']:.2f} vs random "
-            f"{r['random_score']:.2f}, p = {r['p_value']:.3g}, CAV accuracy "
-            f"{r['cav_accuracy']:.2f}{' (significant)' if r['significant'] else ''}"
+            f"{r['random_score']:.2f}"
+            + (f", effect {r['effect']:.3g} (z {r['effect_z']:.2f})" if "effect" in r else "")
+            + f", p = {r['p_value']:.3g}, CAV accuracy {r['cav_accuracy']:.2f}: {r['verdict']}"
         )
     typer.echo(f"-> {out / 'tcav.json'}")
 

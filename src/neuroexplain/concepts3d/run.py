@@ -8,10 +8,12 @@ whose gradients are tested, and the subjects whose maps are written, from the te
 
 Outputs (``out`` = e.g. ``results/concepts3d``):
 
-- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: TCAV sign-count and magnitude
-  scores (mean, sd, per run), random-vs-random scores, two-sided test p-value (raw and corrected
-  for the concept x layer tests), effect sizes, CAV held-out accuracy and the verdict
-  (significant / not significant / inconclusive, with its reason); ``tcav.png``;
+- ``tcav.json`` / ``tcav.tsv``: one row per concept x layer: the permutation test of the
+  concept's mean-difference effect behind the verdict (``effect``, ``effect_z``, ``p_value`` raw
+  and ``p_adjusted`` corrected for the concept x layer tests, with their Monte Carlo intervals,
+  the direction test ``p_direction``), TCAV sign-count and magnitude scores (mean, sd, per run)
+  against random-vs-random scores (``p_value_sign_count``), effect sizes, CAV held-out accuracy
+  and the verdict (significant / not significant / inconclusive, with its reason); ``tcav.png``;
 - ``sub-X/sub-X_desc-sacvrelevance_map.nii.gz`` and ``..._desc-sacvcontribution_map.nii.gz`` in
   the subject's native T1w space (+ JSON sidecars); ``sacv_scores.tsv``, ``sacv.json``,
   ``sacv.png`` and ``sacv_maps.json``, the maps manifest of the two maps
@@ -192,9 +194,10 @@ def run_tcav(
         src, out_dir, tc, class_split=class_split, target_class=target_class, progress=progress
     )
     inputs = run.ctx.preproc["images"][run.cls_idx].float()
-    sets, plans = _tcav_concept_sets(run, tc)
-    scores = run.tcav.interpret(inputs, sets, target=target, sign=run.sign)
-    rows = _tcav_rows(run, tc, scores, plans)
+    sets, plans, examples = _tcav_concept_sets(run, tc)
+    grads = run.tcav.class_gradients(inputs, target=target, sign=run.sign)
+    scores = run.tcav.interpret(inputs, sets, target=target, sign=run.sign, grads=grads)
+    rows = _tcav_rows(run, tc, scores, plans, examples, grads)
     result = _tcav_result(
         run,
         tc,
@@ -262,8 +265,10 @@ def _load_tcav(
 
 def _tcav_concept_sets(
     run: _TCAVRun, tc: TCAVConfig
-) -> tuple[list[list[Any]], dict[str, dict[str, Any]]]:
-    """Per concept: its examples and random sets as activations, and the plan written."""
+) -> tuple[list[list[Any]], dict[str, dict[str, Any]], dict[str, tuple[Any, Any]]]:
+    """Per concept: its examples and random sets as activations, the plan written, and
+    ``{concept: (concept examples, whole random pool)}`` (activations cached, no volumes) for
+    the permutation test."""
     from neuroexplain.concepts3d.concepts import (
         build_concept,
         concept_pool,
@@ -275,6 +280,7 @@ def _tcav_concept_sets(
     ctx, cfg, table, tcav, n_sets = run.ctx, run.cfg, run.table, run.tcav, run.n_sets
     sets: list[list[Any]] = []
     plans: dict[str, dict[str, Any]] = {}
+    examples: dict[str, tuple[Any, Any]] = {}
     for spec in cfg.concepts:
         conc_idx, pool_idx = concept_pool(table, spec, cfg.split)
         concept = build_concept(ctx.preproc, conc_idx, spec)
@@ -293,7 +299,7 @@ def _tcav_concept_sets(
         randoms = random_concepts(
             pool, n_sets + 1, size, seed=_seed_of(tc.seed, spec.name), prefix=f"{spec.name}:random"
         )
-        need = any(
+        need = tc.test == "permutation" or any(
             not tcav._cached(layer, c, r)
             for c, r in _tcav_pairs(concept, randoms)
             for layer in run.layers
@@ -301,8 +307,8 @@ def _tcav_concept_sets(
         # activations now, volumes dropped: memory stays at one concept's examples (the pool's
         # activations cover its random sets; the light concepts keep their cache keys)
         n_pool = len(pool)
-        concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)[1:]
-        del pool
+        pool, concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)
+        examples[spec.name] = (concept, pool)
         sets += _tcav_pairs(concept, randoms)
         plans[spec.name] = {
             "spec": spec_dict(spec),
@@ -319,18 +325,43 @@ def _tcav_concept_sets(
             n_sets + 1,
             size,
         )
-    return sets, plans
+    return sets, plans, examples
 
 
 def _tcav_rows(
-    run: _TCAVRun, tc: TCAVConfig, scores: Any, plans: dict[str, dict[str, Any]]
+    run: _TCAVRun,
+    tc: TCAVConfig,
+    scores: Any,
+    plans: dict[str, dict[str, Any]],
+    examples: dict[str, tuple[Any, Any]],
+    grads: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One ``tcav.tsv`` row per concept x layer: scores against the random-vs-random null."""
-    from neuroexplain.concepts3d.tcav import apply_correction, summarize_experiment
+    """One ``tcav.tsv`` row per concept x layer: the permutation test of the concept's
+    mean-difference effect (the verdict's, ``test: permutation``) and the sign counts against
+    the random-vs-random null."""
+    from neuroexplain.concepts3d.tcav import (
+        _seed_of,
+        apply_correction,
+        permutation_test,
+        summarize_experiment,
+    )
 
     rows = []
     for name, plan in plans.items():
+        acts = {}
+        if tc.test == "permutation":
+            concept, pool = examples[name]
+            acts = {"concept": run.tcav.activations(concept), "pool": run.tcav.activations(pool)}
         for layer in run.layers:
+            perm = None
+            if acts:
+                perm = permutation_test(
+                    acts["concept"][layer],
+                    acts["pool"][layer],
+                    grads[layer],
+                    n_permutations=tc.n_permutations,
+                    seed=_seed_of(tc.seed, name, layer, "permutation"),
+                )
             row = summarize_experiment(
                 scores,
                 name,
@@ -339,6 +370,7 @@ def _tcav_rows(
                 alpha=tc.alpha,
                 min_accuracy=tc.min_accuracy,
                 test=tc.test,
+                permutation=perm,
             )
             row.update(
                 n_examples=len(plan["examples"]),
@@ -376,6 +408,7 @@ def _tcav_result(
         "n_random": run.n_sets,
         "alpha": tc.alpha,
         "test": tc.test,
+        "n_permutations": tc.n_permutations,
         "correction": tc.correction,
         "min_accuracy": tc.min_accuracy,
         "classifier": tc.classifier,

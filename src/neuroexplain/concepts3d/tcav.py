@@ -18,7 +18,19 @@ Activation Vectors (TCAV)", ICML (arXiv:1711.11279):
    (``p_value`` raw, ``p_adjusted`` corrected). The magnitude score gets its own p-value,
    reported beside the sign count's (informative when most derivatives share a sign: it still
    weighs how far each falls on either side);
-4. the **verdict**: ``significant`` (``p_adjusted < alpha``), ``not significant``, or
+4. the **verdict** of the default ``test="permutation"`` (:func:`permutation_test`): the
+   concept's effect, the mean directional derivative along the difference of the mean
+   activations of *all* concept examples and *all* random-pool examples, against random
+   relabellings of those examples; Holm over concepts x layers; ``significant`` when the
+   corrected p-value is below ``alpha`` over its whole Monte Carlo interval, ``inconclusive`` when
+   the interval straddles ``alpha``, when no outcome could pass, or when the layer does not tell
+   the concept from its pool (direction test), else ``not significant``. Why not the sign counts
+   of step 3: the ``N`` CAVs of a concept share its examples, so they are nearly parallel and
+   their scores are one bit repeated ``N`` times when the gradients share a sign; the
+   random-vs-random CAVs all share the set ``random_0``, so the null is about one bit too, drawn
+   afresh with each seed, and the verdict followed that draw (issue 23). With ``test`` =
+   ``"mannwhitney"`` / ``"welch"`` the verdict of step 3 is kept:
+   ``significant`` (``p_adjusted < alpha``), ``not significant``, or
    ``inconclusive`` when the test cannot answer: the CAVs do not separate concept from random
    on held-out examples (mean balanced accuracy below ``min_accuracy``, default 0.6), or the
    test has no power: even a concept scoring 1 (or 0, in the observed direction) in every run
@@ -74,6 +86,7 @@ __all__ = [
     "apply_correction",
     "directional_derivatives",
     "effect_sizes",
+    "permutation_test",
     "summarize_experiment",
     "tcav_score",
     "tcav_significance",
@@ -344,6 +357,127 @@ def tcav_significance(
         return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def permutation_test(
+    concept: torch.Tensor | np.ndarray,
+    random: torch.Tensor | np.ndarray,
+    grads: torch.Tensor | np.ndarray,
+    *,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    level: float = 0.99,
+    chunk: int = 4000,
+) -> dict[str, Any]:
+    """Permutation test of a concept's effect on the class logit (CAV of mean differences).
+
+    The concept's vector is the difference of the mean layer activations of **all** its
+    examples and **all** examples of its random pool, ``delta = mean(A) - mean(B)`` (no random
+    subsets, no held-out split, no classifier: nothing in it depends on a seed). The statistic
+    is the mean directional derivative of the class logit along it,
+    ``T = mean_x grad_a h(a(x)) . delta``: the first-order change of the logit when a class
+    input's activations move by the concept's shift (logit units). Under the null that concept
+    and random examples are exchangeable at this layer, every relabelling of the ``n_A + n_B``
+    examples into groups of ``n_A`` and ``n_B`` is as likely as the observed one, so the
+    two-sided p-value of ``T`` among random relabellings is exact up to Monte Carlo error, for
+    any network and layer: a concept that is a random draw of the pool is significant with
+    probability <= alpha, also when the gradients share one sign for every input and each CAV's
+    sign count is all-or-nothing (where the sign-count test against random-vs-random CAVs has
+    one bit per direction). The same relabellings test whether the layer tells the concept from
+    its pool at all: ``D = ||delta||`` against its permutation distribution (one-sided).
+
+    Cheap for any number of relabellings: with ``q = X . mean_x grad`` and the Gram matrix
+    ``G = X X^T`` of the stacked examples ``X``, a relabelling ``c`` (``+1/n_A``, ``-1/n_B``)
+    gives ``T = q . c`` and ``D^2 = c^T G c``.
+
+    Args:
+        concept: ``(n_A, D)`` concept activation vectors (every example).
+        random: ``(n_B, D)`` random-pool activation vectors (every example).
+        grads: ``(N, D)`` gradients of the (signed) class logit w.r.t. the layer.
+        n_permutations: Monte Carlo relabellings (``B``).
+        seed: seed of the relabellings, the only randomness: it moves ``p`` within its Monte
+            Carlo interval (``p_low``, ``p_high``).
+        level: confidence level of the Clopper-Pearson interval of each p-value.
+        chunk: relabellings per vectorised batch.
+
+    Returns:
+        ``{"statistic": T, "statistic_null_sd": sd of T over relabellings, "z": T / that sd,
+        "positive_fraction": fraction of inputs whose derivative along ``delta`` is > 0,
+        "cosine": cos(mean gradient, delta), "p_value": (1 + #|T_perm| >= |T|) / (B + 1),
+        "p_low", "p_high": Clopper-Pearson interval of the exact permutation p-value,
+        "distance": D, "p_direction", "p_direction_low", "p_direction_high": the same for D,
+        "n_permutations": B, "p_min": the smallest attainable p-value (``1 / (B + 1)``, or one
+        over the number of distinct relabellings when that is larger)}``.
+    """
+    from scipy.stats import beta
+
+    xa = np.asarray(concept, dtype=np.float64).reshape(len(concept), -1)
+    xb = np.asarray(random, dtype=np.float64).reshape(len(random), -1)
+    g = np.asarray(grads, dtype=np.float64).reshape(len(grads), -1)
+    if xa.shape[1] != xb.shape[1] or xa.shape[1] != g.shape[1]:
+        raise ValueError("concept, random and gradient vectors must have the same length")
+    na, nb = len(xa), len(xb)
+    if na < 1 or nb < 1 or len(g) < 1:
+        raise ValueError("expected at least one concept example, random example and input")
+    x = np.concatenate([xa, xb])
+    x = x - x.mean(axis=0)  # contrasts sum to zero: centring changes nothing but rounding
+    gbar = g.mean(axis=0)
+    q = x @ gbar
+    gram = x @ x.T
+    n = na + nb
+    obs = np.concatenate([np.full(na, 1.0 / na), np.full(nb, -1.0 / nb)])
+    delta = obs @ x
+    t_obs = float(obs @ q)
+    d_obs = float(np.sqrt(max(obs @ gram @ obs, 0.0)))
+    rng = np.random.default_rng(seed)
+    b = int(n_permutations)
+    if b < 1:
+        raise ValueError(f"expected n_permutations >= 1, got {b}")
+    tol = 1e-9 * (abs(t_obs) + float(np.abs(q).max()) / min(na, nb) + 1e-300)
+    exceed_t = exceed_d = 0
+    s1 = s2 = 0.0
+    done = 0
+    while done < b:
+        m = min(int(chunk), b - done)
+        perm = rng.permuted(np.broadcast_to(np.arange(n), (m, n)), axis=1)
+        c = np.where(perm < na, 1.0 / na, -1.0 / nb)
+        t = c @ q
+        d2 = np.einsum("bi,ij,bj->b", c, gram, c, optimize=True)
+        exceed_t += int((np.abs(t) >= abs(t_obs) - tol).sum())
+        exceed_d += int((d2 >= d_obs**2 * (1 - 1e-9)).sum())
+        s1 += float(t.sum())
+        s2 += float((t * t).sum())
+        done += m
+    sd = math.sqrt(max(s2 / b - (s1 / b) ** 2, 0.0))
+    p_min = max(1.0 / (b + 1), 1.0 / math.comb(n, na))
+    tail = (1.0 - level) / 2
+
+    def interval(k: int) -> tuple[float, float, float]:
+        p = (1 + k) / (b + 1)
+        lo = float(beta.ppf(tail, k, b - k + 1)) if k > 0 else 0.0
+        hi = float(beta.ppf(1 - tail, k + 1, b - k)) if k < b else 1.0
+        return max(p, p_min), max(lo, p_min), min(1.0, max(hi, p_min))
+
+    p, lo, hi = interval(exceed_t)
+    pd_, pd_lo, pd_hi = interval(exceed_d)
+    s = g @ delta
+    gn, dn = float(np.linalg.norm(gbar)), float(np.linalg.norm(delta))
+    return {
+        "statistic": t_obs,
+        "statistic_null_sd": sd,
+        "z": t_obs / sd if sd > 0 else float("nan"),
+        "positive_fraction": float((s > 0).mean()),
+        "cosine": float(gbar @ delta / (gn * dn)) if gn > 0 and dn > 0 else 0.0,
+        "p_value": p,
+        "p_low": lo,
+        "p_high": hi,
+        "distance": d_obs,
+        "p_direction": pd_,
+        "p_direction_low": pd_lo,
+        "p_direction_high": pd_hi,
+        "n_permutations": b,
+        "p_min": p_min,
+    }
+
+
 def effect_sizes(
     concept_scores: Sequence[float], random_scores: Sequence[float]
 ) -> dict[str, float]:
@@ -595,6 +729,7 @@ class TCAV:
         target: int = 0,
         *,
         sign: float = 1.0,
+        grads: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, dict[str, dict[str, float]]]:
         """TCAV scores of every experimental set and layer for the class of ``target``.
 
@@ -603,13 +738,15 @@ class TCAV:
             experimental_sets: pairs ``[concept, random]``.
             target: logit index.
             sign: ``-1`` to explain the other class of a single-logit binary network.
+            grads: :meth:`class_gradients` of these inputs, when already computed.
 
         Returns:
             ``{"<concept>-<random>": {layer: {"sign_count", "magnitude", "mean_derivative",
             "accuracy"}}}``.
         """
         cavs = self.compute_cavs(experimental_sets)
-        grads = self.class_gradients(inputs, target=target, sign=sign)
+        if grads is None:
+            grads = self.class_gradients(inputs, target=target, sign=sign)
         out: dict[str, dict[str, dict[str, float]]] = {}
         for key, per_layer in cavs.items():
             out[key] = {}
@@ -627,6 +764,7 @@ def summarize_experiment(
     alpha: float = 0.01,
     min_accuracy: float = 0.6,
     test: str = "welch",
+    permutation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Concept-vs-random statistics of one concept at one layer.
 
@@ -640,7 +778,13 @@ def summarize_experiment(
         alpha: significance level (of ``p_adjusted``).
         min_accuracy: mean held-out CAV accuracy below which the concept is not a direction of
             the layer: its verdict is ``inconclusive`` and it is never significant (0 disables).
-        test: ``"welch"`` or ``"mannwhitney"`` (:func:`tcav_significance`).
+        test: ``"welch"`` or ``"mannwhitney"`` (:func:`tcav_significance`) of the sign counts
+            over the random sets, or ``"permutation"``: the verdict comes from ``permutation``
+            (:func:`permutation_test` of the concept's mean-difference effect) and the sign-count
+            test (Mann-Whitney) is reported as ``p_value_sign_count``.
+        permutation: :func:`permutation_test` output (required for ``test="permutation"``).
+            Its direction test replaces the CAV-accuracy check: a concept the layer does not
+            tell from its random pool (``p_direction_high >= alpha``) gets no negative verdict.
 
     Returns:
         Sign-count and magnitude scores (per run, mean, sd) of the concept and the random CAVs,
@@ -663,13 +807,38 @@ def summarize_experiment(
     r_mag = [d["magnitude"] for d in rs]
     acc = [d["accuracy"] for d in cs]
     racc = [d["accuracy"] for d in rs]
-    p = tcav_significance(c_sc, r_sc, test)
+    if test not in TCAV_TESTS:
+        raise ValueError(f"unknown test {test!r}; expected one of {TCAV_TESTS}")
+    score_test = "mannwhitney" if test == "permutation" else test
+    p = tcav_significance(c_sc, r_sc, score_test)
     mean_acc = _mean(acc)
     valid = bool(min_accuracy <= 0 or (not math.isnan(mean_acc) and mean_acc >= min_accuracy))
     # the most extreme outcome in the observed direction: a concept scoring 1 (or 0) in every
     # run; when even that is not significant, the test cannot answer
     best = 1.0 if _mean(c_sc) >= _mean(r_sc) or math.isnan(_mean(c_sc)) else 0.0
-    p_best = tcav_significance([best] * len(_finite(c_sc)), r_sc, test)
+    p_best = tcav_significance([best] * len(_finite(c_sc)), r_sc, score_test)
+    perm: dict[str, Any] = {}
+    if test == "permutation":
+        if permutation is None:
+            raise ValueError('test="permutation" needs the permutation_test result')
+        pt = dict(permutation)
+        perm = {
+            "p_value_sign_count": p,
+            "effect": pt["statistic"],
+            "effect_null_sd": pt["statistic_null_sd"],
+            "effect_z": pt["z"],
+            "effect_positive_fraction": pt.get("positive_fraction", float("nan")),
+            "effect_cosine": pt.get("cosine", float("nan")),
+            "p_low": pt["p_low"],
+            "p_high": pt["p_high"],
+            "concept_distance": pt["distance"],
+            "p_direction": pt["p_direction"],
+            "p_direction_low": pt["p_direction_low"],
+            "p_direction_high": pt["p_direction_high"],
+            "n_permutations": pt["n_permutations"],
+        }
+        p, p_best = pt["p_value"], pt["p_min"]
+        valid = bool(pt["p_direction_high"] < alpha)
     row = {
         "concept": concept,
         "layer": layer,
@@ -682,8 +851,9 @@ def summarize_experiment(
         "random_magnitude": _mean(r_mag),
         "random_magnitude_sd": _sd(r_mag),
         "p_value": p,
-        "p_value_magnitude": tcav_significance(c_mag, r_mag, test),
+        "p_value_magnitude": tcav_significance(c_mag, r_mag, score_test),
         "test": test,
+        **perm,
         **effect_sizes(c_sc, r_sc),
         "cav_valid": valid,
         "p_best": p_best,
@@ -717,14 +887,28 @@ def apply_correction(
     """
     adj = adjust_p_values([r["p_value"] for r in rows], method)
     n = int(np.isfinite(adj).sum())
-    for r, q in zip(rows, adj, strict=True):
+    # permutation p-values: their Monte Carlo interval, corrected the same way (the correction
+    # is monotone in every p-value, so the corrected interval holds the corrected exact p)
+    bounds = {}
+    for key in ("p_low", "p_high"):
+        vals = [r.get(key, r["p_value"]) for r in rows]
+        bounds[key] = adjust_p_values(vals, method)
+    for i, (r, q) in enumerate(zip(rows, adj, strict=True)):
         r.update(p_adjusted=float(q), correction=method, n_tests=n)
+        if "p_low" in r:
+            r.update(
+                p_adjusted_low=float(bounds["p_low"][i]),
+                p_adjusted_high=float(bounds["p_high"][i]),
+            )
         _set_verdict(r, alpha)
     return list(rows)
 
 
 def _set_verdict(row: dict[str, Any], alpha: float) -> None:
     """``verdict``, ``verdict_reason`` and ``significant`` of a summary row."""
+    if row.get("test") == "permutation":
+        _set_permutation_verdict(row, alpha)
+        return
     reasons = []
     if not row["cav_valid"]:
         acc = row["cav_accuracy"]
@@ -758,6 +942,51 @@ def _set_verdict(row: dict[str, Any], alpha: float) -> None:
     row.update(
         verdict=verdict, verdict_reason="; ".join(reasons), significant=verdict == "significant"
     )
+
+
+def _set_permutation_verdict(row: dict[str, Any], alpha: float) -> None:
+    """The verdict of a permutation-test row (:func:`permutation_test`).
+
+    ``significant``: the corrected p-value is below ``alpha`` for every p-value in its Monte
+    Carlo interval (``p_adjusted_high < alpha``); ``inconclusive`` when the interval straddles
+    ``alpha`` (more permutations decide), when no outcome could pass (the smallest attainable
+    p-value, corrected, is not below ``alpha``), or when the layer does not tell the concept from
+    its random pool (``p_direction_high >= alpha``: a "not significant" would then say nothing
+    about the concept); else ``not significant``.
+    """
+    p_adj = row["p_adjusted"]
+    lo = row.get("p_adjusted_low", row.get("p_low", p_adj))
+    hi = row.get("p_adjusted_high", row.get("p_high", p_adj))
+    factor = 1 if row["correction"] == "none" else max(1, row["n_tests"])
+    best = min(1.0, row["p_best"] * factor)
+    effect = f"effect {row['effect']:.3g} (z {row['effect_z']:.2f})"
+    if math.isnan(p_adj):
+        verdict, reason = "inconclusive", "no p-value"
+    elif hi < alpha:
+        verdict, reason = "significant", f"{effect}; p_adjusted {p_adj:.3g} < {alpha:g}"
+    elif lo < alpha:
+        verdict = "inconclusive"
+        reason = (
+            f"{effect}; p_adjusted {p_adj:.3g} within its Monte Carlo interval "
+            f"[{lo:.3g}, {hi:.3g}] of {alpha:g} (more permutations)"
+        )
+    elif not best < alpha:
+        verdict = "inconclusive"
+        reason = (
+            f"the smallest attainable p_adjusted is {best:.3g} >= {alpha:g} "
+            "(more permutations, or more examples)"
+        )
+    elif not row["cav_valid"]:
+        verdict = "inconclusive"
+        reason = (
+            f"the layer does not tell the concept from its random pool (distance "
+            f"{row['concept_distance']:.3g}, p_direction {row['p_direction']:.3g}): "
+            f"{effect}, p_adjusted {p_adj:.3g}"
+        )
+    else:
+        verdict = "not significant"
+        reason = f"{effect}; p_adjusted {p_adj:.3g} >= {alpha:g}"
+    row.update(verdict=verdict, verdict_reason=reason, significant=verdict == "significant")
 
 
 def _mean(v: Sequence[float]) -> float:
