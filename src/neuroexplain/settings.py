@@ -221,6 +221,8 @@ class _Settings:
     """Shared helpers of the settings dataclasses."""
 
     SECTION: ClassVar[str]
+    #: what :meth:`resolve` calls the options in its error (default: the class name)
+    OPTIONS_NAME: ClassVar[str | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -235,7 +237,7 @@ class _Settings:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown {cls.__name__} options {unknown}")
+            raise TypeError(f"unknown {cls.OPTIONS_NAME or cls.__name__} options {unknown}")
         if config is None and not overrides:
             return cls()
         base = {n: getattr(config, n) for n in names} if config is not None else {}
@@ -309,6 +311,7 @@ class ClassifierConfig(_Settings):
     """
 
     SECTION: ClassVar[str] = "classifier"
+    OPTIONS_NAME: ClassVar[str | None] = "training"  # train_classifier(**overrides)
 
     arch: str = setting(
         "small", "Network: small (the simulator paper's CNN), densenet121 or resnet18."

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,6 @@ class _ClassifierData:
     labels: list[str]
     split_df: Any
     parts: dict[str, np.ndarray]
-
-
-def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
-    """``config`` with the keyword ``overrides`` (unknown names raise ``TypeError``)."""
-    cfg = config or TrainConfig()
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise TypeError(f"unknown training options {unknown}")
-    return TrainConfig(**{**asdict(cfg), **overrides})
 
 
 def _load_cohort(
@@ -473,7 +464,7 @@ def train_classifier(
     from neuroexplain.evaluate.quality import fit_linear_reference
     from neuroexplain.provenance import provenance
 
-    cfg = _resolve_config(config, overrides)
+    cfg = TrainConfig.resolve(config, **overrides)
     cohort = _load_cohort(preproc, split, cfg)
     out = Path(out)
     images, y, parts = cohort.images, cohort.y, cohort.parts

@@ -329,25 +329,6 @@ def parse_subjects(spec: str | Sequence[str] | None, *, split: str = "test") -> 
 # --------------------------------------------------------------------------------- evaluation
 
 
-def _load_float(path: Path) -> tuple[Any, np.ndarray]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        if len(img.shape) == 4 and img.shape[3] == 1:
-            img = img.slicer[..., 0]
-        data = np.asarray(img.get_fdata(dtype=np.float64), dtype=np.float32)
-    except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D map, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        raise InputError(
-            path, f"expected finite values, got {int((~np.isfinite(data)).sum())} NaN/Inf"
-        )
-    return img, data
-
-
 def evaluate_maps(
     cohort_dir: str | os.PathLike[str],
     maps: Mapping[str, str | os.PathLike[str] | Mapping[str, Path]],
@@ -385,7 +366,7 @@ def evaluate_maps(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from neuroexplain.io.nifti import check_same_grid, load_labels
+    from neuroexplain.io.nifti import check_same_grid, load_labels, load_map
     from neuroexplain.utils import check_region_labels
 
     cohort = Path(cohort_dir)
@@ -420,14 +401,14 @@ def evaluate_maps(
     disable = None if progress is None else not progress
     for sub in tqdm(chosen, desc="evaluate", unit="subject", disable=disable):
         gt = ground_truth_paths(cohort, sub, derivatives=derivatives)
-        gt_img, logj = _load_float(gt["logjacobian"])
+        gt_img, logj = load_map(gt["logjacobian"])
         _, dseg = load_labels(gt["dseg"], gt_img, like_path=gt["logjacobian"])
         brain = dseg > 0
         if regions is not None:
             present.append(np.unique(dseg))
             planted = np.isin(dseg, np.asarray(list(regions), dtype=np.int64))
         elif gt["mask"] is not None:
-            m_img, m = _load_float(gt["mask"])
+            m_img, m = load_map(gt["mask"])
             check_same_grid(m_img, gt_img, gt["mask"], gt["logjacobian"])
             planted = m > 0.5
         else:
@@ -439,7 +420,7 @@ def evaluate_maps(
             raise InputError(gt["dseg"], "the planted regions are empty inside the brain mask")
         for method, spec in maps.items():
             path = resolve_map(spec, sub, method)
-            img, values = _load_float(path)
+            img, values = load_map(path)
             check_same_grid(img, gt_img, path, gt["logjacobian"])
             scores = score_map(values, logj, brain, planted, topk=topk)
             mag = magnitude.get(sub, "")

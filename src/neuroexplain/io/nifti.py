@@ -23,6 +23,7 @@ from neuroexplain.io.atomic import atomic_output, write_json
 __all__ = [
     "check_same_grid",
     "load_labels",
+    "load_map",
     "load_volume",
     "orientation_warning",
     "orientation_warnings",
@@ -185,6 +186,34 @@ def load_volume(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarr
         )
     if abs(np.linalg.det(img.affine[:3, :3])) < 1e-8:
         raise InputError(p, "expected an invertible voxel-to-world affine, got a singular one")
+    return img, data
+
+
+def load_map(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
+    """Load a 3D float map (an explanation or a ground-truth map) as the evaluation reads it.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file (a 4D image with one volume is accepted).
+
+    Returns:
+        ``(image, data)``: the nibabel image (header, affine) and its data as float32 ``(X, Y, Z)``.
+
+    Raises:
+        InputError: an unreadable file, not 3D, or NaN / Inf values.
+    """
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) == 4 and img.shape[3] == 1:
+            img = img.slicer[..., 0]
+        data = np.asarray(img.get_fdata(dtype=np.float64), dtype=np.float32)
+    except Exception as exc:
+        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
+    if data.ndim != 3:
+        raise InputError(path, f"expected a 3D map, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(
+            path, f"expected finite values, got {int((~np.isfinite(data)).sum())} NaN/Inf"
+        )
     return img, data
 
 

@@ -148,13 +148,6 @@ def _path(text: str, table_path: Any, what: str) -> Path:
 # ------------------------------------------------------------------------------ map figures
 
 
-def _load_map(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    """A 3D float map and its image (one-line errors), as the evaluation harness reads them."""
-    from neuroexplain.evaluate.harness import _load_float
-
-    return _load_float(Path(path))
-
-
 def cut_coords(
     affine: np.ndarray,
     values: np.ndarray | None = None,
@@ -231,7 +224,7 @@ def plot_method_maps(
     import nibabel as nib
     from nilearn.plotting import plot_stat_map
 
-    from neuroexplain.io.nifti import check_same_grid, load_labels, load_volume
+    from neuroexplain.io.nifti import check_same_grid, load_labels, load_map, load_volume
 
     if not panels:
         raise ValueError("expected at least one subject panel")
@@ -241,7 +234,7 @@ def plot_method_maps(
     fig.set_facecolor("black")
     for ax, panel in zip(axes, panels, strict=True):
         t1_img, _ = load_volume(panel["t1"])
-        img, data = _load_map(panel["map"])
+        img, data = load_map(panel["map"])
         check_same_grid(img, t1_img, panel["map"], panel["t1"])
         if panel.get("dseg"):
             _, labels = load_labels(panel["dseg"], t1_img, like_path=panel["t1"])
@@ -311,7 +304,7 @@ def region_table(
     import pandas as pd
 
     from neuroexplain.evaluate.harness import ground_truth_paths, resolve_map
-    from neuroexplain.io.nifti import load_labels
+    from neuroexplain.io.nifti import load_labels, load_map
     from neuroexplain.simulator.maps import region_means
     from neuroexplain.utils import check_region_labels
 
@@ -334,7 +327,7 @@ def region_table(
                 ]
             else:
                 path = resolve_map(spec, rec.subject, source)
-            img, values = _load_map(path)
+            img, values = load_map(path)
             _, labels = load_labels(dseg, img, like_path=path)
             if rec.subject not in present:
                 present[rec.subject] = np.unique(labels)
@@ -462,7 +455,7 @@ def _subject_panels(
         ``title``, ``t1``, ``map``, ``dseg`` and ``cut``.
     """
     from neuroexplain.evaluate.harness import ground_truth_paths, resolve_map
-    from neuroexplain.io.nifti import load_labels, load_volume
+    from neuroexplain.io.nifti import load_labels, load_map, load_volume
 
     rows = table.set_index("subject")
     magnitude = _cohort_magnitudes(cohort_dir)
@@ -479,7 +472,7 @@ def _subject_panels(
         )
         t1_img, _ = load_volume(t1)
         if gt is not None:
-            _, values = _load_map(gt)
+            _, values = load_map(gt)
             cut = cut_coords(t1_img.affine, values=values)
         elif dseg:
             _, labels = load_labels(dseg, t1_img, like_path=t1)
