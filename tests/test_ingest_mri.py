@@ -615,3 +615,38 @@ def test_brain_mask_and_groups(ixi_root: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--mask"):
         ingest_mri(tmp_path / "x", mask="skull", **common)
     assert not (tmp_path / "x").exists()
+
+
+def test_preproc_assembly_releases_each_subject() -> None:
+    """Assembling preproc.pt copies subject by subject (one copy of the data in memory, not three)
+    and masks each subject as the whole-cohort mask would."""
+    from types import SimpleNamespace
+
+    from neuroexplain.mri.ingest import _preproc_data, brain_mask
+    from neuroexplain.mri.preprocess import Preprocessed
+    from neuroexplain.settings import MRIIngestConfig
+
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 8)
+    images = rng.random((3, *shape), dtype=np.float32)
+    labels = np.zeros((3, *shape), np.int16)
+    for i in range(3):
+        labels[i, 3 + i : 8, 3:7, 2:6] = 4 + i
+    results = [
+        Preprocessed(images[i].copy(), labels[i].copy(), np.eye(4), np.eye(4), (20, 20, 20),
+                     np.ones(3), np.zeros((3, 2)), 1.0)
+        for i in range(3)
+    ]  # fmt: skip
+    recs = [SimpleNamespace(subject=f"s{i}", label="x", t1=f"t{i}", dseg=f"d{i}", group="")
+            for i in range(3)]  # fmt: skip
+    cohort = SimpleNamespace(dseg_names={})
+    ing = SimpleNamespace(recs=recs, results=results, has_dseg=True, spacing=2.0,
+                          y=np.zeros(3), positive=None, cohort=cohort)  # fmt: skip
+    cfg = MRIIngestConfig(shape=shape, mask="brain", mask_margin_mm=2.0)
+    data = _preproc_data(ing, cfg, {}, {})
+    expected = images[:, None] * brain_mask(labels[:, None] > 0, 1.0)
+    np.testing.assert_array_equal(data["images"].numpy(), expected)
+    np.testing.assert_array_equal(data["dseg"].numpy(), labels[:, None])
+    assert data["images"].dtype == torch.float32 and data["dseg"].dtype == torch.int16
+    assert all(r.image is None and r.dseg is None for r in results)  # released as copied
+    assert [tuple(r.native_shape) for r in results] == [(20, 20, 20)] * 3  # the rest is kept

@@ -489,18 +489,28 @@ def _check_head_fit(ing: _Ingested, shape: Sequence[int]) -> tuple[np.ndarray, l
 def _preproc_data(
     ing: _Ingested, cfg: MRIIngestConfig, options: dict[str, Any], prov: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ``preproc.pt`` content: images (brain-masked), labels, grids, paths, parameters."""
+    """The ``preproc.pt`` content: images (brain-masked), labels, grids, paths, parameters.
+
+    Each subject's arrays are copied into the stacked tensors one at a time and then released
+    from ``ing.results`` (set to ``None``), so that assembling ``N`` subjects needs about one copy
+    of the data (``preproc.pt``'s size), not the stack plus every subject's arrays plus a
+    whole-cohort mask (three times as much: ~4.5 GB for 1,000 subjects at 64³).
+    """
     import torch
 
     recs, results = ing.recs, ing.results
-    images = torch.from_numpy(np.stack([r.image[None] for r in results]).astype(np.float32))
-    dseg = (
-        torch.from_numpy(np.stack([r.dseg[None] for r in results]).astype(np.int16))
-        if ing.has_dseg
-        else None
-    )
-    if cfg.mask == "brain":
-        images *= torch.from_numpy(brain_mask(dseg.numpy() > 0, cfg.mask_margin_mm / ing.spacing))
+    n, shape = len(results), tuple(results[0].image.shape)
+    images = torch.empty((n, 1, *shape), dtype=torch.float32)
+    dseg = torch.empty((n, 1, *shape), dtype=torch.int16) if ing.has_dseg else None
+    margin_vox = cfg.mask_margin_mm / ing.spacing
+    for i, r in enumerate(results):
+        img = torch.from_numpy(np.asarray(r.image, dtype=np.float32))
+        if dseg is not None:
+            dseg[i, 0] = torch.from_numpy(np.asarray(r.dseg, dtype=np.int16))
+        if cfg.mask == "brain":  # the same mask as on the whole stack: the ball is 3D
+            img = img * torch.from_numpy(brain_mask(dseg[i, 0].numpy() > 0, margin_vox))
+        images[i, 0] = img
+        r.image, r.dseg = None, None  # released as copied (the rest of the record is kept)
     return {
         "images": images,
         "dseg": dseg,
