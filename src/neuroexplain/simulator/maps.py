@@ -597,40 +597,53 @@ def _write_subject_images(
     side: dict[str, Any],
 ) -> None:
     """Queue the subject's native displacement fields (mm, RAS+) and warped T1w per direction
-    on ``pool``."""
+    on ``pool`` (resampled and warped there too: they feed no table)."""
+    t1 = np.asarray(img.get_fdata(dtype=np.float32))
+    for name in DIRECTIONS:
+        pool.submit(
+            _write_direction_images, ctx.out, sub, name, img, t1, model_affine, ddfs[name], side
+        )
+
+
+def _write_direction_images(
+    out: Path,
+    sub: str,
+    name: str,
+    img: Any,
+    t1: np.ndarray,
+    model_affine: np.ndarray,
+    ddf: np.ndarray,
+    side: dict[str, Any],
+) -> None:
+    """Write the native displacement field (mm, RAS+) and warped T1w of one direction."""
     from neuroexplain.attribution.export import subject_label
     from neuroexplain.io.nifti import save_displacement, save_map
     from neuroexplain.mri.preprocess import to_native
 
-    t1 = np.asarray(img.get_fdata(dtype=np.float32))
-    for name in DIRECTIONS:
-        disp_model = ddf_to_world(ddfs[name], model_affine)
-        disp = to_native(disp_model, model_affine, img)  # (3, X, Y, Z) mm
-        label = subject_label(sub)
-        folder = ctx.out / f"sub-{label}"
-        pool.submit(
-            save_displacement,
-            np.moveaxis(disp, 0, -1),
-            img,
-            folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
-            description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
-            sidecar={
-                **side,
-                "Direction": name,
-                "Units": "mm",
-                "Axes": "world RAS+ (nibabel convention)",
-                "Convention": "pull-back: simulated(p) = input(p + d(p))",
-            },
-        )
-        pool.submit(
-            save_map,
-            warp_native(t1, img.affine, disp),
-            img,
-            folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
-            description=f"neuroexplain simulator: T1w with disease {name}d",
-            intent="none",
-            sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
-        )
+    disp = to_native(ddf_to_world(ddf, model_affine), model_affine, img)  # (3, X, Y, Z) mm
+    label = subject_label(sub)
+    folder = out / f"sub-{label}"
+    save_displacement(
+        np.moveaxis(disp, 0, -1),
+        img,
+        folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
+        description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
+        sidecar={
+            **side,
+            "Direction": name,
+            "Units": "mm",
+            "Axes": "world RAS+ (nibabel convention)",
+            "Convention": "pull-back: simulated(p) = input(p + d(p))",
+        },
+    )
+    save_map(
+        warp_native(t1, img.affine, disp),
+        img,
+        folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
+        description=f"neuroexplain simulator: T1w with disease {name}d",
+        intent="none",
+        sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
+    )
 
 
 def _subject_region_rows(
