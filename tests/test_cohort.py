@@ -320,6 +320,23 @@ def test_zero_magnitude_keeps_the_assignment(ixi_root, tmp_path):
     assert (table["effect_magnitude"] == 0).all()
 
 
+def test_worker_count_does_not_change_a_byte(ixi_root, tmp_path):
+    """Each subject is planted from the seed and its source id, not from the worker that runs
+    it: 1 and 2 worker processes write the same files, byte for byte (the slow test below has
+    the nuisance field's random stream on 2 workers)."""
+    trees = []
+    for workers in (1, 2):
+        out = make_cohort(
+            ixi_root, tmp_path / f"w{workers}", shrink=SHRINK, enlarge=ENLARGE, paired=False,
+            fraction=0.5, magnitude_min=0.2, magnitude_max=0.3, seed=1, limit=2, workers=workers,
+        )  # fmt: skip
+        trees.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert len(trees[0]) > 20 and trees[0].keys() == trees[1].keys()
+    assert [str(k) for k in trees[0] if trees[0][k] != trees[1][k]] == []
+    table = pd.read_csv(tmp_path / "w2" / "participants.tsv", sep="\t")
+    assert sorted(table["diagnosis"]) == ["control", "disease"]
+
+
 @pytest.mark.slow
 def test_more_subjects_with_nuisance_and_workers(ixi_root, tmp_path):
     out = tmp_path / "c"

@@ -6,8 +6,10 @@ grows with the volume of a bright blob, so the tests are fast and self-contained
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -902,6 +904,41 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     assert rc == 2
+
+
+def test_simulate_files_do_not_depend_on_the_writer_threads(tmp_path: Path) -> None:
+    """1 or 2 writer threads (and a queue of 1 or 4 writes) give the same files, byte for byte,
+    and the same manifest (subjects in order)."""
+    from neuroexplain.io.atomic import WritePool
+    from neuroexplain.simulator import run_simulate
+
+    p = _write_pipeline(tmp_path, n=5, splits=["test"] * 5)
+    net = SimulatorNet(TINY)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-zero head: the maps and fields are not all zeros
+        for w in net.parameters():
+            w.add_(0.1 * torch.randn(w.shape, generator=gen))
+    save_simulator(tmp_path / "sim.pt", net, input_shape=[1, 16, 16, 16])
+    trees = []
+    for writers, pending in ((1, 1), (2, 4)):
+        out = tmp_path / f"w{writers}"
+        pool = functools.partial(WritePool, pending=pending)
+        with mock.patch("neuroexplain.io.atomic.WritePool", pool):
+            run_simulate(
+                p["preproc"], tmp_path / "sim.pt", p["model"], out,
+                subjects="test", split=tmp_path / "split.tsv", regions={"blob": [47]},
+                batch_size=2, device="cpu", writers=writers, progress=False,
+            )  # fmt: skip
+        trees.append({f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()})
+    assert len(trees[0]) == 5 * 16 + 5  # 8 NIfTI + 8 sidecars per subject; 5 tables / JSON
+    assert trees[0].keys() == trees[1].keys()
+    differ = [str(k) for k in trees[0] if trees[0][k] != trees[1][k]]
+    assert not differ, differ
+    maps = nib.load(tmp_path / "w2/sub-03/sub-03_desc-simulator_logjacobian.nii.gz").get_fdata()
+    assert np.abs(maps).max() > 1e-4
+    manifest = json.loads((tmp_path / "w2" / "maps.json").read_text())
+    (entry,) = [m for m in manifest["methods"] if m["name"] == "simulator"]
+    assert list(entry["files"]) == [f"sub-{i:02d}" for i in range(5)]
 
 
 def test_run_train_simulator_measures_the_objective_on_the_validation_split(

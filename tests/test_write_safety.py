@@ -12,6 +12,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -24,6 +26,7 @@ from _fulldisk import fill_disk, mount_tmpfs
 
 from neuroexplain.errors import InputError
 from neuroexplain.io.atomic import (
+    WritePool,
     atomic_output,
     output_group,
     save_torch,
@@ -219,6 +222,71 @@ def test_output_group_keeps_everything_on_success(tmp_path: Path) -> None:
     with output_group(tmp_path / "o"):
         write_json({"a": 1}, tmp_path / "o" / "a.json")
     assert (tmp_path / "o" / "a.json").is_file()
+
+
+def test_write_pool_bounds_the_outstanding_writes_and_keeps_every_file(tmp_path: Path) -> None:
+    lock, outstanding, peak = threading.Lock(), [0], [0]
+    ref = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+
+    def write(i: int) -> None:
+        with lock:
+            outstanding[0] += 1
+            peak[0] = max(peak[0], outstanding[0])
+        time.sleep(0.01)
+        save_map(np.full((4, 5, 6), i, np.float32), ref, tmp_path / f"m{i}.nii.gz", description="m")
+        with lock:
+            outstanding[0] -= 1
+
+    with WritePool(2, pending=3) as pool:
+        for i in range(12):
+            pool.submit(write, i)
+    assert 2 <= peak[0] <= 3
+    assert [float(nib.load(tmp_path / f"m{i}.nii.gz").get_fdata()[0, 0, 0]) for i in range(12)] == [
+        float(i) for i in range(12)
+    ]
+    with pytest.raises(ValueError, match="at least 1 writer"):
+        WritePool(0)
+
+
+def test_write_pool_raises_the_first_failed_write_and_waits_for_the_running_ones(
+    tmp_path: Path,
+) -> None:
+    started, done = threading.Event(), []
+
+    def fail(name: str) -> None:
+        raise OSError(f"{name} failed")
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.2)
+        done.append("slow")
+
+    with pytest.raises(OSError, match="first failed"):  # submission order, not finishing order
+        with WritePool(2) as pool:
+            pool.submit(slow)
+            started.wait()
+            pool.submit(fail, "first")
+            pool.submit(fail, "second")
+    assert done == ["slow"]  # the block ended after the running write finished
+    with pytest.raises(OSError, match="a failed"):  # the next submit reports a failed write
+        with WritePool(1) as pool:
+            pool.submit(fail, "a")
+            time.sleep(0.1)
+            pool.submit(done.append, "never")
+    assert done == ["slow"]
+
+
+def test_full_disk_during_pooled_writes_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    fill_disk(monkeypatch, room=0, only=r"^m3\.nii\.gz$")
+    ref = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    with pytest.raises(InputError, match=r"m3\.nii\.gz: no space left"):
+        with output_group(tmp_path / "out"), WritePool(2) as pool:
+            for i in range(6):
+                pool.submit(
+                    save_map, np.zeros((4, 5, 6)), ref, tmp_path / "out" / "s" / f"m{i}.nii.gz",
+                    description="m",
+                )  # fmt: skip
+    assert _everything(tmp_path) == []
 
 
 def test_full_tmpfs_ingest_st(tmp_path: Path) -> None:

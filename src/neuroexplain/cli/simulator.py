@@ -171,6 +171,7 @@ def simulate_cmd(
             write_images=images,
             batch_size=batch_size,
             device=device,
+            writers=threads,
         )
     fr = summary["flip_rate"]
     typer.echo(

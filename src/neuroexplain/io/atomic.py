@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 from neuroexplain.io.paths import check_output
 
 __all__ = [
+    "WritePool",
     "atomic_output",
     "output_group",
     "save_torch",
@@ -281,3 +284,75 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
     return Path(path)
+
+
+class WritePool:
+    """Run file writes on a few threads while the caller computes the next outputs.
+
+    Compression (zlib, nibabel's ``.nii.gz``) releases the GIL, so ``workers`` threads write
+    ``workers`` files at once. At most ``pending`` writes (default ``2 * workers``) are queued or
+    running: :meth:`submit` waits for a free slot, so the arrays held by waiting writes stay
+    bounded. Each write goes to its own path, so what is written does not depend on ``workers``
+    or on the order in which the writes finish; the caller decides every name and the order of
+    its manifests. The first failed write (in submission order) is raised by the next
+    :meth:`submit` or by :meth:`join`; leaving the ``with`` block waits for the running writes
+    (queued ones are dropped when the block raised), so an :func:`output_group` around it
+    removes complete files only.
+
+    Example:
+        >>> with WritePool(2) as pool:  # doctest: +SKIP
+        ...     for sub, arr in maps.items():
+        ...         pool.submit(save_map, arr, ref, f"out/{sub}_map.nii.gz", description="x")
+    """
+
+    def __init__(self, workers: int = 1, *, pending: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"expected at least 1 writer thread, got {workers}")
+        pending = 2 * workers if pending is None else pending
+        if pending < 1:
+            raise ValueError(f"expected at least 1 pending write, got {pending}")
+        self.workers = workers
+        self._slots = threading.BoundedSemaphore(pending)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write")
+        self._futures: list[Future[Any]] = []
+
+    def _release(self, _: Future[Any]) -> None:
+        self._slots.release()
+
+    def _check(self) -> None:
+        """Raise the first failure among the finished writes; forget the finished ones."""
+        running = []
+        for fut in self._futures:
+            if fut.done():
+                fut.result()
+            else:
+                running.append(fut)
+        self._futures = running
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)`` (waits while ``pending`` writes are outstanding)."""
+        self._check()
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(self._release)
+        self._futures.append(fut)
+
+    def join(self) -> None:
+        """Wait for every queued write; raise the first failure (in submission order)."""
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            fut.result()
+
+    def __enter__(self) -> WritePool:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.join()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -43,12 +43,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from neuroexplain.errors import InputError
+
+if TYPE_CHECKING:
+    from neuroexplain.io.atomic import WritePool
 
 __all__ = [
     "DIRECTIONS",
@@ -542,6 +545,7 @@ def _subject_row(
 
 def _write_subject_maps(
     ctx: _SimContext,
+    pool: WritePool,
     sub: str,
     chosen: str,
     img: Any,
@@ -549,7 +553,8 @@ def _write_subject_maps(
     jac: np.ndarray,
     side: dict[str, Any],
 ) -> dict[str, Path]:
-    """Write the subject's native disease maps: logJ of the chosen and of each direction, J.
+    """Queue the subject's native disease maps on ``pool``: logJ of the chosen and of each
+    direction, J.
 
     Returns:
         ``{method: path}`` of the log-Jacobian maps (the ones the maps manifest lists).
@@ -561,7 +566,8 @@ def _write_subject_maps(
     for key, arr in maps_native.items():
         direction = chosen if key == "simulator" else key.removeprefix("simulator")
         written[key] = map_path(ctx.out, sub, key, "logjacobian")
-        save_map(
+        pool.submit(
+            save_map,
             arr,
             img,
             written[key],
@@ -569,7 +575,8 @@ def _write_subject_maps(
             intent_name="logjacobian",
             sidecar={**side, "Method": key, "Direction": direction, "Space": "native T1w"},
         )
-    save_map(
+    pool.submit(
+        save_map,
         jac,
         img,
         map_path(ctx.out, sub, "simulator", "jacobian"),
@@ -582,44 +589,61 @@ def _write_subject_maps(
 
 def _write_subject_images(
     ctx: _SimContext,
+    pool: WritePool,
     sub: str,
     img: Any,
     model_affine: np.ndarray,
     ddfs: dict[str, np.ndarray],
     side: dict[str, Any],
 ) -> None:
-    """Write the subject's native displacement fields (mm, RAS+) and warped T1w per direction."""
+    """Queue the subject's native displacement fields (mm, RAS+) and warped T1w per direction
+    on ``pool`` (resampled and warped there too: they feed no table)."""
+    t1 = np.asarray(img.get_fdata(dtype=np.float32))
+    for name in DIRECTIONS:
+        pool.submit(
+            _write_direction_images, ctx.out, sub, name, img, t1, model_affine, ddfs[name], side
+        )
+
+
+def _write_direction_images(
+    out: Path,
+    sub: str,
+    name: str,
+    img: Any,
+    t1: np.ndarray,
+    model_affine: np.ndarray,
+    ddf: np.ndarray,
+    side: dict[str, Any],
+) -> None:
+    """Write the native displacement field (mm, RAS+) and warped T1w of one direction."""
     from neuroexplain.attribution.export import subject_label
     from neuroexplain.io.nifti import save_displacement, save_map
     from neuroexplain.mri.preprocess import to_native
 
-    t1 = np.asarray(img.get_fdata(dtype=np.float32))
-    for name in DIRECTIONS:
-        disp_model = ddf_to_world(ddfs[name], model_affine)
-        disp = to_native(disp_model, model_affine, img)  # (3, X, Y, Z) mm
-        label = subject_label(sub)
-        folder = ctx.out / f"sub-{label}"
-        save_displacement(
-            np.moveaxis(disp, 0, -1),
-            img,
-            folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
-            description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
-            sidecar={
-                **side,
-                "Direction": name,
-                "Units": "mm",
-                "Axes": "world RAS+ (nibabel convention)",
-                "Convention": "pull-back: simulated(p) = input(p + d(p))",
-            },
-        )
-        save_map(
-            warp_native(t1, img.affine, disp),
-            img,
-            folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
-            description=f"neuroexplain simulator: T1w with disease {name}d",
-            intent="none",
-            sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
-        )
+    disp = to_native(ddf_to_world(ddf, model_affine), model_affine, img)  # (3, X, Y, Z) mm
+    label = subject_label(sub)
+    folder = out / f"sub-{label}"
+    save_displacement(
+        np.moveaxis(disp, 0, -1),
+        img,
+        folder / f"sub-{label}_desc-{name}_displacement.nii.gz",
+        description=f"neuroexplain simulator: {name} displacement (mm, RAS)",
+        sidecar={
+            **side,
+            "Direction": name,
+            "Units": "mm",
+            "Axes": "world RAS+ (nibabel convention)",
+            "Convention": "pull-back: simulated(p) = input(p + d(p))",
+        },
+    )
+    save_map(
+        warp_native(t1, img.affine, disp),
+        img,
+        folder / f"sub-{label}_desc-{name}_T1w.nii.gz",
+        description=f"neuroexplain simulator: T1w with disease {name}d",
+        intent="none",
+        sidecar={**side, "Direction": name, "Interpolation": "trilinear"},
+    )
 
 
 def _subject_region_rows(
@@ -665,14 +689,15 @@ def _subject_region_rows(
 
 def _simulate_subject(
     ctx: _SimContext,
+    pool: WritePool,
     inp: _SimInputs,
     i: int,
     j: int,
     l_in: torch.Tensor,
     res: dict[str, dict[str, torch.Tensor]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Path]]:
-    """Table rows of subject ``i`` (``j`` in its batch) and its log-Jacobian maps; writes its
-    native-space outputs."""
+    """Table rows of subject ``i`` (``j`` in its batch) and its log-Jacobian maps; queues its
+    native-space outputs on ``pool``."""
     from neuroexplain.attribution.export import native_reference, subject_label
     from neuroexplain.mri.preprocess import to_native
 
@@ -694,10 +719,10 @@ def _simulate_subject(
     maps_native = {k: to_native(v, model_affine, img) for k, v in maps_model.items()}
     side = {**ctx.common, "Subject": f"sub-{subject_label(sub)}"}
     jac = 1.0 + to_native(np.exp(maps_model["simulator"]) - 1.0, model_affine, img)
-    written = _write_subject_maps(ctx, sub, chosen, img, maps_native, jac, side)
+    written = _write_subject_maps(ctx, pool, sub, chosen, img, maps_native, jac, side)
     if ctx.write_images:
         ddfs = {name: res[name]["ddf"][j].numpy() for name in DIRECTIONS}
-        _write_subject_images(ctx, sub, img, model_affine, ddfs, side)
+        _write_subject_images(ctx, pool, sub, img, model_affine, ddfs, side)
     regions = _subject_region_rows(ctx, data, i, head, img, maps_model, maps_native)
     return row, regions, written
 
@@ -786,6 +811,7 @@ def run_simulate(
     write_images: bool = True,
     batch_size: int = 4,
     device: str = "auto",
+    writers: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Simulate both directions for chosen subjects and write every output in native space.
@@ -826,6 +852,9 @@ def run_simulate(
             tables are always written).
         batch_size: subjects per forward pass.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        writers: threads that compress and write the NIfTI files while the next subjects are
+            simulated (default: torch's thread count, i.e. ``--threads``); the files do not
+            depend on it.
         progress: progress bar (``None``: only on a terminal).
 
     Returns:
@@ -833,7 +862,7 @@ def run_simulate(
     """
     from tqdm.auto import tqdm
 
-    from neuroexplain.io.atomic import write_json
+    from neuroexplain.io.atomic import WritePool, write_json
     from neuroexplain.stage import write_maps_manifest
 
     if map_direction not in MAP_DIRECTIONS:
@@ -868,14 +897,18 @@ def run_simulate(
     idx = inp.idx
     disable = None if progress is None else not progress
     bar = tqdm(total=len(idx), desc="simulate", unit="subject", disable=disable)
-    for start in range(0, len(idx), batch_size):
-        bidx = idx[start : start + batch_size]
-        l_in, res = _simulate_batch(inp, inp.images[bidx].to(inp.dev))
-        for j, i in enumerate(bidx):
-            row, rows, written[row["subject"]] = _simulate_subject(ctx, inp, i, j, l_in, res)
-            subj_rows.append(row)
-            region_rows.extend(rows)
-            bar.update(1)
+    # the NIfTI files are compressed and written on writer threads while the next subjects are
+    # simulated; rows and manifest entries are collected here, in subject order
+    with WritePool(max(1, writers or torch.get_num_threads())) as pool:
+        for start in range(0, len(idx), batch_size):
+            bidx = idx[start : start + batch_size]
+            l_in, res = _simulate_batch(inp, inp.images[bidx].to(inp.dev))
+            for j, i in enumerate(bidx):
+                row, rows, maps = _simulate_subject(ctx, pool, inp, i, j, l_in, res)
+                written[row["subject"]] = maps
+                subj_rows.append(row)
+                region_rows.extend(rows)
+                bar.update(1)
     bar.close()
 
     subj_df, group_df = _write_simulate_tables(ctx.out, subj_rows, region_rows)
