@@ -163,6 +163,8 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
         "reference_val_auc": (ref.get("val") or {}).get("auc"),
         "reference_test_auc": (ref.get("test") or {}).get("auc"),
         "model": m.get("model"),
+        "explained_model": (m.get("explained") or {}).get("model", m.get("model")),
+        "explained_test_auc": (m.get("explained") or m).get("test", {}).get("auc"),
         "final_selection": m.get("final_selection"),
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),

@@ -203,7 +203,10 @@ def test_training_is_deterministic_and_writes_every_output(tmp_path):
     assert metrics["test"]["n"] == 4 and len(metrics["test"]["confusion_matrix"]) == 2
     assert metrics == json.loads(json.dumps(m1, default=float))  # returned == written
     logits = pd.read_csv(tmp_path / "a" / "logits.tsv", sep="\t")
-    assert list(logits.columns) == ["subject", "split", "y", "label", "logit", "prob"]
+    columns = ["subject", "split", "y", "label", "logit", "prob"]
+    # the explained model's logits too when it is not the final model (classifier.explain)
+    columns += ["explained_logit"] if "explained" in m1 else []
+    assert list(logits.columns) == columns
     assert np.allclose(logits["prob"], 1 / (1 + np.exp(-logits["logit"])))
     log = pd.read_csv(tmp_path / "a" / "train_log.tsv", sep="\t")
     assert log["epoch"].tolist() == [1, 2]
@@ -543,6 +546,47 @@ def test_reference_ensemble_is_one_module_combining_the_two_logits(tmp_path, fal
     with torch.no_grad():
         again = model(pre["images"])[:, 0].double().numpy()
     np.testing.assert_allclose(again, le, rtol=1e-4, atol=1e-4)
+    # classifier.explain: trained (default): the explanation stages load the trained model,
+    # its logits and metrics are recorded beside the ensemble's, and the gate judges it
+    _check_explained_is_the_trained_model(tmp_path / "ens", pre, lm, never, trained)
+
+
+def _check_explained_is_the_trained_model(run, pre, lm, never, trained):
+    from neuroexplain.evaluate.quality import check_classifier_quality
+    from neuroexplain.simulator.train import read_logits
+    from neuroexplain.stage import load_mri_context
+
+    logits = pd.read_csv(run / "logits.tsv", sep="\t")
+    np.testing.assert_allclose(logits["explained_logit"].to_numpy(), lm, rtol=1e-4, atol=1e-4)
+    assert np.allclose(read_logits(run / "logits.tsv")["logit"].to_numpy(), lm, atol=1e-4)
+    model, ckpt = load_classifier(run / "model.pt", explained=True)
+    assert ckpt["explained_model"] == trained
+    with torch.no_grad():
+        np.testing.assert_allclose(model(pre["images"])[:, 0].numpy(), lm, rtol=1e-4, atol=1e-4)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["explained"]["model"] == trained
+    assert metrics["explained"]["val"]["auc"] == never["val"]["auc"]
+    assert metrics["final_selection"]["explained"] == trained
+    summary = check_classifier_quality(metrics, 0.0, source=run / "metrics.json")
+    assert summary["auc"] == metrics["explained"]["test"]["auc"] and summary["model"] == trained
+    torch.save(pre, run / "preproc.pt")
+    ctx = load_mri_context(run / "preproc.pt", run / "model.pt")
+    assert ctx.checkpoint["explained_model"] == trained
+    with torch.no_grad():
+        np.testing.assert_allclose(ctx.model(pre["images"])[:, 0].numpy(), lm, atol=1e-4)
+
+
+def test_explain_final_keeps_one_model_in_the_checkpoint(tmp_path):
+    pre = _weak_linear_preproc()
+    common = dict(epochs=1, batch_size=8, lr=1e-7, augment=False, progress=False, seed=0)
+    m = train_classifier(pre, tmp_path, reference_ensemble="always", explain="final", **common)
+    assert m["model"] == "ensemble" and "explained" not in m
+    assert m["final_selection"]["explained"] == "ensemble"
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "explained" not in raw
+    assert "explained_logit" not in pd.read_csv(tmp_path / "logits.tsv", sep="\t").columns
+    _, ckpt = load_classifier(tmp_path / "model.pt", explained=True)
+    assert ckpt["explained_model"] == "final"
 
 
 def test_select_final_keeps_the_model_only_when_validation_separates_it():

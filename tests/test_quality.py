@@ -235,6 +235,8 @@ def test_quality_gate_passes() -> None:
         "reference_auc": 0.93,
         "min_auc": 0.7,
         "passed": True,
+        "model": None,
+        "explained_apart": False,
     }
     # without test split, reference or interval: the validation AUC, nothing else
     summary = check_classifier_quality({"val": {"auc": 0.75}}, 0.7, source="metrics.json")
@@ -264,6 +266,25 @@ def test_quality_gate_with_a_weak_reference_blames_the_data() -> None:
         check_classifier_quality(_metrics(ref_auc=None), 0.7, source="m.json")
     with pytest.raises(InputError, match="val AUC is missing"):
         check_classifier_quality({"val": {"auc": None}}, 0.7, source="m.json")
+
+
+def test_quality_gate_judges_the_explained_model_not_the_ensemble() -> None:
+    """A final ensemble above the threshold does not let a weak explained model through."""
+    m = _metrics(test_auc=0.95, ci=None, ref_auc=0.93)
+    m["model"] = "ensemble"
+    m["explained"] = {"model": "cnn", "val": {"auc": 0.6}, "test": {"auc": 0.55}}
+    with pytest.raises(InputError) as err:
+        check_classifier_quality(m, 0.7, source="m.json")
+    msg = str(err.value)
+    assert "explained classifier (cnn) test AUC 0.55 is below quality.min_auc 0.70" in msg
+    assert "reaches 0.93" in msg
+    m["explained"]["test"]["auc"] = 0.8
+    summary = check_classifier_quality(m, 0.7, source="m.json")
+    assert summary["auc"] == 0.8 and summary["model"] == "cnn" and summary["explained_apart"]
+    rows = dict(quality_table(m, summary))
+    assert rows["explained model"].startswith("cnn")
+    assert rows["CNN AUC (test)"] == "0.800"
+    assert rows["ensemble model AUC val / test (predictions)"] == "0.600 / 0.950"
 
 
 def test_quality_gate_off() -> None:
@@ -458,9 +479,11 @@ def test_a_cohort_without_signal_stops_at_the_gate(tmp_path: Path, capsys) -> No
         device="cpu",
         progress=False,
     )
-    auc, ref = m["test"]["auc"], m["reference"]["test"]["auc"]
-    assert m["test"]["n"] == 38
-    assert abs(auc - 0.5) < 0.15 and m["test"]["auc_ci"][0] < 0.5 < m["test"]["auc_ci"][1]
+    # the gate judges the explained model (the CNN beside the final ensemble)
+    judged = m.get("explained", m)
+    auc, ref = judged["test"]["auc"], m["reference"]["test"]["auc"]
+    assert judged["test"]["n"] == 38
+    assert abs(auc - 0.5) < 0.15 and judged["test"]["auc_ci"][0] < 0.5 < judged["test"]["auc_ci"][1]
     assert abs(ref - 0.5) < 0.15  # the linear reference finds nothing either
 
     out = tmp_path / "q.json"
@@ -472,7 +495,8 @@ def test_a_cohort_without_signal_stops_at_the_gate(tmp_path: Path, capsys) -> No
     lines = [ln for ln in (captured.out + captured.err).splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     (line,) = lines
-    assert line.startswith(f"error: {metrics}: classifier test AUC {auc:.2f} (95 % CI ")
+    who = f"explained classifier ({m['explained']['model']})" if "explained" in m else "classifier"
+    assert line.startswith(f"error: {metrics}: {who} test AUC {auc:.2f} (95 % CI ")
     assert "is below quality.min_auc 0.70" in line
     assert f"a linear reference on the same split reaches only {ref:.2f}" in line
     assert "no learnable signal" in line

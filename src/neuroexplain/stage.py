@@ -280,6 +280,11 @@ def load_mri_context(
 ) -> MRIContext:
     """Load ``preproc.pt``, the classifier (on the data's input shape) and find the split.
 
+    The classifier is the model the explanation stages explain
+    (:func:`~neuroexplain.classifier.network.load_classifier` with ``explained=True``: the
+    trained model when the final one is its ensemble with the linear reference, config
+    ``classifier.explain``); ``checkpoint["explained_model"]`` names it.
+
     Args:
         preproc: ``preproc.pt`` of ``neuroexplain ingest-mri``.
         checkpoint: ``model.pt`` of ``neuroexplain train-classifier``.
@@ -309,8 +314,9 @@ def load_mri_context(
     pre_path = pre_path / "preproc.pt" if pre_path.is_dir() else pre_path
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     ckpt_path = Path(checkpoint)
+    # the model the explanation stages explain (config classifier.explain)
     model, ckpt = load_classifier(
-        ckpt_path, input_shape=list(pre["images"].shape[1:]), map_location=dev
+        ckpt_path, input_shape=list(pre["images"].shape[1:]), map_location=dev, explained=True
     )
     split_path: Path | None = Path(split) if split is not None else ckpt_path.parent / "split.tsv"
     if not split_path.is_file() and not (strict_split and split is not None):

@@ -447,6 +447,7 @@ def train_classifier_args(wildcards):
             ("--val-fraction", clf["val_fraction"]),
             ("--test-fraction", clf["test_fraction"]),
             ("--reference-ensemble", clf["reference_ensemble"]),
+            ("--explain", clf["explain"]),
             ("--seed", config["seed"]),
         )
         + (" --augment" if clf["augment"] else " --no-augment")

@@ -450,6 +450,7 @@ def load_classifier(
     input_shape: Sequence[int] | None = None,
     arch: str | None = None,
     map_location: str | torch.device = "cpu",
+    explained: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a classifier from a checkpoint written by :func:`save_classifier`.
 
@@ -458,6 +459,11 @@ def load_classifier(
         input_shape: the ``[C, X, Y, Z]`` of the data it will see; checked against the checkpoint.
         arch: the expected architecture, if the caller requires one.
         map_location: device for the weights.
+        explained: the model the explanation stages explain: the checkpoint's ``explained``
+            entry (``name``, ``model_kwargs``, ``state_dict``: the trained model when the final
+            model is its ensemble with the linear reference, config ``classifier.explain``), the
+            final model in a checkpoint without one. The returned checkpoint then says which
+            (``"explained_model"``).
 
     Returns:
         ``(model, checkpoint)``: the network in eval mode and the checkpoint dict.
@@ -484,15 +490,22 @@ def load_classifier(
             f"checkpoint was trained on inputs of shape {shape} (C, X, Y, Z), "
             f"got data of shape {[int(s) for s in input_shape]}",
         )
+    part = ckpt
+    if explained:
+        alt = ckpt.get("explained")
+        if alt is not None and not (isinstance(alt, dict) and "state_dict" in alt):
+            raise InputError(p, "the 'explained' entry holds no model")
+        part = ckpt if alt is None else alt
+        ckpt["explained_model"] = "final" if alt is None else str(alt.get("name", "trained"))
     try:
         model = build_model(
             ckpt["arch"],
             spatial_size=shape[1:],
             in_channels=shape[0],
             out_channels=int(ckpt.get("out_channels", 1)),
-            **ckpt.get("model_kwargs", {}),
+            **part.get("model_kwargs", {}),
         )
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict(part["state_dict"], strict=True)
     except (ValueError, RuntimeError, TypeError) as exc:
         msg = str(exc).splitlines()[0]
         raise InputError(p, f"weights do not fit the {ckpt['arch']!r} network ({msg})") from exc

@@ -8,7 +8,10 @@ augmentation and early stopping on the validation loss (or AUC), keeps the best 
 
 - ``model.pt``: checkpoint (:func:`neuroexplain.classifier.save_classifier`) of the final model:
   by default (``reference_ensemble="always"``) the ensemble of the trained network and the linear
-  reference as one module (:func:`ensemble_weights`, :func:`select_final`),
+  reference as one module (:func:`ensemble_weights`, :func:`select_final`); with
+  ``explain="trained"`` (default) it also holds the trained model, the one the explanation
+  stages explain (``explained`` entry; ``metrics.json`` ``explained``, ``logits.tsv``
+  ``explained_logit``),
 - ``metrics.json``: AUC, balanced accuracy, accuracy, confusion matrix on validation and test
   (and train), plus provenance,
 - ``logits.tsv``: per subject ``subject, split, y, label, logit, prob``,
@@ -223,8 +226,9 @@ def _final_model(
     chosen: _Phase,
     ref_model: Any,
     model_kwargs: dict[str, Any],
-) -> tuple[_Phase, np.ndarray, dict[str, Any]]:
-    """The final model (``cfg.reference_ensemble``), its logits and the decision's record.
+) -> tuple[_Phase, np.ndarray, dict[str, Any], tuple[_Phase, np.ndarray] | None]:
+    """The final model (``cfg.reference_ensemble``), its logits, the decision's record and the
+    explained model with its logits when it is not the final one (``cfg.explain``).
 
     The trained model (``chosen``: the CNN, or the CNN with a linear path) is kept, or combined
     with the linear reference as one module: the CNN with a reference-mode linear path, its
@@ -273,13 +277,15 @@ def _final_model(
         w_m, w_r = ensemble_weights(s_m, s_r)
         record["weights"] = {"model": w_m, "reference": w_r}
         record["auc"]["ensemble"] = aucs(w_m * lm + w_r * lr)
+    record["explained"] = chosen.name  # the ensemble below: per cfg.explain
     if decision["choice"] != "ensemble":
         logger.info("final model: %s (%s)", chosen.name, decision["reason"])
-        return dataclasses.replace(chosen, model=trained), lm, record
+        return dataclasses.replace(chosen, model=trained), lm, record, None
     kwargs = {**model_kwargs, "linear_pool": ref_model.pool, "linear_reference": True}
     ens = _ensemble_module(cfg, cohort, trained, ref_model, kwargs, w_m, w_r)
     le = predict_logits(ens, images, batch_size=cfg.batch_size, device=run.device)
     record["max_abs_logit_diff"] = float(np.max(np.abs(le - (w_m * lm + w_r * lr))))
+    record["explained"] = chosen.name if cfg.explain == "trained" else "ensemble"
     logger.info(
         "final model: the ensemble of %s and the linear reference (%s; weights %.3g, %.3g)",
         chosen.name,
@@ -287,7 +293,11 @@ def _final_model(
         w_m,
         w_r,
     )
-    return dataclasses.replace(chosen, name="ensemble", model=ens, model_kwargs=kwargs), le, record
+    final = dataclasses.replace(chosen, name="ensemble", model=ens, model_kwargs=kwargs)
+    if cfg.explain == "trained":
+        logger.info("explained model: %s (classifier.explain: trained)", chosen.name)
+        return final, le, record, (dataclasses.replace(chosen, model=trained), lm)
+    return final, le, record, None
 
 
 def _ensemble_module(
@@ -370,9 +380,14 @@ def _write_classifier_outputs(
     log_rows: list[dict[str, Any]],
     metrics: dict[str, Any],
     params: dict[str, Any],
+    explained: tuple[_Phase, np.ndarray] | None = None,
 ) -> None:
     """Write ``model.pt``, ``split.tsv``, ``logits.tsv``, ``train_log.tsv``, ``metrics.json``
-    and remove the training states."""
+    and remove the training states.
+
+    With an ``explained`` model other than the final one, the checkpoint also holds it (key
+    ``explained``, :func:`~neuroexplain.classifier.network.load_classifier`) and ``logits.tsv``
+    its logits (``explained_logit``)."""
     import pandas as pd
 
     from neuroexplain.classifier.network import save_classifier
@@ -389,6 +404,17 @@ def _write_classifier_outputs(
             "prob": 1.0 / (1.0 + np.exp(-logits)),
         }
     )
+    extra: dict[str, Any] = {}
+    if explained is not None:
+        phase, explained_logits = explained
+        logit_df["explained_logit"] = explained_logits
+        extra["explained"] = {
+            "name": phase.name,
+            "model_kwargs": phase.model_kwargs,
+            "state_dict": {
+                k: v.detach().cpu().clone() for k, v in phase.model.state_dict().items()
+            },
+        }
     save_classifier(
         out / "model.pt",
         model,
@@ -407,6 +433,7 @@ def _write_classifier_outputs(
             "positive_class": data.get("positive_class"),
             "provenance": metrics["provenance"],
             "metrics": {s: metrics[s] for s in SPLITS if s in metrics},
+            **extra,
         },
     )
     split_out = split_df[["subject", "split", "y", "label"]].copy()
@@ -483,9 +510,14 @@ def train_classifier(
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
     # the final model: the trained one, or its ensemble with the reference (one module)
-    chosen, logits, selection = _final_model(run, cohort, phases, chosen, ref_model, model_kwargs)
+    chosen, logits, selection, explained = _final_model(
+        run, cohort, phases, chosen, ref_model, model_kwargs
+    )
     model = chosen.model
     metrics = _split_metrics(cohort, logits, cfg.seed)
+    if explained is not None:  # what the quality gate judges: the model that is explained
+        metrics["explained"] = {"model": explained[0].name}
+        metrics["explained"].update(_split_metrics(cohort, explained[1], cfg.seed))
     metrics["reference"] = reference
     metrics["final_selection"] = selection
     params = {**asdict(cfg), "split_file": None if split is None else str(split)}
@@ -525,7 +557,9 @@ def train_classifier(
         _fmt_auc(reference["val"]["auc"]),
         train_seconds,
     )
-    _write_classifier_outputs(out, cfg, cohort, chosen, model, logits, log_rows, metrics, params)
+    _write_classifier_outputs(
+        out, cfg, cohort, chosen, model, logits, log_rows, metrics, params, explained
+    )
     return metrics
 
 

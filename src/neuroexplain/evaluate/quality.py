@@ -575,7 +575,10 @@ def check_classifier_quality(
 ) -> dict[str, Any]:
     """Stop when the classifier is too weak to be worth explaining.
 
-    The test split's AUC is judged when ``metrics`` has one, else the validation AUC. When it is
+    The AUC of the model the explanation stages explain is judged: ``metrics["explained"]``
+    when the metrics have one (the trained model apart from a final ensemble with the linear
+    reference), else the final model's; on the test split when there is one, else on the
+    validation split. When it is
     below ``min_auc`` (or missing) an :class:`~neuroexplain.errors.InputError` says by how much,
     and — when ``metrics["reference"]`` holds a :func:`linear_reference` of the same split —
     whether the data hold a signal the CNN missed (reference above ``min_auc``: a training
@@ -585,15 +588,19 @@ def check_classifier_quality(
         metrics: ``metrics.json`` of ``train-classifier``: per split ``{"auc": ...}`` under
             ``"val"`` / ``"test"``, optionally ``"auc_ci": [low, high]`` (a 95 % interval, as
             :func:`bootstrap_auc` gives) in each split and
-            ``"reference"`` (a :func:`linear_reference` result). Missing parts are skipped.
+            ``"reference"`` (a :func:`linear_reference` result), and ``"explained"`` (``"model"``
+            and the same per-split entries) for an explained model other than the final one.
+            Missing parts are skipped.
         min_auc: the smallest acceptable AUC; ``0`` (or less) turns the gate off (the
             workflow's default: :class:`neuroexplain.settings.QualityConfig`).
         source: the metrics file (named in the error).
         key: the setting named in the error.
 
     Returns:
-        ``{"split", "auc", "auc_ci", "reference_auc", "min_auc", "passed"}`` (``auc_ci`` and
-        ``reference_auc`` ``None`` when absent; ``passed`` is ``True``, also when the gate is off).
+        ``{"split", "auc", "auc_ci", "reference_auc", "min_auc", "passed", "model",
+        "explained_apart"}`` (``auc_ci`` and ``reference_auc`` ``None`` when absent; ``passed``
+        is ``True``, also when the gate is off; ``model`` the judged model's name;
+        ``explained_apart`` whether it is not the final model).
 
     Raises:
         InputError: ``min_auc > 0`` and the AUC is below it or missing; one line.
@@ -602,9 +609,14 @@ def check_classifier_quality(
         >>> check_classifier_quality({"val": {"auc": 0.9}}, 0.7, source="metrics.json")["passed"]
         True
     """
-    test = metrics.get("test")
+    # the model the explanation stages explain: the trained model when the final one is its
+    # ensemble with the linear reference (metrics["explained"], config classifier.explain)
+    explained = metrics.get("explained")
+    judged = explained if isinstance(explained, Mapping) else metrics
+    name = judged.get("model", metrics.get("model"))
+    test = judged.get("test")
     split = "test" if isinstance(test, Mapping) and test.get("auc") is not None else "val"
-    part = metrics.get(split)
+    part = judged.get(split)
     part = part if isinstance(part, Mapping) else {}
     auc = part.get("auc")
     auc = None if auc is None else float(auc)
@@ -620,6 +632,8 @@ def check_classifier_quality(
         "reference_auc": ref_auc,
         "min_auc": float(min_auc),
         "passed": True,
+        "model": None if name is None else str(name),
+        "explained_apart": isinstance(explained, Mapping),
     }
     if min_auc <= 0 or (auc is not None and auc >= min_auc):
         if min_auc <= 0:
@@ -628,11 +642,12 @@ def check_classifier_quality(
             logger.info("classifier %s AUC %.2f >= %s %.2f", split, auc, key, min_auc)
         return summary
 
+    who = f"explained classifier ({name})" if isinstance(explained, Mapping) else "classifier"
     if auc is None:
-        what = f"classifier {split} AUC is missing (one class only, or no {split} split)"
+        what = f"{who} {split} AUC is missing (one class only, or no {split} split)"
     else:
         interval = f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
-        what = f"classifier {split} AUC {auc:.2f}{interval} is below {key} {min_auc:.2f}"
+        what = f"{who} {split} AUC {auc:.2f}{interval} is below {key} {min_auc:.2f}"
     if ref_auc is None:
         why = (
             "no linear reference in the metrics to tell a training failure from data without "
@@ -695,7 +710,9 @@ def quality_table(
         'TN 9, FP 1 / FN 2, TP 8'
     """
     split = summary["split"]
-    part = metrics.get(split)
+    explained = metrics.get("explained")
+    explained = explained if isinstance(explained, Mapping) else None
+    part = (explained or metrics).get(split)
     part = part if isinstance(part, Mapping) else {}
     reference = metrics.get("reference")
     reference = reference if isinstance(reference, Mapping) else {}
@@ -719,7 +736,7 @@ def quality_table(
     def both(model: Mapping[str, Any]) -> str:
         return " / ".join(_split_auc(model.get(s)) for s in ("val", "test"))
 
-    return [
+    rows = [
         ("split judged", f"{split} ({subjects})"),
         (f"CNN AUC ({split})", _split_auc(part)),
         (f"linear reference AUC ({split})", ref_auc),
@@ -727,9 +744,14 @@ def quality_table(
         ("passed", ("yes" if summary.get("passed") else "no") + (" (gate off)" if off else "")),
         (f"CNN confusion matrix ({split})", confusion),
         (f"CNN balanced accuracy ({split})", _fmt3(part.get("balanced_accuracy"))),
-        ("CNN AUC val / test", both(metrics)),
+        ("CNN AUC val / test", both(explained or metrics)),
         ("linear reference AUC val / test", both(reference)),
     ]
+    if explained is not None:  # the gate judged the explained model; the final one predicts
+        rows.insert(1, ("explained model", f"{explained.get('model')} (classifier.explain)"))
+        final = f"{metrics.get('model', 'final')} model AUC val / test (predictions)"
+        rows.append((final, both(metrics)))
+    return rows
 
 
 _HTML = """<!DOCTYPE html>

@@ -1009,6 +1009,10 @@ def format_rate(v: float | None) -> str:
 def read_logits(path: str | os.PathLike[str]) -> Any:
     """Read the classifier's ``logits.tsv`` (columns ``subject``, ``logit``, and ``split``, ``y``).
 
+    ``logit`` is the explained model's: the file's ``explained_logit`` column when it has one
+    (the final model's then moves to ``final_logit``), as the explanation stages load that model
+    (:func:`neuroexplain.stage.load_mri_context`).
+
     Raises:
         InputError: missing file or columns.
     """
@@ -1021,6 +1025,8 @@ def read_logits(path: str | os.PathLike[str]) -> Any:
     need = {"subject", "logit"}
     if not need <= set(df.columns):
         raise InputError(p, f"expected columns subject, logit (split, y); got {list(df.columns)}")
+    if "explained_logit" in df.columns:
+        df = df.rename(columns={"logit": "final_logit", "explained_logit": "logit"})
     return df
 
 
