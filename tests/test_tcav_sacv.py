@@ -81,6 +81,33 @@ def test_layer_gradients_of_the_logit_are_the_head_weights():
     torch.testing.assert_close(l_neg, -logits)
 
 
+def test_layer_gradients_from_the_layer_equal_those_of_the_whole_graph():
+    """The graph starts at the layer (no memory for the layers before it): activations,
+    gradients and logits are bit for bit those of a backward pass through the whole network,
+    and the model's parameters and hooks are left as they were."""
+    from neuroexplain.concepts3d.activations import LayerHooks
+
+    torch.manual_seed(2)
+    net = build_model("small", spatial_size=(SIZE,) * 3, channels=(4, 8)).eval()
+    net.features[0].conv.bias.requires_grad_(False)  # a frozen parameter stays frozen
+    flags = [p.requires_grad for p in net.parameters()]
+    x = torch.rand(5, 1, SIZE, SIZE, SIZE)
+    for layer in ("features.0", "features.1", "classifier.1"):
+        acts, grads, logits = [], [], []
+        with torch.enable_grad(), LayerHooks(net, [layer], keep_graph=True) as hooks:
+            for xb in x.split(2):
+                out = -net(xb)[:, 0]
+                (g,) = torch.autograd.grad(out.sum(), hooks.outputs[layer])
+                acts.append(hooks.outputs[layer].detach())
+                grads.append(g)
+                logits.append(out.detach())
+        got = layer_gradients(net, x, layer, sign=-1.0, batch_size=2)
+        for a, b in zip(got, (torch.cat(acts), torch.cat(grads), torch.cat(logits)), strict=True):
+            assert torch.equal(a, b), layer
+        assert [p.requires_grad for p in net.parameters()] == flags
+        assert not any(m._forward_hooks for m in net.modules())
+
+
 # ------------------------------------------------------------------------------------- CAVs
 
 
@@ -241,6 +268,35 @@ def test_random_sets_are_seeded_and_disjoint_from_the_first():
     assert [r.ids for r in random_concepts(pool, 6, 8, seed=1)] == [r.ids for r in sets]
     small = random_concepts(pool, 3, 20, seed=1)  # too small to be disjoint: falls back
     assert all(len(r) == 20 for r in small)
+
+
+def test_random_sets_of_a_detached_pool_are_the_same_sets_without_volumes():
+    """run_tcav draws the random sets from the pool detached from its volumes: the same
+    examples (ids, keys) and activations as sets copied out of the real pool, no memory."""
+    from neuroexplain.concepts3d.concepts import is_placeholder
+
+    torch.manual_seed(3)
+    net = build_model("small", spatial_size=(SIZE,) * 3, channels=(4, 8)).eval()
+    pool = _concept("pool", torch.rand(12, 1, SIZE, SIZE, SIZE))
+    copied = random_concepts(pool, 4, 5, seed=2)
+    tcav = TCAV(net, ["features.1"], batch_size=4)
+    (ghost,) = tcav.detach_inputs([pool])  # caches the pool's activations
+    light = random_concepts(ghost, 4, 5, seed=2)
+    assert [(r.name, r.ids, r.key) for r in light] == [(r.name, r.ids, r.key) for r in copied]
+    assert all(is_placeholder(r.inputs) and r.inputs.shape == c.inputs.shape
+               for r, c in zip(light, copied, strict=True))  # fmt: skip
+    assert not any(is_placeholder(c.inputs) for c in copied)
+    # the copied sets, detached after the pool (as before): the same activations
+    old = TCAV(net, ["features.1"], batch_size=4)
+    _, *old_sets = old.detach_inputs([pool, *copied])
+    for r, c in zip(light, old_sets, strict=True):
+        assert torch.equal(tcav.activations(r)["features.1"], old.activations(c)["features.1"])
+    # a detached concept whose activations were never computed is an error, not zeros
+    other = tcav.detach_inputs(
+        [_concept("other", torch.rand(3, 1, SIZE, SIZE, SIZE))], compute=False
+    )
+    with pytest.raises(ValueError, match="detached from its volumes"):
+        tcav.activations(other[0])
 
 
 class _BlobNet(nn.Module):
@@ -451,7 +507,9 @@ def test_concept_config_and_region_examples(tmp_path):
     cfg = load_concept_config(tmp_path / "c.yaml")
     assert [c.name for c in cfg.concepts] == ["atrophyA", "regionB"]
     spec = cfg.get("atrophyA")
+    images = pre["images"].clone()
     ex = build_concept(pre, [0, 1], spec)
+    assert torch.equal(pre["images"], images)  # blanked a copy, not the cohort's volumes
     mask = region_mask(pre["dseg"][1, 0].numpy(), [10], 1)
     assert ex.masks is not None and torch.equal(ex.masks[1, 0], torch.from_numpy(mask))
     assert float(ex.inputs[1, 0][~torch.from_numpy(mask)].abs().max()) == 0.0

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MANIFEST_FORMAT",
     "MAP_KINDS",
+    "PER_SUBJECT_KEYS",
     "SPLIT_NAMES",
     "MRIContext",
     "MapFiles",
@@ -48,6 +49,7 @@ __all__ = [
     "harness_means",
     "load_mri_context",
     "manifest_maps",
+    "preproc_subset",
     "read_maps_manifest",
     "select_subjects",
     "stage_provenance",
@@ -207,6 +209,53 @@ def subject_splits(split: Any, subjects: Sequence[str]) -> list[str | None] | No
 
 
 # ------------------------------------------------------------------------ MRI stage context
+
+#: the per-subject fields of a ``preproc.pt`` dict (one entry per subject, in subject order)
+PER_SUBJECT_KEYS = (
+    "images",
+    "dseg",
+    "subjects",
+    "y",
+    "label",
+    "model_affines",
+    "native_affines",
+    "native_shapes",
+    "t1_paths",
+    "dseg_paths",
+    "groups",
+)
+
+
+def preproc_subset(preproc: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
+    """A ``preproc.pt`` dict restricted to the subjects ``indices``, in that order.
+
+    The per-subject fields (:data:`PER_SUBJECT_KEYS`) are indexed (tensors and arrays copied,
+    so the full cohort's volumes can be freed), the others kept as they are; subject ``j`` of
+    the subset is subject ``indices[j]`` of ``preproc``, with the same values.
+
+    Args:
+        preproc: the ``preproc.pt`` dict.
+        indices: subject indices into it.
+
+    Returns:
+        A new dict.
+    """
+    import numpy as np
+    import torch
+
+    idx = [int(i) for i in indices]
+    out = dict(preproc)
+    for key in PER_SUBJECT_KEYS:
+        value = preproc.get(key)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            out[key] = value[torch.as_tensor(idx, dtype=torch.long)]
+        elif isinstance(value, np.ndarray):
+            out[key] = value[np.asarray(idx, dtype=np.intp)]
+        else:
+            out[key] = [value[i] for i in idx]
+    return out
 
 
 @dataclass

@@ -185,9 +185,18 @@ class BaselineExplainer:
         # model stays hook-free
         net = copy.deepcopy(self.model).eval()
         cam = GradCAM(nn_module=net, target_layers=self.params["layer"], postprocessing=_identity)
-        with torch.enable_grad():
-            out = cam(x.clone(), class_idx=target)
-        return torch.as_tensor(out).float()
+        try:
+            with torch.enable_grad():
+                out = cam(x.clone(), class_idx=target)
+            return torch.as_tensor(out).detach().float()
+        finally:
+            # MONAI keeps the layer's activations, gradients and score, whose autograd graph
+            # holds its hooks, which hold it: a cycle through the graph that Python's garbage
+            # collector cannot see, leaking the model copy and the graph on every call
+            hooked = cam.nn_module
+            hooked.activations.clear()
+            hooked.gradients.clear()
+            hooked.score = None
 
     def _occlusion(self, x: torch.Tensor, target: int) -> torch.Tensor:
         from monai.visualize import OcclusionSensitivity

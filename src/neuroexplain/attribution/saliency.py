@@ -98,7 +98,8 @@ def run_saliency(
     from neuroexplain.classifier import default_target_layer
     from neuroexplain.io.atomic import write_json
     from neuroexplain.provenance import provenance
-    from neuroexplain.stage import load_mri_context, write_maps_manifest
+    from neuroexplain.stage import load_mri_context, preproc_subset, write_maps_manifest
+    from neuroexplain.utils import release_memory
 
     cfg = SaliencyConfig.resolve(config, **overrides)
     methods = list(cfg.methods)
@@ -116,6 +117,11 @@ def run_saliency(
                 "--layer", f"no layer {layer!r} in the {ckpt['arch']} model; try {top}"
             )
     idx = ctx.select(subjects)
+    # the loop reads the chosen subjects only: keep theirs, free the rest of the cohort's
+    # volumes and label maps (most of preproc.pt when a split is explained)
+    data = ctx.preproc = preproc_subset(data, idx)
+    n_subjects = len(idx)
+    del idx
 
     explainers = {
         m: BaselineExplainer(model, m, layer=layer if m == "gradcam" else None, **params[m])
@@ -148,13 +154,16 @@ def run_saliency(
     timings = dict.fromkeys(methods, 0.0)
     written: dict[str, dict[str, str]] = {}
     disable = None if progress is None else not progress
-    for i in tqdm(idx, desc="saliency", unit="subject", disable=disable):
+    for i in tqdm(range(n_subjects), desc="saliency", unit="subject", disable=disable):
         x = data["images"][i : i + 1].to(ctx.device)
         maps = {}
         for m in methods:
             t0 = time.perf_counter()
             maps[m] = explainers[m].attribute(x, target=target)[0].sum(0).cpu().numpy()
             timings[m] += time.perf_counter() - t0
+            # the method's activations and gradients are freed: give the heap back, so the
+            # peak stays at one method's working set instead of growing per subject and method
+            release_memory()
         paths = write_subject_maps(
             maps,
             data,
@@ -171,8 +180,10 @@ def run_saliency(
             },
         )
         written[str(data["subjects"][i])] = {m: str(p) for m, p in paths.items()}
+        del x, maps
+        release_memory()
         logger.debug("subject %s done", data["subjects"][i])
-    n = max(len(idx), 1)
+    n = max(n_subjects, 1)
     summary = {
         "maps": written,
         "seconds_per_subject": {m: round(t / n, 3) for m, t in timings.items()},
@@ -185,8 +196,8 @@ def run_saliency(
     )
     logger.info(
         "wrote %d maps for %d subjects to %s (s/subject: %s)",
-        len(methods) * len(idx),
-        len(idx),
+        len(methods) * n_subjects,
+        n_subjects,
         out,
         ", ".join(f"{m} {t / n:.1f}" for m, t in timings.items()),
     )

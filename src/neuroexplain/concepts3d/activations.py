@@ -67,6 +67,10 @@ class LayerHooks:
         layers: dotted layer names.
         keep_graph: keep the captured tensors attached to the autograd graph (for gradients with
             respect to them); otherwise they are detached.
+        leaf: replace each layer's output by a detached copy that requires gradients (a leaf of
+            the graph, captured as well): gradients with respect to it are the same as with
+            ``keep_graph``, but when neither the inputs nor the parameters before the layer
+            require gradients, nothing before the layer is kept for a backward pass.
 
     Attributes:
         outputs: ``{layer: tensor}`` from the most recent forward pass.
@@ -80,19 +84,31 @@ class LayerHooks:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Sequence[str], *, keep_graph: bool = False
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        *,
+        keep_graph: bool = False,
+        leaf: bool = False,
     ) -> None:
         self.model = model
         self.layers = list(layers)
         self.keep_graph = keep_graph
+        self.leaf = leaf
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def _hook(self, name: str) -> Callable[..., None]:
-        def fn(_module: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, tuple | list):
-                out = out[0]
-            self.outputs[name] = out if self.keep_graph else out.detach()
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def fn(_module: nn.Module, _inp: Any, out: Any) -> Any:
+            first = out[0] if isinstance(out, tuple | list) else out
+            if self.leaf:
+                leaf = first.detach().requires_grad_(True)
+                self.outputs[name] = leaf
+                if isinstance(out, tuple | list):
+                    return type(out)([leaf, *out[1:]])
+                return leaf
+            self.outputs[name] = first if self.keep_graph else first.detach()
+            return None
 
         return fn
 
@@ -210,15 +226,25 @@ def layer_gradients(
     f = logit_fn(target, sign)
     acts, grads, logits = [], [], []
     bar = _progress(int(inputs.shape[0]), "gradients", progress)
-    with torch.enable_grad(), LayerHooks(model, [layer], keep_graph=True) as hooks:
-        for xb in _batches(inputs, batch_size):
-            out = f(model(xb.to(dev, torch.float32)))
-            a = hooks.outputs[layer]
-            (g,) = torch.autograd.grad(out.sum(), a)
-            acts.append(a.detach().float().cpu())
-            grads.append(g.detach().float().cpu())
-            logits.append(out.detach().float().cpu())
-            bar.update(int(xb.shape[0]))
+    # the graph starts at the layer (a leaf there, no parameter gradients): the layers before
+    # it keep nothing for backward, so a batch costs its activations after the layer, not the
+    # whole network's (several 100 MB per batch of 3D volumes); the gradient is the same
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad(), LayerHooks(model, [layer], leaf=True) as hooks:
+            for xb in _batches(inputs, batch_size):
+                out = f(model(xb.to(dev, torch.float32)))
+                a = hooks.outputs[layer]
+                (g,) = torch.autograd.grad(out.sum(), a)
+                acts.append(a.detach().float().cpu())
+                grads.append(g.detach().float().cpu())
+                logits.append(out.detach().float().cpu())
+                bar.update(int(xb.shape[0]))
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     bar.close()
     if not acts:
         empty = torch.zeros(0)

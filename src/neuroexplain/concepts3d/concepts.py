@@ -59,6 +59,7 @@ __all__ = [
     "ConceptSpec",
     "build_concept",
     "concept_pool",
+    "is_placeholder",
     "load_concept_config",
     "random_concepts",
     "region_mask",
@@ -71,6 +72,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRANSFORMS = SACV_TRANSFORMS
+
+
+def is_placeholder(inputs: torch.Tensor) -> bool:
+    """``inputs`` is a broadcast placeholder: its elements take less memory than they would
+    on their own (an ``expand``-ed tensor, e.g. the volumes of a detached concept)."""
+    n = inputs.numel()
+    return n > 1 and inputs.untyped_storage().nbytes() < n * inputs.element_size()
 
 
 @dataclass
@@ -110,11 +118,20 @@ class Concept:
         return int(self.inputs.shape[0])
 
     def subset(self, index: Sequence[int], name: str) -> Concept:
-        """The examples ``index`` as a new concept called ``name``."""
+        """The examples ``index`` as a new concept called ``name``.
+
+        The volumes are copied, except those of a concept detached from its volumes (a
+        broadcast placeholder, :meth:`~neuroexplain.concepts3d.tcav.TCAV.detach_inputs`): its
+        subsets are placeholders too, costing no memory.
+        """
         idx = torch.as_tensor(list(index), dtype=torch.long)
+        if is_placeholder(self.inputs):
+            inputs = self.inputs[:1].expand(len(idx), *self.inputs.shape[1:])
+        else:
+            inputs = self.inputs[idx]
         return Concept(
             name=name,
-            inputs=self.inputs[idx],
+            inputs=inputs,
             ids=[self.ids[i] for i in idx.tolist()],
             masks=None if self.masks is None else self.masks[idx],
         )
@@ -500,7 +517,8 @@ def build_concept(
         raise InputError(f"concept {spec.name!r}", "a region needs dseg label maps in preproc.pt")
     dseg = preproc["dseg"][idx].numpy()
     masks = np.zeros((len(idx), 1, *images.shape[2:]), dtype=bool)
-    out = images.clone()
+    # indexing with a list copied the volumes: blank them in place, no second copy
+    out = images
     for j in range(len(idx)):
         m = region_mask(dseg[j, 0], spec.region, spec.dilate)
         if not m.any():

@@ -276,6 +276,7 @@ def _tcav_concept_sets(
         spec_dict,
     )
     from neuroexplain.concepts3d.tcav import _seed_of
+    from neuroexplain.utils import release_memory
 
     ctx, cfg, table, tcav, n_sets = run.ctx, run.cfg, run.table, run.tcav, run.n_sets
     sets: list[list[Any]] = []
@@ -296,8 +297,15 @@ def _tcav_concept_sets(
                 len(pool),
                 size,
             )
+        # the random sets are drawn from the pool's examples without their volumes: the pool's
+        # activations cover them, and copies of the pool's volumes per set would hold
+        # n_sets x size volumes (~1.4 GB for 51 sets of 26 at 64³)
         randoms = random_concepts(
-            pool, n_sets + 1, size, seed=_seed_of(tc.seed, spec.name), prefix=f"{spec.name}:random"
+            tcav.detach_inputs([pool], compute=False)[0],
+            n_sets + 1,
+            size,
+            seed=_seed_of(tc.seed, spec.name),
+            prefix=f"{spec.name}:random",
         )
         need = tc.test == "permutation" or any(
             not tcav._cached(layer, c, r)
@@ -308,6 +316,7 @@ def _tcav_concept_sets(
         # activations cover its random sets; the light concepts keep their cache keys)
         n_pool = len(pool)
         pool, concept, *randoms = tcav.detach_inputs([pool, concept, *randoms], compute=need)
+        release_memory()
         examples[spec.name] = (concept, pool)
         sets += _tcav_pairs(concept, randoms)
         plans[spec.name] = {

@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from neuroexplain.concepts3d.activations import layer_activations, layer_gradients, resolve_layers
-from neuroexplain.concepts3d.concepts import Concept
+from neuroexplain.concepts3d.concepts import Concept, is_placeholder
 from neuroexplain.concepts3d.store import CAVStore
 from neuroexplain.settings import CAV_CLASSIFIERS, TCAV_CORRECTIONS, TCAV_TESTS
 
@@ -616,9 +616,15 @@ class TCAV:
             if any((layer, eid) not in self._acts for layer in self.layers)
         ]
         if missing:
+            if is_placeholder(concept.inputs):
+                raise ValueError(
+                    f"concept {concept.name!r} was detached from its volumes, but "
+                    f"{len(missing)} of its examples have no cached activations"
+                )
             acts = layer_activations(
                 self.model,
-                concept.inputs[missing],
+                # all missing (the usual case): the volumes themselves, not a copy of them
+                concept.inputs if len(missing) == len(concept) else concept.inputs[missing],
                 self.layers,
                 batch_size=self.batch_size,
                 device=self.device,
