@@ -74,10 +74,15 @@ def train_classifier_cmd(
         metrics = train_classifier(preproc, out, config, split=split, resume=resume)
     test = metrics.get("test", {})
     ref = metrics["reference"].get("test", metrics["reference"]["val"])
+    explained = metrics.get("explained")
+    also = ""
+    if explained:  # the model the explanation stages explain (classifier.explain)
+        auc = explained.get("test", explained.get("val", {})).get("auc")
+        also = f"; explained: {explained['model']}, AUC {auc}"
     typer.echo(
         f"test AUC {test.get('auc')}, balanced accuracy {test.get('balanced_accuracy')} "
         f"(best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.0f} s, model "
-        f"{metrics['model']}; linear reference AUC {ref['auc']}) -> {out}"
+        f"{metrics['model']}; linear reference AUC {ref['auc']}{also}) -> {out}"
     )
 
 
