@@ -253,13 +253,12 @@ def test_select_subjects(tmp_path):
         select_subjects("test", subs)
 
 
-def test_cli_saliency_writes_native_maps(tmp_path):
-    pre = _preproc(tmp_path, n=2)
-    torch.save(pre, tmp_path / "preproc.pt")
+def _save_tiny_classifier(path):
+    """A seeded, untrained small network saved as a classifier checkpoint; returns it."""
     torch.manual_seed(0)
-    net = build_model("small", spatial_size=(SIZE,) * 3)
+    net = build_model("small", spatial_size=(SIZE,) * 3).eval()
     save_classifier(
-        tmp_path / "model.pt",
+        path,
         net,
         arch="small",
         model_kwargs={},
@@ -269,6 +268,13 @@ def test_cli_saliency_writes_native_maps(tmp_path):
         seed=0,
         best_metric={"name": "val_loss", "value": 0.5},
     )
+    return net
+
+
+def test_cli_saliency_writes_native_maps(tmp_path):
+    pre = _preproc(tmp_path, n=2)
+    torch.save(pre, tmp_path / "preproc.pt")
+    _save_tiny_classifier(tmp_path / "model.pt")
     (tmp_path / "split.tsv").write_text("subject\tsplit\ty\nsub-00\ttrain\t0\nsub-01\ttest\t1\n")
     rc = main(
         [
@@ -394,19 +400,7 @@ def test_saliency_of_chosen_subjects_equals_each_subject_explained_alone(tmp_pat
     assert torch.equal(sub["native_affines"][0], pre["native_affines"][3])
     assert sub["t1_paths"] == [pre["t1_paths"][3], pre["t1_paths"][1]]
     assert sub["params"] is pre["params"] and len(pre["subjects"]) == 4  # input untouched
-    torch.manual_seed(0)
-    net = build_model("small", spatial_size=(SIZE,) * 3).eval()
-    save_classifier(
-        tmp_path / "model.pt",
-        net,
-        arch="small",
-        model_kwargs={},
-        input_shape=[1, SIZE, SIZE, SIZE],
-        config={},
-        epoch=1,
-        seed=0,
-        best_metric={"name": "val_loss", "value": 0.5},
-    )
+    net = _save_tiny_classifier(tmp_path / "model.pt")
     methods = ["gradient", "gradcam"]
     run_saliency(
         tmp_path / "preproc.pt",
