@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MANIFEST_FORMAT",
     "MAP_KINDS",
-    "PER_SUBJECT_KEYS",
     "SPLIT_NAMES",
     "MRIContext",
     "MapFiles",
@@ -210,28 +209,14 @@ def subject_splits(split: Any, subjects: Sequence[str]) -> list[str | None] | No
 
 # ------------------------------------------------------------------------ MRI stage context
 
-#: the per-subject fields of a ``preproc.pt`` dict (one entry per subject, in subject order)
-PER_SUBJECT_KEYS = (
-    "images",
-    "dseg",
-    "subjects",
-    "y",
-    "label",
-    "model_affines",
-    "native_affines",
-    "native_shapes",
-    "t1_paths",
-    "dseg_paths",
-    "groups",
-)
-
 
 def preproc_subset(preproc: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
     """A ``preproc.pt`` dict restricted to the subjects ``indices``, in that order.
 
-    The per-subject fields (:data:`PER_SUBJECT_KEYS`) are indexed (tensors and arrays copied,
-    so the full cohort's volumes can be freed), the others kept as they are; subject ``j`` of
-    the subset is subject ``indices[j]`` of ``preproc``, with the same values.
+    The per-subject fields (:data:`neuroexplain.mri.ingest.PER_SUBJECT_KEYS`, defined with the
+    file's format) are indexed (tensors and arrays copied, so the full cohort's volumes can be
+    freed), the others kept as they are; subject ``j`` of the subset is subject ``indices[j]``
+    of ``preproc``, with the same values.
 
     Args:
         preproc: the ``preproc.pt`` dict.
@@ -242,6 +227,8 @@ def preproc_subset(preproc: Mapping[str, Any], indices: Sequence[int]) -> dict[s
     """
     import numpy as np
     import torch
+
+    from neuroexplain.mri.ingest import PER_SUBJECT_KEYS
 
     idx = [int(i) for i in indices]
     out = dict(preproc)

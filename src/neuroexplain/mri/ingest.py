@@ -59,6 +59,7 @@ from neuroexplain.settings import MRIIngestConfig
 __all__ = [
     "MIN_BRAIN_FILL",
     "MIN_BRAIN_KEPT",
+    "PER_SUBJECT_KEYS",
     "PREPROC_KEYS",
     "brain_mask",
     "check_on_grid",
@@ -85,6 +86,21 @@ PREPROC_KEYS = (
     "dseg_names",
     "groups",
     "params",
+)
+#: the keys of :data:`PREPROC_KEYS` with one entry per subject, in subject order (the others
+#: describe the whole cohort)
+PER_SUBJECT_KEYS = (
+    "images",
+    "dseg",
+    "subjects",
+    "y",
+    "label",
+    "model_affines",
+    "native_affines",
+    "native_shapes",
+    "t1_paths",
+    "dseg_paths",
+    "groups",
 )
 _AXES = ("r", "a", "s")
 
