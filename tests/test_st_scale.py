@@ -47,6 +47,21 @@ def test_count_batches_match_log_normalise() -> None:
         np.testing.assert_array_equal(x.numpy(), log_normalise(counts, gi)[rows])
         np.testing.assert_array_equal(c.numpy(), counts[rows][:, gi].toarray())
         torch.testing.assert_close(lf, torch.lgamma(c + 1.0), rtol=0, atol=0)
+    # a CSR with duplicate entries (summed, as toarray() does) and unsorted column indices
+    data, indices = [], []
+    for r in range(counts.shape[0]):
+        row = counts[r]
+        half = row.data // 2
+        data += [(row.data - half)[::-1], half[::-1]]
+        indices += [row.indices[::-1], row.indices[::-1]]
+    dup = sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), 2 * counts.indptr), shape=counts.shape
+    )
+    assert not dup.has_canonical_format and dup.nnz == 2 * counts.nnz
+    x, c, lf = CountBatches(dup, gi).take(rows)
+    np.testing.assert_array_equal(x.numpy(), log_normalise(counts, gi)[rows])
+    np.testing.assert_array_equal(c.numpy(), counts[rows][:, gi].toarray())
+    np.testing.assert_array_equal(CountBatches(dup, gi).normalised(rows), x.numpy())
     sparse_log = log_normalise(counts, gi, sparse_out=True)
     assert sp.issparse(sparse_log)
     np.testing.assert_array_equal(sparse_log.toarray(), log_normalise(counts, gi))
@@ -63,6 +78,14 @@ def test_training_and_saliency_never_densify_all_spots_or_genes(monkeypatch) -> 
         return orig(self, *args, **kwargs)
 
     monkeypatch.setattr(sp.csr_matrix, "toarray", spy)
+    gather = CountBatches._sparse_rows
+
+    def rows_spy(self, idx, *datas):
+        out = gather(self, idx, *datas)
+        shapes.extend(o.shape for o in out)
+        return out
+
+    monkeypatch.setattr(CountBatches, "_sparse_rows", rows_spy)
     model = SpotVAE(adata, n_latent=4, n_hidden=16, n_top_genes=40, device="cpu")
     model.train(max_epochs=2, batch_size=32, kl_warmup_epochs=1, progress=False)
     train_shapes = list(shapes)
