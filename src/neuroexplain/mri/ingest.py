@@ -55,6 +55,7 @@ from neuroexplain.mri.bids import (
 )
 from neuroexplain.mri.preprocess import Grid, Preprocessed, model_spacing
 from neuroexplain.settings import MRIIngestConfig
+from neuroexplain.utils import release_memory
 
 __all__ = [
     "MIN_BRAIN_FILL",
@@ -527,6 +528,11 @@ def _preproc_data(
             img = img * torch.from_numpy(brain_mask(dseg[i, 0].numpy() > 0, margin_vox))
         images[i, 0] = img
         r.image, r.dseg = None, None  # released as copied (the rest of the record is kept)
+        if i % 16 == 15:
+            # glibc keeps the freed arrays in its heap: hand them back as the stack fills, so
+            # that the peak is one copy of the data, not two (1,000 subjects: 1.5 GB less)
+            release_memory()
+    release_memory()
     return {
         "images": images,
         "dseg": dseg,
