@@ -862,6 +862,11 @@ def test_cli_train_and_simulate(tmp_path: Path) -> None:
     summary = json.loads((out / "simulate.json").read_text())
     assert summary["n_subjects"] == 2
     subj = pd.read_csv(out / "subjects.tsv", sep="\t")
+    # the check without ground truth: per subject in subjects.tsv, the mean and verdict here
+    agreement = summary["gradient_agreement"]
+    assert agreement["mean"] == pytest.approx(subj["gradient_agreement"].mean())
+    assert agreement["ok"] == (agreement["mean"] >= agreement["min_expected"])
+    assert any("classifier input gradient" in w for w in summary["warnings"]) != agreement["ok"]
     assert list(subj["subject"]) == ["sub-04", "sub-05"]
     assert list(subj["map_direction"]) == ["inject", "remove"]  # healthy, diseased
     t1 = nib.load(tmp_path / "bids/sub-05/anat/sub-05_T1w.nii.gz")
@@ -977,3 +982,35 @@ def test_run_train_simulator_measures_the_objective_on_the_validation_split(
     assert on_disk["objective"] == obj and on_disk["n_validation"] == 2
     if not obj["met"]:  # the warning states the validation rates
         assert any("validation subjects" in r.message for r in caplog.records)
+
+
+def test_gradient_agreement_separates_maps_where_the_classifier_looks() -> None:
+    """The disease map's agreement with the classifier's input gradient: high when the map lies
+    where the classifier's weights are, about zero when it lies elsewhere."""
+    from neuroexplain.simulator.maps import gradient_agreement, input_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(1, 1, 8, 8, 8)
+    w[..., 2:4, 2:4, 2:4] = 1.0 + torch.rand(1, 1, 2, 2, 2, generator=gen)
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(w.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * self.w).flatten(1).sum(1, keepdim=True)
+
+    clf = Linear()
+    x = torch.rand(2, 1, 8, 8, 8, generator=gen)
+    grad = input_gradient(clf, x)
+    torch.testing.assert_close(grad, w.expand(2, -1, -1, -1, -1))  # d(w . x)/dx = w
+    assert clf.w.grad is None  # the weights get no gradient
+    brain = np.ones((8, 8, 8), dtype=bool)
+    near = np.zeros((8, 8, 8))
+    near[2:4, 2:4, 2:4] = -0.3  # a shrinking region where the weights are
+    far = np.zeros((8, 8, 8))
+    far[5:8, 5:8, 5:8] = 0.3  # the same change where the classifier does not look
+    g = grad[0, 0].numpy()
+    assert gradient_agreement(near, g, brain) > 0.5
+    assert gradient_agreement(far, g, brain) < 0.0

@@ -178,3 +178,6 @@ def simulate_cmd(
         f"{summary['n_subjects']} subjects: flip rate inject {fr['inject']}, remove "
         f"{fr['remove']}; cycle error {summary['cycle_error']['inject_remove']:.4f} -> {out}"
     )
+    agreement = summary["gradient_agreement"]
+    if agreement["ok"] is False:
+        typer.echo(f"warning: {summary['warnings'][-1]}", err=True)

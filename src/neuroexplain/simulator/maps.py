@@ -70,6 +70,13 @@ logger = logging.getLogger(__name__)
 
 #: direction name -> condition ``o``
 DIRECTIONS = {"inject": -1.0, "remove": 1.0}
+#: below this mean agreement (NCC of |disease map| with |classifier input gradient| in the
+#: brain, model grid) ``simulate`` warns that the maps are not where the classifier looks.
+#: Measured on the robustness cohorts' test subjects (benchmarks/results/
+#: simulator_agreement.md): 0.41-0.48 where the maps matched the planted effect (NCC with the
+#: truth 0.53-0.59), -0.13 to -0.08 where they did not (NCC with the truth -0.06 to -0.04
+#: while the gradient map's was 0.45-0.50), so the line sits inside the gap.
+AGREEMENT_MIN = 0.2
 
 
 def _direction(direction: str | float) -> str:
@@ -478,15 +485,40 @@ def _simulate_context(
     )
 
 
+def input_gradient(clf: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gradient of the classifier's logit with respect to its input, ``(B, 1, X, Y, Z)`` (CPU);
+    the weights get no gradient."""
+    from neuroexplain.simulator.train import logit_of
+
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(logit_of(clf(xg)).float().sum(), xg)
+    return grad.detach().float().cpu()
+
+
+def gradient_agreement(disease_map: np.ndarray, gradient: np.ndarray, brain: np.ndarray) -> float:
+    """NCC of ``|disease_map|`` and ``|gradient|`` inside ``brain`` (NaN if either is constant).
+
+    A check without ground truth: a simulator that flips the classifier by changing what the
+    classifier looks at makes a map that overlaps its input gradient; one that found a way
+    around it (a warp where the classifier is not looking, e.g. through a voxel-wise linear
+    term) does not.
+    """
+    from neuroexplain.evaluate.harness import ncc
+
+    return ncc(np.abs(disease_map), np.abs(gradient), brain)
+
+
 @torch.no_grad()
 def _simulate_batch(
     inp: _SimInputs, x: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
-    """Input logits and, per direction, simulation, field, cycle image, logit and disease map."""
+    """Input logits and, per direction, simulation, field, cycle image, logit and disease map
+    (and the classifier's input gradient under ``res["gradient"]["map"]``)."""
     from neuroexplain.simulator.train import logit_of
 
     b = x.shape[0]
-    res: dict[str, dict[str, torch.Tensor]] = {}
+    res: dict[str, dict[str, torch.Tensor]] = {"gradient": {"map": input_gradient(inp.clf, x)}}
     l_in = logit_of(inp.clf(x)).float().cpu()
     for name, o in DIRECTIONS.items():
         cond = torch.full((b,), o, device=inp.dev)
@@ -518,6 +550,9 @@ def _subject_row(
     x0 = inp.images[i, 0].numpy()
     denom = float(np.abs(x0[brain]).mean()) if brain.any() else float("nan")
     row: dict[str, Any] = dict(head)
+    row["gradient_agreement"] = gradient_agreement(
+        res[head["map_direction"]]["map"][j, 0].numpy(), res["gradient"]["map"][j, 0].numpy(), brain
+    )
     for name in DIRECTIONS:
         r = res[name]
         back = r["back"][j, 0].numpy()
@@ -760,8 +795,27 @@ def _simulate_summary(
         return float(sel.mean()) if len(sel) else None
 
     pred_pos = subj_df["logit"] > 0
+    agree = subj_df["gradient_agreement"].dropna()
+    agreement_mean = float(agree.mean()) if len(agree) else None
+    notes = list(region_notes)
+    ok = None if agreement_mean is None else agreement_mean >= AGREEMENT_MIN
+    if ok is False:
+        notes.append(
+            f"the disease maps do not overlap where the classifier looks: mean NCC of |map| "
+            f"with |classifier input gradient| {agreement_mean:.2f} < {AGREEMENT_MIN}; the "
+            "simulator flips the classifier some other way (e.g. through a voxel-wise linear "
+            "term), so read the baseline saliency maps instead"
+        )
     return {
         "n_subjects": len(subj_df),
+        "gradient_agreement": {
+            "mean": agreement_mean,
+            "min_expected": AGREEMENT_MIN,
+            "ok": ok,
+            "definition": "per subject, NCC of |disease map| (the map_direction's log-Jacobian) "
+            "with |d logit / d input| of the explained classifier in the brain, model grid; "
+            "mean over subjects (a check without ground truth)",
+        },
         "flip_rate": {
             "inject": frac("flipped_inject", ~pred_pos),
             "remove": frac("flipped_remove", pred_pos),
@@ -793,7 +847,7 @@ def _simulate_summary(
         "simulator_sha256": ctx.sim_sha,
         "classifier_sha256": ctx.clf_sha,
         "provenance": ctx.prov,
-        "warnings": region_notes,
+        "warnings": notes,
     }
 
 
@@ -913,6 +967,8 @@ def run_simulate(
 
     subj_df, group_df = _write_simulate_tables(ctx.out, subj_rows, region_rows)
     summary = _simulate_summary(ctx, subj_df, group_df, inp.region_notes)
+    if summary["gradient_agreement"]["ok"] is False:
+        logger.warning("%s: %s", ctx.out / "simulate.json", summary["warnings"][-1])
     write_json(summary, ctx.out / "simulate.json")
     write_maps_manifest(
         ctx.out,
