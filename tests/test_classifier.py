@@ -682,6 +682,8 @@ def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tm
     assert later["val_auc"].max() <= ref_val and linear["best_epoch"] == 0
     assert metrics["model"] == "cnn+linear" and linear["val_auc"] >= ref_val
     assert metrics["val"]["auc"] >= ref_val
+    # kept at its epoch 0, the model is the linear reference itself, and metrics.json says so
+    assert metrics["trained_is_linear_reference"] is True
     # the checkpoint rebuilds the model with its linear path and gives the logits written
     model, ckpt = load_classifier(tmp_path / "fb" / "model.pt")
     assert ckpt["model_kwargs"]["linear_pool"] == metrics["reference"]["pool"]

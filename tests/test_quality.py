@@ -285,6 +285,10 @@ def test_quality_gate_judges_the_explained_model_not_the_ensemble() -> None:
     assert rows["explained model"].startswith("cnn")
     assert rows["CNN AUC (test)"] == "0.800"
     assert rows["ensemble model AUC val / test (predictions)"] == "0.600 / 0.950"
+    assert "linear reference" not in rows["explained model"]
+    m["explained"]["model"], m["trained_is_linear_reference"] = "cnn+linear", True
+    rows = dict(quality_table(m, check_classifier_quality(m, 0.7, source="m.json")))
+    assert "the CNN did not improve on the linear reference" in rows["explained model"]
 
 
 def test_quality_gate_off() -> None:

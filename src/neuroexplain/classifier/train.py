@@ -479,6 +479,8 @@ def train_classifier(
         final model (``cnn``, ``cnn+linear`` or ``ensemble`` with the reference, config
         ``reference_ensemble``) and ``final_selection`` why (:func:`select_final`, with the
         validation / test AUC of the CNN alone, the trained model, reference and ensemble);
+        ``trained_is_linear_reference`` whether the trained model is the CNN with a linear
+        path kept at its epoch 0, i.e. the linear reference itself (a warning is logged);
         ``precision``
         the arithmetic of the training forward passes (``config.precision`` resolved:
         :func:`neuroexplain.utils.resolve_precision`).
@@ -507,6 +509,18 @@ def train_classifier(
     # best val AUC, a tie to the first phase (the CNN); cnn+linear never ends below the reference
     chosen = max(phases, key=lambda ph: (ph.val_auc, -phases.index(ph)))
     best = chosen.best
+    # the CNN with a linear path kept at its epoch 0 is the linear reference itself (its CNN
+    # path's logit layer starts at zero): every explanation then explains a voxel-wise linear
+    # model, whatever its AUC
+    linear_only = chosen.name == "cnn+linear" and best["epoch"] == 0
+    if linear_only:
+        logger.warning(
+            "%s: the CNN did not improve on the linear reference (val AUC %s): the trained "
+            "model is the linear reference itself, and its explanations are those of a "
+            "voxel-wise linear model",
+            out,
+            _fmt_auc(phases[0].val_auc),
+        )
     log_rows = [row for ph in phases for row in ph.log_rows]
     train_seconds = sum(ph.seconds for ph in phases)
     # the final model: the trained one, or its ensemble with the reference (one module)
@@ -534,6 +548,7 @@ def train_classifier(
             "best_val_auc": best["auc"],
             "epochs_run": len(log_rows),
             "model": chosen.name,
+            "trained_is_linear_reference": linear_only,
             "phases": _phase_summaries(phases),
             "train_seconds": round(train_seconds, 2),
             "train_volumes_per_second": round(

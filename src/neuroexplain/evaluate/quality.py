@@ -748,7 +748,10 @@ def quality_table(
         ("linear reference AUC val / test", both(reference)),
     ]
     if explained is not None:  # the gate judged the explained model; the final one predicts
-        rows.insert(1, ("explained model", f"{explained.get('model')} (classifier.explain)"))
+        name = f"{explained.get('model')} (classifier.explain)"
+        if metrics.get("trained_is_linear_reference"):
+            name += "; the CNN did not improve on the linear reference: a voxel-wise linear model"
+        rows.insert(1, ("explained model", name))
         final = f"{metrics.get('model', 'final')} model AUC val / test (predictions)"
         rows.append((final, both(metrics)))
     return rows
