@@ -278,6 +278,7 @@ def explain(
         "train_seconds": round(train_s, 1),
         "objective": objective,
         "flip_rate": sim.get("flip_rate"),
+        "gradient_agreement": (sim.get("gradient_agreement") or {}).get("mean"),
         "ncc_abs": {m: v["ncc_abs"]["mean"] for m, v in ev.items()},
         "ncc_signed": {m: v["ncc_signed"]["mean"] for m, v in ev.items()},
         "regions": region_rows,
@@ -293,8 +294,8 @@ def _sim_table(results: dict) -> str:
     lines = [
         "| cohort | seed | objective met on (kept pass / passes) | train flip inj / rem "
         "| val flip inj / rem | test flip inj / rem | NCC simulator | NCC gradient | signed NCC "
-        "| regions right sign |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| gradient agreement | regions right sign |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(v: float | None) -> str:
@@ -315,7 +316,8 @@ def _sim_table(results: dict) -> str:
                 f"{f(v.get('flipped_inject'))} / {f(v.get('flipped_remove'))} | "
                 f"{f(fr.get('inject'))} / {f(fr.get('remove'))} | "
                 f"{f(s['ncc_abs'].get('simulator'))} | {f(s['ncc_abs'].get('gradient'))} | "
-                f"{f(s['ncc_signed'].get('simulator'))} | {sum(bool(x) for x in right)} of "
+                f"{f(s['ncc_signed'].get('simulator'))} | {f(s.get('gradient_agreement'))} | "
+                f"{sum(bool(x) for x in right)} of "
                 f"{len(right)} |"
             )
     return "\n".join(lines) + "\n"
