@@ -1014,3 +1014,23 @@ def test_gradient_agreement_separates_maps_where_the_classifier_looks() -> None:
     g = grad[0, 0].numpy()
     assert gradient_agreement(near, g, brain) > 0.5
     assert gradient_agreement(far, g, brain) < 0.0
+
+
+def test_agreement_check_samples_the_subjects_of_a_large_run(tmp_path: Path) -> None:
+    """Beyond AGREEMENT_SUBJECTS subjects only an evenly spaced sample gets the input gradient;
+    the others read NaN and the mean is over the sample."""
+    import neuroexplain.simulator.maps as M
+    from neuroexplain.simulator import run_simulate
+
+    p = _write_pipeline(tmp_path, n=5, splits=["test"] * 5)
+    save_simulator(tmp_path / "sim.pt", SimulatorNet(TINY), input_shape=[1, 16, 16, 16])
+    with mock.patch.object(M, "AGREEMENT_SUBJECTS", 2):
+        summary = run_simulate(
+            p["preproc"], tmp_path / "sim.pt", p["model"], tmp_path / "out",
+            subjects="test", split=tmp_path / "split.tsv", batch_size=1, device="cpu",
+            progress=False,
+        )  # fmt: skip
+    subj = pd.read_csv(tmp_path / "out" / "subjects.tsv", sep="\t")
+    checked = subj["gradient_agreement"].notna().to_numpy()
+    assert checked.tolist() == [True, False, False, True, False]  # every third of five
+    assert summary["gradient_agreement"]["n_subjects"] == 2
