@@ -4,8 +4,9 @@ Reads from each run's ``results/`` folder: the explained classifier's and the fi
 test AUC (``classifier/metrics.json``), the simulator's flip rates and gradient agreement
 (``simulator/simulate.json``), the mean of every column of the map table per method
 (``evaluation/maps_subjects.tsv``, the numbers of ``maps.md``) and the simulator's mean
-log-Jacobian per planted region (``simulator/group.tsv``: the ``simulator`` map, all subjects). Writes one Markdown table with both
-values, their difference and whether it lies within ``--tolerance`` (the issue's ±0.02).
+log-Jacobian per region (``simulator/group.tsv``: the ``simulator`` map, all subjects). Writes
+one Markdown table with both values, their difference and whether it lies within
+``--tolerance`` (the issue's ±0.02).
 
 Usage::
 
