@@ -172,8 +172,29 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
         "wall_seconds": None if wall is None else round(wall, 1),
         "n_train": m.get("train", {}).get("n"),
         "n_test": m.get("test", {}).get("n"),
+        "trained_is_linear_reference": m.get("trained_is_linear_reference"),
+        "quality_gate": _gate(m, metrics_path),
     }
     return row
+
+
+def _gate(metrics: dict, path: Path) -> str:
+    """The workflow's quality gate on these metrics, with its default settings."""
+    from neuroexplain.errors import InputError
+    from neuroexplain.evaluate.quality import check_classifier_quality
+    from neuroexplain.settings import QualityConfig
+
+    cfg = QualityConfig()
+    try:
+        check_classifier_quality(
+            metrics,
+            cfg.min_auc,
+            source=path,
+            allow_linear_reference=cfg.allow_linear_reference,
+        )
+    except InputError as exc:
+        return "stops: linear reference" if "linear reference itself" in str(exc) else "stops"
+    return "passes"
 
 
 def _planted_regions(spec: dict) -> list[tuple[str, str, int]]:
@@ -326,8 +347,8 @@ def _sim_table(results: dict) -> str:
 def _table(results: dict) -> str:
     lines = [
         "| cohort | seed | CNN val AUC | CNN test AUC | reference val AUC | reference test AUC "
-        "| best / run epochs | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| best / run epochs | s | quality gate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(v: float | None) -> str:
@@ -338,10 +359,11 @@ def _table(results: dict) -> str:
             lines.append(
                 f"| {name} | {r['seed']} | {f(r['cnn_val_auc'])} | {f(r['cnn_test_auc'])} | "
                 f"{f(r['reference_val_auc'])} | {f(r['reference_test_auc'])} | "
-                f"{r['best_epoch']} / {r['epochs_run']} | {r['train_seconds']:.0f} |"
+                f"{r['best_epoch']} / {r['epochs_run']} | {r['train_seconds']:.0f} | "
+                f"{r.get('quality_gate', 'n/a')} |"
             )
         if "error" in res:
-            lines.append(f"| {name} | – | error: {res['error']} | | | | | |")
+            lines.append(f"| {name} | – | error: {res['error']} | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

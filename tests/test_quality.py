@@ -237,6 +237,7 @@ def test_quality_gate_passes() -> None:
         "passed": True,
         "model": None,
         "explained_apart": False,
+        "linear_reference_only": False,
     }
     # without test split, reference or interval: the validation AUC, nothing else
     summary = check_classifier_quality({"val": {"auc": 0.75}}, 0.7, source="metrics.json")
@@ -287,8 +288,33 @@ def test_quality_gate_judges_the_explained_model_not_the_ensemble() -> None:
     assert rows["ensemble model AUC val / test (predictions)"] == "0.600 / 0.950"
     assert "linear reference" not in rows["explained model"]
     m["explained"]["model"], m["trained_is_linear_reference"] = "cnn+linear", True
-    rows = dict(quality_table(m, check_classifier_quality(m, 0.7, source="m.json")))
+    summary = check_classifier_quality(m, 0.7, source="m.json", allow_linear_reference=True)
+    rows = dict(quality_table(m, summary))
     assert "the CNN did not improve on the linear reference" in rows["explained model"]
+
+
+def test_quality_gate_stops_a_model_that_is_the_linear_reference() -> None:
+    """A CNN that never improved on the linear reference stops the gate whatever its AUC."""
+    m = _metrics(test_auc=0.95, ci=None, ref_auc=0.95)
+    m["model"], m["trained_is_linear_reference"] = "cnn+linear", True
+    with pytest.raises(InputError) as err:
+        check_classifier_quality(m, 0.7, source="results/classifier/metrics.json")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("results/classifier/metrics.json: the explained classifier (cnn+linear)")
+    assert "is the linear reference itself" in msg
+    assert "quality.allow_linear_reference: true" in msg
+    # allowed, or the gate off: it passes and says what it passed
+    summary = check_classifier_quality(m, 0.7, source="m.json", allow_linear_reference=True)
+    assert summary["passed"] and summary["linear_reference_only"]
+    assert check_classifier_quality(m, 0.0, source="m.json")["linear_reference_only"]
+    # a low AUC is still reported as such first
+    m["test"]["auc"] = 0.5
+    with pytest.raises(InputError, match=r"test AUC 0\.50 is below quality\.min_auc 0\.70"):
+        check_classifier_quality(m, 0.7, source="m.json")
+    # a CNN that improved on the reference (not at its epoch 0) passes
+    m["test"]["auc"], m["trained_is_linear_reference"] = 0.95, False
+    assert not check_classifier_quality(m, 0.7, source="m.json")["linear_reference_only"]
 
 
 def test_quality_gate_off() -> None:
@@ -298,6 +324,26 @@ def test_quality_gate_off() -> None:
 
 
 # ------------------------------------------------------------------------------ command line
+
+
+def test_check_classifier_command_stops_on_the_linear_reference(tmp_path: Path, capsys) -> None:
+    m = _metrics(test_auc=0.9, ci=None, ref_auc=0.9)
+    m["model"], m["trained_is_linear_reference"] = "cnn+linear", True
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(m))
+    out = tmp_path / "out" / "quality.json"
+    args = ["check-classifier", "--metrics", str(metrics), "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith(f"error: {metrics}: the explained classifier (cnn+linear) is the")
+    assert not out.parent.exists()  # nothing written
+    assert main([*args, "--allow-linear-reference"]) == 0
+    written = json.loads(out.read_text())
+    assert written["linear_reference_only"] and written["provenance"]["params"] == {
+        "min_auc": 0.7,
+        "allow_linear_reference": True,
+    }
 
 
 def test_check_classifier_command(tmp_path: Path, capsys) -> None:
@@ -320,7 +366,7 @@ def test_check_classifier_command(tmp_path: Path, capsys) -> None:
     written = json.loads(out.read_text())
     assert written["passed"] and written["reference_auc"] == 0.93
     assert written["provenance"]["command"] == "check-classifier"
-    assert written["provenance"]["params"] == {"min_auc": 0.5}
+    assert written["provenance"]["params"] == {"min_auc": 0.5, "allow_linear_reference": False}
     page = table.read_text()
     assert "Classifier quality gate passed: test AUC 0.520 &gt;= quality.min_auc 0.5" in page
     assert "<td>linear reference AUC (test)</td><td>0.930</td>" in page

@@ -425,13 +425,26 @@ class QualityConfig(_Settings):
 
     Attributes:
         min_auc: smallest acceptable AUC of the classifier on the test split (the validation
-            split without a test split); ``0`` turns the gate off.
+            split without a test split); ``0`` turns the gate off (both of its checks).
+        allow_linear_reference: let the explanation stages run also when the explained model
+            is the linear reference itself (``metrics.json`` ``trained_is_linear_reference``:
+            the CNN with a linear path kept at its epoch 0, whose CNN path's logit layer is
+            still zero). Off by default: such a model is a voxel-wise logistic regression, so
+            Grad-CAM, TCAV / SACV and XNN read CNN features that do not reach the logit, and
+            the simulator's disease maps scored NCC -0.04 and -0.06 against the ground truth
+            on the two cohorts where it happened
+            (``benchmarks/results/robustness_el2_cohorts.md``).
     """
 
     SECTION: ClassVar[str] = "quality"
 
     min_auc: float = setting(
         0.7, "Smallest acceptable test AUC (validation AUC without a test split); 0 = off."
+    )
+    allow_linear_reference: bool = setting(
+        False,
+        "Run the explanation stages also when the explained model is the linear reference "
+        "itself (the CNN did not improve on it).",
     )
 
     def __post_init__(self) -> None:

@@ -60,10 +60,15 @@ if config["mri"]["activate"] and config["classifier"]["activate"]:
             runtime=5,
         params:
             min_auc=config["quality"]["min_auc"],
+            linear=(
+                "--allow-linear-reference"
+                if config["quality"]["allow_linear_reference"]
+                else "--no-allow-linear-reference"
+            ),
         shell:
             "neuroexplain check-classifier --metrics {input.metrics:q} --min-auc {params.min_auc}"
-            " --warnings {input.ingest:q} --out {output.json:q} --table {output.table:q}"
-            " > {log} 2>&1"
+            " {params.linear} --warnings {input.ingest:q} --out {output.json:q}"
+            " --table {output.table:q} > {log} 2>&1"
 
     ALL_TARGETS.extend(
         [

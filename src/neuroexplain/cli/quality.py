@@ -41,7 +41,8 @@ def check_classifier_cmd(
         ),
     ] = None,
 ) -> None:
-    """Fail (exit 2, nothing written) when the classifier's AUC is below --min-auc.
+    """Fail (exit 2, nothing written) when the classifier's AUC is below --min-auc, or when the
+    explained model is the linear reference itself (without --allow-linear-reference).
 
     When it passes, writes the summary JSON and a table of the decision (split judged, AUC with
     its 95 % interval, linear reference AUC, threshold, confusion matrix, val / test AUCs), and
@@ -67,7 +68,9 @@ def check_classifier_cmd(
         raise InputError(metrics, f"expected a JSON object, got {type(data).__name__}")
     warnings = _stage_warnings(warnings_from or [])
     min_auc = config.min_auc
-    summary = check_classifier_quality(data, min_auc, source=metrics)
+    summary = check_classifier_quality(
+        data, min_auc, source=metrics, allow_linear_reference=config.allow_linear_reference
+    )
     gate = f">= {min_auc:g}" if min_auc > 0 else "(gate off)"
     auc = "n/a" if summary["auc"] is None else f"{summary['auc']:.3f}"
     what = f"{summary['split']} AUC {auc}"

@@ -572,6 +572,7 @@ def check_classifier_quality(
     *,
     source: str | os.PathLike[str] | None,
     key: str = "quality.min_auc",
+    allow_linear_reference: bool = False,
 ) -> dict[str, Any]:
     """Stop when the classifier is too weak to be worth explaining.
 
@@ -595,15 +596,22 @@ def check_classifier_quality(
             workflow's default: :class:`neuroexplain.settings.QualityConfig`).
         source: the metrics file (named in the error).
         key: the setting named in the error.
+        allow_linear_reference: pass also a model that is the linear reference itself
+            (``metrics["trained_is_linear_reference"]``); otherwise, with the gate on, such a
+            model stops the explanation stages whatever its AUC: they would explain a
+            voxel-wise logistic regression through a CNN whose features do not reach the
+            logit (:class:`neuroexplain.settings.QualityConfig`).
 
     Returns:
         ``{"split", "auc", "auc_ci", "reference_auc", "min_auc", "passed", "model",
-        "explained_apart"}`` (``auc_ci`` and ``reference_auc`` ``None`` when absent; ``passed``
-        is ``True``, also when the gate is off; ``model`` the judged model's name;
-        ``explained_apart`` whether it is not the final model).
+        "explained_apart", "linear_reference_only"}`` (``auc_ci`` and ``reference_auc``
+        ``None`` when absent; ``passed`` is ``True``, also when the gate is off; ``model`` the
+        judged model's name; ``explained_apart`` whether it is not the final model;
+        ``linear_reference_only`` whether the judged model is the linear reference itself).
 
     Raises:
-        InputError: ``min_auc > 0`` and the AUC is below it or missing; one line.
+        InputError: ``min_auc > 0`` and the AUC is below it or missing, or the model is the
+            linear reference itself and ``allow_linear_reference`` is off; one line.
 
     Example:
         >>> check_classifier_quality({"val": {"auc": 0.9}}, 0.7, source="metrics.json")["passed"]
@@ -634,12 +642,24 @@ def check_classifier_quality(
         "passed": True,
         "model": None if name is None else str(name),
         "explained_apart": isinstance(explained, Mapping),
+        "linear_reference_only": bool(metrics.get("trained_is_linear_reference", False)),
     }
-    if min_auc <= 0 or (auc is not None and auc >= min_auc):
-        if min_auc <= 0:
-            logger.info("classifier %s AUC %s; quality gate off (%s 0)", split, _fmt(auc), key)
-        else:
-            logger.info("classifier %s AUC %.2f >= %s %.2f", split, auc, key, min_auc)
+    if min_auc <= 0:
+        logger.info("classifier %s AUC %s; quality gate off (%s 0)", split, _fmt(auc), key)
+        return summary
+    if auc is not None and auc >= min_auc:
+        logger.info("classifier %s AUC %.2f >= %s %.2f", split, auc, key, min_auc)
+        if summary["linear_reference_only"] and not allow_linear_reference:
+            raise InputError(
+                source,
+                f"the explained classifier ({name}) is the linear reference itself: the CNN did "
+                "not improve on it (its best epoch is the start of the cnn+linear phase, where "
+                "the CNN's logit layer is zero): every map would explain a voxel-wise logistic "
+                "regression, Grad-CAM, TCAV / SACV and XNN would read CNN features that do not "
+                "reach the logit, and the simulator's maps of such models did not match the "
+                "planted truth — try more subjects, more epochs or classifier.standardize: true "
+                "(quality.allow_linear_reference: true runs the explanation stages anyway)",
+            )
         return summary
 
     who = f"explained classifier ({name})" if isinstance(explained, Mapping) else "classifier"
