@@ -173,6 +173,7 @@ def train(preproc: Path, out: Path, seed: int, overrides: list[str], threads: in
         "n_train": m.get("train", {}).get("n"),
         "n_test": m.get("test", {}).get("n"),
         "trained_is_linear_reference": m.get("trained_is_linear_reference"),
+        "cnn_logit_share": m.get("cnn_logit_share"),
         "quality_gate": _gate(m, metrics_path),
     }
     return row

@@ -684,6 +684,10 @@ def test_reference_fallback_gives_the_cnn_a_reference_initialised_linear_path(tm
     assert metrics["val"]["auc"] >= ref_val
     # kept at its epoch 0, the model is the linear reference itself, and metrics.json says so
     assert metrics["trained_is_linear_reference"] is True
+    # ... and its CNN path carries none of the logit (its logit layer is still zero)
+    assert metrics["cnn_logit_share"] == 0.0
+    sd = metrics["final_selection"]["logit_sd_train"]
+    assert sd["cnn_path"] == 0.0 and sd["linear_path"] > 0
     # the checkpoint rebuilds the model with its linear path and gives the logits written
     model, ckpt = load_classifier(tmp_path / "fb" / "model.pt")
     assert ckpt["model_kwargs"]["linear_pool"] == metrics["reference"]["pool"]

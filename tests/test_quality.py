@@ -291,6 +291,9 @@ def test_quality_gate_judges_the_explained_model_not_the_ensemble() -> None:
     summary = check_classifier_quality(m, 0.7, source="m.json", allow_linear_reference=True)
     rows = dict(quality_table(m, summary))
     assert "the CNN did not improve on the linear reference" in rows["explained model"]
+    m["cnn_logit_share"] = 0.0
+    rows = dict(quality_table(m, summary))
+    assert rows["CNN path's share of the trained logit"].startswith("0.00 (sd on the training")
 
 
 def test_quality_gate_stops_a_model_that_is_the_linear_reference() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["binary_metrics", "predict_logits"]
+__all__ = ["binary_metrics", "logit_paths", "predict_logits"]
 
 
 def binary_metrics(y: Sequence[float], logits: Sequence[float]) -> dict[str, Any]:
@@ -65,3 +65,33 @@ def predict_logits(
             xb = torch.as_tensor(images[i : i + batch_size]).to(dev, torch.float32)
             out.append(model(xb)[:, 0].float().cpu())
     return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def logit_paths(
+    model: Any, images: Any, *, batch_size: int = 8, device: Any = "cpu"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`predict_logits` and the share of each logit that the model's linear path adds.
+
+    For a network with a :class:`~neuroexplain.classifier.network.LinearPath` (``linear_path``)
+    the logit is the CNN path's plus the linear path's; the second is read by a forward hook
+    during the same pass (the logits are those of :func:`predict_logits`).
+
+    Returns:
+        ``(logits (N,), linear (N,) or None)``: ``None`` for a model without a linear path;
+        the CNN path's part is ``logits - linear``.
+    """
+    import torch
+
+    path = getattr(model, "linear_path", None)
+    if path is None:
+        return predict_logits(model, images, batch_size=batch_size, device=device), None
+    parts: list[torch.Tensor] = []
+    hook = path.register_forward_hook(
+        lambda _m, _i, out: parts.append(out[:, 0].detach().float().cpu())
+    )
+    try:
+        logits = predict_logits(model, images, batch_size=batch_size, device=device)
+    finally:
+        hook.remove()
+    linear = torch.cat(parts).double().numpy() if parts else np.zeros(0)
+    return logits, linear

@@ -39,12 +39,19 @@ import numpy as np
 
 from neuroexplain.classifier.augment import BatchAugment, build_augmenter
 from neuroexplain.classifier.data import SPLITS, load_preproc_dict, make_split, read_split
-from neuroexplain.classifier.metrics import binary_metrics, predict_logits
+from neuroexplain.classifier.metrics import binary_metrics, logit_paths, predict_logits
 from neuroexplain.errors import InputError
 from neuroexplain.settings import ENSEMBLE_RULES, ClassifierConfig
 from neuroexplain.utils import Precision
 
-__all__ = ["TrainConfig", "ensemble_weights", "lr_at", "select_final", "train_classifier"]
+__all__ = [
+    "TrainConfig",
+    "cnn_logit_share",
+    "ensemble_weights",
+    "lr_at",
+    "select_final",
+    "train_classifier",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +251,7 @@ def _final_model(
 
     cfg, images, y, parts = run.cfg, cohort.images, cohort.y, cohort.parts
     trained = chosen.model.to(memory_format=torch.contiguous_format)
-    lm = predict_logits(trained, images, batch_size=cfg.batch_size, device=run.device)
+    lm, l_lin = logit_paths(trained, images, batch_size=cfg.batch_size, device=run.device)
     cnn = phases[0]
     if cnn is chosen:
         lc = lm
@@ -267,7 +274,11 @@ def _final_model(
         "val_difference": decision.get("difference"),
         "trained_model": chosen.name,
         "logit_sd_train": {"model": s_m, "reference": s_r},
+        "cnn_logit_share": cnn_logit_share(lm[tr], None if l_lin is None else l_lin[tr]),
     }
+    if l_lin is not None:
+        record["logit_sd_train"]["cnn_path"] = float(np.std(lm[tr] - l_lin[tr]))
+        record["logit_sd_train"]["linear_path"] = float(np.std(l_lin[tr]))
 
     def aucs(lg: np.ndarray) -> dict[str, float | None]:
         return {s: binary_metrics(y[parts[s]], lg[parts[s]])["auc"] for s in ("val", "test")}
@@ -298,6 +309,26 @@ def _final_model(
         logger.info("explained model: %s (classifier.explain: trained)", chosen.name)
         return final, le, record, (dataclasses.replace(chosen, model=trained), lm)
     return final, le, record, None
+
+
+def cnn_logit_share(logits: np.ndarray, linear: np.ndarray | None) -> float | None:
+    """How much of a trained model's logit its CNN path carries, in ``[0, 1]``.
+
+    ``sd(cnn) / (sd(cnn) + sd(linear))`` over the given subjects, with ``cnn = logits - linear``
+    (:func:`neuroexplain.classifier.metrics.logit_paths`); ``1`` for a model without a linear
+    path, ``None`` when both parts are constant. Near 0 the model is its voxel-wise linear path:
+    Grad-CAM, TCAV / SACV, XNN and the simulator read CNN features that barely reach the logit.
+
+    Example:
+        >>> cnn_logit_share(np.array([0.0, 2.0]), np.array([0.0, 2.0]))
+        0.0
+        >>> cnn_logit_share(np.array([0.0, 2.0]), None)
+        1.0
+    """
+    if linear is None:
+        return 1.0
+    s_c, s_l = float(np.std(logits - linear)), float(np.std(linear))
+    return None if s_c + s_l == 0 else s_c / (s_c + s_l)
 
 
 def _ensemble_module(
@@ -481,6 +512,9 @@ def train_classifier(
         validation / test AUC of the CNN alone, the trained model, reference and ensemble);
         ``trained_is_linear_reference`` whether the trained model is the CNN with a linear
         path kept at its epoch 0, i.e. the linear reference itself (a warning is logged);
+        ``cnn_logit_share`` how much of the trained model's logit its CNN path carries
+        (:func:`cnn_logit_share` on the training subjects; 1 without a linear path, 0 for the
+        linear reference itself; a warning below ``LOW_CNN_SHARE``);
         ``precision``
         the arithmetic of the training forward passes (``config.precision`` resolved:
         :func:`neuroexplain.utils.resolve_precision`).
@@ -528,6 +562,15 @@ def train_classifier(
         run, cohort, phases, chosen, ref_model, model_kwargs
     )
     model = chosen.model
+    share = selection.get("cnn_logit_share")
+    if share is not None and share < LOW_CNN_SHARE and not linear_only:
+        logger.warning(
+            "%s: the CNN path carries %.0f %% of the trained model's logit (sd on the training "
+            "subjects; the rest is its voxel-wise linear path): Grad-CAM, TCAV / SACV, XNN and "
+            "the simulator read CNN features that barely reach the logit",
+            out,
+            100 * share,
+        )
     metrics = _split_metrics(cohort, logits, cfg.seed)
     if explained is not None:  # what the quality gate judges: the model that is explained
         metrics["explained"] = {"model": explained[0].name}
@@ -549,6 +592,7 @@ def train_classifier(
             "epochs_run": len(log_rows),
             "model": chosen.name,
             "trained_is_linear_reference": linear_only,
+            "cnn_logit_share": selection.get("cnn_logit_share"),
             "phases": _phase_summaries(phases),
             "train_seconds": round(train_seconds, 2),
             "train_volumes_per_second": round(
@@ -1056,6 +1100,9 @@ STATE_FILE = "train_state.pt"
 STATE_FILE_LINEAR = "train_state_linear.pt"
 #: a CNN this far below the linear reference's validation AUC is trained again with a linear path
 REFERENCE_MARGIN = 0.03
+#: below this share of the trained model's logit sd carried by the CNN path (the rest by its
+#: linear path), train-classifier warns that the CNN-based explanations read little of the logit
+LOW_CNN_SHARE = 0.1
 #: rules of :func:`select_final` (config ``classifier.reference_ensemble``)
 FINAL_RULES = ENSEMBLE_RULES
 STATE_FORMAT = "neuroexplain-classifier-state/1"

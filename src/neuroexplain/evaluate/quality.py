@@ -767,6 +767,14 @@ def quality_table(
         ("CNN AUC val / test", both(explained or metrics)),
         ("linear reference AUC val / test", both(reference)),
     ]
+    share = metrics.get("cnn_logit_share")
+    if isinstance(share, int | float) and share < 1:  # a trained model with a linear path
+        rows.append(
+            (
+                "CNN path's share of the trained logit",
+                f"{share:.2f} (sd on the training subjects; the rest is the linear path)",
+            )
+        )
     if explained is not None:  # the gate judged the explained model; the final one predicts
         name = f"{explained.get('model')} (classifier.explain)"
         if metrics.get("trained_is_linear_reference"):
