@@ -431,8 +431,8 @@ class QualityConfig(_Settings):
             the CNN with a linear path kept at its epoch 0, whose CNN path's logit layer is
             still zero). Off by default: such a model is a voxel-wise logistic regression, so
             Grad-CAM, TCAV / SACV and XNN read CNN features that do not reach the logit, and
-            the simulator's disease maps scored NCC -0.04 and -0.06 against the ground truth
-            on the two cohorts where it happened
+            the simulator's disease maps of cnn+linear models kept at epoch 0 and 2 scored NCC
+            -0.06 and -0.04 against the ground truth
             (``benchmarks/results/robustness_el2_cohorts.md``).
     """
 

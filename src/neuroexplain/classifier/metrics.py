@@ -70,7 +70,7 @@ def predict_logits(
 def logit_paths(
     model: Any, images: Any, *, batch_size: int = 8, device: Any = "cpu"
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`predict_logits` and the share of each logit that the model's linear path adds.
+    """:func:`predict_logits` and the part of each logit that the model's linear path adds.
 
     For a network with a :class:`~neuroexplain.classifier.network.LinearPath` (``linear_path``)
     the logit is the CNN path's plus the linear path's; the second is read by a forward hook
