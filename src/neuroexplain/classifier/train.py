@@ -592,7 +592,7 @@ def train_classifier(
             "epochs_run": len(log_rows),
             "model": chosen.name,
             "trained_is_linear_reference": linear_only,
-            "cnn_logit_share": selection.get("cnn_logit_share"),
+            "cnn_logit_share": share,
             "phases": _phase_summaries(phases),
             "train_seconds": round(train_seconds, 2),
             "train_volumes_per_second": round(
