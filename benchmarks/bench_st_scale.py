@@ -86,6 +86,7 @@ def _workflow_args() -> tuple[list[str], list[str], str]:
         ("--method", stc["method"]),
         ("--saliency", stc["saliency"]),
         ("--epochs", stc["epochs"]),
+        ("--max-steps", stc["max_steps"]),
         ("--genemode-seeds", ",".join(stc["genemode_seeds"])),
         ("--genemode-epochs", stc["genemode_epochs"]),
         ("--max-concepts", stc["max_concepts"]),

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from neuroexplain.errors import InputError
 from neuroexplain.st import concept_keys as K
 from neuroexplain.st.concepts import concept_saliency
 from neuroexplain.st.vae import CountBatches, SpotVAE, fit_vae, log_normalise, rasterise_spots
@@ -127,7 +128,7 @@ def test_streamed_saliency_equals_one_block(monkeypatch) -> None:
     for k in one.varm:
         np.testing.assert_allclose(one.varm[k], many.varm[k], rtol=1e-5, atol=1e-7)
     key = K.spot_gene_layer_key(K.DEFAULT_KEY, "A")
-    np.testing.assert_allclose(one.layers[key], many.layers[key], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(one.layers[key], many.layers[key], rtol=1e-5, atol=1e-7)
 
 
 def test_spot_gene_layers_skipped_beyond_budget() -> None:
@@ -140,7 +141,7 @@ def test_spot_gene_layers_skipped_beyond_budget() -> None:
     assert np.isfinite(adata.varm[K.saliency_key(K.DEFAULT_KEY)]).all()
 
 
-def _fit(n: int, epoch_samples: int | None, max_epochs: int = 3):
+def _fit(n: int, epoch_samples: int | None, max_epochs: int = 3, max_steps: int | None = None):
     torch.manual_seed(0)
     module = nn.Linear(5, 4)
     x = torch.randn(n, 5)
@@ -162,6 +163,7 @@ def _fit(n: int, epoch_samples: int | None, max_epochs: int = 3):
         batch_size=16,
         kl_warmup_epochs=1,
         epoch_samples=epoch_samples,
+        max_steps=max_steps,
         progress=False,
     )
 
@@ -175,6 +177,17 @@ def test_epoch_samples_bounds_the_steps_and_leaves_small_data_unchanged() -> Non
     for n in (1000, 5000):
         hist, _, params = _fit(n, 32, max_epochs=4)
         assert params["steps"] == 8 and len(hist["train"]) == 4
+
+
+def test_max_steps_ends_training_mid_round() -> None:
+    # 100 samples: 90 train = 6 steps an epoch; a budget of 10 = one full epoch and 4 steps
+    hist, kept, params = _fit(100, None, max_epochs=5, max_steps=10)
+    assert params["steps"] == 10 and params["max_steps"] == 10 and len(hist["train"]) == 2
+    assert 1 <= kept <= 2
+    # a budget beyond the epochs changes nothing
+    assert _fit(100, None, max_epochs=3, max_steps=1000)[0] == _fit(100, None)[0]
+    with pytest.raises(InputError, match="max_steps"):
+        _fit(100, None, max_steps=0)
 
 
 def test_rasterise_max_side_coarsens_large_grids() -> None:
@@ -193,3 +206,28 @@ def test_tiny_inputs_still_train(n: int) -> None:
     model = SpotVAE(adata, n_latent=2, n_hidden=8, n_top_genes=None, device="cpu")
     model.train(max_epochs=2, kl_warmup_epochs=1, progress=False)
     assert model.get_latent_representation().shape == (n, 2)
+
+
+def test_read_without_saliency_layers_keeps_the_rest(tmp_path) -> None:
+    from neuroexplain.io.atomic import write_h5ad
+    from neuroexplain.st.run import read_h5ad_input
+
+    adata = _toy()
+    model = SpotVAE(adata, n_latent=4, n_hidden=16, n_top_genes=50, device="cpu")
+    model.train(max_epochs=1, kl_warmup_epochs=1, progress=False)
+    concept_saliency(adata, model, label_key="layer", min_spots=5)
+    path = write_h5ad(adata, tmp_path / "c.h5ad")
+    full = read_h5ad_input(path)
+    part = read_h5ad_input(path, skip_layers=K.spot_gene_layer_prefix(K.DEFAULT_KEY))
+    skipped = {K.spot_gene_layer_key(K.DEFAULT_KEY, c) for c in "ABC"}
+    assert skipped <= set(full.layers) and set(part.layers) == set(full.layers) - skipped
+    assert (part.layers["counts"] != full.layers["counts"]).nnz == 0
+    assert set(part.obsm) == set(full.obsm) and set(part.varm) == set(full.varm)
+    assert set(part.uns[K.DEFAULT_KEY]) == set(full.uns[K.DEFAULT_KEY])
+    pd.testing.assert_frame_equal(part.obs, full.obs)
+    np.testing.assert_array_equal(
+        part.varm[K.saliency_key(K.DEFAULT_KEY)], full.varm[K.saliency_key(K.DEFAULT_KEY)]
+    )
+    with pytest.raises(InputError, match="cannot read"):
+        (tmp_path / "bad.h5ad").write_text("not hdf5")
+        read_h5ad_input(tmp_path / "bad.h5ad", skip_layers="x")

@@ -1095,7 +1095,8 @@ class STConceptsConfig(_Settings):
     """Options of ``neuroexplain st-concepts`` (spot VAE, concept saliency, gene-as-image mode).
 
     The library functions it drives take the same defaults: :class:`neuroexplain.st.SpotVAE`
-    (``n_latent``, ``likelihood``, ``n_top_genes``; ``SpotVAE.train(max_epochs=epochs)``),
+    (``n_latent``, ``likelihood``, ``n_top_genes``; ``SpotVAE.train(max_epochs=epochs,
+    max_steps=max_steps)``),
     :func:`neuroexplain.st.concept_saliency` (``method``, ``saliency``, ``min_spots``) and
     :func:`neuroexplain.st.genemode` (``n_top_genes=genemode_n_genes``,
     ``max_epochs=genemode_epochs``).
@@ -1107,6 +1108,8 @@ class STConceptsConfig(_Settings):
         method: concept vectors: ``"attribute"`` (difference of mean latents) or ``"probe"``.
         saliency: saliency variant of the concept score w.r.t. the genes.
         epochs: maximum training epochs of the spot VAE (early stopping on held-out spots).
+        max_steps: most optimisation steps of the spot VAE (0 = no limit; see
+            :data:`neuroexplain.st.vae.MAX_STEPS`, the library's default).
         genemode_epochs: maximum epochs of the gene-image VAE.
         genemode_n_genes: highly variable genes used as images (0 = all).
         min_spots: fewest labelled spots a layer may have.
@@ -1132,6 +1135,11 @@ class STConceptsConfig(_Settings):
     saliency: str = setting("grad_x_input", "gradient, grad_x_input, smoothgrad or ig.")
     epochs: int = setting(
         300, "Maximum training epochs of the spot VAE (early stopping on held-out spots)."
+    )
+    max_steps: int = setting(
+        1000,
+        "Most optimisation steps of the spot VAE, whatever the epochs (0 = no limit); bounds "
+        "the training time on large data sets.",
     )
     genemode_epochs: int = setting(40, "Maximum epochs of the gene-image VAE.")
     genemode_n_genes: int = setting(
@@ -1164,6 +1172,7 @@ class STConceptsConfig(_Settings):
                     f"expected one of {ST_SALIENCY_METHODS}",
                 ),
                 "epochs": (self.epochs >= 1, "expected >= 1"),
+                "max_steps": (self.max_steps >= 0, "expected >= 0"),
                 "genemode_epochs": (self.genemode_epochs >= 1, "expected >= 1"),
                 "genemode_n_genes": (self.genemode_n_genes >= 0, "expected >= 0"),
                 "min_spots": (self.min_spots >= 1, "expected >= 1"),

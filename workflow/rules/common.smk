@@ -412,6 +412,7 @@ def st_concepts_args(wildcards):
         ("--method", stc["method"]),
         ("--saliency", stc["saliency"]),
         ("--epochs", stc["epochs"]),
+        ("--max-steps", stc["max_steps"]),
         ("--genemode-seeds", ",".join(stc["genemode_seeds"]) or None),
         ("--genemode-epochs", stc["genemode_epochs"]),
         ("--max-concepts", stc["max_concepts"]),

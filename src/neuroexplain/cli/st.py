@@ -124,11 +124,13 @@ def st_evaluate_cmd(
     from neuroexplain.io.atomic import write_json
     from neuroexplain.io.paths import check_output
     from neuroexplain.provenance import provenance
+    from neuroexplain.st import concept_keys as K
     from neuroexplain.st.evaluate import evaluate_concepts
     from neuroexplain.st.run import read_h5ad_input
 
     check_output(out, "file")
-    adata = read_h5ad_input(adata_path)
+    # the spots x genes saliency layers (hundreds of MB at 10,000 spots) are not needed here
+    adata = read_h5ad_input(adata_path, skip_layers=K.spot_gene_layer_prefix(key))
     params = {
         "label_key": label_key,
         "key": key,

@@ -33,6 +33,7 @@ __all__ = [
     "saliency_key",
     "scores_key",
     "spot_gene_layer_key",
+    "spot_gene_layer_prefix",
 ]
 
 DEFAULT_KEY = "concept_saliency"
@@ -63,9 +64,14 @@ def saliency_abs_key(key: str) -> str:
     return f"{key}_saliency_abs"
 
 
+def spot_gene_layer_prefix(key: str) -> str:
+    """What every ``.layers`` key of a spots x genes saliency starts with."""
+    return f"{key}_saliency_"
+
+
 def spot_gene_layer_key(key: str, concept: str) -> str:
     """``.layers`` key of one concept's spots x genes saliency."""
-    return f"{key}_saliency_{safe_name(concept)}"
+    return f"{spot_gene_layer_prefix(key)}{safe_name(concept)}"
 
 
 def genemode_key(key: str) -> str:

@@ -770,7 +770,7 @@ def _saliency_and_store(
     input_mask = np.zeros(n_vars, dtype=bool)
     input_mask[gi] = True
     adata.var[K.input_var_key(key)] = input_mask
-    for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
+    for lk in [k for k in adata.layers.keys() if k.startswith(K.spot_gene_layer_prefix(key))]:
         del adata.layers[lk]
     if layers is not None:
         for c, full in zip(concepts, layers, strict=True):

@@ -29,8 +29,15 @@ PathArg = str | os.PathLike[str]
 logger = logging.getLogger("neuroexplain.cli.st")
 
 
-def read_h5ad_input(path: PathArg) -> Any:
-    """Read an input ``.h5ad``; a missing or unreadable file is an :class:`InputError`."""
+def read_h5ad_input(path: PathArg, *, skip_layers: str | None = None) -> Any:
+    """Read an input ``.h5ad``; a missing or unreadable file is an :class:`InputError`.
+
+    Args:
+        path: the file.
+        skip_layers: leave out the ``.layers`` whose names start with this prefix (e.g. the
+            spots x genes saliency layers, hundreds of MB, that the evaluation does not read);
+            ``None`` reads everything.
+    """
     import warnings
 
     import anndata as ad
@@ -41,9 +48,26 @@ def read_h5ad_input(path: PathArg) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ad.read_h5ad(path)
+            if skip_layers is None:
+                return ad.read_h5ad(path)
+            return _read_h5ad_without(path, skip_layers)
     except Exception as exc:  # h5py / anndata raise many types for a bad file
         raise InputError(path, f"cannot read as .h5ad: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_h5ad_without(path: Path, prefix: str) -> Any:
+    """``anndata.read_h5ad`` without the ``.layers`` named ``prefix...`` (never decompressed)."""
+    import h5py
+    from anndata.experimental import read_dispatched
+    from anndata.io import read_elem
+
+    def callback(func: Any, elem_name: str, elem: Any, iospec: Any) -> Any:
+        if elem_name == "/layers":
+            return {k: read_elem(elem[k]) for k in elem.keys() if not k.startswith(prefix)}
+        return func(elem)
+
+    with h5py.File(path, "r") as f:
+        return read_dispatched(f, callback)
 
 
 def read_spot_concepts(path: PathArg) -> dict[str, list[str]]:
@@ -184,7 +208,7 @@ def _train_and_explain(
         seed=seed,
         device=device,
     )
-    model.train(max_epochs=cfg.epochs)
+    model.train(max_epochs=cfg.epochs, max_steps=cfg.max_steps or None)
     try:
         concept_saliency(
             adata,
@@ -233,6 +257,7 @@ def _write_st_outputs(
 ) -> None:
     """Write the model, figures, spots x genes saliency and the AnnData: all or nothing."""
     from neuroexplain.io.atomic import output_group, write_h5ad
+    from neuroexplain.st import concept_keys as K
     from neuroexplain.st.concepts import spot_gene_saliency
 
     # only once every check passed; all or nothing (a full disk half-way removes them again)
@@ -246,7 +271,9 @@ def _write_st_outputs(
         if spot_gene_out is not None:
             sg = spot_gene_saliency(adata, key=key)
             write_h5ad(sg, spot_gene_out)
-            for lk in [k for k in adata.layers.keys() if k.startswith(f"{key}_saliency_")]:
+            for lk in [
+                k for k in adata.layers.keys() if k.startswith(K.spot_gene_layer_prefix(key))
+            ]:
                 del adata.layers[lk]
             logger.info("wrote spots x genes saliency to %s", spot_gene_out)
         write_h5ad(adata, out)

@@ -58,13 +58,21 @@ CHECKPOINT_NAME = "model.pt"
 #: sets train in rounds of this many spots (8 steps of 128), so the step budget (at most
 #: ``max_epochs`` rounds, early stopping after the warm-up) does not grow with the spots. MOB
 #: (236 training spots) converges in ~430 steps; a round-based budget of 640 (warm-up + patience)
-#: to 2,400 steps is several times that, and a data set of up to 1,137 spots trains exactly as
-#: with full passes
+#: to 1,000 steps (:data:`MAX_STEPS`) is more than that, and a data set of up to 1,137 spots
+#: trains in full passes
 EPOCH_SAMPLES = 1024
 #: default largest held-out set of :meth:`SpotVAE.train`: the same 1,024 spots every round
 #: (a paired comparison) resolve the round-to-round changes of the held-out ELBO, and checking
 #: them costs at most about a third of a round
 MAX_VALIDATION = 1024
+#: default optimisation budget of :meth:`SpotVAE.train`: at most this many steps whatever the
+#: epochs. MOB (236 training spots, 2 steps an epoch) stops early at ~430 steps and never
+#: reaches it; at 10,000 spots and more the held-out ELBO still improves slowly after 2,400
+#: steps (~0.5 % per 240) while the layer concepts' top genes drift away from the layers'
+#: Wilcoxon markers (mean top-50 overlap at 10,000 tiled MOB spots: 0.768 after 800 steps,
+#: 0.764 after 1,000, 0.720 after 2,400; ``benchmarks/results/st_budget.md``), and the
+#: steps are most of the stage's time
+MAX_STEPS = 1000
 _FORMAT = "neuroexplain.SpotVAE/1"
 
 Likelihood = Literal["nb", "gaussian"]
@@ -478,10 +486,13 @@ class _FitOptions:
     epoch_samples: int | None
     max_validation: int | None
     eval_batch_size: int
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
             raise InputError("max_epochs", f"expected at least 1 epoch, got {self.max_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError("max_steps", f"expected at least 1 step, got {self.max_steps}")
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise InputError(
                 "epoch_samples", f"expected at least 1 sample, got {self.epoch_samples}"
@@ -510,6 +521,7 @@ class _FitOptions:
             "n_validation": int(n_validation),
             "epoch_samples": None if self.epoch_samples is None else int(self.epoch_samples),
             "max_validation": None if self.max_validation is None else int(self.max_validation),
+            "max_steps": None if self.max_steps is None else int(self.max_steps),
             "steps": int(steps),
         }
 
@@ -634,9 +646,11 @@ def _train_epochs(
     bar = tqdm(range(opts.max_epochs), desc=desc, disable=not show, leave=False)
     per_epoch = n_tr if opts.epoch_samples is None else min(n_tr, int(opts.epoch_samples))
     steps_per_epoch, steps = -(-per_epoch // opts.batch_size), 0
+    budget = math.inf if opts.max_steps is None else int(opts.max_steps)
     for epoch in bar:
-        history["train"].append(step.epoch(train_idx, steps_per_epoch, opts.beta(epoch)))
-        steps += steps_per_epoch
+        n_steps = int(min(steps_per_epoch, budget - steps))  # the last round may be shorter
+        history["train"].append(step.epoch(train_idx, n_steps, opts.beta(epoch)))
+        steps += n_steps
         v = step.validation_loss(val_idx) if n_val else history["train"][-1]
         history["validation"].append(v)
         bar.set_postfix(loss=f"{history['train'][-1]:.1f}", val=f"{v:.1f}")
@@ -648,6 +662,9 @@ def _train_epochs(
             since_best += 1
         if stop and epoch + 1 >= opts.kl_warmup_epochs and since_best >= opts.patience:
             logger.info("%s: early stopping at epoch %d (best %d)", desc, epoch + 1, best_epoch + 1)
+            break
+        if steps >= budget:
+            logger.info("%s: step budget of %d steps spent at epoch %d", desc, steps, epoch + 1)
             break
     bar.close()
     if best_state is not None:
@@ -686,6 +703,7 @@ def fit_vae(
     epoch_samples: int | None = None,
     max_validation: int | None = None,
     eval_batch_size: int = 8192,
+    max_steps: int | None = None,
     progress: bool | None = None,
     desc: str = "VAE",
 ) -> tuple[dict[str, list[float]], int, dict[str, Any]]:
@@ -720,6 +738,9 @@ def fit_vae(
         max_validation: most held-out samples (``None``: ``validation_fraction`` of all).
         eval_batch_size: held-out samples per validation forward pass (bounds memory; a
             validation set this small is evaluated in one pass, as before).
+        max_steps: most optimisation steps in all (``None``: no limit besides ``max_epochs``);
+            the round that reaches it is cut short, and the best epoch so far is kept as with
+            early stopping.
         progress: progress bar (``None``: when stderr is a terminal).
         desc: progress-bar label.
 
@@ -741,6 +762,7 @@ def fit_vae(
         epoch_samples=epoch_samples,
         max_validation=max_validation,
         eval_batch_size=eval_batch_size,
+        max_steps=max_steps,
     )
     data = tensors if hasattr(tensors, "take") else _TensorRows(tuple(tensors))
     seed_everything(seed)
@@ -1139,6 +1161,7 @@ class SpotVAE:
         patience: int = 30,
         epoch_samples: int | None = EPOCH_SAMPLES,
         max_validation: int | None = MAX_VALIDATION,
+        max_steps: int | None = MAX_STEPS,
         progress: bool | None = None,
     ) -> SpotVAE:
         """Fit the VAE (Adam, KL warm-up, early stopping on held-out spots).
@@ -1161,6 +1184,8 @@ class SpotVAE:
                 number of spots. Data sets up to this size train exactly as with full passes.
             max_validation: most held-out spots (``None``: ``validation_fraction`` of all);
                 the rest train.
+            max_steps: most optimisation steps in all (``None``: no limit; see
+                :data:`MAX_STEPS`).
             progress: show a progress bar (``None``: when stderr is a terminal).
 
         Returns:
@@ -1194,6 +1219,7 @@ class SpotVAE:
             patience=patience,
             epoch_samples=epoch_samples,
             max_validation=max_validation,
+            max_steps=max_steps,
             progress=progress,
             desc="SpotVAE",
         )
