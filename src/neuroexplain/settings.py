@@ -1143,7 +1143,7 @@ class STConceptsConfig(_Settings):
     )
     genemode_epochs: int = setting(40, "Maximum epochs of the gene-image VAE.")
     genemode_n_genes: int = setting(
-        1000, "Highly variable genes used as images (0 = all).", config=None
+        500, "Highly variable genes used as images (0 = all).", config=None
     )
     min_spots: int = setting(5, "Fewest labelled spots a layer may have.", config=None)
     max_concepts: int = setting(

@@ -884,7 +884,7 @@ def genemode(
     seeds: Sequence[str],
     *,
     layer: str | None = K.COUNTS_LAYER,
-    n_top_genes: int | None = 1000,
+    n_top_genes: int | None = 500,
     genes: Sequence[str] | None = None,
     n_similar: int = 20,
     n_latent: int = 8,
@@ -919,7 +919,10 @@ def genemode(
         adata: AnnData with raw counts in ``layer`` and ``.obsm["spatial"]`` (n_spots, 2).
         seeds: seed genes, e.g. ``["Penk", "Doc2g", "Kctd12"]``.
         layer: raw-count layer (``None``: ``.X``).
-        n_top_genes: highly variable genes used as images (``None``: all genes).
+        n_top_genes: highly variable genes used as images (``None``: all genes). 500 (was
+            1,000) halves the image VAE's cost at every size with the seeds' peak layers
+            unchanged on MOB and MOB tiled to 10,000 / 100,000 spots; the maps move less than
+            with another seed (``benchmarks/results/st_genemode.md``).
         genes: explicit gene list instead of ``n_top_genes`` (seeds are always added).
         n_similar: genes per concept (including the seed).
         n_latent: latent dimensions of the image VAE.
