@@ -61,6 +61,16 @@ def run_variant(path: Path, label_key: str, kwargs: dict, *, seed: int) -> dict:
     }
 
 
+def machine(threads: int) -> dict:
+    """The machine record of the ST benchmarks' JSON (cores, torch threads, load, platform)."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "loadavg_1min_after": os.getloadavg()[0],
+        "platform": platform.platform(),
+    }
+
+
 def _markdown(result: dict) -> str:
     d = result["data"]
     rows = [
@@ -115,12 +125,7 @@ def main() -> None:
         "name": "st_budget",
         "data": {"path": str(args.adata), "n_spots": shape[0], "n_genes": shape[1]},
         "runs": runs,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "loadavg_1min_after": os.getloadavg()[0],
-            "platform": platform.platform(),
-        },
+        "machine": machine(args.threads),
         "provenance": provenance(
             {"label_key": args.label_key, "variants": dict(args.variant), "threads": args.threads},
             seed=args.seed,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -68,6 +66,7 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from bench_st_budget import machine  # this folder is on sys.path when run as a script
 
     from neuroexplain.io.atomic import write_json
     from neuroexplain.provenance import provenance
@@ -92,12 +91,7 @@ def main() -> None:
         "name": "st_genemode",
         "data": {name: str(path) for name, path in args.adata},
         "runs": runs,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "loadavg_1min_after": os.getloadavg()[0],
-            "platform": platform.platform(),
-        },
+        "machine": machine(args.threads),
         "provenance": provenance(
             {"variants": dict(args.variant), "threads": args.threads, "seeds": list(SEEDS)},
             seed=0,
