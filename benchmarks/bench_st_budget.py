@@ -9,9 +9,12 @@ and kept, the final / best held-out negative ELBO, the mean top-50 overlap per l
 cross-validated layer accuracy. The held-out ELBO measures the fit; the overlap is the criterion
 of issue 22 (>= 0.75), so the table shows how they move together as the budget grows.
 
+Without ``--adata`` the data are MOB tiled to ``--cells`` (default 10,000) and ingested here;
+without ``--variant`` the budgets are 800, 1,000, 1,600 steps and no limit (2,400 steps).
+
 Usage:
-    python benchmarks/bench_st_budget.py --adata DIR/10000/st.h5ad --label-key layer_short \
-        --variant 'steps800={"max_steps": 800}' --variant 'steps2400={"max_steps": 2400}'
+    python benchmarks/bench_st_budget.py [--cells 10000 | --adata DIR/10000/st.h5ad] \
+        [--variant 'steps800={"max_steps": 800}' --variant 'steps2400={"max_steps": null}']
 
 Writes ``benchmarks/results/st_budget.json`` and ``.md`` (``--out``); one JSON line per variant on
 stdout.
@@ -23,13 +26,23 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+DEFAULT_VARIANTS = [
+    ("steps800", {"max_steps": 800}),
+    ("steps1000", {"max_steps": 1000}),
+    ("steps1600", {"max_steps": 1600}),
+    ("steps2400", {"max_steps": None}),
+]
 
-def _variant(text: str) -> tuple[str, dict]:
-    name, _, kwargs = text.partition("=")
-    return name, json.loads(kwargs or "{}")
+
+def named(text: str, parse=lambda v: json.loads(v or "{}")) -> tuple[str, object]:
+    """``NAME=VALUE`` of a command-line option: ``(NAME, parse(VALUE))`` (default: JSON)."""
+    name, _, value = text.partition("=")
+    return name, parse(value)
 
 
 def run_variant(path: Path, label_key: str, kwargs: dict, *, seed: int) -> dict:
@@ -59,6 +72,25 @@ def run_variant(path: Path, label_key: str, kwargs: dict, *, seed: int) -> dict:
         "per_layer_overlap": {k: v["overlap"] for k, v in metrics["layers"].items()},
         "cv_accuracy": float(metrics["classification"]["accuracy"]),
     }
+
+
+def ingested_mob(n_cells: int, folder: Path) -> Path:
+    """MOB (``n_cells`` 0) or MOB tiled to ``n_cells`` (``bench_st_scale.py``'s tiling, 2,000
+    genes) through ``neuroexplain ingest-st``, in ``folder``; returns the ``.h5ad``."""
+    from bench_st_scale import SHARED, _cli, _workflow_args, tile_mob
+
+    out = folder / f"st_{n_cells or 'mob'}.h5ad"
+    cmd = [*_cli(), "ingest-st", "--label-key", "layer_short", "--out", str(out)]
+    if n_cells:
+        tiled = folder / f"tiled_{n_cells}.h5ad"
+        tile_mob(n_cells, 2000, _workflow_args()[2].split(",")).write_h5ad(tiled)
+        cmd += ["--h5ad", str(tiled)]
+    else:
+        mob = SHARED / "mob"
+        cmd += ["--counts", str(mob / "mob_rep11_counts.csv.gz")]
+        cmd += ["--spots", str(mob / "mob_rep11_spots.csv")]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 def machine(threads: int) -> dict:
@@ -93,14 +125,20 @@ def _markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adata", type=Path, required=True, help="ingest-st output (.h5ad)")
+    parser.add_argument(
+        "--adata", type=Path, default=None, help="ingest-st output (.h5ad); default: --cells"
+    )
+    parser.add_argument(
+        "--cells", type=int, default=10_000, help="without --adata: MOB tiled to this many cells"
+    )
     parser.add_argument("--label-key", default="layer_short")
     parser.add_argument(
         "--variant",
         action="append",
-        type=_variant,
-        required=True,
-        help="NAME=JSON keyword arguments of SpotVAE.train (repeat)",
+        type=named,
+        default=None,
+        help="NAME=JSON keyword arguments of SpotVAE.train (repeat; default: "
+        f"{' '.join(n for n, _ in DEFAULT_VARIANTS)})",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -114,20 +152,27 @@ def main() -> None:
     from neuroexplain.provenance import provenance
 
     torch.set_num_threads(args.threads)
-    shape = ad.read_h5ad(args.adata, backed="r").shape
+    variants = args.variant or DEFAULT_VARIANTS
     runs = []
-    for name, kwargs in args.variant:
-        run = {"name": name, "train_kwargs": kwargs}
-        run.update(run_variant(args.adata, args.label_key, kwargs, seed=args.seed))
-        runs.append(run)
-        print(json.dumps(run), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_st_budget_") as tmp:
+        path = args.adata or ingested_mob(args.cells, Path(tmp))
+        shape = ad.read_h5ad(path, backed="r").shape
+        for name, kwargs in variants:
+            run = {"name": name, "train_kwargs": kwargs}
+            run.update(run_variant(path, args.label_key, kwargs, seed=args.seed))
+            runs.append(run)
+            print(json.dumps(run), flush=True)
     result = {
         "name": "st_budget",
-        "data": {"path": str(args.adata), "n_spots": shape[0], "n_genes": shape[1]},
+        "data": {
+            "path": str(args.adata or f"MOB tiled to {args.cells} cells"),
+            "n_spots": shape[0],
+            "n_genes": shape[1],
+        },
         "runs": runs,
         "machine": machine(args.threads),
         "provenance": provenance(
-            {"label_key": args.label_key, "variants": dict(args.variant), "threads": args.threads},
+            {"label_key": args.label_key, "variants": dict(variants), "threads": args.threads},
             seed=args.seed,
             command="bench_st_budget",
         ),

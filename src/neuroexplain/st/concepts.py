@@ -54,6 +54,7 @@ __all__ = [
     "ConceptScorer",
     "attribute_vector",
     "concept_saliency",
+    "drop_spot_gene_layers",
     "gene_set_vector",
     "genemode",
     "layer_concepts",
@@ -770,8 +771,7 @@ def _saliency_and_store(
     input_mask = np.zeros(n_vars, dtype=bool)
     input_mask[gi] = True
     adata.var[K.input_var_key(key)] = input_mask
-    for lk in [k for k in adata.layers.keys() if k.startswith(K.spot_gene_layer_prefix(key))]:
-        del adata.layers[lk]
+    drop_spot_gene_layers(adata, key=key)
     if layers is not None:
         for c, full in zip(concepts, layers, strict=True):
             adata.layers[K.spot_gene_layer_key(key, c.name)] = full
@@ -847,6 +847,13 @@ def ranked_genes(adata: Any, concept: str, *, key: str = K.DEFAULT_KEY, n: int |
     df = pd.DataFrame({k: np.asarray(tab[k]) for k in ("names", "saliency", "saliency_abs")})
     df["rank"] = np.arange(1, len(df) + 1)
     return df if n is None else df.head(n)
+
+
+def drop_spot_gene_layers(adata: Any, *, key: str = K.DEFAULT_KEY) -> None:
+    """Remove every spots x genes saliency layer written under ``key`` from ``adata``."""
+    prefix = K.spot_gene_layer_prefix(key)
+    for name in [k for k in adata.layers.keys() if k.startswith(prefix)]:
+        del adata.layers[name]
 
 
 def spot_gene_saliency(adata: Any, *, key: str = K.DEFAULT_KEY) -> Any:

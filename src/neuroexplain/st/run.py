@@ -257,8 +257,7 @@ def _write_st_outputs(
 ) -> None:
     """Write the model, figures, spots x genes saliency and the AnnData: all or nothing."""
     from neuroexplain.io.atomic import output_group, write_h5ad
-    from neuroexplain.st import concept_keys as K
-    from neuroexplain.st.concepts import spot_gene_saliency
+    from neuroexplain.st.concepts import drop_spot_gene_layers, spot_gene_saliency
 
     # only once every check passed; all or nothing (a full disk half-way removes them again)
     with output_group(model_dir, figures):
@@ -271,10 +270,7 @@ def _write_st_outputs(
         if spot_gene_out is not None:
             sg = spot_gene_saliency(adata, key=key)
             write_h5ad(sg, spot_gene_out)
-            for lk in [
-                k for k in adata.layers.keys() if k.startswith(K.spot_gene_layer_prefix(key))
-            ]:
-                del adata.layers[lk]
+            drop_spot_gene_layers(adata, key=key)
             logger.info("wrote spots x genes saliency to %s", spot_gene_out)
         write_h5ad(adata, out)
     logger.info("wrote %s", out)
